@@ -1,0 +1,119 @@
+// pybind11 shim: raw addresses and sizes in, Status -> Python exception out, GIL released around
+// every kernel. No torch headers: fastinfer/ops.py hands us data_ptr() integers.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+#include "cpu/cpu_features.h"
+#include "cpu/engine.h"
+
+namespace py = pybind11;
+namespace fc = fastinfer::cpu;
+using fastinfer::Status;
+
+namespace {
+
+void raise_if_error(const Status& st) {
+    if (st.is_ok()) return;
+    if (st.code == Status::kInvalidArgument) throw py::value_error(st.message);
+    throw std::runtime_error(st.message);
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+    return reinterpret_cast<T*>(p);
+}
+
+fc::DType dtype(int d) {
+    if (d < 0 || d > 2) throw py::value_error("unknown dtype code");
+    return fc::DType(d);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "fastinfer CPU kernels (torch-free; called through fastinfer.ops)";
+
+    m.def("detected_isa", [] { return int(fc::detected_isa()); });
+    m.def("active_isa", [] { return int(fc::active_isa()); });
+    m.def("set_isa_cap", [](int isa) { raise_if_error(fc::set_isa_cap(isa)); });
+    m.def("isa_name", [](int isa) { return std::string(fc::isa_name(fc::Isa(isa))); });
+    m.def("num_threads", &fc::num_threads);
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) throw py::value_error("num_threads must be >= 1");
+        fc::set_num_threads(n);
+    });
+    m.def("cpu_flags", [] {
+        const auto& f = fc::cpu_features();
+        py::dict d;
+        d["avx2"] = f.avx2;
+        d["avx512f"] = f.avx512f;
+        d["avx512bw"] = f.avx512bw;
+        d["avx512vl"] = f.avx512vl;
+        d["avx512dq"] = f.avx512dq;
+        d["avx512_vnni"] = f.avx512vnni;
+        d["amx_tile"] = f.amx_tile;
+        d["amx_int8"] = f.amx_int8;
+        d["amx_os_enabled"] = f.amx_os;
+        return d;
+    });
+    m.def("packed_nbytes", [](int64_t n, int64_t k) {
+        if (n < 0 || k < 0) throw py::value_error("negative size");
+        return fc::packed_nbytes(n, k);
+    });
+
+    m.def("pack_weight", [](uintptr_t w, int64_t n, int64_t k, int64_t ldw, uintptr_t out, int64_t nbytes) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::pack_weight(ptr<const int8_t>(w), n, k, ldw, ptr<uint8_t>(out), nbytes);
+        }
+        raise_if_error(st);
+    });
+    m.def("packed_shape", [](uintptr_t buf, int64_t nbytes) {
+        fc::PackedW v;
+        raise_if_error(fc::view_packed(ptr<const uint8_t>(buf), nbytes, &v));
+        return py::make_tuple(v.n, v.k);
+    });
+    m.def("unpack_weight", [](uintptr_t buf, int64_t nbytes, uintptr_t w) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::unpack_weight(ptr<const uint8_t>(buf), nbytes, ptr<int8_t>(w));
+        }
+        raise_if_error(st);
+    });
+    m.def("quantize_per_token", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t q,
+                                   int64_t ldq, uintptr_t scale) {
+        const fc::DType d = dtype(dt);
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::quantize_per_token(ptr<const void>(x), d, m, k, ldx, ptr<int8_t>(q), ldq,
+                                        ptr<float>(scale));
+        }
+        raise_if_error(st);
+    });
+    m.def("int8_matmul", [](uintptr_t a, int64_t m, int64_t k, int64_t lda, uintptr_t packed,
+                            int64_t nbytes, uintptr_t out, int64_t ldo) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::int8_matmul(ptr<const int8_t>(a), m, k, lda, ptr<const uint8_t>(packed), nbytes,
+                                 ptr<int32_t>(out), ldo);
+        }
+        raise_if_error(st);
+    });
+    m.def("int8_linear", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t packed,
+                            int64_t nbytes, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dt,
+                            int64_t ldo) {
+        const fc::DType d = dtype(dt), od = dtype(out_dt);
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::int8_linear(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(packed), nbytes,
+                                 ptr<const float>(sw), ptr<const float>(bias), ptr<void>(out), od, ldo);
+        }
+        raise_if_error(st);
+    });
+}

@@ -1,0 +1,243 @@
+// Validation, scratch buffers, work split over the thread pool, and the per-call ISA ladder
+// (avx512_vnni -> avx2 -> ref).
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "cpu/cpu_features.h"
+#include "cpu/engine.h"
+#include "cpu/threadpool.h"
+
+namespace fastinfer::cpu {
+namespace {
+
+std::atomic<int> g_isa_cap{int(Isa::kAmx)};
+
+// Largest K for which the int32 accumulator is exact for any int8 data (|sum| <= 2^17*127*128 < 2^31
+// with weights in [-127, 127]); results are exact mod 2^32 beyond it, like a wrapping int32 matmul.
+constexpr int64_t kMaxDim = int64_t(1) << 40;
+
+struct Kernels {
+    void (*quantize_rows)(const void*, DType, int64_t, int64_t, int64_t, int64_t, int8_t*, int64_t,
+                          int64_t, float*, bool);
+    void (*gemm)(const Activations&, const PackedW&, const Epilogue&, int64_t, int64_t, int64_t,
+                 int64_t);
+    bool shift_u8;  // activations stored as q + 128 (vpdpbusd is u8 x s8)
+};
+
+Kernels kernels_for(Isa isa) {
+    switch (isa) {
+        case Isa::kAmx:
+        case Isa::kAvx512Vnni: return {avx512_vnni::quantize_rows, avx512_vnni::gemm, true};
+        case Isa::kAvx2: return {avx2::quantize_rows, avx2::gemm, false};
+        default: return {ref::quantize_rows, ref::gemm, false};
+    }
+}
+
+// 64-byte aligned scratch, one per calling thread, grown on demand and reused across calls.
+struct Scratch {
+    struct Free {
+        void operator()(void* p) const { std::free(p); }
+    };
+    std::unique_ptr<uint8_t, Free> buf;
+    size_t size = 0;
+    uint8_t* get(size_t n) {
+        if (n > size) {
+            size_t cap = round_up(int64_t(n), 4096);
+            buf.reset(static_cast<uint8_t*>(std::aligned_alloc(64, cap)));
+            size = buf ? cap : 0;
+        }
+        return buf.get();
+    }
+};
+thread_local Scratch t_scratch;
+
+Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what) {
+    if (m < 0 || k < 0) return Status::invalid(std::string(what) + ": negative size");
+    if (m > kMaxDim || k > kMaxDim) return Status::invalid(std::string(what) + ": size too large");
+    if (m > 0 && ld < k) return Status::invalid(std::string(what) + ": row stride smaller than K");
+    return Status::ok();
+}
+
+// Row blocks of MR-multiples and groups of up to 4 channel blocks, spread over the pool.
+// Small M: one task per channel group covers every row, so each weight byte is read once.
+void run_gemm(const Kernels& kr, const Activations& a, const PackedW& w, const Epilogue& ep) {
+    const int64_t nblocks = w.np / kNBlock;
+    const int64_t ngroups = (nblocks + 3) / 4;
+    const int64_t mchunk = a.m <= 24 ? a.m : 96;
+    const int64_t nmchunks = (a.m + mchunk - 1) / mchunk;
+    ThreadPool::instance().parallel_for(ngroups * nmchunks, [&](int64_t t) {
+        const int64_t mc = t % nmchunks, ng = t / nmchunks;
+        const int64_t m0 = mc * mchunk, m1 = std::min(a.m, m0 + mchunk);
+        const int64_t nb0 = ng * 4, nb1 = std::min(nblocks, nb0 + 4);
+        kr.gemm(a, w, ep, m0, m1, nb0, nb1);
+    });
+}
+
+// Quantizes (or copies) activations into scratch rows of kp bytes, zero padded, in the kernel's form.
+Status prepare_activations(const Kernels& kr, int64_t m, int64_t kp, int8_t** q, float** sa) {
+    const size_t qbytes = size_t(round_up(m * kp, 64));
+    uint8_t* base = t_scratch.get(qbytes + size_t(m) * sizeof(float) + 64);
+    if (!base) return Status::runtime("out of memory for activation scratch");
+    *q = reinterpret_cast<int8_t*>(base);
+    *sa = reinterpret_cast<float*>(base + qbytes);
+    (void)kr;
+    return Status::ok();
+}
+
+}  // namespace
+
+Isa active_isa() {
+    int cap = g_isa_cap.load(std::memory_order_relaxed);
+    int det = int(detected_isa());
+    return Isa(cap < det ? cap : det);
+}
+
+Status set_isa_cap(int isa) {
+    if (isa < 0 || isa > int(detected_isa()))
+        return Status::invalid("ISA not supported on this CPU");
+    g_isa_cap.store(isa);
+    return Status::ok();
+}
+
+int num_threads() { return ThreadPool::instance().num_threads(); }
+void set_num_threads(int n) { ThreadPool::instance().set_num_threads(n); }
+
+Status pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t ldw, uint8_t* out,
+                   int64_t out_nbytes) {
+    Status st = check_dims(n, k, ldw, "pack_weight");
+    if (!st.is_ok()) return st;
+    if (out_nbytes != packed_nbytes(n, k))
+        return Status::invalid("pack_weight: output buffer has the wrong size");
+    PackHeader h{};
+    h.magic = kPackMagic;
+    h.version = kPackVersion;
+    h.layout = kLayoutK4N16;
+    h.n = n;
+    h.k = k;
+    h.np = round_up(n, kNBlock);
+    h.kp = round_up(k, kKAlign);
+    std::memcpy(out, &h, sizeof(h));
+    auto* colsum = reinterpret_cast<int32_t*>(out + sizeof(h));
+    int8_t* data = reinterpret_cast<int8_t*>(out + sizeof(h) + 4 * h.np);
+    std::memset(data, 0, size_t(h.np * h.kp));
+    for (int64_t r = 0; r < h.np; ++r) {
+        int32_t s = 0;
+        if (r < n) {
+            int8_t* blk = data + (r / kNBlock) * kNBlock * h.kp;
+            const int64_t j = r % kNBlock;
+            for (int64_t c = 0; c < k; ++c) {
+                const int8_t v = w[r * ldw + c];
+                blk[(c / 4) * 64 + j * 4 + (c % 4)] = v;
+                s += v;
+            }
+        }
+        colsum[r] = s;
+    }
+    return Status::ok();
+}
+
+Status view_packed(const uint8_t* buf, int64_t nbytes, PackedW* view) {
+    if (nbytes < int64_t(sizeof(PackHeader))) return Status::invalid("packed weight: buffer too small");
+    PackHeader h;
+    std::memcpy(&h, buf, sizeof(h));
+    if (h.magic != kPackMagic) return Status::invalid("packed weight: bad magic (not a fastinfer packed weight)");
+    if (h.version != kPackVersion)
+        return Status::invalid("packed weight: format version " + std::to_string(h.version) +
+                               ", this build reads version " + std::to_string(kPackVersion));
+    if (h.layout != kLayoutK4N16) return Status::invalid("packed weight: unknown layout");
+    if (h.n < 0 || h.k < 0 || h.n > kMaxDim || h.k > kMaxDim || h.np != round_up(h.n, kNBlock) ||
+        h.kp != round_up(h.k, kKAlign) || nbytes != packed_nbytes(h.n, h.k))
+        return Status::invalid("packed weight: header and buffer size disagree");
+    if (reinterpret_cast<uintptr_t>(buf) % 64 != 0)
+        return Status::invalid("packed weight: buffer must be 64-byte aligned");
+    view->n = h.n;
+    view->k = h.k;
+    view->np = h.np;
+    view->kp = h.kp;
+    view->colsum = reinterpret_cast<const int32_t*>(buf + sizeof(h));
+    view->data = reinterpret_cast<const int8_t*>(buf + sizeof(h) + 4 * h.np);
+    return Status::ok();
+}
+
+Status unpack_weight(const uint8_t* buf, int64_t nbytes, int8_t* w) {
+    PackedW v;
+    Status st = view_packed(buf, nbytes, &v);
+    if (!st.is_ok()) return st;
+    for (int64_t r = 0; r < v.n; ++r) {
+        const int8_t* blk = v.data + (r / kNBlock) * kNBlock * v.kp;
+        for (int64_t c = 0; c < v.k; ++c) w[r * v.k + c] = blk[(c / 4) * 64 + (r % kNBlock) * 4 + c % 4];
+    }
+    return Status::ok();
+}
+
+Status quantize_per_token(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, int8_t* q,
+                          int64_t ldq, float* scale) {
+    Status st = check_dims(m, k, ldx, "quantize_per_token");
+    if (!st.is_ok()) return st;
+    if (dt != DType::kF32 && dt != DType::kBF16)
+        return Status::invalid("quantize_per_token: x must be float32 or bfloat16");
+    if (m > 0 && ldq < k) return Status::invalid("quantize_per_token: q row stride smaller than K");
+    const Kernels kr = kernels_for(active_isa());
+    const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+    ThreadPool::instance().parallel_for((m + rows - 1) / rows, [&](int64_t t) {
+        kr.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, ldq, k, scale, false);
+    });
+    return Status::ok();
+}
+
+Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* packed,
+                   int64_t packed_nbytes_, int32_t* out, int64_t ldo) {
+    Status st = check_dims(m, k, lda, "int8_matmul");
+    if (!st.is_ok()) return st;
+    PackedW w;
+    if (!(st = view_packed(packed, packed_nbytes_, &w)).is_ok()) return st;
+    if (w.k != k) return Status::invalid("int8_matmul: K of a and w differ");
+    if (m > 0 && ldo < w.n) return Status::invalid("int8_matmul: out row stride smaller than N");
+    if (m == 0 || w.n == 0) return Status::ok();
+    const Kernels kr = kernels_for(active_isa());
+    int8_t* q;
+    float* sa;
+    if (!(st = prepare_activations(kr, m, w.kp, &q, &sa)).is_ok()) return st;
+    const uint8_t flip = kr.shift_u8 ? 0x80 : 0;
+    for (int64_t r = 0; r < m; ++r) {
+        uint8_t* dst = reinterpret_cast<uint8_t*>(q + r * w.kp);
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(a + r * lda);
+        for (int64_t c = 0; c < k; ++c) dst[c] = src[c] ^ flip;
+        std::memset(dst + k, flip, size_t(w.kp - k));
+    }
+    const Epilogue ep{DType::kI32, out, ldo, nullptr, nullptr, nullptr};
+    run_gemm(kr, Activations{q, m, w.kp}, w, ep);
+    return Status::ok();
+}
+
+Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
+                   const uint8_t* packed, int64_t packed_nbytes_, const float* sw,
+                   const float* bias, void* out, DType out_dt, int64_t ldo) {
+    Status st = check_dims(m, k, ldx, "int8_linear");
+    if (!st.is_ok()) return st;
+    if (dt != DType::kF32 && dt != DType::kBF16)
+        return Status::invalid("int8_linear: x must be float32 or bfloat16");
+    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
+        return Status::invalid("int8_linear: out must be float32 or bfloat16");
+    PackedW w;
+    if (!(st = view_packed(packed, packed_nbytes_, &w)).is_ok()) return st;
+    if (w.k != k) return Status::invalid("int8_linear: K of x and the weight differ");
+    if (m > 0 && ldo < w.n) return Status::invalid("int8_linear: out row stride smaller than N");
+    if (m == 0 || w.n == 0) return Status::ok();
+    const Kernels kr = kernels_for(active_isa());
+    int8_t* q;
+    float* sa;
+    if (!(st = prepare_activations(kr, m, w.kp, &q, &sa)).is_ok()) return st;
+    const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+    ThreadPool::instance().parallel_for((m + rows - 1) / rows, [&](int64_t t) {
+        kr.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, w.kp, w.kp, sa,
+                         kr.shift_u8);
+    });
+    const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
+    run_gemm(kr, Activations{q, m, w.kp}, w, ep);
+    return Status::ok();
+}
+
+}  // namespace fastinfer::cpu

@@ -1,0 +1,40 @@
+// The torch-free entry points of the CPU engine. Tensors arrive as raw pointers, sizes and row
+// strides (elements; the innermost stride is 1). Every function validates what it can and returns
+// a Status; none throws.
+#pragma once
+
+#include "cpu/common.h"
+
+namespace fastinfer::cpu {
+
+// The ISA used by the next call: the detected one, lowered by set_isa_cap. Read on every call.
+Isa active_isa();
+Status set_isa_cap(int isa);  // must be <= detected_isa()
+int num_threads();
+void set_num_threads(int n);
+
+// Packs W int8 [n, k] (row stride ldw) into out, which holds packed_nbytes(n, k) bytes.
+Status pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t ldw, uint8_t* out,
+                   int64_t out_nbytes);
+// Checks a packed buffer's header and returns a view of it.
+Status view_packed(const uint8_t* buf, int64_t nbytes, PackedW* view);
+// Unpacks back to W int8 [n, k] (contiguous).
+Status unpack_weight(const uint8_t* buf, int64_t nbytes, int8_t* w);
+
+// q int8 [m, k] (row stride ldq) and scale fp32 [m] from x fp32/bf16 [m, k] (row stride ldx):
+// symmetric per row, scale = max|x|/127, q = round_half_even(x * (127/max|x|)) in [-127, 127].
+// A row with NaN or Inf gets scale NaN and q = 0; a row of zeros gets scale 0 and q = 0.
+Status quantize_per_token(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, int8_t* q,
+                          int64_t ldq, float* scale);
+
+// out int32 [m, n] (row stride ldo) = A int8 [m, k] (row stride lda) @ W^T, exact mod 2^32.
+Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* packed,
+                   int64_t packed_nbytes, int32_t* out, int64_t ldo);
+
+// out [m, n] (dtype out_dt, row stride ldo) = dequant(quant(x) @ W^T) * sw + bias, activation
+// quantization included (quantize_per_token), fp32 epilogue. bias may be null.
+Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
+                   const uint8_t* packed, int64_t packed_nbytes, const float* sw,
+                   const float* bias, void* out, DType out_dt, int64_t ldo);
+
+}  // namespace fastinfer::cpu

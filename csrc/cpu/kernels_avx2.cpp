@@ -1,0 +1,174 @@
+// AVX2 kernels (compiled with only -mavx2 -mfma -mf16c).
+// GEMM without VNNI: int8 is widened to int16 and multiplied with vpmaddwd (pairs of s16*s16 summed
+// into int32: at most 2*128*128 = 32768, never saturating, unlike vpmaddubsw on u8 data).
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "cpu/common.h"
+
+namespace fastinfer::cpu::avx2 {
+namespace {
+
+inline __m256 load_x8(const void* x, DType dt, int64_t off) {
+    if (dt == DType::kF32) return _mm256_loadu_ps(static_cast<const float*>(x) + off);
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + off));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float load_x1(const void* x, DType dt, int64_t off) {
+    if (dt == DType::kF32) return static_cast<const float*>(x)[off];
+    return bf16_to_f32(static_cast<const uint16_t*>(x)[off]);
+}
+
+// Scalar epilogue for one value (identical operations to the vector one and to ref).
+inline void store_one(int32_t v, const Epilogue& ep, int64_t m, int64_t n) {
+    if (ep.kind == DType::kI32) {
+        static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = v;
+        return;
+    }
+    float y = std::fma(float(v), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
+    if (ep.kind == DType::kF32)
+        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+    else
+        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+}
+
+inline __m128i to_bf16(__m256 y) {
+    __m256i u = _mm256_castps_si256(y);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    __m256i nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f800000));  // mag < 2^31: signed ok
+    __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, qn, nan);
+    // 8 x u32 (each < 2^16) -> 8 x u16
+    __m256i p = _mm256_packus_epi32(r, r);
+    p = _mm256_permute4x64_epi64(p, 0x08);
+    return _mm256_castsi256_si128(p);
+}
+
+// 8 consecutive channels of one row; n0 + 8 <= N.
+inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
+    if (ep.kind == DType::kI32) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(ep.out) + m * ep.ldo + n0), acc);
+        return;
+    }
+    __m256 s = _mm256_mul_ps(_mm256_set1_ps(ep.sa[m]), _mm256_loadu_ps(ep.sw + n0));
+    __m256 b = ep.bias ? _mm256_loadu_ps(ep.bias + n0) : _mm256_setzero_ps();
+    __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, b);
+    if (ep.kind == DType::kF32)
+        _mm256_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, y);
+    else
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0), to_bf16(y));
+}
+
+// acc_lo holds (c0k01 c0k23 c1k01 c1k23 | c2.. c3..), acc_hi the same for c4..c7: sum the pairs.
+inline __m256i reduce_pairs(__m256i lo, __m256i hi) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
+}
+
+// MR rows x one 16-channel block (four 4-channel quarters), the whole K in registers.
+template <int MR>
+void micro(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
+    __m256i acc[MR][4];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+    const int8_t* wp = w.data + nb * kNBlock * w.kp;
+    const int8_t* ap[MR];
+    for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
+    const int64_t groups = w.kp / 4;
+    for (int64_t g = 0; g < groups; ++g) {
+        __m256i wv[4];
+        for (int j = 0; j < 4; ++j)
+            wv[j] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16 * j)));
+        for (int i = 0; i < MR; ++i) {
+            int32_t a4;
+            std::memcpy(&a4, ap[i] + g * 4, 4);
+            const __m256i av = _mm256_cvtepi8_epi16(_mm_set1_epi32(a4));
+            for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av, wv[j]));
+        }
+    }
+    const int64_t n0 = nb * kNBlock;
+    for (int i = 0; i < MR; ++i) {
+        __m256i c[2] = {reduce_pairs(acc[i][0], acc[i][1]), reduce_pairs(acc[i][2], acc[i][3])};
+        for (int h = 0; h < 2; ++h) {
+            const int64_t nh = n0 + 8 * h;
+            if (nh + 8 <= w.n) {
+                store8(c[h], ep, m + i, nh);
+            } else {
+                alignas(32) int32_t tmp[8];
+                _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), c[h]);
+                for (int64_t t = 0; t < 8 && nh + t < w.n; ++t) store_one(tmp[t], ep, m + i, nh + t);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
+                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    const uint8_t bias = shift_u8 ? 0x80 : 0;
+    for (int64_t m = m0; m < m1; ++m) {
+        const int64_t row = m * ldx;
+        __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) {
+            __m256 v = _mm256_and_ps(load_x8(x, dt, row + i), abs_mask);
+            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));
+            vmax = _mm256_max_ps(vmax, v);
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, vmax);
+        float amax = 0.f;
+        for (float l : lanes) amax = std::fmax(amax, l);
+        bool bad = _mm256_movemask_ps(vbad) != 0;
+        for (; i < k; ++i) {
+            float v = std::fabs(load_x1(x, dt, row + i));
+            if (!std::isfinite(v)) bad = true;
+            amax = std::fmax(amax, v);
+        }
+        const float inv = 127.f / amax;
+        int8_t* qr = q + m * ldq;
+        if (bad || amax == 0.f || !std::isfinite(inv)) {
+            scale[m] = bad ? NAN : 0.f;
+            std::memset(qr, bias, size_t(kp));
+            continue;
+        }
+        scale[m] = amax / 127.f;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+        i = 0;
+        for (; i + 8 <= k; i += 8) {
+            __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(load_x8(x, dt, row + i), vinv));
+            r = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
+            uint32_t b0 = uint32_t(_mm256_extract_epi32(p, 0)) ^ (0x01010101u * bias);
+            uint32_t b1 = uint32_t(_mm256_extract_epi32(p, 4)) ^ (0x01010101u * bias);
+            std::memcpy(qr + i, &b0, 4);
+            std::memcpy(qr + i + 4, &b1, 4);
+        }
+        for (; i < k; ++i) {
+            float r = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(load_x1(x, dt, row + i) * inv)));
+            qr[i] = int8_t(uint8_t(int(r)) ^ bias);
+        }
+        std::memset(qr + k, bias, size_t(kp - k));
+    }
+}
+
+void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
+          int64_t nb0, int64_t nb1) {
+    constexpr int kMR = 3;
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+        int64_t m = m0;
+        for (; m + kMR <= m1; m += kMR) micro<kMR>(a, w, ep, m, nb);
+        if (m1 - m == 2) micro<2>(a, w, ep, m, nb);
+        if (m1 - m == 1) micro<1>(a, w, ep, m, nb);
+    }
+}
+
+}  // namespace fastinfer::cpu::avx2

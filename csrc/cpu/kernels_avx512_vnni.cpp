@@ -1,0 +1,141 @@
+// AVX-512 VNNI kernels (compiled with only the AVX-512 F/BW/VL/DQ/VNNI flags).
+// GEMM: C[M,N] = A_u8[M,K] @ W_s8[N,K]^T via vpdpbusd, with A stored as q + 128 and the shift
+// removed in the epilogue by subtracting 128 * colsum(W). All int32 arithmetic wraps, so the result
+// equals the int64 product mod 2^32 (exact whenever it fits in int32).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/common.h"
+
+namespace fastinfer::cpu::avx512_vnni {
+namespace {
+
+inline __m512 load_x16(const void* x, DType dt, int64_t off, __mmask16 mk) {
+    if (dt == DType::kF32) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + off);
+    __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(x) + off);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+// fp32 -> bf16, round to nearest even, NaN kept quiet (same rule as f32_to_bf16).
+inline __m256i to_bf16(__m512 y) {
+    __m512i u = _mm512_castps_si512(y);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+// Stores one 16-channel block of one row: exact int32, or the fp32 epilogue.
+inline void store_block(__m512i acc, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
+    const int64_t n0 = nb * kNBlock;
+    const __mmask16 mk = tail_mask(w.n - n0);
+    acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_load_si512(w.colsum + n0), 7));
+    if (ep.kind == DType::kI32) {
+        _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + m * ep.ldo + n0, mk, acc);
+        return;
+    }
+    __m512 s = _mm512_mul_ps(_mm512_set1_ps(ep.sa[m]), _mm512_maskz_loadu_ps(mk, ep.sw + n0));
+    __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
+    __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
+    if (ep.kind == DType::kF32)
+        _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, mk, y);
+    else
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0, mk, to_bf16(y));
+}
+
+// MR rows x NR 16-channel blocks, the whole K in registers.
+template <int MR, int NR>
+void micro(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
+    __m512i acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+    const int8_t* wp[NR];
+    for (int j = 0; j < NR; ++j) wp[j] = w.data + (nb + j) * kNBlock * w.kp;
+    const int8_t* ap[MR];
+    for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
+    const int64_t groups = w.kp / 4;
+    for (int64_t g = 0; g < groups; ++g) {
+        __m512i wv[NR];
+        for (int j = 0; j < NR; ++j) wv[j] = _mm512_load_si512(wp[j] + g * 64);
+        for (int i = 0; i < MR; ++i) {
+            int32_t a4;
+            std::memcpy(&a4, ap[i] + g * 4, 4);
+            const __m512i av = _mm512_set1_epi32(a4);
+            for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, wv[j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) store_block(acc[i][j], w, ep, m + i, nb + j);
+}
+
+template <int NR>
+void rows(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1, int64_t nb) {
+    constexpr int kMR = 6;
+    int64_t m = m0;
+    for (; m + kMR <= m1; m += kMR) micro<kMR, NR>(a, w, ep, m, nb);
+    switch (m1 - m) {
+        case 5: micro<5, NR>(a, w, ep, m, nb); break;
+        case 4: micro<4, NR>(a, w, ep, m, nb); break;
+        case 3: micro<3, NR>(a, w, ep, m, nb); break;
+        case 2: micro<2, NR>(a, w, ep, m, nb); break;
+        case 1: micro<1, NR>(a, w, ep, m, nb); break;
+        default: break;
+    }
+}
+
+}  // namespace
+
+void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
+                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 inf = _mm512_set1_ps(__builtin_inff());
+    const uint8_t bias = shift_u8 ? 0x80 : 0;
+    for (int64_t m = m0; m < m1; ++m) {
+        const int64_t row = m * ldx;
+        __m512 vmax = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t i = 0; i < k; i += 16) {
+            __m512 v = _mm512_and_ps(load_x16(x, dt, row + i, tail_mask(k - i)), abs_mask);
+            bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // Inf or NaN
+            vmax = _mm512_max_ps(vmax, v);
+        }
+        const float amax = _mm512_reduce_max_ps(vmax);
+        const float inv = 127.f / amax;
+        int8_t* qr = q + m * ldq;
+        if (bad || amax == 0.f || !(inv < __builtin_inff())) {
+            scale[m] = bad ? __builtin_nanf("") : 0.f;
+            std::memset(qr, bias, size_t(kp));
+            continue;
+        }
+        scale[m] = amax / 127.f;
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        const __m128i flip = _mm_set1_epi8(char(bias));
+        for (int64_t i = 0; i < k; i += 16) {
+            const __mmask16 mk = tail_mask(k - i);
+            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, dt, row + i, mk), vinv));
+            r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+            _mm_mask_storeu_epi8(qr + i, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(r), flip));
+        }
+        std::memset(qr + k, bias, size_t(kp - k));
+    }
+}
+
+void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
+          int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1; nb += 4) {
+        switch (std::min<int64_t>(4, nb1 - nb)) {
+            case 4: rows<4>(a, w, ep, m0, m1, nb); break;
+            case 3: rows<3>(a, w, ep, m0, m1, nb); break;
+            case 2: rows<2>(a, w, ep, m0, m1, nb); break;
+            default: rows<1>(a, w, ep, m0, m1, nb); break;
+        }
+    }
+}
+
+}  // namespace fastinfer::cpu::avx512_vnni

@@ -1,0 +1,71 @@
+// Portable reference kernels: the fallback path and the definition every SIMD path must match
+// bit for bit (int32 results) or operation for operation (fp32 epilogue).
+#include <cmath>
+#include <cstring>
+
+#include "cpu/common.h"
+
+namespace fastinfer::cpu::ref {
+
+void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
+                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    const uint8_t bias = shift_u8 ? 0x80 : 0;
+    for (int64_t m = m0; m < m1; ++m) {
+        auto load = [&](int64_t i) -> float {
+            if (dt == DType::kF32) return static_cast<const float*>(x)[m * ldx + i];
+            return bf16_to_f32(static_cast<const uint16_t*>(x)[m * ldx + i]);
+        };
+        float amax = 0.f;
+        bool finite = true;
+        for (int64_t i = 0; i < k; ++i) {
+            float v = load(i);
+            if (!std::isfinite(v)) finite = false;
+            amax = std::fmax(amax, std::fabs(v));
+        }
+        int8_t* qr = q + m * ldq;
+        float inv = 127.f / amax;
+        // NaN/Inf rows propagate NaN through the scale; rows too small for 127/amax (or zero) are zero.
+        if (!finite || amax == 0.f || !std::isfinite(inv)) {
+            scale[m] = finite ? 0.f : NAN;
+            std::memset(qr, int(bias), size_t(kp));
+            continue;
+        }
+        scale[m] = amax / 127.f;
+        for (int64_t i = 0; i < k; ++i) {
+            float r = std::nearbyint(load(i) * inv);
+            r = std::fmin(127.f, std::fmax(-127.f, r));
+            qr[i] = int8_t(uint8_t(int(r)) ^ bias);
+        }
+        std::memset(qr + k, int(bias), size_t(kp - k));
+    }
+}
+
+void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
+          int64_t nb0, int64_t nb1) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const int8_t* ar = a.q + m * a.ldq;
+        for (int64_t nb = nb0; nb < nb1; ++nb) {
+            const int8_t* blk = w.data + nb * kNBlock * w.kp;
+            for (int64_t j = 0; j < kNBlock; ++j) {
+                int64_t n = nb * kNBlock + j;
+                if (n >= w.n) break;
+                uint32_t acc = 0;  // wrapping arithmetic: exact mod 2^32, like the SIMD paths
+                for (int64_t g = 0; g < w.kp / 4; ++g)
+                    for (int64_t t = 0; t < 4; ++t)
+                        acc += uint32_t(int32_t(ar[4 * g + t]) * int32_t(blk[g * 64 + j * 4 + t]));
+                int32_t v = int32_t(acc);
+                if (ep.kind == DType::kI32) {
+                    static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = v;
+                    continue;
+                }
+                float y = std::fma(float(v), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
+                if (ep.kind == DType::kF32)
+                    static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+                else
+                    static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+            }
+        }
+    }
+}
+
+}  // namespace fastinfer::cpu::ref

@@ -1,0 +1,55 @@
+"""fastinfer: exact int8 inference kernels for PyTorch models.
+
+    import fastinfer
+    qmodel = fastinfer.quantize(model)      # nn.Linear -> fastinfer.nn.Int8Linear
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version as _pkg_version
+
+import torch  # noqa: F401  (the ops below register with torch.library)
+
+from fastinfer import nn, ops
+from fastinfer._backend import available_isas, set_isa, set_num_threads
+from fastinfer.convert import QuantConfig, quantize
+
+try:
+    __version__ = _pkg_version("fastinfer")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0+unknown"
+
+__all__ = [
+    "QuantConfig", "__version__", "available_isas", "info", "nn", "ops", "quantize",
+    "set_isa", "set_num_threads",
+]  # fmt: skip
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def info() -> dict:
+    """What this installation can do here: version, ISA (detected and active), CUDA, threads."""
+    from fastinfer import _backend, _C
+
+    return {
+        "version": __version__,
+        "isa_detected": _backend.detected_isa(),
+        "isa": _backend.active_isa(),
+        "isa_available": _backend.available_isas(),
+        "cpu": _cpu_model(),
+        "cpu_flags": _C.cpu_flags(),
+        "cuda": {"built": False, "available": False, "reason": "the CUDA backend is not part of this build"},
+        "num_threads": _backend.num_threads(),
+        "torch": torch.__version__,
+    }

@@ -1,0 +1,102 @@
+"""Model conversion: walk a module tree by qualified name and swap layers (no pointers here)."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fastinfer.nn import Int8Linear
+
+__all__ = ["QuantConfig", "quantize"]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `fastinfer.quantize` converts.
+
+    skip: qualified-name patterns (fnmatch globs such as "classifier" or "encoder.*.output.dense",
+        or compiled regular expressions) of layers to leave in float. A pattern that names a
+        container skips everything below it.
+    filter_fn: optional predicate (module, qualified_name) -> bool; False leaves the layer in float.
+    min_features: layers whose in_features or out_features is smaller stay float (tiny layers gain
+        nothing from int8).
+    progress: show a progress bar over the layers (default: only for 50 layers or more).
+    """
+
+    skip: tuple[str | re.Pattern, ...] = ()
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    min_features: int = 1
+    progress: bool | None = None
+    _patterns: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        skip = self.skip
+        if isinstance(skip, (str, re.Pattern)):
+            skip = (skip,)
+        if not isinstance(skip, Iterable):
+            raise TypeError(f"QuantConfig.skip must be a pattern or a sequence of patterns, got {skip!r}")
+        skip = tuple(skip)
+        for p in skip:
+            if not isinstance(p, (str, re.Pattern)):
+                raise TypeError(f"QuantConfig.skip entries must be str or re.Pattern, got {p!r}")
+        object.__setattr__(self, "skip", skip)
+        if not isinstance(self.min_features, int) or self.min_features < 1:
+            raise ValueError(f"QuantConfig.min_features must be an int >= 1, got {self.min_features!r}")
+
+    def skips(self, fqn: str) -> bool:
+        parts = fqn.split(".")
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        for p in self.skip:
+            for name in prefixes:
+                if isinstance(p, re.Pattern) and p.fullmatch(name):
+                    return True
+                if isinstance(p, str) and fnmatch.fnmatchcase(name, p):
+                    return True
+        return False
+
+
+def _progress(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = (total < 50) if enabled is None else not enabled
+    return tqdm(total=total, desc=desc, unit="layer", disable=disable, leave=False)
+
+
+def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bool = False) -> nn.Module:
+    """Returns `model` with every nn.Linear (not skipped by `config`) replaced by an Int8Linear.
+
+    The original model is not modified unless inplace=True. The result is a plain nn.Module: same
+    inputs, same outputs (within int8 rounding), usable with torch.compile.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a fastinfer.QuantConfig, got {type(config).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    targets = []
+    for fqn, mod in model.named_modules():
+        if type(mod) is nn.Linear and not config.skips(fqn):
+            if min(mod.in_features, mod.out_features) < config.min_features:
+                continue
+            if config.filter_fn is not None and not config.filter_fn(mod, fqn):
+                continue
+            targets.append(fqn)
+    if isinstance(model, nn.Linear) and "" in targets:
+        return Int8Linear.from_linear(model)
+
+    with _progress(len(targets), config.progress, "fastinfer.quantize") as bar:
+        for fqn in targets:
+            parent_name, _, child = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
+            bar.update(1)
+    return model

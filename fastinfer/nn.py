@@ -1,0 +1,109 @@
+"""Modules that replace float layers. Each is a plain nn.Module whose forward calls fastinfer ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer import _backend, ops
+
+__all__ = ["Int8Linear", "quantize_weight_per_channel"]
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: scale = max|w_row| / 127, q = round_half_even(w / scale).
+
+    Returns (q int8 [N, K] in [-127, 127], scale float32 [N]); an all-zero row gets scale 0.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).any(dim=1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"weight has NaN or Inf (rows {bad}...); cannot quantize it")
+    amax = w.abs().amax(dim=1)
+    scale = amax / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W^T + b with int8 weights (per output channel) and int8 activations (per token).
+
+    The integer product is exact (int32 accumulation); the error is that of rounding x and W to
+    8 bits. Inputs float32 or bfloat16 with any leading dims [..., in_features]; the output has the
+    input's dtype. Inference only (no autograd through the int8 kernel).
+    """
+
+    packed_weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        zero = torch.zeros((out_features, in_features), dtype=torch.int8)
+        self.register_buffer("packed_weight", ops.pack_int8_weight(zero))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Quantizes an nn.Linear's weights (the float module is left untouched)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.device.type != "cpu":
+            raise RuntimeError(
+                f"Int8Linear.from_linear: the layer is on {linear.weight.device}; only CPU is supported "
+                "in this build (the CUDA backend is not built)"
+            )
+        q, scale = quantize_weight_per_channel(linear.weight)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        mod.set_weight(q, scale)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach().float())
+        return mod
+
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Sets int8 weights [out, in] and their per-channel float32 scales [out] (re-packs)."""
+        if q.dtype != torch.int8 or tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight must be int8 [{self.out_features}, {self.in_features}], got {q.dtype} {tuple(q.shape)}"
+            )
+        if tuple(scale.shape) != (self.out_features,):
+            raise ValueError(f"scale must have shape [{self.out_features}], got {tuple(scale.shape)}")
+        self.packed_weight = ops.pack_int8_weight(q.detach().cpu())
+        self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous()
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The int8 weights [out, in], unpacked from the packed buffer."""
+        return ops.unpack_int8_weight(self.packed_weight)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in]: what this layer effectively multiplies by."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Int8Linear expects a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Int8Linear({self.in_features} -> {self.out_features}) got input of shape "
+                f"{tuple(x.shape)}; the last dim must be {self.in_features}"
+            )
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"Int8Linear supports float32 and bfloat16 inputs, got {x.dtype}")
+        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, weight=int8 per-channel, act=int8 per-token, "
+            f"kernel={_backend.active_isa()}"
+        )
