@@ -104,6 +104,26 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(st);
     });
+    m.def("dot_peak", [](int64_t iters) {
+        int64_t macs = 0;
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::dot_peak(iters, &macs);
+        }
+        raise_if_error(st);
+        return macs;
+    });
+    m.def("read_bandwidth", [](uintptr_t buf, int64_t nbytes, int64_t repeats) {
+        int64_t bytes = 0;
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::read_bandwidth(ptr<const uint8_t>(buf), nbytes, repeats, &bytes);
+        }
+        raise_if_error(st);
+        return bytes;
+    });
     m.def("int8_linear", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t packed,
                             int64_t nbytes, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dt,
                             int64_t ldo) {

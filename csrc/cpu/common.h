@@ -92,12 +92,15 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
                    int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8);
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
           int64_t nb0, int64_t nb1);
+int64_t dot_peak(int64_t iters);  // iters * 12 * 16 multiply-adds, registers only
 }  // namespace avx2
 namespace avx512_vnni {
 void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
                    int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8);
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
           int64_t nb0, int64_t nb1);
+int64_t dot_peak(int64_t iters);                     // iters * 24 * 64 multiply-adds, registers only
+int64_t read_sum(const uint8_t* p, int64_t nbytes);  // nbytes % 256 == 0, p 64-byte aligned
 }  // namespace avx512_vnni
 
 // Scalar helpers shared by every path (exactly the same float operations as the SIMD code).

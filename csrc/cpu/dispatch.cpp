@@ -240,4 +240,31 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
     return Status::ok();
 }
 
+Status dot_peak(int64_t iters, int64_t* macs) {
+    const Isa isa = active_isa();
+    if (isa < Isa::kAvx2) return Status::invalid("dot_peak: needs avx2 or higher");
+    const int nt = num_threads();
+    std::atomic<int64_t> sink{0};  // the checksums keep the probe loops alive
+    ThreadPool::instance().parallel_for(nt, [&](int64_t) {
+        sink += isa >= Isa::kAvx512Vnni ? avx512_vnni::dot_peak(iters) : avx2::dot_peak(iters);
+    });
+    *macs = nt * iters * (isa >= Isa::kAvx512Vnni ? 24 * 64 : 12 * 16);
+    return Status::ok();
+}
+
+Status read_bandwidth(const uint8_t* buf, int64_t nbytes, int64_t repeats, int64_t* bytes) {
+    if (!cpu_features().avx512f || !cpu_features().avx512bw)
+        return Status::invalid("read_bandwidth: needs AVX-512");
+    const int nt = num_threads();
+    const int64_t share = nbytes / nt / 256 * 256;
+    if (share <= 0 || reinterpret_cast<uintptr_t>(buf) % 64 != 0)
+        return Status::invalid("read_bandwidth: buffer too small or not 64-byte aligned");
+    std::atomic<int64_t> sink{0};  // the checksums keep the probe loops alive
+    ThreadPool::instance().parallel_for(nt, [&](int64_t t) {
+        for (int64_t r = 0; r < repeats; ++r) sink += avx512_vnni::read_sum(buf + t * share, share);
+    });
+    *bytes = share * nt * repeats;
+    return Status::ok();
+}
+
 }  // namespace fastinfer::cpu

@@ -69,30 +69,50 @@ inline __m256i reduce_pairs(__m256i lo, __m256i hi) {
     return _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
 }
 
+// acc += madd(a, w) as one asm block: GCC 12 otherwise renames every accumulator through an extra
+// register move and spills one of them per iteration.
+inline void madd_acc(__m256i& acc, __m256i a, __m256i w) {
+    __m256i t;
+    __asm__("vpmaddwd %[w], %[a], %[t]\n\tvpaddd %[t], %[acc], %[acc]"
+            : [acc] "+x"(acc), [t] "=&x"(t)
+            : [a] "x"(a), [w] "x"(w));
+}
+
 // MR rows x one 16-channel block (four 4-channel quarters), the whole K in registers.
 template <int MR>
 void micro(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
     __m256i acc[MR][4];
+    _Pragma("GCC unroll 32")
     for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 32")
         for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
     const int8_t* wp = w.data + nb * kNBlock * w.kp;
     const int8_t* ap[MR];
+    _Pragma("GCC unroll 32")
     for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
     const int64_t groups = w.kp / 4;
+    // Widened A for MR rows, then one 4-channel quarter of W at a time: MR*4 accumulators + MR + 1
+    // registers fit the 16 ymm registers.
     for (int64_t g = 0; g < groups; ++g) {
-        __m256i wv[4];
-        for (int j = 0; j < 4; ++j)
-            wv[j] = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16 * j)));
+        __m256i av[MR];
+        _Pragma("GCC unroll 32")
         for (int i = 0; i < MR; ++i) {
             int32_t a4;
             std::memcpy(&a4, ap[i] + g * 4, 4);
-            const __m256i av = _mm256_cvtepi8_epi16(_mm_set1_epi32(a4));
-            for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av, wv[j]));
+            av[i] = _mm256_cvtepi8_epi16(_mm_set1_epi32(a4));
+        }
+        _Pragma("GCC unroll 32")
+        for (int j = 0; j < 4; ++j) {
+            const __m256i wv = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16 * j)));
+            _Pragma("GCC unroll 32")
+            for (int i = 0; i < MR; ++i) madd_acc(acc[i][j], av[i], wv);
         }
     }
     const int64_t n0 = nb * kNBlock;
+    _Pragma("GCC unroll 32")
     for (int i = 0; i < MR; ++i) {
         __m256i c[2] = {reduce_pairs(acc[i][0], acc[i][1]), reduce_pairs(acc[i][2], acc[i][3])};
+        _Pragma("GCC unroll 32")
         for (int h = 0; h < 2; ++h) {
             const int64_t nh = n0 + 8 * h;
             if (nh + 8 <= w.n) {
@@ -162,13 +182,33 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
 
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
           int64_t nb0, int64_t nb1) {
-    constexpr int kMR = 3;
+    constexpr int kMR = 2;  // 3 spills with GCC 12 (16 ymm registers)
     for (int64_t nb = nb0; nb < nb1; ++nb) {
         int64_t m = m0;
         for (; m + kMR <= m1; m += kMR) micro<kMR>(a, w, ep, m, nb);
-        if (m1 - m == 2) micro<2>(a, w, ep, m, nb);
-        if (m1 - m == 1) micro<1>(a, w, ep, m, nb);
+        if (m < m1) micro<1>(a, w, ep, m, nb);
     }
+}
+
+}  // namespace fastinfer::cpu::avx2
+
+namespace fastinfer::cpu::avx2 {
+
+// Ceiling probe: 12 independent vpmaddwd+vpaddd chains on registers: iters * 12 * 16 multiply-adds.
+int64_t dot_peak(int64_t iters) {
+    __m256i acc[12];
+    _Pragma("GCC unroll 32") for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_epi32(i);
+    const __m256i a = _mm256_set1_epi16(1), b = _mm256_set1_epi16(-1);
+    for (int64_t t = 0; t < iters; ++t) {
+        _Pragma("GCC unroll 32") for (int i = 0; i < 12; ++i) madd_acc(acc[i], a, b);
+    }
+    __m256i s = acc[0];
+    _Pragma("GCC unroll 32") for (int i = 1; i < 12; ++i) s = _mm256_add_epi32(s, acc[i]);
+    alignas(32) int32_t l[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(l), s);
+    int64_t r = 0;
+    for (int32_t v : l) r += v;
+    return r;
 }
 
 }  // namespace fastinfer::cpu::avx2
