@@ -43,6 +43,11 @@ def set_isa(name: str | None) -> str:
             f"unknown ISA {name!r}; valid names: {', '.join(ISA_NAMES)} "
             f"(this CPU supports: {', '.join(available_isas())})"
         )
+    if name == "amx" and _C.cpu_flags()["amx_os_enabled"]:
+        raise ValueError(
+            "ISA 'amx': this CPU has AMX, but this build has no AMX kernels yet (they could not be "
+            f"verified on hardware); valid here: {', '.join(available_isas())}"
+        )
     if _ISA_CODE[name] > _C.detected_isa():
         raise ValueError(
             f"ISA {name!r} is not supported on this CPU (detected: {detected_isa()}); "

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from fastinfer.nn import Int8Linear
+from fastinfer.nn import Int8Linear, linear_weight_and_bias
 
 __all__ = ["QuantConfig", "quantize"]
 
@@ -70,6 +70,10 @@ def _progress(total: int, enabled: bool | None, desc: str):
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bool = False) -> nn.Module:
     """Returns `model` with every nn.Linear (not skipped by `config`) replaced by an Int8Linear.
 
+    Hugging Face `Conv1D` layers (GPT-2 and relatives store linear weights as [in, out]) are
+    linear layers too and are converted the same way. Subclasses of nn.Linear are left alone: they
+    may change forward() in ways a swap would lose.
+
     The original model is not modified unless inplace=True. The result is a plain nn.Module: same
     inputs, same outputs (within int8 rounding), usable with torch.compile.
     """
@@ -84,13 +88,14 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
 
     targets = []
     for fqn, mod in model.named_modules():
-        if type(mod) is nn.Linear and not config.skips(fqn):
-            if min(mod.in_features, mod.out_features) < config.min_features:
+        weight, _ = linear_weight_and_bias(mod)
+        if weight is not None and not config.skips(fqn):
+            if min(weight.shape) < config.min_features:
                 continue
             if config.filter_fn is not None and not config.filter_fn(mod, fqn):
                 continue
             targets.append(fqn)
-    if isinstance(model, nn.Linear) and "" in targets:
+    if "" in targets:  # the model itself is one linear layer
         return Int8Linear.from_linear(model)
 
     with _progress(len(targets), config.progress, "fastinfer.quantize") as bar:

@@ -7,7 +7,7 @@ from torch import nn
 
 from fastinfer import _backend, ops
 
-__all__ = ["Int8Linear", "quantize_weight_per_channel"]
+__all__ = ["Int8Linear", "linear_weight_and_bias", "quantize_weight_per_channel"]
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,6 +26,23 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale.contiguous()
+
+
+def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight [out, in], bias or None) of a linear layer: nn.Linear itself, or a Hugging Face
+    transformers `Conv1D` (GPT-2's attention and MLP layers: y = x @ W + b with W [in, out]).
+    Returns (None, None) for anything else."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias
+    if (
+        type(module).__name__ == "Conv1D"
+        and type(module).__module__.startswith("transformers.")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+        and getattr(module, "nf", None) == module.weight.shape[1]
+    ):
+        return module.weight.t(), module.bias
+    return None, None
 
 
 class Int8Linear(nn.Module):
@@ -53,20 +70,24 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """Quantizes an nn.Linear's weights (the float module is left untouched)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.device.type != "cpu":
+    def from_linear(cls, linear: nn.Module) -> Int8Linear:
+        """Quantizes the weights of an nn.Linear, or of a Hugging Face `Conv1D` (GPT-2 style,
+        weight stored [in, out]); the float module is left untouched."""
+        weight, bias = linear_weight_and_bias(linear)
+        if weight is None:
+            raise TypeError(
+                f"from_linear expects an nn.Linear (or a transformers Conv1D), got {type(linear).__name__}"
+            )
+        if weight.device.type != "cpu":
             raise RuntimeError(
-                f"Int8Linear.from_linear: the layer is on {linear.weight.device}; only CPU is supported "
+                f"Int8Linear.from_linear: the layer is on {weight.device}; only CPU is supported "
                 "in this build (the CUDA backend is not built)"
             )
-        q, scale = quantize_weight_per_channel(linear.weight)
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        q, scale = quantize_weight_per_channel(weight)
+        mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
         mod.set_weight(q, scale)
-        if linear.bias is not None:
-            mod.bias.copy_(linear.bias.detach().float())
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
         return mod
 
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:

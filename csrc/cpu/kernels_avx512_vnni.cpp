@@ -171,14 +171,16 @@ int64_t dot_peak(int64_t iters) {
     return _mm512_reduce_add_epi32(s);
 }
 
-// Read-bandwidth probe: sums n bytes (n a multiple of 256, p 64-byte aligned) as int32 lanes.
+// Read-bandwidth probe: sums n bytes (n a multiple of 256, p 64-byte aligned) as int32 lanes, in
+// four concurrent streams (one per quarter), the access pattern of the GEMM's 4-block panels.
 int64_t read_sum(const uint8_t* p, int64_t n) {
+    const int64_t q = n / 4 / 64 * 64;
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t i = 0; i < n; i += 256) {
+    for (int64_t i = 0; i < q; i += 64) {
         s0 = _mm512_add_epi32(s0, _mm512_load_si512(p + i));
-        s1 = _mm512_add_epi32(s1, _mm512_load_si512(p + i + 64));
-        s2 = _mm512_add_epi32(s2, _mm512_load_si512(p + i + 128));
-        s3 = _mm512_add_epi32(s3, _mm512_load_si512(p + i + 192));
+        s1 = _mm512_add_epi32(s1, _mm512_load_si512(p + q + i));
+        s2 = _mm512_add_epi32(s2, _mm512_load_si512(p + 2 * q + i));
+        s3 = _mm512_add_epi32(s3, _mm512_load_si512(p + 3 * q + i));
     }
     return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
 }
