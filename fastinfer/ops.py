@@ -338,4 +338,18 @@ def int8_linear(
     acc * scale_x[m] * w_scale[n] + bias[n], cast to x.dtype. Returns [..., N]."""
     x = _check_tensor("int8_linear", "x", x)
     _check_cpu("int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
+    if _eager_fast_path(x):
+        # Same kernel function the op registers; skips ~5 us of dispatcher overhead per call,
+        # which is 5% of a 4096x4096 layer at M=1.
+        return _int8_linear_cpu(x, packed, w_scale, bias)
     return torch.ops.fastinfer.int8_linear(x, packed, w_scale, bias)
+
+
+def _eager_fast_path(x: torch.Tensor) -> bool:
+    """Plain eager CPU call with no autograd to record: nothing the dispatcher would add."""
+    return (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+    )

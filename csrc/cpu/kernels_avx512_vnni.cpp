@@ -54,38 +54,39 @@ inline void dpbusd(__m512i& acc, __m512i a, __m512i w) {
     __asm__("vpdpbusd %[w], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [w] "v"(w));
 }
 
-// MR rows x NR 16-channel blocks, the whole K in registers.
+// MR rows x NR 16-channel blocks, the whole K in registers. Small tiles (few rows: the
+// memory-bound case) keep two accumulator sets, even and odd k-groups, so the vpdpbusd latency
+// chain does not cap the weight stream.
 template <int MR, int NR>
 void micro(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
-    __m512i acc[MR][NR];
-    _Pragma("GCC unroll 32")
-    for (int i = 0; i < MR; ++i)
-        _Pragma("GCC unroll 32")
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+    constexpr int S = MR * NR <= 8 ? 2 : 1;
+    __m512i acc[S][MR][NR];
+    _Pragma("GCC unroll 32") for (int s = 0; s < S; ++s)
+        _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+            _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) acc[s][i][j] = _mm512_setzero_si512();
     const int8_t* wp[NR];
-    _Pragma("GCC unroll 32")
-    for (int j = 0; j < NR; ++j) wp[j] = w.data + (nb + j) * kNBlock * w.kp;
+    _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) wp[j] = w.data + (nb + j) * kNBlock * w.kp;
     const int8_t* ap[MR];
-    _Pragma("GCC unroll 32")
-    for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
-    const int64_t groups = w.kp / 4;
-    for (int64_t g = 0; g < groups; ++g) {
-        __m512i wv[NR];
-        _Pragma("GCC unroll 32")
-        for (int j = 0; j < NR; ++j) wv[j] = _mm512_load_si512(wp[j] + g * 64);
-        _Pragma("GCC unroll 32")
-        for (int i = 0; i < MR; ++i) {
-            int32_t a4;
-            std::memcpy(&a4, ap[i] + g * 4, 4);
-            const __m512i av = _mm512_set1_epi32(a4);
-            _Pragma("GCC unroll 32")
-            for (int j = 0; j < NR; ++j) dpbusd(acc[i][j], av, wv[j]);
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
+    const int64_t groups = w.kp / 4;  // a multiple of 16, so of S
+    for (int64_t g = 0; g < groups; g += S) {
+        _Pragma("GCC unroll 32") for (int s = 0; s < S; ++s) {
+            __m512i wv[NR];
+            _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) wv[j] = _mm512_load_si512(wp[j] + (g + s) * 64);
+            _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) {
+                int32_t a4;
+                std::memcpy(&a4, ap[i] + (g + s) * 4, 4);
+                const __m512i av = _mm512_set1_epi32(a4);
+                _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) dpbusd(acc[s][i][j], av, wv[j]);
+            }
         }
     }
-    _Pragma("GCC unroll 32")
-    for (int i = 0; i < MR; ++i)
-        _Pragma("GCC unroll 32")
-        for (int j = 0; j < NR; ++j) store_block(acc[i][j], w, ep, m + i, nb + j);
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
+            __m512i t = acc[0][i][j];
+            if constexpr (S == 2) t = _mm512_add_epi32(t, acc[S - 1][i][j]);
+            store_block(t, w, ep, m + i, nb + j);
+        }
 }
 
 template <int NR>
