@@ -6,7 +6,13 @@ import os
 
 import torch
 
-from fastinfer import _C
+try:
+    from fastinfer import _C
+except ImportError as e:  # e.g. importing the source tree instead of the installed package
+    raise ImportError(
+        "fastinfer's compiled module fastinfer._C is missing or broken "
+        f"({e}); install the package (pip install .) and import it from outside the source tree"
+    ) from e
 
 ISA_NAMES = ("ref", "avx2", "avx512_vnni", "amx")
 _ISA_CODE = {name: i for i, name in enumerate(ISA_NAMES)}

@@ -48,10 +48,9 @@ struct PackHeader {
 };
 static_assert(sizeof(PackHeader) == 64, "header is 64 bytes");
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t packed_nbytes(int64_t n, int64_t k) {
-    int64_t np = round_up(n, kNBlock), kp = round_up(k, kKAlign);
-    return int64_t(sizeof(PackHeader)) + 4 * np + np * kp;
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+constexpr int64_t packed_nbytes(int64_t n, int64_t k) {
+    return int64_t(sizeof(PackHeader)) + 4 * round_up(n, kNBlock) + round_up(n, kNBlock) * round_up(k, kKAlign);
 }
 
 // A read-only view of a packed buffer after its header was checked.
@@ -104,12 +103,17 @@ int64_t read_sum(const uint8_t* p, int64_t nbytes);  // nbytes % 256 == 0, p 64-
 }  // namespace avx512_vnni
 
 // Scalar helpers shared by every path (exactly the same float operations as the SIMD code).
+// In an unnamed namespace: each file gets its own copy compiled with its own flags, so the linker
+// can never hand baseline code an AVX-512 copy of a helper.
+namespace {
+
 inline float bf16_to_f32(uint16_t v) {
     uint32_t u = uint32_t(v) << 16;
     float f;
     __builtin_memcpy(&f, &u, 4);
     return f;
 }
+
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
     uint32_t u;
     __builtin_memcpy(&u, &f, 4);
@@ -117,6 +121,21 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
     u += 0x7fffu + ((u >> 16) & 1u);
     return uint16_t(u >> 16);
 }
+
+// The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32.
+inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
+    if (ep.kind == DType::kI32) {
+        static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = acc;
+        return;
+    }
+    const float y = __builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
+    if (ep.kind == DType::kF32)
+        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+    else
+        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+}
+
+}  // namespace
 
 }  // namespace cpu
 }  // namespace fastinfer

@@ -75,14 +75,24 @@ void run_gemm(const Kernels& kr, const Activations& a, const PackedW& w, const E
     });
 }
 
-// Quantizes (or copies) activations into scratch rows of kp bytes, zero padded, in the kernel's form.
-Status prepare_activations(const Kernels& kr, int64_t m, int64_t kp, int8_t** q, float** sa) {
+// Scratch for activations (m rows of kp bytes) and their scales, from this thread's buffer.
+Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa) {
     const size_t qbytes = size_t(round_up(m * kp, 64));
     uint8_t* base = t_scratch.get(qbytes + size_t(m) * sizeof(float) + 64);
     if (!base) return Status::runtime("out of memory for activation scratch");
     *q = reinterpret_cast<int8_t*>(base);
     *sa = reinterpret_cast<float*>(base + qbytes);
-    (void)kr;
+    return Status::ok();
+}
+
+// Checks shared by every GEMM entry: sizes, the packed weight's header, K and the output stride.
+Status check_gemm(const char* name, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
+                  int64_t nbytes, int64_t ldo, PackedW* w) {
+    Status st = check_dims(m, k, ldx, name);
+    if (!st.is_ok()) return st;
+    if (!(st = view_packed(packed, nbytes, w)).is_ok()) return st;
+    if (w->k != k) return Status::invalid(std::string(name) + ": K of the input and the weight differ");
+    if (m > 0 && ldo < w->n) return Status::invalid(std::string(name) + ": out row stride smaller than N");
     return Status::ok();
 }
 
@@ -189,17 +199,13 @@ Status quantize_per_token(const void* x, DType dt, int64_t m, int64_t k, int64_t
 
 Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* packed,
                    int64_t packed_nbytes_, int32_t* out, int64_t ldo) {
-    Status st = check_dims(m, k, lda, "int8_matmul");
-    if (!st.is_ok()) return st;
     PackedW w;
-    if (!(st = view_packed(packed, packed_nbytes_, &w)).is_ok()) return st;
-    if (w.k != k) return Status::invalid("int8_matmul: K of a and w differ");
-    if (m > 0 && ldo < w.n) return Status::invalid("int8_matmul: out row stride smaller than N");
-    if (m == 0 || w.n == 0) return Status::ok();
+    Status st = check_gemm("int8_matmul", m, k, lda, packed, packed_nbytes_, ldo, &w);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
     const Kernels kr = kernels_for(active_isa());
     int8_t* q;
     float* sa;
-    if (!(st = prepare_activations(kr, m, w.kp, &q, &sa)).is_ok()) return st;
+    if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
     const uint8_t flip = kr.shift_u8 ? 0x80 : 0;
     for (int64_t r = 0; r < m; ++r) {
         uint8_t* dst = reinterpret_cast<uint8_t*>(q + r * w.kp);
@@ -215,21 +221,17 @@ Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uin
 Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes_, const float* sw,
                    const float* bias, void* out, DType out_dt, int64_t ldo) {
-    Status st = check_dims(m, k, ldx, "int8_linear");
-    if (!st.is_ok()) return st;
     if (dt != DType::kF32 && dt != DType::kBF16)
         return Status::invalid("int8_linear: x must be float32 or bfloat16");
     if (out_dt != DType::kF32 && out_dt != DType::kBF16)
         return Status::invalid("int8_linear: out must be float32 or bfloat16");
     PackedW w;
-    if (!(st = view_packed(packed, packed_nbytes_, &w)).is_ok()) return st;
-    if (w.k != k) return Status::invalid("int8_linear: K of x and the weight differ");
-    if (m > 0 && ldo < w.n) return Status::invalid("int8_linear: out row stride smaller than N");
-    if (m == 0 || w.n == 0) return Status::ok();
+    Status st = check_gemm("int8_linear", m, k, ldx, packed, packed_nbytes_, ldo, &w);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
     const Kernels kr = kernels_for(active_isa());
     int8_t* q;
     float* sa;
-    if (!(st = prepare_activations(kr, m, w.kp, &q, &sa)).is_ok()) return st;
+    if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
     const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
     ThreadPool::instance().parallel_for((m + rows - 1) / rows, [&](int64_t t) {
         kr.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, w.kp, w.kp, sa,

@@ -22,19 +22,6 @@ inline float load_x1(const void* x, DType dt, int64_t off) {
     return bf16_to_f32(static_cast<const uint16_t*>(x)[off]);
 }
 
-// Scalar epilogue for one value (identical operations to the vector one and to ref).
-inline void store_one(int32_t v, const Epilogue& ep, int64_t m, int64_t n) {
-    if (ep.kind == DType::kI32) {
-        static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = v;
-        return;
-    }
-    float y = std::fma(float(v), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
-    if (ep.kind == DType::kF32)
-        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
-    else
-        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
-}
-
 inline __m128i to_bf16(__m256 y) {
     __m256i u = _mm256_castps_si256(y);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));

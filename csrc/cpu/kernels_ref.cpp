@@ -53,16 +53,7 @@ void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0
                 for (int64_t g = 0; g < w.kp / 4; ++g)
                     for (int64_t t = 0; t < 4; ++t)
                         acc += uint32_t(int32_t(ar[4 * g + t]) * int32_t(blk[g * 64 + j * 4 + t]));
-                int32_t v = int32_t(acc);
-                if (ep.kind == DType::kI32) {
-                    static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = v;
-                    continue;
-                }
-                float y = std::fma(float(v), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
-                if (ep.kind == DType::kF32)
-                    static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
-                else
-                    static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+                store_one(int32_t(acc), ep, m, n);
             }
         }
     }
