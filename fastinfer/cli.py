@@ -1,0 +1,101 @@
+"""Command line: `fastinfer info` and `fastinfer bench` (also `python -m fastinfer ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import fastinfer
+
+    print(json.dumps(fastinfer.info(), indent=2))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import fastinfer
+    from fastinfer import _bench
+
+    try:
+        if args.shapes:
+            shapes = dict(_bench.parse_shape(s) for s in args.shapes.split(",") if s.strip())
+        else:
+            shapes = dict(_bench.SHAPES)
+        if args.isa:
+            isas = [i.strip() for i in args.isa.split(",") if i.strip()]
+            bad = [i for i in isas if i not in fastinfer.available_isas()]
+            if bad:
+                raise ValueError(
+                    f"--isa {', '.join(bad)}: not available here (available: "
+                    f"{', '.join(fastinfer.available_isas())})"
+                )
+        else:
+            isas = _bench.default_isas()
+        if args.threads is not None and args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+    except ValueError as e:
+        print(f"fastinfer bench: error: {e}", file=sys.stderr)
+        return 2
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # fastinfer follows torch's thread count
+    command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
+    meta = _bench.environment_meta(command=command)
+    results = _bench.run(
+        shapes, isas=isas, progress=not args.no_progress, quick=args.quick,
+        rounds=args.rounds, target_s=args.batch_ms / 1e3 if args.batch_ms else None,
+    )  # fmt: skip
+    text = _bench.format_markdown(results, meta)
+    print(text, end="")
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"(written to {args.output})", file=sys.stderr)
+    aborted = [r for r in results if r.get("peer") == "ABORTED"]
+    return 1 if aborted else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastinfer", description="fastinfer: exact int8 CPU kernels for PyTorch")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="what this installation can do here (JSON)")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "bench",
+        help="Int8Linear vs PyTorch's CPU peers, side by side (markdown table)",
+        description="Times Int8Linear against fp32/bf16 nn.Linear, quantize_dynamic (per quantized "
+        "engine) and torch._int_mm in one process, interleaved, and prints a markdown table of "
+        "times, TOPS, ratios and (for small M) weight bandwidth.",
+    )
+    p.add_argument("--shapes", help="comma-separated MxKxN list (default: the five standard shapes)")
+    p.add_argument("--threads", type=int, default=2, help="torch (and fastinfer) threads (default: 2)")
+    p.add_argument(
+        "--isa", help="comma-separated ISAs for Int8Linear, first one is the baseline "
+        "(default: detected, then avx512_vnni and avx2 where available)",
+    )  # fmt: skip
+    p.add_argument("--quick", action="store_true", help="fewer and shorter rounds (a rough look)")
+    p.add_argument("--rounds", type=int, help="timing rounds (default: 15, --quick: 5)")
+    p.add_argument("--batch-ms", type=float, help="length of one timed batch in ms (default: 25, --quick: 10)")
+    p.add_argument("--output", "-o", metavar="FILE.md", help="also write the markdown to FILE.md")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args._argv = argv
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

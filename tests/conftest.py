@@ -1,0 +1,196 @@
+"""Shared fixtures and reference implementations for the fastinfer test suite.
+
+The references here are plain torch (int64 matmul, fp32 elementwise ops) and define, bit for bit,
+what the kernels must return. Tests import them with `from conftest import ...`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import fastinfer
+from fastinfer import _backend
+
+ISAS = fastinfer.available_isas()
+ALL_ISA_NAMES = ("ref", "avx2", "avx512_vnni", "amx")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def _restore_fastinfer_state():
+    """Every test starts and ends with the session's ISA cap and thread setting."""
+    isa_before = _backend.active_isa()
+    pinned_before = _backend._pinned_threads
+    torch_threads_before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != torch_threads_before:
+        torch.set_num_threads(torch_threads_before)
+    fastinfer.set_isa(isa_before)
+    fastinfer.set_num_threads(pinned_before)
+
+
+@pytest.fixture(params=ISAS, ids=lambda name: f"isa={name}")
+def isa(request):
+    """Runs the test once per ISA this CPU supports, with that ISA active."""
+    previous = fastinfer.set_isa(request.param)
+    assert fastinfer.info()["isa"] == request.param
+    yield request.param
+    fastinfer.set_isa(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------------------- references
+
+
+def wrap_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 modulo 2**32 (two's complement), written out so it does not rely on casts."""
+    return (((x + 2**31) % 2**32) - 2**31).to(torch.int32)
+
+
+def int64_ref(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The definition of int8_matmul: a int8 [M, K] @ w int8 [N, K]^T in int64, wrapped to int32."""
+    assert a.dtype == torch.int8 and w.dtype == torch.int8
+    if a.shape[1] == 0:
+        return torch.zeros((a.shape[0], w.shape[0]), dtype=torch.int32)
+    return wrap_int32(a.long() @ w.long().T)
+
+
+def ref_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition of quantize_per_token, in torch fp32 ops.
+
+    amax = max|row|; scale = amax / 127; q = clamp(round_half_even(x * (127 / amax)), -127, 127).
+    A row with NaN/Inf: scale NaN, q = 0. A row of zeros, or one so small that 127 / amax overflows
+    to Inf (subnormal amax): scale 0, q = 0.
+    """
+    xf = x.float()
+    if xf.shape[-1] == 0:
+        return torch.zeros(xf.shape, dtype=torch.int8), torch.zeros(xf.shape[:-1], dtype=torch.float32)
+    amax = xf.abs().amax(-1)
+    finite = torch.isfinite(xf).all(-1)
+    inv = torch.tensor(127.0, dtype=torch.float32) / amax
+    zero_row = (amax == 0) | ~torch.isfinite(inv)
+    dead = (~finite) | zero_row
+    safe_inv = torch.where(dead, torch.zeros_like(inv), inv)
+    q = torch.round(xf * safe_inv.unsqueeze(-1)).clamp(-127, 127)
+    q = torch.where(dead.unsqueeze(-1), torch.zeros_like(q), q).to(torch.int8)
+    scale = amax / torch.tensor(127.0, dtype=torch.float32)
+    scale = torch.where(zero_row, torch.zeros_like(scale), scale)
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
+    return q, scale
+
+
+def _round_fraction_to_f32(v: Fraction) -> np.float32:
+    """Correctly rounded (nearest, ties to even) float32 of an exact rational."""
+    r = np.float32(float(v))
+    best = None
+    for c in (np.nextafter(r, np.float32(-np.inf)), r, np.nextafter(r, np.float32(np.inf))):
+        if not np.isfinite(c):
+            continue
+        d = abs(Fraction(float(c)) - v)
+        even = (int(np.array(c, dtype=np.float32).view(np.uint32)) & 1) == 0
+        key = (d, not even)
+        if best is None or key < best[0]:
+            best = (key, c)
+    return best[1]
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Elementwise fused multiply-add of float32 tensors (one rounding), computed exactly.
+
+    Python 3.11 has no math.fma and torch has no fused elementwise op, so this goes through exact
+    rationals; keep the tensors small (a few thousand elements).
+    """
+    a, b, c = torch.broadcast_tensors(a.float(), b.float(), c.float())
+    out = np.empty(a.shape, dtype=np.float32)
+    an, bn, cn = a.numpy(), b.numpy(), c.numpy()
+    for idx in np.ndindex(a.shape):
+        x, y, z = float(an[idx]), float(bn[idx]), float(cn[idx])
+        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
+            out[idx] = np.float32(x * y + z)  # NaN / Inf propagate as in IEEE fma
+            continue
+        out[idx] = _round_fraction_to_f32(Fraction(x) * Fraction(y) + Fraction(z))
+    return torch.from_numpy(out)
+
+
+def ref_int8_linear(x, w_int8, w_scale, bias):
+    """The definition of int8_linear: y[m, n] = fma(float(acc[m, n]), sa[m] * sw[n], bias[n]) in fp32,
+    with (q, sa) = quantize_per_token(x) and acc the exact int32 product; cast to x.dtype."""
+    k = x.shape[-1]
+    n = w_int8.shape[0]
+    q, sa = ref_quantize_per_token(x.reshape(-1, k))
+    acc = int64_ref(q, w_int8).float()
+    s = sa[:, None] * w_scale[None, :]
+    b = bias if bias is not None else torch.zeros(n)
+    y = fma_f32(acc, s, b[None, :])
+    return y.reshape(*x.shape[:-1], n).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------- utilities
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when out == ref)."""
+    ref = ref.detach().double()
+    out = out.detach().double()
+    noise = (ref - out).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor, msg: str = "") -> None:
+    """Bit-for-bit value equality with NaN == NaN (same dtype, shape, NaN positions, other values)."""
+    assert a.dtype == b.dtype, f"{msg}: dtype {a.dtype} != {b.dtype}"
+    assert a.shape == b.shape, f"{msg}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if a.is_floating_point():
+        na, nb = torch.isnan(a), torch.isnan(b)
+        assert torch.equal(na, nb), f"{msg}: NaN positions differ"
+        a = torch.where(na, torch.zeros_like(a), a)
+        b = torch.where(nb, torch.zeros_like(b), b)
+    if not torch.equal(a, b):
+        diff = (a != b).nonzero()
+        first = tuple(diff[0].tolist())
+        raise AssertionError(
+            f"{msg}: {diff.shape[0]} of {a.numel()} elements differ; first at {first}: "
+            f"{a[first].item()!r} != {b[first].item()!r}"
+        )
+
+
+def rand_int8(*shape, gen: torch.Generator, low: int = -128, high: int = 128) -> torch.Tensor:
+    return torch.randint(low, high, shape, dtype=torch.int8, generator=gen)
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs code in a fresh interpreter (for import-time behaviour and anything that might crash)."""
+    full_env = dict(os.environ)
+    full_env.pop("FASTINFER_ISA", None)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
