@@ -87,7 +87,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         model = copy.deepcopy(model)
 
     targets = []
-    for fqn, mod in model.named_modules():
+    # remove_duplicate=False: a layer shared under two names is converted under both (once).
+    for fqn, mod in model.named_modules(remove_duplicate=False):
         weight, _ = linear_weight_and_bias(mod)
         if weight is not None and not config.skips(fqn):
             if min(weight.shape) < config.min_features:
@@ -98,10 +99,32 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     if "" in targets:  # the model itself is one linear layer
         return Int8Linear.from_linear(model)
 
+    converted: dict[int, Int8Linear] = {}
     with _progress(len(targets), config.progress, "fastinfer.quantize") as bar:
         for fqn in targets:
             parent_name, _, child = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
+            old = getattr(parent, child)
+            if id(old) not in converted:
+                converted[id(old)] = Int8Linear.from_linear(old)
+            setattr(parent, child, converted[id(old)])
             bar.update(1)
+    _route_fused_layers_through_modules(model)
     return model
+
+
+def _keep_module_path(module, args):
+    """No-op forward pre-hook; its presence is what turns torch's fused fast path off."""
+    return None
+
+
+def _route_fused_layers_through_modules(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer has a fused inference fast path (batch_first, eval, no grad) that
+    reads linear1.weight / linear2.weight and never calls those modules. With int8 layers there it
+    would fail (Int8Linear has no float .weight). torch skips that path when a submodule has a
+    forward hook, so give the swapped layers a no-op pre-hook: the layer then calls our modules."""
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            for lin in (mod.linear1, mod.linear2):
+                if isinstance(lin, Int8Linear) and _keep_module_path not in lin._forward_pre_hooks.values():
+                    lin.register_forward_pre_hook(_keep_module_path)

@@ -21,7 +21,7 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).any(dim=1).nonzero().flatten()[:5].tolist()
         raise ValueError(f"weight has NaN or Inf (rows {bad}...); cannot quantize it")
-    amax = w.abs().amax(dim=1)
+    amax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
     scale = amax / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -88,6 +88,7 @@ class Int8Linear(nn.Module):
         mod.set_weight(q, scale)
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
+        mod.train(linear.training)  # swapping a layer must not flip an eval() model to training
         return mod
 
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -101,10 +102,22 @@ class Int8Linear(nn.Module):
         self.packed_weight = ops.pack_int8_weight(q.detach().cpu())
         self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous()
 
+    def _apply(self, fn, recurse=True):
+        # model.bfloat16() / .half() / .to(dtype) cast every floating buffer. Ours are fp32 by
+        # contract (the kernel's epilogue reads fp32 scales and bias) and a round trip through
+        # bf16 would lose bits, so keep the originals; device moves still apply.
+        before = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     @property
     def weight_int8(self) -> torch.Tensor:
         """The int8 weights [out, in], unpacked from the packed buffer."""
-        return ops.unpack_int8_weight(self.packed_weight)
+        return ops.unpack_int8_weight(self.packed_weight, self.out_features, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in]: what this layer effectively multiplies by."""

@@ -55,12 +55,16 @@ def _check_int8_2d(name: str, arg: str, t: torch.Tensor) -> None:
         raise ValueError(f"fastinfer.{name}: {arg} must be 2-D, got shape {tuple(t.shape)}")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """2-D view [rows, K] with unit inner stride (copies only when the layout needs it)."""
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(2-D view [rows, K] with unit inner stride, its row stride in elements).
+
+    Copies only when the layout needs it. A single row's stride(0) is meaningless (a [1, K] slice of
+    a transposed tensor may report 1), so one row gets K."""
     t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    if t2.shape[-1] > 1 and t2.stride(-1) != 1 or t2.stride(0) < t2.shape[-1]:
+    rows, k = t2.shape
+    if (k > 1 and t2.stride(-1) != 1) or (rows > 1 and t2.stride(0) < k):
         t2 = t2.contiguous()
-    return t2
+    return t2, (t2.stride(0) if rows > 1 else k)
 
 
 def _packed_nk(name: str, packed: torch.Tensor) -> tuple[int, int]:
@@ -68,7 +72,19 @@ def _packed_nk(name: str, packed: torch.Tensor) -> tuple[int, int]:
         raise TypeError(f"fastinfer.{name}: packed must be a 1-D uint8 tensor from pack_int8_weight")
     if not packed.is_contiguous():
         raise ValueError(f"fastinfer.{name}: packed must be contiguous")
+    if not _has_data(packed):
+        raise ValueError(
+            f"fastinfer.{name}: packed is a {packed.device.type} / fake tensor with no data, so its "
+            "header cannot be read; pass the weight shape (n, k) explicitly"
+        )
     return _C.packed_shape(packed.data_ptr(), packed.numel())
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    """True for a real CPU tensor whose bytes can be read (not meta, not a FakeTensor)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not is_fake(t) and (t.numel() == 0 or t.data_ptr() != 0)
 
 
 # ---------------------------------------------------------------------------------- kernels (CPU)
@@ -93,10 +109,10 @@ def _quantize_per_token_cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if x.numel() == 0:
         scale.zero_()
         return q, scale
-    x2 = _rows(x)
+    x2, ld = _rows(x)
     _backend.sync_threads()
     _C.quantize_per_token(
-        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, x2.stride(0), q.data_ptr(), k, scale.data_ptr()
+        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, ld, q.data_ptr(), k, scale.data_ptr()
     )
     return q, scale
 
@@ -105,9 +121,9 @@ def _quantize_per_token_cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _pack_cpu(w: torch.Tensor) -> torch.Tensor:
     _check_int8_2d("pack_int8_weight", "w", w)
     n, k = w.shape
-    w2 = _rows(w) if n > 0 and k > 0 else w.contiguous()
+    w2, ld = _rows(w) if n > 0 and k > 0 else (w.contiguous(), k)
     out = _aligned_empty(packed_nbytes(n, k))
-    _C.pack_weight(w2.data_ptr(), n, k, max(w2.stride(0), k), out.data_ptr(), out.numel())
+    _C.pack_weight(w2.data_ptr(), n, k, max(ld, k), out.data_ptr(), out.numel())
     return out
 
 
@@ -140,7 +156,7 @@ def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def _ensure_aligned(packed: torch.Tensor) -> torch.Tensor:
-    if packed.data_ptr() % 64 == 0:
+    if not _has_data(packed) or packed.data_ptr() % 64 == 0:
         return packed
     out = _aligned_empty(packed.numel())
     out.copy_(packed)
@@ -161,9 +177,9 @@ def _matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tenso
         return out
     if k == 0:
         return out.zero_()
-    a2 = _rows(a)
+    a2, ld = _rows(a)
     _backend.sync_threads()
-    _C.int8_matmul(a2.data_ptr(), m, k, a2.stride(0), packed.data_ptr(), packed.numel(), out.data_ptr(), n)
+    _C.int8_matmul(a2.data_ptr(), m, k, ld, packed.data_ptr(), packed.numel(), out.data_ptr(), n)
     return out
 
 
@@ -201,12 +217,12 @@ def _int8_linear_cpu(
         return out
     if k == 0:
         return out.copy_(bias.expand_as(out) if bias is not None else out.zero_())
-    x2 = _rows(x)
+    x2, ld = _rows(x)
     w_scale = w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     _backend.sync_threads()
     _C.int8_linear(
-        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, x2.stride(0),
+        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, ld,
         packed.data_ptr(), packed.numel(), w_scale.data_ptr(),
         bias.data_ptr() if bias is not None else 0, out.data_ptr(), _DTYPE_CODE[x.dtype], n,
     )  # fmt: skip
@@ -294,6 +310,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (q int8 [..., K], scale float32 [...]) with scale = max|row| / 127 and
     q = round_half_even(x * (127 / max|row|)), so x ~= q * scale. A row of zeros gets scale 0; a row
     holding NaN or Inf gets scale NaN and q = 0 (so a layer's output row becomes NaN, as in float).
+    A row so tiny that 127 / max|row| overflows float32 (max|row| < 127 / FLT_MAX, about 3.7e-37)
+    counts as a zero row (scale 0, q 0); above that, subnormal scales are kept, never flushed.
     """
     x = _check_tensor("quantize_per_token", "x", x)
     _check_cpu("quantize_per_token", x=x)
@@ -307,11 +325,17 @@ def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.fastinfer.pack_int8_weight(w)
 
 
-def unpack_int8_weight(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int8_weight: the int8 weights [N, K]."""
+def unpack_int8_weight(packed: torch.Tensor, n: int | None = None, k: int | None = None) -> torch.Tensor:
+    """Inverse of pack_int8_weight: the int8 weights [N, K].
+
+    The shape is read from the packed header; a meta or fake tensor has no header to read, so
+    there (n, k) must be given (torch.compile tracing, `torch.device("meta")` construction)."""
     packed = _check_tensor("unpack_int8_weight", "packed", packed)
     _check_cpu("unpack_int8_weight", packed=packed)
-    n, k = _packed_nk("unpack_int8_weight", _ensure_aligned(packed))
+    if n is None or k is None:
+        if n is not None or k is not None:
+            raise ValueError("fastinfer.unpack_int8_weight: give both n and k, or neither")
+        n, k = _packed_nk("unpack_int8_weight", _ensure_aligned(packed))
     return torch.ops.fastinfer.unpack_int8_weight(packed, n, k)
 
 

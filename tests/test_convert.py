@@ -297,6 +297,12 @@ def test_torch_transformer_encoder(batch_first):
         ref = enc(x)
         out = q(x)
     assert sqnr(ref, out) >= 25.0
+    # the int8 layers really ran (a fused float path would reproduce the float output exactly)
+    calls = []
+    q.layers[1].linear2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.no_grad():
+        q(x)
+    assert calls and not torch.equal(ref, out)
 
 
 # ----------------------------------------------------------------------------- Hugging Face models

@@ -327,6 +327,15 @@ def test_zero_size_layers_and_batches(isa):
     out = empty_in(torch.randn(3, 0))
     assert out.shape == (3, 5)
     assert torch.equal(out, empty_in.bias.expand(3, 5))
+    for n_in, n_out in ((0, 5), (5, 0), (0, 0)):
+        lin = nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            lin.bias.copy_(torch.arange(float(n_out)))
+        q = Int8Linear.from_linear(lin)
+        x = torch.randn(2, n_in)
+        out = q(x)
+        assert out.shape == (2, n_out)
+        assert torch.equal(out, lin(x).detach())  # K=0: bias only; N=0: empty
 
 
 def test_single_row_with_row_stride_smaller_than_k(isa):

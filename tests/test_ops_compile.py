@@ -148,8 +148,14 @@ def test_fake_tensor_mode():
         import torch
         from fastinfer import ops
         p = ops.pack_int8_weight(torch.empty(4, 8, dtype=torch.int8, device="meta"))
-        w = ops.unpack_int8_weight(p)
+        w = ops.unpack_int8_weight(p, 4, 8)
         assert w.shape == (4, 8) and w.device.type == "meta", w
+        try:
+            ops.unpack_int8_weight(p)  # no header to read: must say so, not dereference null
+        except ValueError as e:
+            assert "pass the weight shape" in str(e), e
+        else:
+            raise AssertionError("no error")
         print("ok")
         """,
         """
@@ -167,7 +173,13 @@ def test_fake_tensor_mode():
         from fastinfer import ops
         with FakeTensorMode():
             p = ops.pack_int8_weight(torch.empty(4, 8, dtype=torch.int8))
-            assert ops.unpack_int8_weight(p).shape == (4, 8)
+            assert ops.unpack_int8_weight(p, 4, 8).shape == (4, 8)
+            try:
+                ops.unpack_int8_weight(p)
+            except ValueError as e:
+                assert "pass the weight shape" in str(e), e
+            else:
+                raise AssertionError("no error")
         print("ok")
         """,
     ],

@@ -1,8 +1,10 @@
 #include "cpu/threadpool.h"
 
+#include <pthread.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <new>
 
 namespace fastinfer::cpu {
 namespace {
@@ -13,8 +15,28 @@ constexpr auto kSpin = std::chrono::microseconds(50);
 }  // namespace
 
 ThreadPool& ThreadPool::instance() {
-    static ThreadPool* pool = new ThreadPool();  // never destroyed: workers may outlive statics
+    static ThreadPool* pool = [] {
+        auto* p = new ThreadPool();  // never destroyed: workers may outlive statics
+        pthread_atfork(nullptr, nullptr, &ThreadPool::atfork_child);
+        return p;
+    }();
     return *pool;
+}
+
+void ThreadPool::atfork_child() { instance().reset_after_fork(); }
+
+// A forked child (a DataLoader worker, multiprocessing with fork) has only the forking thread.
+// The pool's workers are gone, and its mutexes and condition variable may be in any state they
+// were in at the fork (glibc's condvar keeps waiter counts for threads that no longer exist, so a
+// notify there can block for ever). Rebuild them in place; the old thread handles are leaked on
+// purpose (joining or destroying them would wait for threads that do not exist).
+void ThreadPool::reset_after_fork() {
+    new (&workers_) std::vector<std::thread>();
+    new (&mu_) std::mutex();
+    new (&busy_) std::mutex();
+    new (&cv_) std::condition_variable();
+    stop_ = false;
+    owner_pid_ = getpid();
 }
 
 ThreadPool::ThreadPool() = default;
@@ -79,12 +101,6 @@ void ThreadPool::run(int64_t ntasks, Thunk thunk, void* ctx) {
     if (!busy.owns_lock() || nthreads_.load() == 1 || ntasks == 1) {
         for (int64_t t = 0; t < ntasks; ++t) thunk(ctx, t);
         return;
-    }
-    if (owner_pid_ != getpid()) {
-        // A forked child (e.g. a DataLoader worker) inherits the thread objects but not the threads.
-        for (auto& t : workers_) t.detach();
-        workers_.clear();
-        owner_pid_ = getpid();
     }
     if (int(workers_.size()) != nthreads_.load() - 1) {
         stop_workers();

@@ -35,6 +35,8 @@ class ThreadPool {
     void stop_workers();
     void worker_loop(uint64_t seen);
     void drain();
+    void reset_after_fork();
+    static void atfork_child();
 
     std::atomic<int> nthreads_{1};
     std::mutex busy_;  // held by the one caller using the workers
