@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "cpu/common.h"
@@ -65,53 +66,66 @@ inline void madd_acc(__m256i& acc, __m256i a, __m256i w) {
             : [a] "x"(a), [w] "x"(w));
 }
 
-// MR rows x one 16-channel block (four 4-channel quarters), the whole K in registers.
+// MR rows x 8 channels (two 4-channel quarters of a 16-channel block), the whole K in registers.
+// A arrives widened to int16 (a16, row stride lda16), so a group of 4 k is one 8-byte broadcast
+// load; only W needs a widening shuffle, shared by MR rows. 2*MR accumulators + 2 W + 1 A <= 16 ymm.
 template <int MR>
-void micro(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
-    __m256i acc[MR][4];
+void micro(const int16_t* a16, int64_t lda16, const PackedW& w, const Epilogue& ep, int64_t m,
+           int64_t nb, int half) {
+    __m256i acc[MR][2];
     _Pragma("GCC unroll 32")
-    for (int i = 0; i < MR; ++i)
-        _Pragma("GCC unroll 32")
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
-    const int8_t* wp = w.data + nb * kNBlock * w.kp;
-    const int8_t* ap[MR];
-    _Pragma("GCC unroll 32")
-    for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
+    for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    const int8_t* wp = w.data + nb * kNBlock * w.kp + 32 * half;
+    const int16_t* ap = a16 + m * lda16;
     const int64_t groups = w.kp / 4;
-    // Widened A for MR rows, then one 4-channel quarter of W at a time: MR*4 accumulators + MR + 1
-    // registers fit the 16 ymm registers.
     for (int64_t g = 0; g < groups; ++g) {
-        __m256i av[MR];
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16)));
         _Pragma("GCC unroll 32")
         for (int i = 0; i < MR; ++i) {
-            int32_t a4;
-            std::memcpy(&a4, ap[i] + g * 4, 4);
-            av[i] = _mm256_cvtepi8_epi16(_mm_set1_epi32(a4));
-        }
-        _Pragma("GCC unroll 32")
-        for (int j = 0; j < 4; ++j) {
-            const __m256i wv = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(wp + g * 64 + 16 * j)));
-            _Pragma("GCC unroll 32")
-            for (int i = 0; i < MR; ++i) madd_acc(acc[i][j], av[i], wv);
+            int64_t a4;
+            std::memcpy(&a4, ap + i * lda16 + g * 4, 8);
+            const __m256i av = _mm256_set1_epi64x(a4);
+            madd_acc(acc[i][0], av, w0);
+            madd_acc(acc[i][1], av, w1);
         }
     }
-    const int64_t n0 = nb * kNBlock;
+    const int64_t nh = nb * kNBlock + 8 * half;
     _Pragma("GCC unroll 32")
     for (int i = 0; i < MR; ++i) {
-        __m256i c[2] = {reduce_pairs(acc[i][0], acc[i][1]), reduce_pairs(acc[i][2], acc[i][3])};
-        _Pragma("GCC unroll 32")
-        for (int h = 0; h < 2; ++h) {
-            const int64_t nh = n0 + 8 * h;
-            if (nh + 8 <= w.n) {
-                store8(c[h], ep, m + i, nh);
-            } else {
-                alignas(32) int32_t tmp[8];
-                _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), c[h]);
-                for (int64_t t = 0; t < 8 && nh + t < w.n; ++t) store_one(tmp[t], ep, m + i, nh + t);
-            }
+        const __m256i c = reduce_pairs(acc[i][0], acc[i][1]);
+        if (nh + 8 <= w.n) {
+            store8(c, ep, m + i, nh);
+        } else {
+            alignas(32) int32_t tmp[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), c);
+            for (int64_t t = 0; t < 8 && nh + t < w.n; ++t) store_one(tmp[t], ep, m + i, nh + t);
         }
     }
 }
+
+template <int MR>
+void micro_rows(const int16_t* a16, int64_t lda16, const PackedW& w, const Epilogue& ep, int64_t m,
+                int64_t nb) {
+    for (int half = 0; half < 2; ++half)
+        if (nb * kNBlock + 8 * half < w.n) micro<MR>(a16, lda16, w, ep, m, nb, half);
+}
+
+// Per-thread buffer of activations widened to int16 (reused across calls).
+struct Widened {
+    int16_t* p = nullptr;
+    size_t cap = 0;
+    ~Widened() { std::free(p); }
+    int16_t* get(size_t n) {
+        if (n > cap) {
+            std::free(p);
+            p = static_cast<int16_t*>(std::aligned_alloc(64, (n * 2 + 63) / 64 * 64));
+            cap = p ? n : 0;
+        }
+        return p;
+    }
+};
+thread_local Widened t_widened;
 
 }  // namespace
 
@@ -169,11 +183,33 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
 
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
           int64_t nb0, int64_t nb1) {
-    constexpr int kMR = 2;  // 3 spills with GCC 12 (16 ymm registers)
+    // Widen this task's rows once (m1 - m0 rows of kp bytes: ~1/(4 * channels) of the multiply work).
+    const int64_t rows = m1 - m0, kp = w.kp;
+    int16_t* a16 = t_widened.get(size_t(rows * kp));
+    if (!a16) {  // no memory for the scratch: fall back to the portable kernel (same results)
+        ref::gemm(a, w, ep, m0, m1, nb0, nb1);
+        return;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* src = a.q + (m0 + r) * a.ldq;
+        int16_t* dst = a16 + r * kp;
+        for (int64_t c = 0; c < kp; c += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                                _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
+    }
+    const int16_t* base = a16 - m0 * kp;  // index rows by their absolute m
+    constexpr int kMR = 6;
     for (int64_t nb = nb0; nb < nb1; ++nb) {
         int64_t m = m0;
-        for (; m + kMR <= m1; m += kMR) micro<kMR>(a, w, ep, m, nb);
-        if (m < m1) micro<1>(a, w, ep, m, nb);
+        for (; m + kMR <= m1; m += kMR) micro_rows<kMR>(base, kp, w, ep, m, nb);
+        switch (m1 - m) {
+            case 5: micro_rows<5>(base, kp, w, ep, m, nb); break;
+            case 4: micro_rows<4>(base, kp, w, ep, m, nb); break;
+            case 3: micro_rows<3>(base, kp, w, ep, m, nb); break;
+            case 2: micro_rows<2>(base, kp, w, ep, m, nb); break;
+            case 1: micro_rows<1>(base, kp, w, ep, m, nb); break;
+            default: break;
+        }
     }
 }
 
