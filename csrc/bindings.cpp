@@ -6,6 +6,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/engine.h"
+#include "cpu/large_buffer.h"
 
 namespace py = pybind11;
 namespace fc = fastinfer::cpu;
@@ -33,6 +34,17 @@ fc::DType dtype(int d) {
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "fastinfer CPU kernels (torch-free; called through fastinfer.ops)";
+
+    py::class_<fc::LargeBuffer>(m, "LargeBuffer", py::buffer_protocol(),
+                                "Writable bytes on a 2 MiB aligned mapping advised for huge pages "
+                                "(large outputs: far fewer first-touch page faults)")
+        .def(py::init<size_t>(), py::arg("nbytes"))
+        .def_property_readonly("nbytes", &fc::LargeBuffer::size)
+        .def_property_readonly("huge_pages_advised", &fc::LargeBuffer::huge_pages_advised)
+        .def_buffer([](fc::LargeBuffer& b) {
+            return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                                   {py::ssize_t(b.size())}, {py::ssize_t(1)});
+        });
 
     m.def("detected_isa", [] { return int(fc::detected_isa()); });
     m.def("active_isa", [] { return int(fc::active_isa()); });

@@ -399,3 +399,42 @@ def test_cuda_tensors_are_refused_with_runtime_error():
     layer = Int8Linear.from_linear(nn.Linear(8, 4))
     with pytest.raises(RuntimeError, match="CUDA|cuda"):
         layer(torch.zeros(2, 8, device="cuda"))
+
+
+def test_large_outputs_on_their_own_mapping_behave_like_tensors():
+    """Outputs >= ops.LARGE_OUTPUT_BYTES live on a huge-page mapping owned by the tensor: exact,
+    alive as long as any view is, picklable, shareable, and unmapped only when the last view dies."""
+    import gc
+    import io
+    import pickle
+
+    a = torch.randint(-128, 128, (1024, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(7))
+    w = torch.randint(-128, 128, (2048, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(8))
+    ref = int64_ref(a, w)
+    c = ops.int8_matmul(a, w)
+    assert c.numel() * 4 >= ops.LARGE_OUTPUT_BYTES
+    assert c.is_contiguous() and c.shape == (1024, 2048)
+    assert torch.equal(c, ref)
+    view = c[100:102]
+    del c
+    gc.collect()
+    for _ in range(3):  # new mappings may land where the old one was
+        ops.int8_matmul(a, w).fill_(0)
+    assert torch.equal(view, ref[100:102])
+    c = ops.int8_matmul(a, w)
+    buf = io.BytesIO()
+    torch.save(c, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), ref)
+    assert torch.equal(pickle.loads(pickle.dumps(c)), ref)
+    c.share_memory_()
+    assert torch.equal(c, ref)
+
+    lin = nn.Linear(64, 2048)
+    x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(9))
+    q = Int8Linear.from_linear(lin)
+    y = q(x)
+    assert y.numel() * 4 >= ops.LARGE_OUTPUT_BYTES
+    assert torch.equal(y, q(x.clone()))
+    small = q(x[:8])  # below the threshold: the default allocator
+    assert torch.equal(small, y[:8])
