@@ -6,6 +6,8 @@ never see torch. Every op is opaque to torch.compile / torch.export and passes o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastinfer import _backend
@@ -82,9 +84,13 @@ def _packed_nk(name: str, packed: torch.Tensor) -> tuple[int, int]:
 
 def _has_data(t: torch.Tensor) -> bool:
     """True for a real CPU tensor whose bytes can be read (not meta, not a FakeTensor)."""
+    if t.device.type != "cpu":
+        return False
+    if type(t) is torch.Tensor:  # the common case, decided without the subclass check below
+        return True
     from torch._subclasses.fake_tensor import is_fake
 
-    return t.device.type == "cpu" and not is_fake(t) and (t.numel() == 0 or t.data_ptr() != 0)
+    return not is_fake(t) and (t.numel() == 0 or t.data_ptr() != 0)
 
 
 # ---------------------------------------------------------------------------------- kernels (CPU)
@@ -144,10 +150,8 @@ LARGE_OUTPUT_BYTES = 8 << 20
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if nbytes < LARGE_OUTPUT_BYTES:
         return torch.empty(shape, dtype=dtype)
     # frombuffer keeps a reference to the LargeBuffer for the tensor's lifetime (unmapped after)
