@@ -7,6 +7,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/engine.h"
 #include "cpu/large_buffer.h"
+#include "cpu/sparse.h"
 
 namespace py = pybind11;
 namespace fc = fastinfer::cpu;
@@ -64,6 +65,7 @@ PYBIND11_MODULE(_C, m) {
         d["avx512vl"] = f.avx512vl;
         d["avx512dq"] = f.avx512dq;
         d["avx512_vnni"] = f.avx512vnni;
+        d["avx512_vbmi2"] = f.avx512vbmi2;
         d["amx_tile"] = f.amx_tile;
         d["amx_int8"] = f.amx_int8;
         d["amx_os_enabled"] = f.amx_os;
@@ -148,4 +150,79 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(st);
     });
+
+    // ---- sparse formats and kernels (fastinfer/sparse_ops.py)
+    m.def("sparse_measure", [](int fmt, uintptr_t w, int64_t n, int64_t k, int64_t ldw) {
+        int64_t nbytes = 0;
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_measure(fc::SparseFormat(fmt), ptr<const void>(w), n, k, ldw, &nbytes);
+        }
+        raise_if_error(st);
+        return nbytes;
+    });
+    m.def("sparse_pack", [](int fmt, uintptr_t w, int64_t n, int64_t k, int64_t ldw, uintptr_t out, int64_t nbytes) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_pack(fc::SparseFormat(fmt), ptr<const void>(w), n, k, ldw, ptr<uint8_t>(out), nbytes);
+        }
+        raise_if_error(st);
+    });
+    m.def("sparse_validate", [](uintptr_t buf, int64_t nbytes) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_validate(ptr<const uint8_t>(buf), nbytes);
+        }
+        raise_if_error(st);
+    });
+    m.def("sparse_info", [](uintptr_t buf, int64_t nbytes) {
+        fc::SparseView v;
+        raise_if_error(fc::sparse_view(ptr<const uint8_t>(buf), nbytes, &v));
+        return py::make_tuple(int(v.fmt), v.n, v.k, v.nnz);
+    });
+    m.def("sparse_unpack", [](uintptr_t buf, int64_t nbytes, uintptr_t w) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_unpack(ptr<const uint8_t>(buf), nbytes, ptr<void>(w));
+        }
+        raise_if_error(st);
+    });
+    m.def("sparse_linear_f32", [](uintptr_t x, int64_t m, int64_t k, int64_t ldx, uintptr_t buf, int64_t nbytes,
+                                  uintptr_t bias, uintptr_t out, int64_t ldo) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_linear_f32(ptr<const float>(x), m, k, ldx, ptr<const uint8_t>(buf), nbytes,
+                                       ptr<const float>(bias), ptr<float>(out), ldo);
+        }
+        raise_if_error(st);
+    });
+    m.def("sparse_int8_matmul", [](uintptr_t a, int64_t m, int64_t k, int64_t lda, uintptr_t buf, int64_t nbytes,
+                                   uintptr_t out, int64_t ldo) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_int8_matmul(ptr<const int8_t>(a), m, k, lda, ptr<const uint8_t>(buf), nbytes,
+                                        ptr<int32_t>(out), ldo);
+        }
+        raise_if_error(st);
+    });
+    m.def("sparse_int8_linear", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t buf,
+                                   int64_t nbytes, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dt,
+                                   int64_t ldo) {
+        const fc::DType d = dtype(dt), od = dtype(out_dt);
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_int8_linear(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(buf), nbytes,
+                                        ptr<const float>(sw), ptr<const float>(bias), ptr<void>(out), od, ldo);
+        }
+        raise_if_error(st);
+    });
+    m.def("set_sparse_vbmi2", &fc::set_sparse_vbmi2);
+    m.def("sparse_vbmi2_active", &fc::sparse_vbmi2_active);
 }

@@ -7,10 +7,11 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/engine.h"
+#include "cpu/internal.h"
 #include "cpu/threadpool.h"
 
 namespace fastinfer::cpu {
-namespace {
+namespace detail {
 
 std::atomic<int> g_isa_cap{int(Isa::kAmx)};
 
@@ -18,13 +19,6 @@ std::atomic<int> g_isa_cap{int(Isa::kAmx)};
 // with weights in [-127, 127]); results are exact mod 2^32 beyond it, like a wrapping int32 matmul.
 constexpr int64_t kMaxDim = int64_t(1) << 40;
 
-struct Kernels {
-    void (*quantize_rows)(const void*, DType, int64_t, int64_t, int64_t, int64_t, int8_t*, int64_t,
-                          int64_t, float*, bool);
-    void (*gemm)(const Activations&, const PackedW&, const Epilogue&, int64_t, int64_t, int64_t,
-                 int64_t);
-    bool shift_u8;  // activations stored as q + 128 (vpdpbusd is u8 x s8)
-};
 
 Kernels kernels_for(Isa isa) {
     switch (isa) {
@@ -35,22 +29,6 @@ Kernels kernels_for(Isa isa) {
     }
 }
 
-// 64-byte aligned scratch, one per calling thread, grown on demand and reused across calls.
-struct Scratch {
-    struct Free {
-        void operator()(void* p) const { std::free(p); }
-    };
-    std::unique_ptr<uint8_t, Free> buf;
-    size_t size = 0;
-    uint8_t* get(size_t n) {
-        if (n > size) {
-            size_t cap = round_up(int64_t(n), 4096);
-            buf.reset(static_cast<uint8_t*>(std::aligned_alloc(64, cap)));
-            size = buf ? cap : 0;
-        }
-        return buf.get();
-    }
-};
 thread_local Scratch t_scratch;
 
 Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what) {
@@ -85,6 +63,14 @@ Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa) {
     return Status::ok();
 }
 
+void quantize_activations(const Kernels& kr, const void* x, DType dt, int64_t m, int64_t k,
+                          int64_t ldx, int8_t* q, int64_t kp, float* sa) {
+    const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+    ThreadPool::instance().parallel_for((m + rows - 1) / rows, [&](int64_t t) {
+        kr.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, kp, kp, sa, kr.shift_u8);
+    });
+}
+
 // Checks shared by every GEMM entry: sizes, the packed weight's header, K and the output stride.
 Status check_gemm(const char* name, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
                   int64_t nbytes, int64_t ldo, PackedW* w) {
@@ -96,7 +82,9 @@ Status check_gemm(const char* name, int64_t m, int64_t k, int64_t ldx, const uin
     return Status::ok();
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 Isa active_isa() {
     int cap = g_isa_cap.load(std::memory_order_relaxed);
@@ -232,11 +220,7 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
     int8_t* q;
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
-    const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
-    ThreadPool::instance().parallel_for((m + rows - 1) / rows, [&](int64_t t) {
-        kr.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, w.kp, w.kp, sa,
-                         kr.shift_u8);
-    });
+    quantize_activations(kr, x, dt, m, k, ldx, q, w.kp, sa);
     const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
     run_gemm(kr, Activations{q, m, w.kp}, w, ep);
     return Status::ok();

@@ -6,53 +6,11 @@
 
 #include <cstring>
 
+#include "cpu/avx512_inl.h"
 #include "cpu/common.h"
 
 namespace fastinfer::cpu::avx512_vnni {
 namespace {
-
-inline __m512 load_x16(const void* x, DType dt, int64_t off, __mmask16 mk) {
-    if (dt == DType::kF32) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + off);
-    __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(x) + off);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
-// fp32 -> bf16, round to nearest even, NaN kept quiet (same rule as f32_to_bf16).
-inline __m256i to_bf16(__m512 y) {
-    __m512i u = _mm512_castps_si512(y);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    return _mm512_cvtepi32_epi16(r);
-}
-
-// Stores one 16-channel block of one row: exact int32, or the fp32 epilogue.
-inline void store_block(__m512i acc, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
-    const int64_t n0 = nb * kNBlock;
-    const __mmask16 mk = tail_mask(w.n - n0);
-    acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_load_si512(w.colsum + n0), 7));
-    if (ep.kind == DType::kI32) {
-        _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + m * ep.ldo + n0, mk, acc);
-        return;
-    }
-    __m512 s = _mm512_mul_ps(_mm512_set1_ps(ep.sa[m]), _mm512_maskz_loadu_ps(mk, ep.sw + n0));
-    __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
-    __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
-    if (ep.kind == DType::kF32)
-        _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, mk, y);
-    else
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0, mk, to_bf16(y));
-}
-
-// acc += a(u8) . w(s8) per 4 bytes. Inline asm because GCC 12 copies and spills the accumulators of
-// the intrinsic in unrolled register tiles (measured 2.4x slower at M=512).
-inline void dpbusd(__m512i& acc, __m512i a, __m512i w) {
-    __asm__("vpdpbusd %[w], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [w] "v"(w));
-}
 
 // MR rows x NR 16-channel blocks, the whole K in registers. Small tiles (few rows: the
 // memory-bound case) keep two accumulator sets, even and odd k-groups, so the vpdpbusd latency

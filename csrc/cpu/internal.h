@@ -1,0 +1,47 @@
+// Engine internals shared by the dense (dispatch.cpp) and sparse (sparse.cpp) entry points:
+// the per-ISA kernel table, per-thread scratch, size checks and the dense GEMM work split.
+#pragma once
+
+#include <cstdlib>
+#include <memory>
+
+#include "cpu/common.h"
+
+namespace fastinfer::cpu::detail {
+
+struct Kernels {
+    void (*quantize_rows)(const void*, DType, int64_t, int64_t, int64_t, int64_t, int8_t*, int64_t,
+                          int64_t, float*, bool);
+    void (*gemm)(const Activations&, const PackedW&, const Epilogue&, int64_t, int64_t, int64_t,
+                 int64_t);
+    bool shift_u8;  // activations stored as q + 128 (vpdpbusd is u8 x s8)
+};
+
+Kernels kernels_for(Isa isa);
+
+// 64-byte aligned scratch, grown on demand and reused across calls.
+struct Scratch {
+    struct Free {
+        void operator()(void* p) const { std::free(p); }
+    };
+    std::unique_ptr<uint8_t, Free> buf;
+    size_t size = 0;
+    uint8_t* get(size_t n) {
+        if (n > size) {
+            size_t cap = size_t(round_up(int64_t(n), 4096));
+            buf.reset(static_cast<uint8_t*>(std::aligned_alloc(64, cap)));
+            size = buf ? cap : 0;
+        }
+        return buf.get();
+    }
+};
+extern thread_local Scratch t_scratch;  // the calling thread's activation buffer
+
+Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
+// m rows of kp bytes (64-byte aligned) and m floats, from t_scratch.
+Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa);
+// Quantizes x [m, k] into q (rows of kp bytes, zero padded; shifted to u8 when kr.shift_u8).
+void quantize_activations(const Kernels& kr, const void* x, DType dt, int64_t m, int64_t k,
+                          int64_t ldx, int8_t* q, int64_t kp, float* sa);
+
+}  // namespace fastinfer::cpu::detail

@@ -1,0 +1,206 @@
+// AVX-512 sparse kernels (same flags as kernels_avx512_vnni.cpp): unstructured CSR for fp32 and int8
+// weights, and block-sparse int8 that skips all-zero 16 x 64 tiles in the VNNI GEMM.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/avx512_inl.h"
+#include "cpu/sparse.h"
+
+namespace fastinfer::cpu::avx512_vnni {
+namespace {
+
+inline __m512i load_idx(const SparseView& w, int64_t j, __mmask16 mk) {
+    if (w.idx_bytes == 2)
+        return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(w.idx) + j));
+    return _mm512_maskz_loadu_epi32(mk, static_cast<const int32_t*>(w.idx) + j);
+}
+
+inline int64_t col(const SparseView& w, int64_t j) {
+    return w.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(w.idx)[j])
+                            : int64_t(static_cast<const int32_t*>(w.idx)[j]);
+}
+
+// ---- fp32 CSR. Few rows: 16 nonzeros at a time, x gathered by column index.
+template <int MR>
+void csr_f32_gather(const SparseView& w, const float* x, int64_t ldx, int64_t m0, const float* bias,
+                    float* out, int64_t ldo, int64_t n0, int64_t n1) {
+    const auto* vals = static_cast<const float*>(w.values);
+    for (int64_t n = n0; n < n1; ++n) {
+        __m512 acc[MR];
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_ps();
+        const int64_t j1 = w.rowptr[n + 1];
+        for (int64_t j = w.rowptr[n]; j < j1; j += 16) {
+            const __mmask16 mk = tail_mask(j1 - j);
+            const __m512i idx = load_idx(w, j, mk);
+            const __m512 v = _mm512_maskz_loadu_ps(mk, vals + j);
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+                const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, idx, x + (m0 + i) * ldx, 4);
+                acc[i] = _mm512_fmadd_ps(v, xv, acc[i]);
+            }
+        }
+        const float b = bias ? bias[n] : 0.f;
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) out[(m0 + i) * ldo + n] = _mm512_reduce_add_ps(acc[i]) + b;
+    }
+}
+
+// More rows: x transposed to [k][ldt]; each nonzero scales a contiguous run of 16 * MB rows.
+template <int MB>
+void csr_f32_t(const SparseView& w, const float* xt, int64_t ldt, int64_t m0, int64_t m1, const float* bias,
+               float* out, int64_t ldo, int64_t n0, int64_t n1) {
+    const auto* vals = static_cast<const float*>(w.values);
+    for (int64_t n = n0; n < n1; ++n) {
+        __m512 acc[MB];
+        _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) acc[b] = _mm512_setzero_ps();
+        for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j) {
+            const __m512 v = _mm512_set1_ps(vals[j]);
+            const float* p = xt + col(w, j) * ldt + m0;
+            _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) acc[b] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * b), acc[b]);
+        }
+        const __m512 bv = _mm512_set1_ps(bias ? bias[n] : 0.f);
+        alignas(64) float tmp[16 * MB];
+        _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) _mm512_store_ps(tmp + 16 * b, _mm512_add_ps(acc[b], bv));
+        for (int64_t r = 0; r < m1 - m0; ++r) out[(m0 + r) * ldo + n] = tmp[r];
+    }
+}
+
+// ---- int8 CSR. q32 dwords hold uint16(int16(q)): vpmaddwd against the sign-extended weight gives
+// q * w exactly (the upper halves multiply to 0), summed in int32.
+template <int MR>
+void csr_i8_gather(const SparseView& w, const int32_t* q32, int64_t ldq, int64_t m0, const Epilogue& ep,
+                   int64_t n0, int64_t n1) {
+    const auto* vals = static_cast<const int8_t*>(w.values);
+    for (int64_t n = n0; n < n1; ++n) {
+        __m512i acc[MR];
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) acc[i] = _mm512_setzero_si512();
+        const int64_t j1 = w.rowptr[n + 1];
+        for (int64_t j = w.rowptr[n]; j < j1; j += 16) {
+            const __mmask16 mk = tail_mask(j1 - j);
+            const __m512i idx = load_idx(w, j, mk);
+            const __m512i v = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, vals + j));
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+                const __m512i xv = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mk, idx, q32 + (m0 + i) * ldq, 4);
+                acc[i] = _mm512_add_epi32(acc[i], _mm512_madd_epi16(xv, v));
+            }
+        }
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) store_one(_mm512_reduce_add_epi32(acc[i]), ep, m0 + i, n);
+    }
+}
+
+template <int MB>
+void csr_i8_t(const SparseView& w, const int32_t* qt, int64_t ldt, int64_t m0, int64_t m1, const Epilogue& ep,
+              int64_t n0, int64_t n1) {
+    const auto* vals = static_cast<const int8_t*>(w.values);
+    for (int64_t n = n0; n < n1; ++n) {
+        __m512i acc[MB];
+        _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) acc[b] = _mm512_setzero_si512();
+        for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j) {
+            const __m512i v = _mm512_set1_epi32(int32_t(vals[j]));
+            const int32_t* p = qt + col(w, j) * ldt + m0;
+            _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b)
+                acc[b] = _mm512_add_epi32(acc[b], _mm512_madd_epi16(_mm512_loadu_si512(p + 16 * b), v));
+        }
+        alignas(64) int32_t tmp[16 * MB];
+        _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) _mm512_store_si512(tmp + 16 * b, acc[b]);
+        for (int64_t r = 0; r < m1 - m0; ++r) store_one(tmp[r], ep, m0 + r, n);
+    }
+}
+
+// ---- block-sparse int8: MR rows x one 16-channel block, only its nonzero 16 x 64 tiles.
+template <int MR>
+void block_micro(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m, int64_t nb) {
+    constexpr int S = MR <= 4 ? 2 : 1;
+    __m512i acc[S][MR];
+    _Pragma("GCC unroll 32") for (int s = 0; s < S; ++s)
+        _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) acc[s][i] = _mm512_setzero_si512();
+    const int8_t* ap[MR];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
+    for (int64_t t = w.tileptr[nb]; t < w.tileptr[nb + 1]; ++t) {
+        const int8_t* wt = w.tiles + t * (kNBlock * kTileK);
+        const int64_t k0 = int64_t(w.tilek[t]) * kTileK;
+        _Pragma("GCC unroll 16") for (int g = 0; g < kTileK / 4; g += S) {
+            _Pragma("GCC unroll 2") for (int s = 0; s < S; ++s) {
+                const __m512i wv = _mm512_load_si512(wt + (g + s) * 64);
+                _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) {
+                    int32_t a4;
+                    std::memcpy(&a4, ap[i] + k0 + (g + s) * 4, 4);
+                    dpbusd(acc[s][i], _mm512_set1_epi32(a4), wv);
+                }
+            }
+        }
+    }
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) {
+        __m512i r = acc[0][i];
+        if constexpr (S == 2) r = _mm512_add_epi32(r, acc[1][i]);
+        store_cols(r, w.n, w.colsum, ep, m + i, nb * kNBlock);
+    }
+}
+
+}  // namespace
+
+void csr_f32(const SparseView& w, const float* x, int64_t ldx, const float* xt, int64_t ldt, int64_t m0,
+             int64_t m1, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t n1) {
+    if (xt) {
+        for (int64_t m = m0; m < m1; m += 64) {
+            const int64_t e = std::min<int64_t>(m1, m + 64);
+            switch ((e - m + 15) / 16) {
+                case 1: csr_f32_t<1>(w, xt, ldt, m, e, bias, out, ldo, n0, n1); break;
+                case 2: csr_f32_t<2>(w, xt, ldt, m, e, bias, out, ldo, n0, n1); break;
+                case 3: csr_f32_t<3>(w, xt, ldt, m, e, bias, out, ldo, n0, n1); break;
+                default: csr_f32_t<4>(w, xt, ldt, m, e, bias, out, ldo, n0, n1); break;
+            }
+        }
+        return;
+    }
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) csr_f32_gather<4>(w, x, ldx, m, bias, out, ldo, n0, n1);
+    switch (m1 - m) {
+        case 3: csr_f32_gather<3>(w, x, ldx, m, bias, out, ldo, n0, n1); break;
+        case 2: csr_f32_gather<2>(w, x, ldx, m, bias, out, ldo, n0, n1); break;
+        case 1: csr_f32_gather<1>(w, x, ldx, m, bias, out, ldo, n0, n1); break;
+        default: break;
+    }
+}
+
+void csr_i8(const SparseView& w, const int32_t* q32, int64_t ldq, bool transposed, int64_t m0, int64_t m1,
+            const Epilogue& ep, int64_t n0, int64_t n1) {
+    if (transposed) {
+        for (int64_t m = m0; m < m1; m += 64) {
+            const int64_t e = std::min<int64_t>(m1, m + 64);
+            switch ((e - m + 15) / 16) {
+                case 1: csr_i8_t<1>(w, q32, ldq, m, e, ep, n0, n1); break;
+                case 2: csr_i8_t<2>(w, q32, ldq, m, e, ep, n0, n1); break;
+                case 3: csr_i8_t<3>(w, q32, ldq, m, e, ep, n0, n1); break;
+                default: csr_i8_t<4>(w, q32, ldq, m, e, ep, n0, n1); break;
+            }
+        }
+        return;
+    }
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) csr_i8_gather<4>(w, q32, ldq, m, ep, n0, n1);
+    switch (m1 - m) {
+        case 3: csr_i8_gather<3>(w, q32, ldq, m, ep, n0, n1); break;
+        case 2: csr_i8_gather<2>(w, q32, ldq, m, ep, n0, n1); break;
+        case 1: csr_i8_gather<1>(w, q32, ldq, m, ep, n0, n1); break;
+        default: break;
+    }
+}
+
+void block_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
+                int64_t nb0, int64_t nb1) {
+    constexpr int kMR = 6;
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+        int64_t m = m0;
+        for (; m + kMR <= m1; m += kMR) block_micro<kMR>(a, w, ep, m, nb);
+        switch (m1 - m) {
+            case 5: block_micro<5>(a, w, ep, m, nb); break;
+            case 4: block_micro<4>(a, w, ep, m, nb); break;
+            case 3: block_micro<3>(a, w, ep, m, nb); break;
+            case 2: block_micro<2>(a, w, ep, m, nb); break;
+            case 1: block_micro<1>(a, w, ep, m, nb); break;
+            default: break;
+        }
+    }
+}
+
+}  // namespace fastinfer::cpu::avx512_vnni

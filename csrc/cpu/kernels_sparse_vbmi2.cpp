@@ -1,0 +1,84 @@
+// 2:4 int8 GEMM with AVX-512 VBMI2 (compiled with the VNNI flags plus -mavx512vbmi2; called only
+// when the CPU reports VBMI2). Each 64-byte K4N16 weight vector is rebuilt in a register from its
+// 32 kept bytes and 64-bit mask by one vpexpandb, then used by vpdpbusd exactly as in the dense
+// kernel: the weight stream is 40/64 of the dense one.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/avx512_inl.h"
+#include "cpu/sparse.h"
+
+namespace fastinfer::cpu::avx512_vbmi2 {
+namespace {
+
+template <int MR, int NR>
+void micro(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m, int64_t nb) {
+    constexpr int S = MR * NR <= 8 ? 2 : 1;
+    __m512i acc[S][MR][NR];
+    _Pragma("GCC unroll 32") for (int s = 0; s < S; ++s)
+        _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+            _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) acc[s][i][j] = _mm512_setzero_si512();
+    const int64_t groups = w.kp / 4, bb = nm24_block_bytes(w.kp);
+    const uint64_t* mk[NR];
+    const uint8_t* vp[NR];
+    _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
+        const uint8_t* blk = w.panels + (nb + j) * bb;
+        mk[j] = reinterpret_cast<const uint64_t*>(blk);
+        vp[j] = blk + groups * 8;
+    }
+    const int8_t* ap[MR];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
+    for (int64_t g = 0; g < groups; g += S) {
+        _Pragma("GCC unroll 32") for (int s = 0; s < S; ++s) {
+            __m512i wv[NR];
+            _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
+                const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[j] + (g + s) * 32));
+                wv[j] = _mm512_maskz_expand_epi8(mk[j][g + s], _mm512_castsi256_si512(packed));
+            }
+            _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) {
+                int32_t a4;
+                std::memcpy(&a4, ap[i] + (g + s) * 4, 4);
+                const __m512i av = _mm512_set1_epi32(a4);
+                _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) dpbusd(acc[s][i][j], av, wv[j]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
+            __m512i t = acc[0][i][j];
+            if constexpr (S == 2) t = _mm512_add_epi32(t, acc[S - 1][i][j]);
+            store_cols(t, w.n, w.colsum, ep, m + i, (nb + j) * kNBlock);
+        }
+}
+
+template <int NR>
+void rows(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1, int64_t nb) {
+    constexpr int kMR = 6;
+    int64_t m = m0;
+    for (; m + kMR <= m1; m += kMR) micro<kMR, NR>(a, w, ep, m, nb);
+    switch (m1 - m) {
+        case 5: micro<5, NR>(a, w, ep, m, nb); break;
+        case 4: micro<4, NR>(a, w, ep, m, nb); break;
+        case 3: micro<3, NR>(a, w, ep, m, nb); break;
+        case 2: micro<2, NR>(a, w, ep, m, nb); break;
+        case 1: micro<1, NR>(a, w, ep, m, nb); break;
+        default: break;
+    }
+}
+
+}  // namespace
+
+void nm24_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
+               int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1; nb += 4) {
+        switch (std::min<int64_t>(4, nb1 - nb)) {
+            case 4: rows<4>(a, w, ep, m0, m1, nb); break;
+            case 3: rows<3>(a, w, ep, m0, m1, nb); break;
+            case 2: rows<2>(a, w, ep, m0, m1, nb); break;
+            default: rows<1>(a, w, ep, m0, m1, nb); break;
+        }
+    }
+}
+
+}  // namespace fastinfer::cpu::avx512_vbmi2

@@ -1,0 +1,626 @@
+// Sparse formats: measure, pack, view, unpack; the portable reference kernels; and the entry points
+// that pick a kernel per ISA and split the work over the thread pool. Baseline flags only.
+#include "cpu/sparse.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+
+#include "cpu/cpu_features.h"
+#include "cpu/engine.h"
+#include "cpu/internal.h"
+#include "cpu/threadpool.h"
+
+namespace fastinfer::cpu {
+
+using namespace detail;
+
+namespace {
+
+constexpr int64_t kMaxSparseDim = int64_t(1) << 31;
+
+int64_t a64(int64_t x) { return round_up(x, 64); }
+
+// Section offsets (from the start of the buffer) for a header's format and sizes.
+struct Layout {
+    int64_t rowptr = 0, idx = 0, values = 0, colsum = 0, panels = 0, tileptr = 0, tilek = 0, tiles = 0,
+            total = 0;
+};
+
+Layout layout_of(const SparseHeader& h) {
+    Layout l;
+    int64_t off = sizeof(SparseHeader);
+    switch (SparseFormat(h.format)) {
+        case SparseFormat::kCsrF32:
+        case SparseFormat::kCsrI8: {
+            const int64_t vbytes = SparseFormat(h.format) == SparseFormat::kCsrF32 ? 4 : 1;
+            l.rowptr = off;
+            off += a64(8 * (h.n + 1));
+            l.idx = off;
+            off += a64(h.idx_bytes * h.nnz);
+            l.values = off;
+            off += a64(vbytes * h.nnz);
+            break;
+        }
+        case SparseFormat::kNm24I8:
+            l.colsum = off;
+            off += a64(4 * h.np);
+            l.panels = off;
+            off += (h.np / kNBlock) * nm24_block_bytes(h.kp);
+            break;
+        case SparseFormat::kBlockI8:
+            l.colsum = off;
+            off += a64(4 * h.np);
+            l.tileptr = off;
+            off += a64(8 * (h.np / kNBlock + 1));
+            l.tilek = off;
+            off += a64(4 * h.nnz);
+            l.tiles = off;
+            off += h.nnz * kNBlock * kTileK;
+            break;
+    }
+    l.total = off;
+    return l;
+}
+
+bool is_int8(SparseFormat f) { return f != SparseFormat::kCsrF32; }
+
+bool valid_format(uint32_t f) { return f >= 1 && f <= 4; }
+
+template <class T>
+bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
+    return w[r * ldw + c] != T(0);  // -0.0 == 0: a negative zero is not stored
+}
+
+// Header for (fmt, w); fails when w does not fit the format.
+Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, SparseHeader* h) {
+    if (n < 0 || k < 0) return Status::invalid("sparse_pack: negative size");
+    if (n > kMaxSparseDim || k > kMaxSparseDim) return Status::invalid("sparse_pack: size too large");
+    if (n > 0 && k > 0 && ldw < k) return Status::invalid("sparse_pack: row stride smaller than K");
+    if (!valid_format(uint32_t(fmt))) return Status::invalid("sparse_pack: unknown format");
+    std::memset(h, 0, sizeof(*h));
+    h->magic = kSparseMagic;
+    h->version = kSparseVersion;
+    h->format = uint32_t(fmt);
+    h->n = n;
+    h->k = k;
+    h->np = round_up(n, kNBlock);
+    h->kp = round_up(k, kKAlign);
+    const auto* w8 = static_cast<const int8_t*>(w);
+    const auto* wf = static_cast<const float*>(w);
+    switch (fmt) {
+        case SparseFormat::kCsrF32:
+        case SparseFormat::kCsrI8: {
+            h->idx_bytes = k <= 65536 ? 2 : 4;
+            int64_t nnz = 0;
+            for (int64_t r = 0; r < n; ++r)
+                for (int64_t c = 0; c < k; ++c)
+                    nnz += fmt == SparseFormat::kCsrF32 ? nonzero(wf, ldw, r, c) : nonzero(w8, ldw, r, c);
+            h->nnz = nnz;
+            break;
+        }
+        case SparseFormat::kNm24I8:
+            for (int64_t r = 0; r < n; ++r)
+                for (int64_t g = 0; g < k; g += 4) {
+                    int cnt = 0;
+                    for (int64_t t = g; t < std::min(k, g + 4); ++t) cnt += nonzero(w8, ldw, r, t);
+                    if (cnt > 2)
+                        return Status::invalid("sparse_pack: not 2:4 sparse (row " + std::to_string(r) +
+                                               ", inputs " + std::to_string(g) + ".." +
+                                               std::to_string(std::min(k, g + 4) - 1) + " hold " +
+                                               std::to_string(cnt) + " nonzeros)");
+                }
+            h->nnz = h->np * h->kp / 2;
+            break;
+        case SparseFormat::kBlockI8: {
+            int64_t tiles = 0;
+            for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
+                for (int64_t kt = 0; kt < h->kp / kTileK; ++kt) {
+                    bool any = false;
+                    for (int64_t r = nb * kNBlock; r < std::min(n, (nb + 1) * kNBlock) && !any; ++r)
+                        for (int64_t c = kt * kTileK; c < std::min(k, (kt + 1) * kTileK) && !any; ++c)
+                            any = nonzero(w8, ldw, r, c);
+                    tiles += any;
+                }
+            h->nnz = tiles;
+            break;
+        }
+    }
+    return Status::ok();
+}
+
+void fill_colsum(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int64_t np, int32_t* colsum) {
+    for (int64_t r = 0; r < np; ++r) {
+        int32_t s = 0;
+        if (r < n)
+            for (int64_t c = 0; c < k; ++c) s += w[r * ldw + c];
+        colsum[r] = s;
+    }
+}
+
+}  // namespace
+
+Status sparse_measure(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, int64_t* nbytes) {
+    SparseHeader h;
+    Status st = plan(fmt, w, n, k, ldw, &h);
+    if (!st.is_ok()) return st;
+    *nbytes = layout_of(h).total;
+    return Status::ok();
+}
+
+Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, uint8_t* out,
+                   int64_t nbytes) {
+    SparseHeader h;
+    Status st = plan(fmt, w, n, k, ldw, &h);
+    if (!st.is_ok()) return st;
+    const Layout l = layout_of(h);
+    if (nbytes != l.total) return Status::invalid("sparse_pack: output buffer has the wrong size");
+    if (reinterpret_cast<uintptr_t>(out) % 64 != 0)
+        return Status::invalid("sparse_pack: output buffer must be 64-byte aligned");
+    std::memset(out, 0, size_t(nbytes));
+    std::memcpy(out, &h, sizeof(h));
+    const auto* w8 = static_cast<const int8_t*>(w);
+    const auto* wf = static_cast<const float*>(w);
+    switch (fmt) {
+        case SparseFormat::kCsrF32:
+        case SparseFormat::kCsrI8: {
+            auto* rowptr = reinterpret_cast<int64_t*>(out + l.rowptr);
+            int64_t j = 0;
+            for (int64_t r = 0; r < n; ++r) {
+                rowptr[r] = j;
+                for (int64_t c = 0; c < k; ++c) {
+                    const bool nz = fmt == SparseFormat::kCsrF32 ? nonzero(wf, ldw, r, c) : nonzero(w8, ldw, r, c);
+                    if (!nz) continue;
+                    if (h.idx_bytes == 2)
+                        reinterpret_cast<uint16_t*>(out + l.idx)[j] = uint16_t(c);
+                    else
+                        reinterpret_cast<int32_t*>(out + l.idx)[j] = int32_t(c);
+                    if (fmt == SparseFormat::kCsrF32)
+                        reinterpret_cast<float*>(out + l.values)[j] = wf[r * ldw + c];
+                    else
+                        reinterpret_cast<int8_t*>(out + l.values)[j] = w8[r * ldw + c];
+                    ++j;
+                }
+            }
+            rowptr[n] = j;
+            break;
+        }
+        case SparseFormat::kNm24I8: {
+            fill_colsum(w8, n, k, ldw, h.np, reinterpret_cast<int32_t*>(out + l.colsum));
+            const int64_t groups = h.kp / 4;
+            for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
+                uint8_t* blk = out + l.panels + nb * nm24_block_bytes(h.kp);
+                auto* masks = reinterpret_cast<uint64_t*>(blk);
+                int8_t* vals = reinterpret_cast<int8_t*>(blk + groups * 8);
+                for (int64_t g = 0; g < groups; ++g) {
+                    uint64_t mask = 0;
+                    for (int64_t j = 0; j < kNBlock; ++j) {
+                        const int64_t r = nb * kNBlock + j;
+                        int kept = 0;
+                        for (int64_t t = 0; t < 4; ++t) {  // the nonzeros first ...
+                            const int64_t c = 4 * g + t;
+                            if (r < n && c < k && nonzero(w8, ldw, r, c)) {
+                                mask |= uint64_t(1) << (4 * j + t);
+                                ++kept;
+                            }
+                        }
+                        for (int64_t t = 0; t < 4 && kept < 2; ++t)  // ... then explicit zeros
+                            if (!(mask >> (4 * j + t) & 1)) {
+                                mask |= uint64_t(1) << (4 * j + t);
+                                ++kept;
+                            }
+                    }
+                    masks[g] = mask;
+                    int p = 0;
+                    for (int b = 0; b < 64; ++b) {
+                        if (!(mask >> b & 1)) continue;
+                        const int64_t r = nb * kNBlock + b / 4, c = 4 * g + b % 4;
+                        vals[g * 32 + p++] = (r < n && c < k) ? w8[r * ldw + c] : int8_t(0);
+                    }
+                }
+            }
+            break;
+        }
+        case SparseFormat::kBlockI8: {
+            fill_colsum(w8, n, k, ldw, h.np, reinterpret_cast<int32_t*>(out + l.colsum));
+            auto* tileptr = reinterpret_cast<int64_t*>(out + l.tileptr);
+            auto* tilek = reinterpret_cast<int32_t*>(out + l.tilek);
+            auto* tiles = reinterpret_cast<int8_t*>(out + l.tiles);
+            int64_t t = 0;
+            for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
+                tileptr[nb] = t;
+                for (int64_t kt = 0; kt < h.kp / kTileK; ++kt) {
+                    bool any = false;
+                    for (int64_t r = nb * kNBlock; r < std::min(n, (nb + 1) * kNBlock) && !any; ++r)
+                        for (int64_t c = kt * kTileK; c < std::min(k, (kt + 1) * kTileK) && !any; ++c)
+                            any = nonzero(w8, ldw, r, c);
+                    if (!any) continue;
+                    tilek[t] = int32_t(kt);
+                    int8_t* tile = tiles + t * kNBlock * kTileK;
+                    for (int64_t j = 0; j < kNBlock; ++j)
+                        for (int64_t cc = 0; cc < kTileK; ++cc) {
+                            const int64_t r = nb * kNBlock + j, c = kt * kTileK + cc;
+                            if (r < n && c < k) tile[(cc / 4) * 64 + j * 4 + cc % 4] = w8[r * ldw + c];
+                        }
+                    ++t;
+                }
+            }
+            tileptr[h.np / kNBlock] = t;
+            break;
+        }
+    }
+    return Status::ok();
+}
+
+Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
+    if (nbytes < int64_t(sizeof(SparseHeader))) return Status::invalid("sparse weight: buffer too small");
+    if (reinterpret_cast<uintptr_t>(buf) % 64 != 0)
+        return Status::invalid("sparse weight: buffer must be 64-byte aligned");
+    SparseHeader h;
+    std::memcpy(&h, buf, sizeof(h));
+    if (h.magic != kSparseMagic) return Status::invalid("sparse weight: bad magic (not a fastinfer sparse weight)");
+    if (h.version != kSparseVersion)
+        return Status::invalid("sparse weight: format version " + std::to_string(h.version) +
+                               ", this build reads version " + std::to_string(kSparseVersion));
+    if (!valid_format(h.format)) return Status::invalid("sparse weight: unknown format");
+    const SparseFormat fmt = SparseFormat(h.format);
+    const bool csr = fmt == SparseFormat::kCsrF32 || fmt == SparseFormat::kCsrI8;
+    if (h.n < 0 || h.k < 0 || h.n > kMaxSparseDim || h.k > kMaxSparseDim || h.np != round_up(h.n, kNBlock) ||
+        h.kp != round_up(h.k, kKAlign) || h.nnz < 0 ||
+        (csr && (h.idx_bytes != (h.k <= 65536 ? 2u : 4u) || h.nnz > h.n * h.k)) ||
+        (fmt == SparseFormat::kNm24I8 && h.nnz != h.np * h.kp / 2) ||
+        (fmt == SparseFormat::kBlockI8 && h.nnz > (h.np / kNBlock) * (h.kp / kTileK)))
+        return Status::invalid("sparse weight: inconsistent header");
+    const Layout l = layout_of(h);
+    if (l.total != nbytes) return Status::invalid("sparse weight: header and buffer size disagree");
+    v->fmt = fmt;
+    v->n = h.n;
+    v->k = h.k;
+    v->np = h.np;
+    v->kp = h.kp;
+    v->nnz = h.nnz;
+    v->idx_bytes = int(h.idx_bytes);
+    if (csr) {
+        v->rowptr = reinterpret_cast<const int64_t*>(buf + l.rowptr);
+        v->idx = buf + l.idx;
+        v->values = buf + l.values;
+        if (v->rowptr[0] != 0 || v->rowptr[h.n] != h.nnz)
+            return Status::invalid("sparse weight: corrupt row pointers");
+    } else {
+        v->colsum = reinterpret_cast<const int32_t*>(buf + l.colsum);
+        if (fmt == SparseFormat::kNm24I8) {
+            v->panels = buf + l.panels;
+        } else {
+            v->tileptr = reinterpret_cast<const int64_t*>(buf + l.tileptr);
+            v->tilek = reinterpret_cast<const int32_t*>(buf + l.tilek);
+            v->tiles = reinterpret_cast<const int8_t*>(buf + l.tiles);
+            const int64_t nblocks = h.np / kNBlock;
+            if (v->tileptr[0] != 0 || v->tileptr[nblocks] != h.nnz)
+                return Status::invalid("sparse weight: corrupt tile pointers");
+        }
+    }
+    return Status::ok();
+}
+
+namespace {
+// Everything the kernels trust beyond the header: monotonic row/tile pointers, indices in range,
+// 2:4 masks with 32 bits. O(nnz): sparse_validate runs it once per buffer content (fastinfer.ops
+// caches the result per tensor version), the kernels do not.
+Status check_indices(const SparseView& v) {
+    if (v.fmt == SparseFormat::kCsrF32 || v.fmt == SparseFormat::kCsrI8) {
+        for (int64_t r = 0; r < v.n; ++r)
+            if (v.rowptr[r + 1] < v.rowptr[r]) return Status::invalid("sparse weight: corrupt row pointers");
+        for (int64_t j = 0; j < v.nnz; ++j) {
+            const int64_t c = v.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(v.idx)[j])
+                                               : int64_t(static_cast<const int32_t*>(v.idx)[j]);
+            if (c < 0 || c >= v.k) return Status::invalid("sparse weight: column index out of range");
+        }
+    }
+    if (v.fmt == SparseFormat::kBlockI8) {
+        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
+            if (v.tileptr[nb + 1] < v.tileptr[nb]) return Status::invalid("sparse weight: corrupt tile pointers");
+        for (int64_t t = 0; t < v.nnz; ++t)
+            if (v.tilek[t] < 0 || v.tilek[t] >= v.kp / kTileK)
+                return Status::invalid("sparse weight: tile index out of range");
+    }
+    if (v.fmt == SparseFormat::kNm24I8) {
+        const int64_t groups = v.kp / 4;
+        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb) {
+            const auto* masks = reinterpret_cast<const uint64_t*>(v.panels + nb * nm24_block_bytes(v.kp));
+            for (int64_t g = 0; g < groups; ++g)
+                if (__builtin_popcountll(masks[g]) != 32) return Status::invalid("sparse weight: corrupt 2:4 mask");
+        }
+    }
+    return Status::ok();
+}
+}  // namespace
+
+Status sparse_validate(const uint8_t* buf, int64_t nbytes) {
+    SparseView v;
+    Status st = sparse_view(buf, nbytes, &v);
+    if (!st.is_ok()) return st;
+    return check_indices(v);
+}
+
+Status sparse_unpack(const uint8_t* buf, int64_t nbytes, void* w) {
+    SparseView v;
+    Status st = sparse_view(buf, nbytes, &v);
+    if (!st.is_ok() || !(st = check_indices(v)).is_ok()) return st;
+    if (v.fmt == SparseFormat::kCsrF32 || v.fmt == SparseFormat::kCsrI8) {
+        const size_t es = v.fmt == SparseFormat::kCsrF32 ? 4 : 1;
+        std::memset(w, 0, size_t(v.n * v.k) * es);
+        for (int64_t r = 0; r < v.n; ++r)
+            for (int64_t j = v.rowptr[r]; j < v.rowptr[r + 1]; ++j) {
+                const int64_t c = v.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(v.idx)[j])
+                                                   : int64_t(static_cast<const int32_t*>(v.idx)[j]);
+                if (es == 4)
+                    static_cast<float*>(w)[r * v.k + c] = static_cast<const float*>(v.values)[j];
+                else
+                    static_cast<int8_t*>(w)[r * v.k + c] = static_cast<const int8_t*>(v.values)[j];
+            }
+        return Status::ok();
+    }
+    Scratch panel_buf;
+    int8_t* p = reinterpret_cast<int8_t*>(panel_buf.get(size_t(kNBlock * v.kp)));
+    if (!p) return Status::runtime("out of memory");
+    for (int64_t nb = 0; nb < v.np / kNBlock; ++nb) {
+        ref::panel(v, nb, p);
+        for (int64_t j = 0; j < kNBlock && nb * kNBlock + j < v.n; ++j)
+            for (int64_t c = 0; c < v.k; ++c)
+                static_cast<int8_t*>(w)[(nb * kNBlock + j) * v.k + c] = p[(c / 4) * 64 + j * 4 + c % 4];
+    }
+    return Status::ok();
+}
+
+// ------------------------------------------------------------------------------- reference kernels
+
+namespace ref {
+
+namespace {
+inline int64_t col(const SparseView& w, int64_t j) {
+    return w.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(w.idx)[j])
+                            : int64_t(static_cast<const int32_t*>(w.idx)[j]);
+}
+}  // namespace
+
+void csr_f32(const SparseView& w, const float* x, int64_t ldx, int64_t m, const float* bias, float* out,
+             int64_t ldo, int64_t n0, int64_t n1) {
+    const auto* vals = static_cast<const float*>(w.values);
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = n0; n < n1; ++n) {
+            float acc = 0.f;
+            for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j)
+                acc = __builtin_fmaf(vals[j], x[r * ldx + col(w, j)], acc);
+            out[r * ldo + n] = acc + (bias ? bias[n] : 0.f);
+        }
+}
+
+void csr_i8(const SparseView& w, const int8_t* q, int64_t ldq, int64_t m, const Epilogue& ep, int64_t n0,
+            int64_t n1) {
+    const auto* vals = static_cast<const int8_t*>(w.values);
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = n0; n < n1; ++n) {
+            uint32_t acc = 0;
+            for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j)
+                acc += uint32_t(int32_t(vals[j]) * int32_t(q[r * ldq + col(w, j)]));
+            store_one(int32_t(acc), ep, r, n);
+        }
+}
+
+void panel(const SparseView& w, int64_t nb, int8_t* out) {
+    std::memset(out, 0, size_t(kNBlock * w.kp));
+    if (w.fmt == SparseFormat::kNm24I8) {
+        const int64_t groups = w.kp / 4;
+        const uint8_t* blk = w.panels + nb * nm24_block_bytes(w.kp);
+        const auto* masks = reinterpret_cast<const uint64_t*>(blk);
+        const auto* vals = reinterpret_cast<const int8_t*>(blk + groups * 8);
+        for (int64_t g = 0; g < groups; ++g) {
+            int p = 0;
+            for (int b = 0; b < 64; ++b)
+                if (masks[g] >> b & 1) out[g * 64 + b] = vals[g * 32 + p++];
+        }
+    } else if (w.fmt == SparseFormat::kBlockI8) {
+        for (int64_t t = w.tileptr[nb]; t < w.tileptr[nb + 1]; ++t)
+            std::memcpy(out + w.tilek[t] * kTileK * kNBlock, w.tiles + t * kNBlock * kTileK,
+                        size_t(kNBlock * kTileK));
+    }
+}
+
+}  // namespace ref
+
+// ------------------------------------------------------------------------------------ entry points
+
+namespace {
+
+thread_local Scratch t_sparse_scratch;  // transposed / widened activations (calling thread)
+thread_local Scratch t_panel;           // one decompressed panel (each pool thread)
+
+std::atomic<bool> g_allow_vbmi2{true};
+
+bool use_avx512() { return active_isa() >= Isa::kAvx512Vnni; }
+bool use_vbmi2() { return use_avx512() && cpu_features().avx512vbmi2 && g_allow_vbmi2.load(); }
+
+// Rows of N per task for the CSR kernels: about 64 tasks, so the pool balances uneven rows.
+int64_t csr_rows_per_task(int64_t n) { return std::max<int64_t>(16, (n + 63) / 64); }
+
+// Panel formats (2:4, block) on the dense kernel of the active ISA: one 16-channel block at a time
+// is decompressed to K4N16 and multiplied with that ISA's dense GEMM (exact on every path).
+void panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep,
+                int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
+    int8_t* p = reinterpret_cast<int8_t*>(t_panel.get(size_t(kNBlock * w.kp)));
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+        ref::panel(w, nb, p);
+        const int64_t n0 = nb * kNBlock;
+        PackedW pv{std::min<int64_t>(kNBlock, w.n - n0), w.k, kNBlock, w.kp, w.colsum + n0, p};
+        Epilogue e = ep;
+        if (ep.kind == DType::kI32)
+            e.out = static_cast<int32_t*>(ep.out) + n0;
+        else if (ep.kind == DType::kF32)
+            e.out = static_cast<float*>(ep.out) + n0;
+        else
+            e.out = static_cast<uint16_t*>(ep.out) + n0;
+        if (ep.sw) e.sw = ep.sw + n0;
+        if (ep.bias) e.bias = ep.bias + n0;
+        kr.gemm(a, pv, e, m0, m1, 0, 1);
+    }
+}
+
+void run_panels(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep) {
+    const int64_t nblocks = w.np / kNBlock;
+    const int64_t ngroups = (nblocks + 3) / 4;
+    const int64_t mchunk = a.m <= 24 ? a.m : 96;
+    const int64_t nmchunks = (a.m + mchunk - 1) / mchunk;
+    const bool vnni = kr.shift_u8;  // the avx512_vnni table: sparse-aware kernels exist
+    ThreadPool::instance().parallel_for(ngroups * nmchunks, [&](int64_t t) {
+        const int64_t mc = t % nmchunks, ng = t / nmchunks;
+        const int64_t m0 = mc * mchunk, m1 = std::min(a.m, m0 + mchunk);
+        const int64_t nb0 = ng * 4, nb1 = std::min(nblocks, nb0 + 4);
+        if (vnni && w.fmt == SparseFormat::kBlockI8)
+            avx512_vnni::block_gemm(a, w, ep, m0, m1, nb0, nb1);
+        else if (vnni && w.fmt == SparseFormat::kNm24I8 && use_vbmi2())
+            avx512_vbmi2::nm24_gemm(a, w, ep, m0, m1, nb0, nb1);
+        else
+            panel_gemm(kr, a, w, ep, m0, m1, nb0, nb1);
+    });
+}
+
+// CSR int8 on quantized rows q (unshifted int8, row stride kp).
+Status run_csr_i8(const int8_t* q, int64_t m, const SparseView& w, const Epilogue& ep) {
+    const int64_t rows = csr_rows_per_task(w.n);
+    const int64_t tasks = (w.n + rows - 1) / rows;
+    if (!use_avx512()) {
+        ThreadPool::instance().parallel_for(tasks, [&](int64_t t) {
+            ref::csr_i8(w, q, w.kp, m, ep, t * rows, std::min(w.n, (t + 1) * rows));
+        });
+        return Status::ok();
+    }
+    // Widen to dwords uint16(int16(q)): rows [m][k] for small m (gathers), else transposed [k][mp].
+    const bool transposed = m > 4;
+    const int64_t ld = transposed ? round_up(m, 16) : round_up(w.k, 16);
+    const int64_t rows_w = transposed ? w.k : m;
+    auto* q32 = reinterpret_cast<int32_t*>(t_sparse_scratch.get(size_t(rows_w * ld) * 4));
+    if (!q32) return Status::runtime("out of memory for sparse activation scratch");
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t c = 0; c < w.k; ++c) {
+            const int32_t v = int32_t(uint16_t(int16_t(q[r * w.kp + c])));
+            if (transposed)
+                q32[c * ld + r] = v;
+            else
+                q32[r * ld + c] = v;
+        }
+    if (transposed)
+        for (int64_t c = 0; c < w.k; ++c)
+            for (int64_t r = m; r < ld; ++r) q32[c * ld + r] = 0;
+    const int64_t mchunk = 64;
+    const int64_t mtasks = transposed ? (m + mchunk - 1) / mchunk : 1;
+    ThreadPool::instance().parallel_for(tasks * mtasks, [&](int64_t t) {
+        const int64_t nt = t / mtasks, mt = t % mtasks;
+        const int64_t m0 = transposed ? mt * mchunk : 0, m1 = transposed ? std::min(m, m0 + mchunk) : m;
+        avx512_vnni::csr_i8(w, q32, ld, transposed, m0, m1, ep, nt * rows, std::min(w.n, (nt + 1) * rows));
+    });
+    return Status::ok();
+}
+
+Status check_sparse(const char* name, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf, int64_t nbytes,
+                    int64_t ldo, SparseView* w, bool want_int8) {
+    Status st = check_dims(m, k, ldx, name);
+    if (!st.is_ok()) return st;
+    if (!(st = sparse_view(buf, nbytes, w)).is_ok()) return st;
+    if (is_int8(w->fmt) != want_int8)
+        return Status::invalid(std::string(name) + (want_int8 ? ": needs an int8 sparse weight"
+                                                              : ": needs an fp32 sparse weight"));
+    if (w->k != k) return Status::invalid(std::string(name) + ": K of the input and the weight differ");
+    if (m > 0 && ldo < w->n) return Status::invalid(std::string(name) + ": out row stride smaller than N");
+    return Status::ok();
+}
+
+}  // namespace
+
+bool set_sparse_vbmi2(bool allow) { return g_allow_vbmi2.exchange(allow); }
+
+bool sparse_vbmi2_active() { return use_vbmi2(); }
+
+Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
+                         int64_t nbytes, const float* bias, float* out, int64_t ldo) {
+    SparseView w;
+    Status st = check_sparse("sparse_linear", m, k, ldx, buf, nbytes, ldo, &w, false);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
+    const int64_t rows = csr_rows_per_task(w.n);
+    const int64_t tasks = (w.n + rows - 1) / rows;
+    if (!use_avx512()) {
+        ThreadPool::instance().parallel_for(tasks, [&](int64_t t) {
+            ref::csr_f32(w, x, ldx, m, bias, out, ldo, t * rows, std::min(w.n, (t + 1) * rows));
+        });
+        return Status::ok();
+    }
+    const float* xt = nullptr;
+    int64_t ldt = 0;
+    if (m > 4) {  // transposed once: each nonzero then scales a contiguous run of rows
+        ldt = round_up(m, 16);
+        auto* t = reinterpret_cast<float*>(t_sparse_scratch.get(size_t(k * ldt) * 4));
+        if (!t) return Status::runtime("out of memory for sparse activation scratch");
+        for (int64_t c = 0; c < k; ++c) {
+            for (int64_t r = 0; r < m; ++r) t[c * ldt + r] = x[r * ldx + c];
+            for (int64_t r = m; r < ldt; ++r) t[c * ldt + r] = 0.f;
+        }
+        xt = t;
+    }
+    const int64_t mchunk = 64;
+    const int64_t mtasks = xt ? (m + mchunk - 1) / mchunk : 1;
+    ThreadPool::instance().parallel_for(tasks * mtasks, [&](int64_t t) {
+        const int64_t nt = t / mtasks, mt = t % mtasks;
+        const int64_t m0 = xt ? mt * mchunk : 0, m1 = xt ? std::min(m, m0 + mchunk) : m;
+        avx512_vnni::csr_f32(w, x, ldx, xt, ldt, m0, m1, bias, out, ldo, nt * rows, std::min(w.n, (nt + 1) * rows));
+    });
+    return Status::ok();
+}
+
+Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* buf,
+                          int64_t nbytes, int32_t* out, int64_t ldo) {
+    SparseView w;
+    Status st = check_sparse("sparse_int8_matmul", m, k, lda, buf, nbytes, ldo, &w, true);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
+    const Kernels kr = kernels_for(active_isa());
+    const bool csr = w.fmt == SparseFormat::kCsrI8;
+    const bool shift = !csr && kr.shift_u8;
+    int8_t* q;
+    float* sa;
+    if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
+    const uint8_t flip = shift ? 0x80 : 0;
+    for (int64_t r = 0; r < m; ++r) {
+        uint8_t* dst = reinterpret_cast<uint8_t*>(q + r * w.kp);
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(a + r * lda);
+        for (int64_t c = 0; c < k; ++c) dst[c] = src[c] ^ flip;
+        std::memset(dst + k, flip, size_t(w.kp - k));
+    }
+    const Epilogue ep{DType::kI32, out, ldo, nullptr, nullptr, nullptr};
+    if (csr) return run_csr_i8(q, m, w, ep);
+    run_panels(kr, Activations{q, m, w.kp}, w, ep);
+    return Status::ok();
+}
+
+Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
+                          int64_t nbytes, const float* sw, const float* bias, void* out, DType out_dt,
+                          int64_t ldo) {
+    if (dt != DType::kF32 && dt != DType::kBF16)
+        return Status::invalid("sparse_int8_linear: x must be float32 or bfloat16");
+    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
+        return Status::invalid("sparse_int8_linear: out must be float32 or bfloat16");
+    SparseView w;
+    Status st = check_sparse("sparse_int8_linear", m, k, ldx, buf, nbytes, ldo, &w, true);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
+    Kernels kr = kernels_for(active_isa());
+    const bool csr = w.fmt == SparseFormat::kCsrI8;
+    if (csr) kr.shift_u8 = false;  // CSR kernels take signed activations
+    int8_t* q;
+    float* sa;
+    if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
+    quantize_activations(kr, x, dt, m, k, ldx, q, w.kp, sa);
+    const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
+    if (csr) return run_csr_i8(q, m, w, ep);
+    run_panels(kernels_for(active_isa()), Activations{q, m, w.kp}, w, ep);
+    return Status::ok();
+}
+
+}  // namespace fastinfer::cpu

@@ -1,0 +1,108 @@
+// Sparse weight formats and the sparse entry points of the CPU engine (torch-free).
+//
+// One buffer per layer: [SparseHeader 64 B][sections, each 64-byte aligned]. Formats:
+//  kCsrF32 / kCsrI8  unstructured, row-compressed: rowptr int64 [n+1], column indices (uint16 when
+//                    K <= 65536, else int32) [nnz], values (fp32 or int8) [nnz].
+//  kNm24I8           2:4 along K, on the dense engine's K4N16 panels: per 16-channel block and group
+//                    of 4 k, a 64-bit mask (bit 4*j + t: channel j, k offset t; exactly 2 bits per
+//                    channel) and the 32 kept bytes in mask order. 40 bytes instead of 64: the mask is
+//                    the same size as two 2-bit positions per group, and it is the operand of the
+//                    AVX-512 VBMI2 expand instruction, which rebuilds the dense 64-byte vector in one step.
+//                    Groups with fewer than 2 nonzeros keep explicit zeros.
+//  kBlockI8          tiles of 16 channels x 64 k (the VNNI kernel's panel granularity): per 16-channel
+//                    block a range of its nonzero tiles (tileptr int64 [nb+1], tile k-index int32
+//                    [tiles]); tile data in K4N16 order, 1 KiB each. All-zero tiles are skipped.
+// The int8 formats also store colsum int32 [np] (sum of each row's weights) for the u8 shift.
+#pragma once
+
+#include "cpu/common.h"
+
+namespace fastinfer::cpu {
+
+enum class SparseFormat : uint32_t { kCsrF32 = 1, kCsrI8 = 2, kNm24I8 = 3, kBlockI8 = 4 };
+
+constexpr uint32_t kSparseMagic = 0x53384946u;  // "FI8S"
+constexpr uint32_t kSparseVersion = 1;
+constexpr int64_t kTileK = 64;  // block format: tiles of kNBlock channels x kTileK inputs
+
+struct SparseHeader {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t format;
+    uint32_t idx_bytes;  // CSR: 2 or 4; others 0
+    int64_t n, k, np, kp;
+    int64_t nnz;  // CSR: stored nonzeros; 2:4: kept slots (np * kp / 2); block: nonzero tiles
+    int64_t reserved;
+};
+static_assert(sizeof(SparseHeader) == 64, "sparse header is 64 bytes");
+
+// A checked, read-only view of a sparse buffer.
+struct SparseView {
+    SparseFormat fmt;
+    int64_t n, k, np, kp, nnz;
+    int idx_bytes;
+    const int64_t* rowptr = nullptr;  // CSR [n+1]
+    const void* idx = nullptr;        // CSR [nnz] uint16 or int32
+    const void* values = nullptr;     // CSR [nnz] float or int8
+    const int32_t* colsum = nullptr;  // 2:4, block [np]
+    const uint8_t* panels = nullptr;  // 2:4: np/16 blocks of (kp/4 masks u64 + kp/4 * 32 bytes)
+    const int64_t* tileptr = nullptr; // block [np/16 + 1]
+    const int32_t* tilek = nullptr;   // block [tiles]: k-tile index of each tile
+    const int8_t* tiles = nullptr;    // block [tiles][kTileK / 4][16][4]
+};
+
+inline int64_t nm24_block_bytes(int64_t kp) { return kp / 4 * 40; }
+
+// Per-ISA sparse kernels. x / q rows are [m][ld]; xt are transposed activations [k][ldt].
+namespace ref {
+void csr_f32(const SparseView& w, const float* x, int64_t ldx, int64_t m, const float* bias, float* out,
+             int64_t ldo, int64_t n0, int64_t n1);
+void csr_i8(const SparseView& w, const int8_t* q, int64_t ldq, int64_t m, const Epilogue& ep, int64_t n0,
+            int64_t n1);
+// Decompresses 16-channel block nb of a 2:4 or block buffer to the dense K4N16 panel (16 * kp bytes).
+void panel(const SparseView& w, int64_t nb, int8_t* out);
+}  // namespace ref
+namespace avx512_vnni {
+// m rows of x; xt (transposed, [k][ldt], m <= ldt) is used when non-null (larger m).
+void csr_f32(const SparseView& w, const float* x, int64_t ldx, const float* xt, int64_t ldt, int64_t m0,
+             int64_t m1, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t n1);
+// q32: activations as dwords holding uint16(int16(q)) (upper half zero): rows [m][ldq] or, when
+// transposed, [k][ldq].
+void csr_i8(const SparseView& w, const int32_t* q32, int64_t ldq, bool transposed, int64_t m0, int64_t m1,
+            const Epilogue& ep, int64_t n0, int64_t n1);
+void block_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
+                int64_t nb0, int64_t nb1);
+}  // namespace avx512_vnni
+namespace avx512_vbmi2 {
+void nm24_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
+               int64_t nb0, int64_t nb1);
+}  // namespace avx512_vbmi2
+
+// Tests: turn the VBMI2 2:4 kernel off (2:4 then runs on decompressed panels); returns the old value.
+bool set_sparse_vbmi2(bool allow);
+bool sparse_vbmi2_active();
+
+// Entry points (validated; Status instead of exceptions).
+// Size of the buffer sparse_pack will write for w ([n, k], row stride ldw; fp32 for kCsrF32, int8
+// otherwise). Fails when w does not fit the format (2:4: a group of 4 with more than 2 nonzeros).
+Status sparse_measure(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, int64_t* nbytes);
+Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, uint8_t* out,
+                   int64_t nbytes);
+// Header checks only (O(1)); the kernels additionally rely on sparse_validate having passed.
+Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v);
+// Full check of a buffer (pointers monotonic, indices in range, masks well formed): O(nnz).
+Status sparse_validate(const uint8_t* buf, int64_t nbytes);
+// Dense [n, k] (fp32 for kCsrF32, int8 otherwise), contiguous.
+Status sparse_unpack(const uint8_t* buf, int64_t nbytes, void* w);
+// out fp32 [m, n] = x fp32 [m, k] @ W^T + bias (kCsrF32).
+Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
+                         int64_t nbytes, const float* bias, float* out, int64_t ldo);
+// out int32 [m, n] = a int8 [m, k] @ W^T, exact mod 2^32 (int8 formats).
+Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* buf,
+                          int64_t nbytes, int32_t* out, int64_t ldo);
+// Dynamic int8 linear on a sparse int8 weight: same quantization and epilogue as int8_linear.
+Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
+                          int64_t nbytes, const float* sw, const float* bias, void* out, DType out_dt,
+                          int64_t ldo);
+
+}  // namespace fastinfer::cpu
