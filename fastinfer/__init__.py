@@ -13,6 +13,7 @@ import torch  # noqa: F401  (the ops below register with torch.library)
 from fastinfer import nn, ops
 from fastinfer._backend import available_isas, set_isa, set_num_threads
 from fastinfer.convert import QuantConfig, quantize
+from fastinfer.prune import LayerSparsity, prune, sparsity_report
 
 try:
     __version__ = _pkg_version("fastinfer")
@@ -20,8 +21,8 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "QuantConfig", "__version__", "available_isas", "info", "nn", "ops", "quantize",
-    "set_isa", "set_num_threads",
+    "LayerSparsity", "QuantConfig", "__version__", "available_isas", "info", "nn", "ops", "prune",
+    "quantize", "set_isa", "set_num_threads", "sparsity_report",
 ]  # fmt: skip
 
 
