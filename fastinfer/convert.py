@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from fastinfer.nn import Int8Linear, linear_weight_and_bias
+from fastinfer.nn import Int8Linear, SparseLinear, linear_weight_and_bias, quantize_weight_per_channel
 
 __all__ = ["QuantConfig", "quantize"]
 
@@ -68,7 +68,9 @@ def _progress(total: int, enabled: bool | None, desc: str):
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bool = False) -> nn.Module:
-    """Returns `model` with every nn.Linear (not skipped by `config`) replaced by an Int8Linear.
+    """Returns `model` with every nn.Linear (not skipped by `config`) replaced by an Int8Linear, and
+    every fastinfer.nn.SparseLinear by its int8 counterpart (SparseInt8Linear, or Int8Linear where
+    the sparse int8 kernel would not be faster): quantize after sparsify equals sparsify after quantize.
 
     Hugging Face `Conv1D` layers (GPT-2 and relatives store linear weights as [in, out]) are
     linear layers too and are converted the same way. Subclasses of nn.Linear are left alone: they
@@ -90,6 +92,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     # remove_duplicate=False: a layer shared under two names is converted under both (once).
     for fqn, mod in model.named_modules(remove_duplicate=False):
         weight, _ = linear_weight_and_bias(mod)
+        if isinstance(mod, SparseLinear):
+            weight = mod.dense_weight()
         if weight is not None and not config.skips(fqn):
             if min(weight.shape) < config.min_features:
                 continue
@@ -97,7 +101,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
                 continue
             targets.append(fqn)
     if "" in targets:  # the model itself is one linear layer
-        return Int8Linear.from_linear(model)
+        return _to_int8(model)
 
     converted: dict[int, Int8Linear] = {}
     with _progress(len(targets), config.progress, "fastinfer.quantize") as bar:
@@ -106,11 +110,26 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
             parent = model.get_submodule(parent_name)
             old = getattr(parent, child)
             if id(old) not in converted:
-                converted[id(old)] = Int8Linear.from_linear(old)
+                converted[id(old)] = _to_int8(old)
             setattr(parent, child, converted[id(old)])
             bar.update(1)
     _route_fused_layers_through_modules(model)
     return model
+
+
+def _to_int8(mod: nn.Module) -> nn.Module:
+    """Int8Linear for a float linear layer; for a SparseLinear, the same quantization of its weights
+    (zeros stay zero) stored in the int8 sparse format sparsify() would pick, or dense if none pays."""
+    if not isinstance(mod, SparseLinear):
+        return Int8Linear.from_linear(mod)
+    from fastinfer.sparsify import sparse_int8_or_dense
+
+    dense = Int8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+    dense.set_weight(*quantize_weight_per_channel(mod.dense_weight()))
+    if mod.bias is not None:
+        dense.bias.copy_(mod.bias)
+    dense.train(mod.training)
+    return sparse_int8_or_dense(dense)
 
 
 def _keep_module_path(module, args):

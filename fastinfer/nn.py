@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 from fastinfer import _backend, ops
+from fastinfer import _ops_sparse  # after ops, which loads it
 
-__all__ = ["Int8Linear", "linear_weight_and_bias", "quantize_weight_per_channel"]
+__all__ = [
+    "Int8Linear", "SparseInt8Linear", "SparseLinear", "linear_weight_and_bias", "quantize_weight_per_channel",
+]  # fmt: skip
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,5 +142,181 @@ class Int8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, weight=int8 per-channel, act=int8 per-token, "
+            f"kernel={_backend.active_isa()}"
+        )
+
+
+# ------------------------------------------------------------------------------------ sparse layers
+
+
+class _SparseBase(nn.Module):
+    """Shared by the sparse layers: the packed buffer's size depends on the weights (nonzeros), so
+    load_state_dict replaces it instead of copying into it; fp32 scales/bias survive dtype casts."""
+
+    sparse_weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        key = prefix + "sparse_weight"
+        if key in state_dict:
+            incoming = state_dict[key]
+            try:
+                info = ops.sparse_info(incoming.detach().cpu().contiguous())
+            except (TypeError, ValueError) as e:
+                error_msgs.append(f"{key}: not a fastinfer sparse weight ({e})")
+                return
+            if (info["n"], info["k"]) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"{key}: holds a [{info['n']}, {info['k']}] weight, this layer is "
+                    f"[{self.out_features}, {self.in_features}]"
+                )
+                return
+            self.sparse_weight = torch.empty_like(incoming, device="cpu")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        if key in state_dict:  # re-align (the kernels want 64-byte aligned buffers)
+            self.sparse_weight = _ops_sparse._check_packed("load_state_dict", self.sparse_weight)
+
+    def _apply(self, fn, recurse=True):
+        before = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    @property
+    def format(self) -> str:
+        return ops.sparse_info(self.sparse_weight)["format"]
+
+    def sparsity_stats(self) -> tuple[int, int]:
+        """(nonzero weights, all weights) of the layer."""
+        numel = self.out_features * self.in_features
+        return int(torch.count_nonzero(ops.unpack_sparse(self.sparse_weight))), numel
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.in_features} -> {self.out_features}) got input of shape "
+                f"{tuple(x.shape)}; the last dim must be {self.in_features}"
+            )
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"{type(self).__name__} supports float32 and bfloat16 inputs, got {x.dtype}")
+
+    def _repr_sparsity(self) -> str:
+        nnz, numel = self.sparsity_stats()
+        return f"{100.0 * (1 - nnz / numel):.1f}%" if numel else "n/a"
+
+
+def _check_features(in_features: int, out_features: int) -> None:
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+
+
+class SparseLinear(_SparseBase):
+    """y = x @ W^T + b with a pruned float weight stored row-compressed ("csr": fp32 values and
+    column indices); the kernel touches only the nonzeros. Inputs float32 or bfloat16 [..., in];
+    fp32 accumulation, output in the input dtype. Built with SparseLinear.from_linear(linear)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        _check_features(in_features, out_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("sparse_weight", ops.pack_sparse(torch.zeros(out_features, in_features), "csr"))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> SparseLinear:
+        """From an nn.Linear (or transformers Conv1D) whose zeros should be skipped."""
+        weight, bias = linear_weight_and_bias(linear)
+        if weight is None:
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if weight.device.type != "cpu":
+            raise RuntimeError(f"SparseLinear.from_linear: the layer is on {weight.device}; only CPU is supported")
+        mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        mod.sparse_weight = ops.pack_sparse(weight.detach().float().contiguous(), "csr")
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
+        mod.train(linear.training)
+        return mod
+
+    def dense_weight(self) -> torch.Tensor:
+        """float32 [out, in] with the zeros in place."""
+        return ops.unpack_sparse(self.sparse_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format=csr fp32, sparsity={self._repr_sparsity()}, kernel={_backend.active_isa()}"
+        )
+
+
+class SparseInt8Linear(_SparseBase):
+    """Int8Linear with a pruned int8 weight in a sparse format ("csr", "2:4" or "block"): the same
+    per-channel weight scales, per-token activation quantization and fp32 epilogue, and exactly the
+    same output as the dense Int8Linear of the same weights. Built with from_int8linear / from_linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, format: str = "csr") -> None:
+        super().__init__()
+        _check_features(in_features, out_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        zero = torch.zeros((out_features, in_features), dtype=torch.int8)
+        self.register_buffer("sparse_weight", ops.pack_sparse(zero, format))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def from_int8linear(cls, layer: Int8Linear, format: str = "csr") -> SparseInt8Linear:
+        """The same layer with its int8 weight in `format` (its zeros skipped)."""
+        if not isinstance(layer, Int8Linear):
+            raise TypeError(f"from_int8linear expects an Int8Linear, got {type(layer).__name__}")
+        mod = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, format=format)
+        mod.sparse_weight = ops.pack_sparse(layer.weight_int8, format)
+        mod.weight_scale = layer.weight_scale.detach().clone()
+        if layer.bias is not None:
+            mod.bias.copy_(layer.bias)
+        mod.train(layer.training)
+        return mod
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, format: str = "csr") -> SparseInt8Linear:
+        """Quantizes like Int8Linear.from_linear (zeros stay zero), then stores the weight sparse."""
+        return cls.from_int8linear(Int8Linear.from_linear(linear), format)
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """int8 [out, in] with the zeros in place."""
+        return ops.unpack_sparse(self.sparse_weight)
+
+    def to_int8linear(self) -> Int8Linear:
+        dense = Int8Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense.set_weight(self.weight_int8, self.weight_scale.clone())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        dense.train(self.training)
+        return dense
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"format={self.format} int8, sparsity={self._repr_sparsity()}, act=int8 per-token, "
             f"kernel={_backend.active_isa()}"
         )

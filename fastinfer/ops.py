@@ -397,3 +397,15 @@ def _eager_fast_path(x: torch.Tensor) -> bool:
         and not (x.requires_grad and torch.is_grad_enabled())
         and not torch.compiler.is_compiling()
     )
+
+
+# Sparse ops live in their own module; they are part of fastinfer.ops' public surface.
+from fastinfer._ops_sparse import (  # noqa: E402
+    FORMATS as SPARSE_FORMATS,
+    pack_sparse,
+    sparse_info,
+    sparse_int8_linear,
+    sparse_int8_matmul,
+    sparse_linear,
+    unpack_sparse,
+)

@@ -1,0 +1,291 @@
+"""Sparse ops ("fastinfer::sparse_*"): packing to the engine's sparse formats, validation, and the
+torch.library ops behind fastinfer.nn.SparseLinear / SparseInt8Linear. Re-exported by fastinfer.ops.
+
+Formats (see csrc/cpu/sparse.h): "csr" (unstructured, fp32 or int8 values, uint16 column indices
+up to K = 65536), "2:4" (int8; at most 2 nonzeros in every group of 4 inputs), "block" (int8; 16 x 64
+tiles, all-zero tiles skipped).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from fastinfer import _backend, _C
+from fastinfer.ops import (
+    _DTYPE_CODE,
+    _aligned_empty,
+    _check_cpu,
+    _check_float_input,
+    _check_tensor,
+    _cpu_kernel,
+    _eager_fast_path,
+    _has_data,
+    _new_output,
+    _rows,
+)
+
+FORMATS = ("csr", "2:4", "block")
+_CODE = {("csr", torch.float32): 1, ("csr", torch.int8): 2, ("2:4", torch.int8): 3, ("block", torch.int8): 4}
+_NAME = {1: ("csr", torch.float32), 2: ("csr", torch.int8), 3: ("2:4", torch.int8), 4: ("block", torch.int8)}
+TILE = (16, 64)  # block format tile: output channels x inputs
+
+torch.library.define("fastinfer::sparse_linear", "(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor")
+torch.library.define(
+    "fastinfer::sparse_int8_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias) -> Tensor"
+)
+torch.library.define("fastinfer::sparse_int8_matmul", "(Tensor a, Tensor packed, int n) -> Tensor")
+
+
+# ------------------------------------------------------------------------------ packing and checks
+
+
+def pack_sparse(w: torch.Tensor, format: str = "csr") -> torch.Tensor:
+    """Packs a dense weight [N, K] (float32 for "csr"; int8 for "csr", "2:4", "block") into the
+    engine's sparse format: a 1-D uint8 tensor with a versioned header. Zeros (and -0.0) are not
+    stored. "2:4" raises ValueError when a group of 4 inputs holds more than 2 nonzeros."""
+    w = _check_tensor("pack_sparse", "w", w)
+    _check_cpu("pack_sparse", w=w)
+    if format not in FORMATS:
+        raise ValueError(f"fastinfer.pack_sparse: unknown format {format!r}; valid: {', '.join(FORMATS)}")
+    if w.dim() != 2:
+        raise ValueError(f"fastinfer.pack_sparse: w must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if (format, w.dtype) not in _CODE:
+        want = "float32 or int8" if format == "csr" else "int8"
+        raise TypeError(f"fastinfer.pack_sparse: format {format!r} needs {want} weights, got {w.dtype}")
+    if not _has_data(w):
+        raise ValueError("fastinfer.pack_sparse: w has no data (meta or fake tensor)")
+    if w.dtype == torch.float32 and not torch.isfinite(w).all():
+        raise ValueError("fastinfer.pack_sparse: w has NaN or Inf")
+    code = _CODE[(format, w.dtype)]
+    n, k = w.shape
+    w2 = w.contiguous()
+    nbytes = _C.sparse_measure(code, w2.data_ptr(), n, k, k)
+    out = _aligned_empty(nbytes)
+    _C.sparse_pack(code, w2.data_ptr(), n, k, k, out.data_ptr(), nbytes)
+    _remember_valid(out)
+    return out
+
+
+def sparse_info(packed: torch.Tensor) -> dict:
+    """{"format", "dtype", "n", "k", "nnz", "nbytes"} of a packed sparse weight (nnz: stored values for
+    "csr", kept slots for "2:4", nonzero tiles for "block")."""
+    packed = _check_packed("sparse_info", packed)
+    code, n, k, nnz = _C.sparse_info(packed.data_ptr(), packed.numel())
+    fmt, dtype = _NAME[code]
+    return {"format": fmt, "dtype": dtype, "n": n, "k": k, "nnz": nnz, "nbytes": packed.numel()}
+
+
+def unpack_sparse(packed: torch.Tensor) -> torch.Tensor:
+    """The dense weight [N, K] (float32 or int8) a packed sparse weight holds."""
+    packed = _check_packed("unpack_sparse", packed)
+    code, n, k, _ = _C.sparse_info(packed.data_ptr(), packed.numel())
+    out = torch.empty((n, k), dtype=_NAME[code][1])
+    _C.sparse_unpack(packed.data_ptr(), packed.numel(), out.data_ptr())
+    return out
+
+
+# Buffers that passed the O(nnz) validation, keyed by (address, size, tensor version): any in-place
+# write to the tensor bumps its version, so a modified buffer is checked again before use.
+_VALID: OrderedDict[tuple[int, int, int], None] = OrderedDict()
+_VALID_MAX = 512
+
+
+def _key(packed: torch.Tensor) -> tuple[int, int, int]:
+    return (packed.data_ptr(), packed.numel(), packed._version)
+
+
+def _remember_valid(packed: torch.Tensor) -> None:
+    _VALID[_key(packed)] = None
+    if len(_VALID) > _VALID_MAX:
+        _VALID.popitem(last=False)
+
+
+def _check_packed(name: str, packed: torch.Tensor) -> torch.Tensor:
+    packed = _check_tensor(name, "packed", packed)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError(f"fastinfer.{name}: packed must be a 1-D uint8 tensor from pack_sparse")
+    if not packed.is_contiguous():
+        raise ValueError(f"fastinfer.{name}: packed must be contiguous")
+    if not _has_data(packed):
+        raise ValueError(f"fastinfer.{name}: packed has no data (meta or fake tensor)")
+    if packed.data_ptr() % 64 != 0:
+        aligned = _aligned_empty(packed.numel())
+        aligned.copy_(packed)
+        packed = aligned
+    key = _key(packed)
+    if key in _VALID:
+        _VALID.move_to_end(key)
+    else:
+        _C.sparse_validate(packed.data_ptr(), packed.numel())
+        _remember_valid(packed)
+    return packed
+
+
+# --------------------------------------------------------------------------------- CPU kernels
+
+
+def _header(name: str, packed: torch.Tensor) -> tuple[str, torch.dtype, int, int]:
+    code, n, k, _ = _C.sparse_info(packed.data_ptr(), packed.numel())
+    return (*_NAME[code], n, k)
+
+
+@_cpu_kernel("sparse_linear")
+def _sparse_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    _check_float_input("sparse_linear", x)
+    packed = _check_packed("sparse_linear", packed)
+    fmt, dtype, pn, pk = _header("sparse_linear", packed)
+    if dtype != torch.float32:
+        raise TypeError("fastinfer.sparse_linear: packed holds int8 weights; use sparse_int8_linear")
+    k = x.shape[-1]
+    if pn != n or pk != k:
+        raise ValueError(f"fastinfer.sparse_linear: input has K={k}, expected N={n}, but the weight is [{pn}, {pk}]")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
+        raise TypeError(f"fastinfer.sparse_linear: bias must be float32 [{n}]")
+    out = _new_output((*x.shape[:-1], n), torch.float32)
+    if out.numel() == 0:
+        return out.to(x.dtype)
+    if k == 0:
+        return out.copy_(bias.expand_as(out) if bias is not None else out.zero_()).to(x.dtype)
+    x2, ld = _rows(x.float() if x.dtype != torch.float32 else x)
+    bias = bias.contiguous() if bias is not None else None
+    _backend.sync_threads()
+    _C.sparse_linear_f32(
+        x2.data_ptr(), x2.shape[0], k, ld, packed.data_ptr(), packed.numel(),
+        bias.data_ptr() if bias is not None else 0, out.data_ptr(), n,
+    )  # fmt: skip
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _check_int8_packed(name: str, packed: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    packed = _check_packed(name, packed)
+    _, dtype, pn, pk = _header(name, packed)
+    if dtype != torch.int8:
+        raise TypeError(f"fastinfer.{name}: packed holds float32 weights; use sparse_linear")
+    return packed, pn, pk
+
+
+@_cpu_kernel("sparse_int8_linear")
+def _sparse_int8_linear_cpu(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    _check_float_input("sparse_int8_linear", x)
+    n = _check_scale_bias(w_scale, bias)
+    packed, pn, pk = _check_int8_packed("sparse_int8_linear", packed)
+    k = x.shape[-1]
+    if pn != n or pk != k:
+        raise ValueError(
+            f"fastinfer.sparse_int8_linear: input has K={k} and w_scale N={n}, but the weight is [{pn}, {pk}]"
+        )
+    out = _new_output((*x.shape[:-1], n), x.dtype)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand_as(out) if bias is not None else out.zero_())
+    x2, ld = _rows(x)
+    w_scale = w_scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    _backend.sync_threads()
+    _C.sparse_int8_linear(
+        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, ld, packed.data_ptr(), packed.numel(),
+        w_scale.data_ptr(), bias.data_ptr() if bias is not None else 0, out.data_ptr(), _DTYPE_CODE[x.dtype], n,
+    )  # fmt: skip
+    return out
+
+
+def _check_scale_bias(w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
+        raise TypeError("fastinfer.sparse_int8_linear: w_scale must be a 1-D float32 tensor [N]")
+    n = w_scale.shape[0]
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
+        raise TypeError(f"fastinfer.sparse_int8_linear: bias must be float32 [{n}]")
+    return n
+
+
+@_cpu_kernel("sparse_int8_matmul")
+def _sparse_int8_matmul_cpu(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    if a.dtype != torch.int8 or a.dim() != 2:
+        raise TypeError(f"fastinfer.sparse_int8_matmul: a must be a 2-D int8 tensor, got {a.dtype} {tuple(a.shape)}")
+    packed, pn, pk = _check_int8_packed("sparse_int8_matmul", packed)
+    m, k = a.shape
+    if pn != n or pk != k:
+        raise ValueError(f"fastinfer.sparse_int8_matmul: a has K={k}, expected N={n}, but the weight is [{pn}, {pk}]")
+    out = _new_output((m, n), torch.int32)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    a2, ld = _rows(a)
+    _backend.sync_threads()
+    _C.sparse_int8_matmul(a2.data_ptr(), m, k, ld, packed.data_ptr(), packed.numel(), out.data_ptr(), n)
+    return out
+
+
+def _make_cuda_refusal(opname: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            f"fastinfer.{opname}: CUDA tensors are not supported yet (the CUDA backend is not built); "
+            "move the inputs and the module to the CPU"
+        )
+
+    return refuse
+
+
+for _op in ("sparse_linear", "sparse_int8_linear", "sparse_int8_matmul"):
+    torch.library.register_kernel(f"fastinfer::{_op}", "cuda", _make_cuda_refusal(_op))
+
+
+# ------------------------------------------------------------------------------------------ fakes
+
+
+@torch.library.register_fake("fastinfer::sparse_linear")
+def _sparse_linear_fake(x, packed, bias, n):
+    _check_float_input("sparse_linear", x)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("fastinfer::sparse_int8_linear")
+def _sparse_int8_linear_fake(x, packed, w_scale, bias):
+    _check_float_input("sparse_int8_linear", x)
+    n = _check_scale_bias(w_scale, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("fastinfer::sparse_int8_matmul")
+def _sparse_int8_matmul_fake(a, packed, n):
+    return a.new_empty((a.shape[0], n), dtype=torch.int32)
+
+
+# ------------------------------------------------------------------------------------- public API
+
+
+def sparse_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """x [..., K] (float32 or bfloat16) @ W^T + bias with W a packed fp32 "csr" weight [n, K]; fp32
+    accumulation (in a different order than a dense matmul: results agree to fp32 rounding)."""
+    x = _check_tensor("sparse_linear", "x", x)
+    _check_cpu("sparse_linear", x=x, packed=packed, bias=bias)
+    if _eager_fast_path(x):
+        return _sparse_linear_cpu(x, packed, bias, n)
+    return torch.ops.fastinfer.sparse_linear(x, packed, bias, n)
+
+
+def sparse_int8_linear(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int8_linear with a packed sparse int8 weight: same per-token quantization, exact int32
+    accumulation over the stored nonzeros, same fp32 epilogue (equal to the dense Int8Linear bit for bit)."""
+    x = _check_tensor("sparse_int8_linear", "x", x)
+    _check_cpu("sparse_int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
+    if _eager_fast_path(x):
+        return _sparse_int8_linear_cpu(x, packed, w_scale, bias)
+    return torch.ops.fastinfer.sparse_int8_linear(x, packed, w_scale, bias)
+
+
+def sparse_int8_matmul(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact int32 [M, N] = a int8 [M, K] @ W^T for a packed sparse int8 weight W [N, K]."""
+    a = _check_tensor("sparse_int8_matmul", "a", a)
+    _check_cpu("sparse_int8_matmul", a=a, packed=packed)
+    return torch.ops.fastinfer.sparse_int8_matmul(a, packed, n)

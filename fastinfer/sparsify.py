@@ -1,0 +1,143 @@
+"""fastinfer.sparsify: swap pruned layers for sparse ones, where the sparse kernel is the faster one.
+
+The format follows the zeros a layer really has (not how they were made): whole 16 x 64 tiles
+-> "block", at most 2 nonzeros in every group of 4 inputs -> "2:4", anything else -> "csr". Whether a
+sparse layer beats the dense one depends on the density; the thresholds in SparseRule were measured
+with bench/test_bench_sparse.py on the development machine (see bench/RESULTS.md) and are meant to be
+re-measured, not trusted blindly, on very different CPUs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastinfer.convert import QuantConfig, _progress
+from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear, linear_weight_and_bias
+
+__all__ = ["SparseRule", "choose_format", "sparsify"]
+
+
+@dataclass(frozen=True)
+class SparseRule:
+    """When a pruned layer becomes sparse. Densities are fractions of nonzero weights (tiles for
+    block). A layer denser than its format's limit stays dense.
+
+    Measured on the development machine (AMD EPYC Zen 5, 2 threads, 4096 x 4096; bench/RESULTS.md):
+      * fp32 "csr" beats dense fp32 nn.Linear at every M tried up to 50% density at M=1 ... and
+        from 25% down at M >= 128 (dense fp32 GEMM is compute-efficient there);
+      * int8 "csr" (per-nonzero gathers) does not beat the dense int8 kernel at M = 1 even at 5%
+        density (the dense kernel streams 4 weights per byte-cycle; gathers cost ~20 cycles per 16);
+        it wins for M >= 16 only at <= 5-10% density, so the default keeps int8 layers dense above 6%;
+      * int8 "block" skips whole tiles and wins from ~60% tile density down at every M;
+      * int8 "2:4" streams 40/64 of the dense bytes: faster at small M, equal at large M.
+    """
+
+    fp32_csr_max_density: float = 0.25
+    int8_csr_max_density: float = 0.06
+    int8_block_max_tile_density: float = 0.6
+    int8_nm24: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("fp32_csr_max_density", "int8_csr_max_density", "int8_block_max_tile_density"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"SparseRule.{name} must be a number in [0, 1], got {v!r}")
+
+
+DEFAULT_RULE = SparseRule()
+
+
+def _is_nm24(w: torch.Tensor) -> bool:
+    n, k = w.shape
+    pad = (-k) % 4
+    nz = (w != 0).to(torch.int8)
+    if pad:
+        nz = torch.nn.functional.pad(nz, (0, pad))
+    return bool((nz.reshape(n, -1, 4).sum(-1) <= 2).all())
+
+
+def _tile_density(w: torch.Tensor) -> float:
+    n, k = w.shape
+    tn, tk = 16, 64
+    nz = (w != 0).to(torch.int8)
+    nz = torch.nn.functional.pad(nz, (0, (-k) % tk, 0, (-n) % tn))
+    tiles = nz.reshape(nz.shape[0] // tn, tn, nz.shape[1] // tk, tk).amax(dim=(1, 3))
+    return float(tiles.float().mean()) if tiles.numel() else 1.0
+
+
+def choose_format(weight: torch.Tensor, rule: SparseRule = DEFAULT_RULE) -> str | None:
+    """The sparse format for this weight (float32 [N, K] -> "csr" or None; int8 -> "block", "2:4",
+    "csr" or None), None meaning the dense layer is faster."""
+    if weight.dim() != 2 or weight.numel() == 0:
+        return None
+    density = float(torch.count_nonzero(weight)) / weight.numel()
+    if weight.dtype != torch.int8:
+        return "csr" if density <= rule.fp32_csr_max_density else None
+    if _tile_density(weight) <= rule.int8_block_max_tile_density:
+        return "block"
+    if density <= rule.int8_csr_max_density:
+        return "csr"
+    if rule.int8_nm24 and _is_nm24(weight):
+        return "2:4"
+    return None
+
+
+def sparse_int8_or_dense(layer: Int8Linear, rule: SparseRule = DEFAULT_RULE) -> nn.Module:
+    """SparseInt8Linear in the chosen format, or the dense Int8Linear itself."""
+    fmt = choose_format(layer.weight_int8, rule)
+    return layer if fmt is None else SparseInt8Linear.from_int8linear(layer, fmt)
+
+
+def sparsify(
+    model: nn.Module,
+    *,
+    rule: SparseRule | None = None,
+    skip=(),
+    inplace: bool = False,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Returns `model` with each pruned layer that runs faster sparse replaced: nn.Linear (and
+    transformers Conv1D) -> fastinfer.nn.SparseLinear, Int8Linear -> SparseInt8Linear. Layers whose
+    zeros do not pay (see SparseRule) stay as they are; so do layers matched by `skip` (patterns as
+    in QuantConfig). Outputs are unchanged up to fp32 summation order (SparseLinear) or exactly
+    (SparseInt8Linear vs Int8Linear). The original model is not modified unless inplace=True.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    rule = DEFAULT_RULE if rule is None else rule
+    if not isinstance(rule, SparseRule):
+        raise TypeError(f"rule must be a fastinfer.SparseRule, got {type(rule).__name__}")
+    skips = QuantConfig(skip=skip)
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def convert(mod: nn.Module) -> nn.Module:
+        if isinstance(mod, Int8Linear):
+            return sparse_int8_or_dense(mod, rule)
+        weight, _ = linear_weight_and_bias(mod)
+        with torch.no_grad():
+            fmt = choose_format(weight.detach().float(), rule)
+        return mod if fmt is None else SparseLinear.from_linear(mod)
+
+    targets = [
+        fqn
+        for fqn, mod in model.named_modules(remove_duplicate=False)
+        if (isinstance(mod, Int8Linear) or linear_weight_and_bias(mod)[0] is not None) and not skips.skips(fqn)
+    ]
+    if "" in targets:
+        return convert(model)
+    done: dict[int, nn.Module] = {}
+    with _progress(len(targets), progress, "fastinfer.sparsify") as bar:
+        for fqn in targets:
+            parent_name, _, child = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+            if id(old) not in done:
+                done[id(old)] = convert(old)
+            setattr(parent, child, done[id(old)])
+            bar.update(1)
+    return model

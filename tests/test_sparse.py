@@ -1,0 +1,429 @@
+"""Sparse formats, kernels, layers and sparsify(): round trips, exactness on every ISA, fp32
+tolerance, the dense-equivalence of SparseInt8Linear, compile/opcheck, and bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.library import opcheck
+
+import fastinfer
+from conftest import ISAS, int64_ref, run_python
+from fastinfer import _C, ops
+from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear
+from fastinfer.sparsify import SparseRule, choose_format, sparsify
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _i8(*shape, seed=0, low=-128, high=128):
+    return torch.randint(low, high, shape, dtype=torch.int8, generator=_gen(seed))
+
+
+def _mask_unstructured(n, k, density, seed):
+    return torch.rand(n, k, generator=_gen(seed)) < density
+
+
+def _mask_nm(n, k, keep, seed):
+    """<= keep nonzeros in every group of 4 (K padded), keep in 0..2."""
+    kk = (k + 3) // 4 * 4
+    r = torch.rand(n, kk // 4, 4, generator=_gen(seed)).argsort(-1) < keep
+    return r.reshape(n, kk)[:, :k]
+
+
+def _mask_block(n, k, tile_density, seed):
+    tn, tk = (n + 15) // 16, (k + 63) // 64
+    t = torch.rand(tn, tk, generator=_gen(seed)) < tile_density
+    return t.repeat_interleave(16, 0)[:n].repeat_interleave(64, 1)[:, :k]
+
+
+def _masked(fmt, n, k, seed, density=0.3):
+    w = _i8(n, k, seed=seed, low=-127)
+    if fmt == "csr":
+        return w * _mask_unstructured(n, k, density, seed + 1)
+    if fmt == "2:4":
+        return w * _mask_nm(n, k, 2, seed + 1)
+    return w * _mask_block(n, k, 0.5, seed + 1)
+
+
+FORMATS_I8 = ("csr", "2:4", "block")
+SHAPES = [(1, 1, 1), (1, 64, 16), (3, 130, 37), (17, 200, 50), (5, 64, 17), (70, 128, 33), (1, 257, 100), (9, 4, 3)]
+
+
+# ----------------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("fmt", FORMATS_I8)
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 64), (37, 130), (17, 65), (3, 4)])
+def test_int8_round_trip(fmt, n, k):
+    w = _masked(fmt, n, k, seed=n * 1000 + k)
+    p = ops.pack_sparse(w, fmt)
+    assert p.dtype == torch.uint8 and p.dim() == 1 and p.data_ptr() % 64 == 0
+    info = ops.sparse_info(p)
+    assert (info["format"], info["n"], info["k"]) == (fmt, n, k)
+    assert torch.equal(ops.unpack_sparse(p), w)
+
+
+def test_fp32_round_trip_keeps_values_and_drops_negative_zero():
+    w = torch.randn(13, 70, generator=_gen(1)) * _mask_unstructured(13, 70, 0.3, 2)
+    w[0, :5] = -0.0
+    p = ops.pack_sparse(w, "csr")
+    assert ops.sparse_info(p)["nnz"] == int((w != 0).sum())
+    back = ops.unpack_sparse(p)
+    assert torch.equal(back, w)
+    assert not torch.signbit(back[0, :5]).any()  # -0.0 is not stored: it comes back as +0.0
+
+
+def test_nm24_groups_with_0_to_2_nonzeros_and_refusal_of_3():
+    w = torch.zeros(2, 16, dtype=torch.int8)
+    w[0, 0:4] = torch.tensor([0, 0, 0, 0])
+    w[0, 4:8] = torch.tensor([5, 0, 0, 0])
+    w[0, 8:12] = torch.tensor([0, -3, 0, 7])
+    w[0, 12:16] = torch.tensor([0, 0, 127, -127])
+    w[1] = torch.tensor([1, 1, 0, 0] * 4, dtype=torch.int8)
+    assert torch.equal(ops.unpack_sparse(ops.pack_sparse(w, "2:4")), w)
+    w[1, 2] = 9
+    with pytest.raises(ValueError, match="not 2:4 sparse.*row 1, inputs 0..3 hold 3"):
+        ops.pack_sparse(w, "2:4")
+
+
+@pytest.mark.parametrize("fmt", FORMATS_I8)
+def test_all_zero_and_dense_weights(fmt):
+    zero = torch.zeros(20, 70, dtype=torch.int8)
+    assert torch.equal(ops.unpack_sparse(ops.pack_sparse(zero, fmt)), zero)
+    if fmt != "2:4":
+        full = _i8(20, 70, seed=3, low=1, high=127)  # no zeros at all: 0% sparsity
+        assert torch.equal(ops.unpack_sparse(ops.pack_sparse(full, fmt)), full)
+    if fmt == "block":
+        assert ops.sparse_info(ops.pack_sparse(zero, fmt))["nnz"] == 0
+        w = torch.zeros(32, 128, dtype=torch.int8)
+        w[17, 70] = 1  # one nonzero: one tile
+        assert ops.sparse_info(ops.pack_sparse(w, fmt))["nnz"] == 1
+
+
+def test_csr_wide_k_uses_32_bit_indices(isa):
+    k = 65537 + 100
+    w = torch.zeros(3, k, dtype=torch.int8)
+    w[0, 65536], w[1, k - 1], w[2, 3] = 7, -5, 1
+    a = _i8(2, k, seed=4)
+    p = ops.pack_sparse(w, "csr")
+    assert torch.equal(ops.unpack_sparse(p), w)
+    assert torch.equal(ops.sparse_int8_matmul(a, p, 3), int64_ref(a, w))
+
+
+# ------------------------------------------------------------------------------ exactness per ISA
+
+
+@pytest.mark.parametrize("fmt", FORMATS_I8)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_sparse_int8_matmul_exact(isa, fmt, m, k, n):
+    w = _masked(fmt, n, k, seed=m + 7 * k + 13 * n)
+    a = _i8(m, k, seed=m * k)
+    p = ops.pack_sparse(w, fmt)
+    assert torch.equal(ops.sparse_int8_matmul(a, p, n), int64_ref(a, w)), (isa, fmt, m, k, n)
+
+
+@pytest.mark.parametrize("fmt", FORMATS_I8)
+def test_sparse_int8_matmul_adversarial_values(isa, fmt):
+    n, k = 32, 1024
+    mask = _masked(fmt, n, k, seed=5) != 0
+    for av, wv in ((-128, -127), (-128, 127), (127, 127)):
+        a = torch.full((6, k), av, dtype=torch.int8)
+        w = torch.full((n, k), wv, dtype=torch.int8) * mask
+        assert torch.equal(ops.sparse_int8_matmul(a, ops.pack_sparse(w, fmt), n), int64_ref(a, w)), (av, wv)
+
+
+def test_nm24_panel_path_without_vbmi2():
+    """CPUs with VNNI but no VBMI2 (Cascade Lake) run 2:4 on decompressed panels: force that here."""
+    if "avx512_vnni" not in ISAS:
+        pytest.skip("needs avx512_vnni")
+    fastinfer.set_isa("avx512_vnni")
+    before = _C.set_sparse_vbmi2(False)
+    try:
+        assert not _C.sparse_vbmi2_active()
+        for m, k, n in SHAPES:
+            w = _masked("2:4", n, k, seed=m + k + n)
+            a = _i8(m, k, seed=m)
+            assert torch.equal(ops.sparse_int8_matmul(a, ops.pack_sparse(w, "2:4"), n), int64_ref(a, w))
+    finally:
+        _C.set_sparse_vbmi2(before)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 64, 65, 130])
+def test_sparse_linear_fp32_close_to_dense(isa, m):
+    n, k = 48, 300
+    w = torch.randn(n, k, generator=_gen(m)) * _mask_unstructured(n, k, 0.2, m + 1)
+    bias = torch.randn(n, generator=_gen(m + 2))
+    x = torch.randn(m, k, generator=_gen(m + 3))
+    out = ops.sparse_linear(x, ops.pack_sparse(w, "csr"), bias, n)
+    ref = (x.double() @ w.double().T + bias.double()).float()
+    # fp32 accumulation in another order than the float64 reference: |err| <= 1e-5 * sum|x||w| + ulp
+    bound = 1e-5 * (x.abs().double() @ w.abs().double().T).float() + 1e-6
+    assert ((out - ref).abs() <= bound).all(), (out - ref).abs().max()
+
+
+# ------------------------------------------------------------------------------------- layers
+
+
+def _pruned_linear(k, n, fmt, seed=0, bias=True):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        w = lin.weight
+        if fmt == "2:4":
+            m = _mask_nm(n, k, 2, seed)
+        elif fmt == "block":
+            m = _mask_block(n, k, 0.4, seed)
+        else:
+            m = _mask_unstructured(n, k, 0.1, seed)
+        w.mul_(m)
+    return lin
+
+
+@pytest.mark.parametrize("fmt", FORMATS_I8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_int8_linear_equals_dense_int8linear(isa, fmt, dtype, bias):
+    lin = _pruned_linear(192, 80, fmt, seed=3, bias=bias)
+    dense = Int8Linear.from_linear(lin)
+    sparse = SparseInt8Linear.from_int8linear(dense, fmt)
+    assert sparse.format == fmt
+    for shape in [(1, 192), (7, 192), (2, 5, 192), (0, 192)]:
+        x = torch.randn(*shape, generator=_gen(len(shape))).to(dtype)
+        y = sparse(x)
+        assert y.dtype == dtype and y.shape == (*shape[:-1], 80)
+        assert torch.equal(y, dense(x)), (fmt, shape)
+
+
+def test_sparse_linear_layer_bf16_and_nd():
+    lin = _pruned_linear(96, 40, "csr", seed=4)
+    s = SparseLinear.from_linear(lin)
+    x = torch.randn(2, 3, 96, generator=_gen(5))
+    torch.testing.assert_close(s(x), lin(x).detach(), rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    y = s(xb)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), lin(xb.float()).detach(), rtol=1e-2, atol=1e-2)
+    assert "format=csr fp32" in repr(s) and "sparsity=9" in repr(s)
+
+
+def test_repr_and_stats():
+    s = SparseInt8Linear.from_linear(_pruned_linear(128, 32, "2:4"), "2:4")
+    nnz, numel = s.sparsity_stats()
+    assert numel == 128 * 32 and nnz <= numel // 2
+    r = repr(s)
+    assert "format=2:4 int8" in r and "in_features=128" in r and "kernel=" in r
+
+
+@pytest.mark.parametrize("fmt", FORMATS_I8)
+def test_state_dict_round_trip_across_different_sparsity(fmt):
+    a = SparseInt8Linear.from_linear(_pruned_linear(128, 48, fmt, seed=1), fmt)
+    b = SparseInt8Linear(128, 48, format=fmt)  # empty: a different buffer size
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 128, generator=_gen(6))
+    assert torch.equal(a(x), b(x))
+    c = SparseInt8Linear(64, 48)
+    with pytest.raises(RuntimeError, match=r"holds a \[48, 128\] weight"):
+        c.load_state_dict(a.state_dict())
+
+
+def test_dtype_cast_keeps_fp32_buffers():
+    s = SparseInt8Linear.from_linear(_pruned_linear(64, 16, "csr"))
+    x = torch.randn(3, 64, generator=_gen(7)).bfloat16()
+    ref = s(x)
+    s = s.bfloat16()
+    assert s.weight_scale.dtype == torch.float32 and torch.equal(s(x), ref)
+
+
+# ------------------------------------------------------------------------------------- sparsify
+
+
+def test_choose_format_follows_the_zeros():
+    rule = SparseRule()
+    n, k = 64, 256
+    base = _i8(n, k, seed=8, low=1, high=127)
+    assert choose_format(base * _mask_block(n, k, 0.3, 1), rule) == "block"
+    assert choose_format(base * _mask_nm(n, k, 2, 2), rule) == "2:4"
+    assert choose_format(base * _mask_unstructured(n, k, 0.03, 3), rule) == "csr"
+    assert choose_format(base * _mask_unstructured(n, k, 0.5, 4), rule) is None
+    assert choose_format(base, rule) is None
+    f = torch.randn(n, k, generator=_gen(9))
+    assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), rule) == "csr"
+    assert choose_format(f, rule) is None
+    with pytest.raises(ValueError, match="int8_csr_max_density"):
+        SparseRule(int8_csr_max_density=1.5)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+
+
+def _prune_(model, layers_masks):
+    with torch.no_grad():
+        for idx, mask_fn in layers_masks.items():
+            w = model[idx].weight
+            w.mul_(mask_fn(*w.shape))
+
+
+def test_sparsify_converts_only_what_pays_and_keeps_the_original():
+    m = _net()
+    _prune_(m, {0: lambda n, k: _mask_unstructured(n, k, 0.1, 1), 2: lambda n, k: _mask_block(n, k, 0.3, 2)})
+    before = [p.clone() for p in m.parameters()]
+    s = sparsify(m)
+    assert [type(x).__name__ for x in s] == ["SparseLinear", "ReLU", "SparseLinear", "ReLU", "Linear"]
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    x = torch.randn(5, 128, generator=_gen(10))
+    torch.testing.assert_close(s(x), m(x), rtol=1e-5, atol=1e-5)
+    q = sparsify(fastinfer.quantize(m))
+    assert [type(x).__name__ for x in q] == ["Int8Linear", "ReLU", "SparseInt8Linear", "ReLU", "Int8Linear"]
+    assert q[2].format == "block"
+    s2 = sparsify(m, skip=("2",))
+    assert type(s2[2]) is nn.Linear
+
+
+def test_quantize_after_sparsify_equals_sparsify_after_quantize():
+    m = _net()
+    _prune_(m, {
+        0: lambda n, k: _mask_nm(n, k, 2, 3),
+        2: lambda n, k: _mask_unstructured(n, k, 0.04, 4),
+        4: lambda n, k: _mask_block(n, k, 0.5, 5),
+    })  # fmt: skip
+    a = fastinfer.quantize(sparsify(m))
+    b = sparsify(fastinfer.quantize(m))
+    x = torch.randn(9, 128, generator=_gen(11))
+    assert torch.equal(a(x), b(x))
+    assert torch.equal(a(x), fastinfer.quantize(m)(x))  # and the same as the dense int8 model
+    assert any(isinstance(l, SparseInt8Linear) for l in a.modules())
+
+
+def test_sparsify_shared_layer_and_root_layer():
+    shared = _pruned_linear(64, 64, "csr")
+    model = nn.Module()
+    model.a = shared
+    model.b = shared
+    s = sparsify(model)
+    assert isinstance(s.a, SparseLinear) and s.a is s.b
+    assert isinstance(sparsify(_pruned_linear(64, 64, "csr")), SparseLinear)
+    with pytest.raises(TypeError, match="nn.Module"):
+        sparsify("nope")
+
+
+def test_prune_then_sparsify_reports_sparsity():
+    m = _net()
+    p = fastinfer.prune(m, 0.95, skip=("4",))
+    s = sparsify(p)
+    rows = {r.name: r for r in fastinfer.sparsity_report(s)}
+    assert isinstance(s[0], SparseLinear)
+    assert abs(rows["0"].sparsity - 0.95) < 1e-3 and rows["0"].kind == "SparseLinear"
+
+
+# ------------------------------------------------------------------------- compile / opcheck
+
+
+def _opcheck_samples():
+    w8 = {f: _masked(f, 19, 130, seed=20) for f in FORMATS_I8}
+    lin = _pruned_linear(130, 19, "csr", seed=21)
+    dense = Int8Linear.from_linear(lin)
+    wf = torch.randn(19, 130, generator=_gen(22)) * _mask_unstructured(19, 130, 0.2, 23)
+    out = []
+    for f, w in w8.items():
+        out.append(("sparse_int8_matmul", (_i8(5, 130, seed=24), ops.pack_sparse(w, f), 19)))
+        sp = SparseInt8Linear.from_int8linear(dense, f if f != "2:4" else "csr")
+        out.append(("sparse_int8_linear", (torch.randn(3, 130, generator=_gen(25)), sp.sparse_weight,
+                                           sp.weight_scale, sp.bias)))  # fmt: skip
+    out.append(("sparse_linear", (torch.randn(4, 130, generator=_gen(26)), ops.pack_sparse(wf), None, 19)))
+    out.append(("sparse_linear", (torch.randn(2, 2, 130, generator=_gen(27)), ops.pack_sparse(wf), lin.bias.detach(), 19)))
+    return out
+
+
+@pytest.mark.parametrize("i", range(len(_opcheck_samples())))
+def test_opcheck_sparse(i):
+    name, args = _opcheck_samples()[i]
+    result = opcheck(getattr(torch.ops.fastinfer, name), args)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_torch_compile_fullgraph_on_sparsified_model():
+    torch._dynamo.reset()
+    m = _net()
+    _prune_(m, {0: lambda n, k: _mask_unstructured(n, k, 0.05, 1), 2: lambda n, k: _mask_block(n, k, 0.3, 2)})
+    for model in (sparsify(m), sparsify(fastinfer.quantize(m))):
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.no_grad():
+            for shape in [(4, 128), (7, 128), (2, 3, 128)]:
+                x = torch.randn(*shape, generator=_gen(shape[0]))
+                assert torch.equal(compiled(x), model(x)), shape
+
+
+# -------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise():
+    s = SparseInt8Linear.from_linear(_pruned_linear(64, 16, "csr"))
+    f = SparseLinear.from_linear(_pruned_linear(64, 16, "csr"))
+    for layer in (s, f):
+        with pytest.raises(ValueError, match="last dim must be 64"):
+            layer(torch.randn(3, 63))
+        with pytest.raises(TypeError, match="float32 and bfloat16"):
+            layer(torch.randn(3, 64).double())
+        with pytest.raises(TypeError, match="expects a tensor"):
+            layer([1.0] * 64)
+    with pytest.raises(ValueError, match="unknown format 'coo'"):
+        ops.pack_sparse(torch.zeros(2, 2, dtype=torch.int8), "coo")
+    with pytest.raises(TypeError, match="needs int8"):
+        ops.pack_sparse(torch.zeros(2, 2), "2:4")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ops.pack_sparse(torch.tensor([[float("nan")]]), "csr")
+    with pytest.raises(TypeError, match="holds float32 weights"):
+        ops.sparse_int8_matmul(_i8(2, 64), f.sparse_weight, 16)
+    with pytest.raises(TypeError, match="holds int8 weights"):
+        ops.sparse_linear(torch.randn(2, 64), s.sparse_weight, None, 16)
+    with pytest.raises(ValueError, match="K=63"):
+        ops.sparse_int8_matmul(_i8(2, 63), s.sparse_weight, 16)
+    y = ops.sparse_linear(torch.empty(2, 64, device="meta"), f.sparse_weight, None, 16)  # shape inference
+    assert y.device.type == "meta" and y.shape == (2, 16)
+
+
+def test_corrupt_buffers_raise_instead_of_crashing():
+    """Every corruption is run in a subprocess: a segfault would fail the test, not the session."""
+    code = """
+        import torch
+        from fastinfer import ops
+        w = torch.zeros(16, 128, dtype=torch.int8); w[::3, ::5] = 7
+        a = torch.ones(2, 128, dtype=torch.int8)
+        caught = 0
+        for fmt in ("csr", "2:4", "block"):
+            good = ops.pack_sparse(w, fmt if fmt != "2:4" else "csr") if fmt != "2:4" else ops.pack_sparse(w[:, ::2].repeat_interleave(2, 1) * torch.tensor([1, 0] * 64, dtype=torch.int8), "2:4")
+            n = good.numel()
+            for off, val in [(0, 1), (8, 99), (16, 255), (70, 255), (64 + 8, 200), (n - 1, 255), (n // 2, 255), (200, 255)]:
+                bad = good.clone()
+                bad[min(off, n - 1)] = val
+                try:
+                    ops.sparse_int8_matmul(a, bad, 16)
+                except (ValueError, TypeError):
+                    caught += 1
+            try:
+                ops.sparse_int8_matmul(a, good[:-64].clone(), 16)
+            except ValueError:
+                caught += 1
+        # in-place corruption after a successful call is noticed (tensor version changed)
+        p = ops.pack_sparse(w, "csr")
+        ops.sparse_int8_matmul(a, p, 16)
+        info = ops.sparse_info(p)
+        idx_off = 64 + ((8 * 17 + 63) // 64) * 64
+        p[idx_off:idx_off + 2] = 255  # first column index -> 65535 >= K
+        try:
+            ops.sparse_int8_matmul(a, p, 16)
+        except ValueError as e:
+            assert "out of range" in str(e), e
+            caught += 1
+        print("caught", caught)
+    """
+    res = run_python(code, timeout=120)
+    assert res.returncode == 0, f"exit {res.returncode}\\n{res.stderr[-2000:]}"
+    caught = int(res.stdout.split()[-1])
+    assert caught >= 4, res.stdout
