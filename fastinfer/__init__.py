@@ -2,6 +2,8 @@
 
     import fastinfer
     qmodel = fastinfer.quantize(model)      # nn.Linear -> fastinfer.nn.Int8Linear
+    pruned = fastinfer.prune(model, 0.5, pattern="2:4", method="wanda", calibration_data=batches)
+    fast = fastinfer.sparsify(fastinfer.quantize(pruned))   # -> SparseInt8Linear where it pays
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from fastinfer import nn, ops
 from fastinfer._backend import available_isas, set_isa, set_num_threads
 from fastinfer.convert import QuantConfig, quantize
 from fastinfer.prune import LayerSparsity, prune, sparsity_report
+from fastinfer.sparsify import SparseRule, sparsify
 
 try:
     __version__ = _pkg_version("fastinfer")
@@ -21,8 +24,8 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0+unknown"
 
 __all__ = [
-    "LayerSparsity", "QuantConfig", "__version__", "available_isas", "info", "nn", "ops", "prune",
-    "quantize", "set_isa", "set_num_threads", "sparsity_report",
+    "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "info", "nn", "ops",
+    "prune", "quantize", "set_isa", "set_num_threads", "sparsify", "sparsity_report",
 ]  # fmt: skip
 
 

@@ -64,7 +64,8 @@ def test_detected_isa_consistent_with_cpu_flags():
 
 
 def test_public_names():
-    for name in ("QuantConfig", "available_isas", "info", "nn", "ops", "quantize", "set_isa", "set_num_threads"):
+    for name in ("QuantConfig", "available_isas", "info", "nn", "ops", "quantize", "set_isa", "set_num_threads",
+                 "prune", "sparsify", "SparseRule", "sparsity_report", "LayerSparsity"):
         assert hasattr(fastinfer, name), name
         assert name in fastinfer.__all__
 
