@@ -15,11 +15,48 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_sparse(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinfer import _bench, _bench_sparse
+
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",")] if args.sparsities else list(_bench_sparse.SPARSITIES)
+        ms = [int(m) for m in args.ms.split(",")] if args.ms else list(_bench_sparse.MS)
+        if any(not 0 <= s < 1 for s in sparsities) or any(m < 1 for m in ms):
+            raise ValueError("--sparsities must be in [0, 1) and --ms positive")
+        shapes = _bench_sparse.WEIGHT_SHAPES
+        if args.shapes:  # KxN here
+            shapes = []
+            for t in args.shapes.split(","):
+                k, n = (int(v) for v in t.lower().split("x"))
+                shapes.append((k, n))
+    except ValueError as e:
+        print(f"fastinfer bench: error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
+    meta = _bench.environment_meta(command=command, dram=False)
+    timing = (3, 0.01, 0.01) if args.quick else _bench_sparse.TIMING
+    rows = _bench_sparse.run(_bench_sparse.default_cases(shapes, sparsities), ms=ms,
+                             progress=not args.no_progress, timing=timing)  # fmt: skip
+    text = _bench_sparse.format_markdown(rows, meta)
+    print(text, end="")
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"(written to {args.output})", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     import fastinfer
     from fastinfer import _bench
+
+    if args.suite == "sparse":
+        return _cmd_bench_sparse(args)
 
     try:
         if args.shapes:
@@ -75,7 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         "engine) and torch._int_mm in one process, interleaved, and prints a markdown table of "
         "times, TOPS, ratios and (for small M) weight bandwidth.",
     )
-    p.add_argument("--shapes", help="comma-separated MxKxN list (default: the five standard shapes)")
+    p.add_argument(
+        "--suite", choices=("dense", "sparse"), default="dense",
+        help="dense: Int8Linear vs PyTorch peers (default); sparse: sparse layers vs dense and torch CSR",
+    )  # fmt: skip
+    p.add_argument("--shapes", help="comma-separated MxKxN list (default: the five standard shapes); "
+                   "with --suite sparse: KxN weight shapes")  # fmt: skip
+    p.add_argument("--sparsities", help="--suite sparse: comma-separated sparsities (default 0.5,0.75,0.9,0.95)")
+    p.add_argument("--ms", help="--suite sparse: comma-separated batch sizes M (default 1,16,128,512)")
     p.add_argument("--threads", type=int, default=2, help="torch (and fastinfer) threads (default: 2)")
     p.add_argument(
         "--isa", help="comma-separated ISAs for Int8Linear, first one is the baseline "

@@ -416,9 +416,8 @@ void panel(const SparseView& w, int64_t nb, int8_t* out) {
         const auto* masks = reinterpret_cast<const uint64_t*>(blk);
         const auto* vals = reinterpret_cast<const int8_t*>(blk + groups * 8);
         for (int64_t g = 0; g < groups; ++g) {
-            int p = 0;
-            for (int b = 0; b < 64; ++b)
-                if (masks[g] >> b & 1) out[g * 64 + b] = vals[g * 32 + p++];
+            const int8_t* v = vals + g * 32;
+            for (uint64_t mk = masks[g]; mk; mk &= mk - 1) out[g * 64 + __builtin_ctzll(mk)] = *v++;
         }
     } else if (w.fmt == SparseFormat::kBlockI8) {
         for (int64_t t = w.tileptr[nb]; t < w.tileptr[nb + 1]; ++t)
