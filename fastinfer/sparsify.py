@@ -26,18 +26,22 @@ class SparseRule:
     """When a pruned layer becomes sparse. Densities are fractions of nonzero weights (tiles for
     block). A layer denser than its format's limit stays dense.
 
-    Measured on the development machine (AMD EPYC Zen 5, 2 threads, 4096 x 4096; bench/RESULTS.md):
-      * fp32 "csr" beats dense fp32 nn.Linear at every M tried up to 50% density at M=1 ... and
-        from 25% down at M >= 128 (dense fp32 GEMM is compute-efficient there);
-      * int8 "csr" (per-nonzero gathers) does not beat the dense int8 kernel at M = 1 even at 5%
-        density (the dense kernel streams 4 weights per byte-cycle; gathers cost ~20 cycles per 16);
-        it wins for M >= 16 only at <= 5-10% density, so the default keeps int8 layers dense above 6%;
-      * int8 "block" skips whole tiles and wins from ~60% tile density down at every M;
-      * int8 "2:4" streams 40/64 of the dense bytes: faster at small M, equal at large M.
+    Measured on the development machine (AMD EPYC Zen 5, 2 threads, `fastinfer bench --suite
+    sparse`, bench/RESULTS.md), 4096 x 4096 and 768 x 3072, M in {1, 16, 128, 512}:
+      * fp32 "csr" vs dense fp32 nn.Linear: faster at every M from 75% sparsity up (1.1x-15x), mixed
+        at 50% (0.5x-1.4x) -> fp32 layers with at most 25% nonzeros become SparseLinear;
+      * int8 "csr" vs the dense int8 kernel: slower everywhere measured, even at 95% sparsity
+        (0.33x-0.9x: per-nonzero gathers cost more than streaming 64 int8 weights per instruction)
+        -> never chosen by default (int8_csr_max_density = 0);
+      * int8 "block" (16 x 64 tiles): 1.3x-1.6x at 50% tile sparsity, 2.3x-2.8x at 75%, up to 9.6x
+        at 95%, at every M -> chosen up to 60% nonzero tiles;
+      * int8 "2:4": 1.2x-1.4x at M = 1 (40/64 of the weight bytes), ~1.0x at M = 4, 0.9x at M >= 16
+        (same multiply count plus the expansion) -> chosen (int8_nm24=True) for decode-style use;
+        set int8_nm24=False for models that mostly run large batches.
     """
 
     fp32_csr_max_density: float = 0.25
-    int8_csr_max_density: float = 0.06
+    int8_csr_max_density: float = 0.0
     int8_block_max_tile_density: float = 0.6
     int8_nm24: bool = True
 

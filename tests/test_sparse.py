@@ -247,7 +247,10 @@ def test_choose_format_follows_the_zeros():
     base = _i8(n, k, seed=8, low=1, high=127)
     assert choose_format(base * _mask_block(n, k, 0.3, 1), rule) == "block"
     assert choose_format(base * _mask_nm(n, k, 2, 2), rule) == "2:4"
-    assert choose_format(base * _mask_unstructured(n, k, 0.03, 3), rule) == "csr"
+    very_sparse = base * _mask_unstructured(n, k, 0.03, 3)
+    assert choose_format(very_sparse, rule) == "2:4"  # fits 2:4; int8 csr is never the default
+    assert choose_format(very_sparse, SparseRule(int8_csr_max_density=0.05)) == "csr"
+    assert choose_format(very_sparse, SparseRule(int8_nm24=False)) is None
     assert choose_format(base * _mask_unstructured(n, k, 0.5, 4), rule) is None
     assert choose_format(base, rule) is None
     f = torch.randn(n, k, generator=_gen(9))

@@ -447,22 +447,23 @@ int64_t csr_rows_per_task(int64_t n) { return std::max<int64_t>(16, (n + 63) / 6
 // is decompressed to K4N16 and multiplied with that ISA's dense GEMM (exact on every path).
 void panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep,
                 int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-    int8_t* p = reinterpret_cast<int8_t*>(t_panel.get(size_t(kNBlock * w.kp)));
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-        ref::panel(w, nb, p);
-        const int64_t n0 = nb * kNBlock;
-        PackedW pv{std::min<int64_t>(kNBlock, w.n - n0), w.k, kNBlock, w.kp, w.colsum + n0, p};
-        Epilogue e = ep;
-        if (ep.kind == DType::kI32)
-            e.out = static_cast<int32_t*>(ep.out) + n0;
-        else if (ep.kind == DType::kF32)
-            e.out = static_cast<float*>(ep.out) + n0;
-        else
-            e.out = static_cast<uint16_t*>(ep.out) + n0;
-        if (ep.sw) e.sw = ep.sw + n0;
-        if (ep.bias) e.bias = ep.bias + n0;
-        kr.gemm(a, pv, e, m0, m1, 0, 1);
-    }
+    // Blocks [nb0, nb1) decompressed side by side form a dense K4N16 buffer of (nb1 - nb0) blocks,
+    // so the dense kernel runs with its full register tile (4 blocks per A broadcast).
+    const int64_t nblk = nb1 - nb0, bstride = kNBlock * w.kp;
+    int8_t* p = reinterpret_cast<int8_t*>(t_panel.get(size_t(nblk * bstride)));
+    for (int64_t nb = nb0; nb < nb1; ++nb) ref::panel(w, nb, p + (nb - nb0) * bstride);
+    const int64_t n0 = nb0 * kNBlock;
+    PackedW pv{std::min(nblk * kNBlock, w.n - n0), w.k, nblk * kNBlock, w.kp, w.colsum + n0, p};
+    Epilogue e = ep;
+    if (ep.kind == DType::kI32)
+        e.out = static_cast<int32_t*>(ep.out) + n0;
+    else if (ep.kind == DType::kF32)
+        e.out = static_cast<float*>(ep.out) + n0;
+    else
+        e.out = static_cast<uint16_t*>(ep.out) + n0;
+    if (ep.sw) e.sw = ep.sw + n0;
+    if (ep.bias) e.bias = ep.bias + n0;
+    kr.gemm(a, pv, e, m0, m1, 0, nblk);
 }
 
 void run_panels(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep) {
@@ -478,6 +479,8 @@ void run_panels(const Kernels& kr, const Activations& a, const SparseView& w, co
         if (vnni && w.fmt == SparseFormat::kBlockI8)
             avx512_vnni::block_gemm(a, w, ep, m0, m1, nb0, nb1);
         else if (vnni && w.fmt == SparseFormat::kNm24I8 && use_vbmi2())
+            // in-register expansion at every M: expanding 4 panels to memory first and running the
+            // dense kernel measured 0.46x-0.68x of dense at M = 5..16 and no better at M >= 128
             avx512_vbmi2::nm24_gemm(a, w, ep, m0, m1, nb0, nb1);
         else
             panel_gemm(kr, a, w, ep, m0, m1, nb0, nb1);
