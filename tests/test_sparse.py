@@ -241,7 +241,17 @@ def test_dtype_cast_keeps_fp32_buffers():
 # ------------------------------------------------------------------------------------- sparsify
 
 
+def test_choose_format_keeps_int8_dense_without_sparse_kernels():
+    w = _i8(64, 256, seed=8, low=1, high=127) * _mask_block(64, 256, 0.3, 1)
+    if "avx512_vnni" in ISAS:
+        assert choose_format(w) == "block"
+    fastinfer.set_isa("avx2" if "avx2" in ISAS else "ref")
+    assert choose_format(w) is None  # panels on avx2/ref are not faster than the dense kernel
+
+
 def test_choose_format_follows_the_zeros():
+    if "avx512_vnni" not in ISAS or not _C.sparse_vbmi2_active():
+        pytest.skip("the default rule's int8 choices are for avx512_vnni with vbmi2")
     rule = SparseRule()
     n, k = 64, 256
     base = _i8(n, k, seed=8, low=1, high=127)
