@@ -43,6 +43,11 @@ class Case:
     N: int
     pattern: str  # "unstructured", "block", "2:4"
     sparsity: float
+    block: tuple[int, int] = (16, 64)  # tile shape for pattern "block" (prune's default)
+
+    @property
+    def label(self) -> str:
+        return f"block {self.block[0]}x{self.block[1]}" if self.pattern == "block" else self.pattern
 
 
 def default_cases(shapes=WEIGHT_SHAPES, sparsities=SPARSITIES) -> list[Case]:
@@ -51,6 +56,7 @@ def default_cases(shapes=WEIGHT_SHAPES, sparsities=SPARSITIES) -> list[Case]:
         for s in sparsities:
             cases.append(Case(K, N, "unstructured", s))
             cases.append(Case(K, N, "block", s))
+        cases.append(Case(K, N, "block", 0.75, (64, 64)))  # 4 channel blocks share tiles: full VNNI tile
         cases.append(Case(K, N, "2:4", 0.5))
     return cases
 
@@ -59,7 +65,8 @@ def _pruned_linear(case: Case, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     lin = nn.Linear(case.K, case.N).eval()
     pattern = {"unstructured": "unstructured", "block": "block", "2:4": "2:4"}[case.pattern]
-    return fastinfer.prune(lin, case.sparsity, pattern=pattern, inplace=True, progress=False)
+    extra = {"block": case.block} if case.pattern == "block" else {}
+    return fastinfer.prune(lin, case.sparsity, pattern=pattern, inplace=True, progress=False, **extra)
 
 
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -173,7 +180,7 @@ def run(cases: Iterable[Case] | None = None, ms: Iterable[int] = MS, progress: b
                 layers = _layers(case)
             for M in ms:
                 if bar is not None:
-                    bar.set_postfix_str(f"{case.pattern} {case.sparsity:.0%} M={M} {case.K}x{case.N}")
+                    bar.set_postfix_str(f"{case.label} {case.sparsity:.0%} M={M} {case.K}x{case.N}")
                 rows += _run_one(case, M, layers, rounds, target_s, settle_s)
                 if bar is not None:
                     bar.update(1)
@@ -189,7 +196,7 @@ def _run_one(case: Case, M: int, layers: dict, rounds: int, target_s: float, set
         probes = _read_probes(case.N * case.K) if M <= SMALL_M else []
         samples = time_peers(peers + probes, rounds, target_s, settle_s)
     read_bw = max((p.read_bytes / statistics.median(samples[p.name]) for p in probes), default=None)
-    base = {"K": case.K, "N": case.N, "M": M, "pattern": case.pattern, "sparsity": case.sparsity}
+    base = {"K": case.K, "N": case.N, "M": M, "pattern": case.label, "sparsity": case.sparsity}
     ref_names = ("fp32 nn.Linear (dense)", "ours Int8Linear (dense)", "torch CSR fp32")
     rows = []
     for p in peers:

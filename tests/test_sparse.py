@@ -136,6 +136,21 @@ def test_sparse_int8_matmul_adversarial_values(isa, fmt):
         assert torch.equal(ops.sparse_int8_matmul(a, ops.pack_sparse(w, fmt), n), int64_ref(a, w)), (av, wv)
 
 
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 100])
+@pytest.mark.parametrize("n", [64, 128, 80, 200])
+def test_block_tiles_shared_by_four_channel_blocks(isa, m, n):
+    """64-row blocks give 4 consecutive 16-channel blocks the same tile list: the VNNI kernel then
+    runs them as one 4-block register tile (a tail group with fewer blocks runs one by one)."""
+    k = 320
+    t = torch.rand((n + 63) // 64, k // 64, generator=_gen(n)) < 0.5
+    mask = t.repeat_interleave(64, 0)[:n].repeat_interleave(64, 1)
+    w = _i8(n, k, seed=m + n, low=-127) * mask
+    w[:, 0] = 0  # keep a tile whose first column is zero but which is still nonzero
+    a = _i8(m, k, seed=m * 3)
+    p = ops.pack_sparse(w, "block")
+    assert torch.equal(ops.sparse_int8_matmul(a, p, n), int64_ref(a, w))
+
+
 def test_nm24_panel_path_without_vbmi2():
     """CPUs with VNNI but no VBMI2 (Cascade Lake) run 2:4 on decompressed panels: force that here."""
     if "avx512_vnni" not in ISAS:

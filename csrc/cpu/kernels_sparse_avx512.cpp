@@ -136,6 +136,74 @@ void block_micro(const Activations& a, const SparseView& w, const Epilogue& ep, 
     }
 }
 
+// MR rows x 4 16-channel blocks whose nonzero tiles sit at the same k positions (what pruning
+// with 64-row blocks produces): the dense kernel's 6 x 4 register tile over the shared tiles only.
+template <int MR>
+void block_micro4(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m, int64_t nb) {
+    __m512i acc[MR][4];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+    const int8_t* ap[MR];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
+    const int64_t count = w.tileptr[nb + 1] - w.tileptr[nb];
+    for (int64_t tt = 0; tt < count; ++tt) {
+        const int8_t* wt[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) wt[j] = w.tiles + (w.tileptr[nb + j] + tt) * (kNBlock * kTileK);
+        const int64_t k0 = int64_t(w.tilek[w.tileptr[nb] + tt]) * kTileK;
+        for (int g = 0; g < kTileK / 4; ++g) {
+            __m512i wv[4];
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) wv[j] = _mm512_load_si512(wt[j] + g * 64);
+            _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) {
+                int32_t a4;
+                std::memcpy(&a4, ap[i] + k0 + g * 4, 4);
+                const __m512i av = _mm512_set1_epi32(a4);
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) dpbusd(acc[i][j], av, wv[j]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) store_cols(acc[i][j], w.n, w.colsum, ep, m + i, (nb + j) * kNBlock);
+}
+
+// True when blocks nb..nb+3 list the same k-tiles.
+bool same_tiles4(const SparseView& w, int64_t nb) {
+    const int64_t t0 = w.tileptr[nb], count = w.tileptr[nb + 1] - t0;
+    for (int j = 1; j < 4; ++j) {
+        const int64_t tj = w.tileptr[nb + j];
+        if (w.tileptr[nb + j + 1] - tj != count) return false;
+        for (int64_t t = 0; t < count; ++t)
+            if (w.tilek[tj + t] != w.tilek[t0 + t]) return false;
+    }
+    return true;
+}
+
+template <template <int> class F, class... Args>
+void rows6(int64_t m0, int64_t m1, Args&&... args) {
+    int64_t m = m0;
+    for (; m + 6 <= m1; m += 6) F<6>::run(m, args...);
+    switch (m1 - m) {
+        case 5: F<5>::run(m, args...); break;
+        case 4: F<4>::run(m, args...); break;
+        case 3: F<3>::run(m, args...); break;
+        case 2: F<2>::run(m, args...); break;
+        case 1: F<1>::run(m, args...); break;
+        default: break;
+    }
+}
+
+template <int MR>
+struct Block1 {
+    static void run(int64_t m, const Activations& a, const SparseView& w, const Epilogue& ep, int64_t nb) {
+        block_micro<MR>(a, w, ep, m, nb);
+    }
+};
+template <int MR>
+struct Block4 {
+    static void run(int64_t m, const Activations& a, const SparseView& w, const Epilogue& ep, int64_t nb) {
+        block_micro4<MR>(a, w, ep, m, nb);
+    }
+};
+
 }  // namespace
 
 void csr_f32(const SparseView& w, const float* x, int64_t ldx, const float* xt, int64_t ldt, int64_t m0,
@@ -188,17 +256,13 @@ void csr_i8(const SparseView& w, const int32_t* q32, int64_t ldq, bool transpose
 
 void block_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
                 int64_t nb0, int64_t nb1) {
-    constexpr int kMR = 6;
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-        int64_t m = m0;
-        for (; m + kMR <= m1; m += kMR) block_micro<kMR>(a, w, ep, m, nb);
-        switch (m1 - m) {
-            case 5: block_micro<5>(a, w, ep, m, nb); break;
-            case 4: block_micro<4>(a, w, ep, m, nb); break;
-            case 3: block_micro<3>(a, w, ep, m, nb); break;
-            case 2: block_micro<2>(a, w, ep, m, nb); break;
-            case 1: block_micro<1>(a, w, ep, m, nb); break;
-            default: break;
+    for (int64_t nb = nb0; nb < nb1;) {
+        if (nb + 4 <= nb1 && same_tiles4(w, nb)) {
+            rows6<Block4>(m0, m1, a, w, ep, nb);
+            nb += 4;
+        } else {
+            rows6<Block1>(m0, m1, a, w, ep, nb);
+            nb += 1;
         }
     }
 }
