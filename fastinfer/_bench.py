@@ -533,6 +533,31 @@ def dram_read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
+def int8_peak_tops(isa_name: str | None = None, seconds: float = 0.05, repeats: int = 5) -> float | None:
+    """Register-only int8 multiply-add rate of the active (or given) ISA's dot instruction on all of
+    fastinfer's threads (vpdpbusd chains for avx512_vnni, vpmaddwd for avx2), in TOPS (2 ops per
+    multiply-add). The compute ceiling a large-M GEMM can approach; None for the ref path."""
+    from fastinfer import _C
+
+    with isa(isa_name) if isa_name else nullcontext():
+        if _backend.active_isa() == "ref":
+            return None
+        _backend.sync_threads()
+        iters = 1000
+        while True:
+            t0 = time.perf_counter()
+            _C.dot_peak(iters)
+            if time.perf_counter() - t0 > seconds / 4 or iters > 1 << 30:
+                break
+            iters *= 4
+        best = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            macs = _C.dot_peak(iters)
+            best = max(best, 2.0 * macs / (time.perf_counter() - t0) / 1e12)
+        return best
+
+
 def environment_meta(command: str | None = None, dram: bool = True) -> dict:
     info = fastinfer.info()
     meta = {
@@ -551,6 +576,7 @@ def environment_meta(command: str | None = None, dram: bool = True) -> dict:
     }
     if dram:
         meta["dram_read_gbps"] = dram_read_bandwidth()
+    meta["peak_tops"] = {name: int8_peak_tops(name) for name in info["isa_available"] if name != "ref"}
     return meta
 
 
@@ -580,6 +606,9 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
             extra.append(f"read bandwidth of a 256 MiB buffer (DRAM, context only): {meta['dram_read_gbps']:.0f} GB/s")
         if extra:
             out.append("- " + "; ".join(extra))
+        if meta.get("peak_tops"):
+            peaks = ", ".join(f"{k} {v:.2f} TOPS" for k, v in meta["peak_tops"].items() if v)
+            out.append(f"- int8 compute ceiling (register-only dot instructions on all threads, this run): {peaks}")
         if meta.get("date"):
             out.append(f"- date: {meta['date']}")
         rounds = next((r.get("rounds") for r in results if r.get("rounds")), None)
@@ -653,6 +682,9 @@ def _summary(results: list[dict], meta: dict) -> list[str]:
         floats = [r for r in rows if r["kind"] == "float"]
         best = max(floats, key=lambda r: r["tops"], default=None)
         txt = f"- {s}: ours {ours['ms_median']:.3f} ms, {ours['tops']:.2f} TOPS"
+        peak = (meta.get("peak_tops") or {}).get(ours.get("isa") or "")
+        if peak and M > SMALL_M:
+            txt += f" = {ours['tops'] / peak * 100:.0f}% of the {ours['isa']} ceiling ({peak:.2f} TOPS)"
         if best is not None:
             txt += f"; best fp32-in/out peer {best['peer']} ({best['tops']:.2f} TOPS): ours {best['ratio']:.2f}x"
         if M <= SMALL_M and ours.get("bw_frac") is not None:

@@ -212,9 +212,13 @@ def test_block_already_zero_counts_first():
 
 
 def test_default_block_is_the_int8_tile():
+    """64 x 64 where out_features allows it (the kernel's 4-block register tile), else 16 x 64."""
     pruned = fastinfer.prune(_linear(_rand((32, 128))), 0.5, pattern="block")
     kept = _kept(pruned).reshape(2, 16, 2, 64).sum(dim=(1, 3))
     assert sorted(kept.flatten().tolist()) == [0, 0, 1024, 1024]
+    pruned = fastinfer.prune(_linear(_rand((128, 256))), 0.5, pattern="block")
+    kept = _kept(pruned).reshape(2, 64, 4, 64).sum(dim=(1, 3))
+    assert sorted(kept.flatten().tolist()) == [0] * 4 + [4096] * 4
 
 
 SPARSITIES = [0.0, 0.1, 0.25, 0.5, 0.73, 0.9, 0.99]

@@ -1,0 +1,55 @@
+"""The console script: `fastinfer info` and `fastinfer bench` (dense and sparse suites) on tiny
+shapes, and its argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fastinfer
+from fastinfer import cli
+
+
+def test_info_prints_json(capsys):
+    assert cli.main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["version"] == fastinfer.__version__ and info["isa"] in fastinfer.available_isas()
+
+
+def test_bench_dense_tiny(capsys, tmp_path):
+    out = tmp_path / "bench.md"
+    rc = cli.main(["bench", "--shapes", "4x64x48,32x128x64", "--rounds", "2", "--batch-ms", "1", "--no-progress",
+                   "--threads", "1", "-o", str(out)])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert out.read_text() == text
+    assert "| 4x64x48 | ours Int8Linear" in text and "| 32x128x64 | fp32 nn.Linear" in text
+    assert "1.00x (baseline)" in text and "int8 compute ceiling" in text
+    assert "NOT EXACT" not in text and "ABORTED" not in text
+
+
+def test_bench_sparse_tiny(capsys):
+    rc = cli.main(["bench", "--suite", "sparse", "--shapes", "128x64", "--sparsities", "0.75", "--ms", "1,5",
+                   "--quick", "--no-progress", "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    for peer in ("ours SparseInt8Linear (csr)", "ours SparseInt8Linear (block)", "ours SparseInt8Linear (2:4)",
+                 "ours SparseLinear (csr fp32)", "torch CSR fp32"):  # fmt: skip
+        assert peer in text, peer
+    assert "= Int8Linear" in text
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["bench", "--shapes", "4x64"], "must be MxKxN"),
+        (["bench", "--shapes", "0x64x64"], "must be positive"),
+        (["bench", "--isa", "sse9"], "not available here"),
+        (["bench", "--threads", "0"], "--threads must be >= 1"),
+        (["bench", "--suite", "sparse", "--sparsities", "1.5"], "--sparsities must be in [0, 1)"),
+    ],
+)
+def test_bench_bad_arguments(capsys, argv, msg):
+    assert cli.main(argv) == 2
+    assert msg in capsys.readouterr().err
