@@ -44,7 +44,7 @@ def _cpu_model() -> str:
 
 def info() -> dict:
     """What this installation can do here: version, ISA (detected and active), CUDA, threads."""
-    from fastinfer import _backend, _C
+    from fastinfer import _backend, _C, _cuda_ops
 
     return {
         "version": __version__,
@@ -53,7 +53,7 @@ def info() -> dict:
         "isa_available": _backend.available_isas(),
         "cpu": _cpu_model(),
         "cpu_flags": _C.cpu_flags(),
-        "cuda": {"built": False, "available": False, "reason": "the CUDA backend is not part of this build"},
+        "cuda": _cuda_ops.status(),
         "num_threads": _backend.num_threads(),
         "torch": torch.__version__,
     }

@@ -48,6 +48,15 @@ def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torc
     return None, None
 
 
+def _unpack_any(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """int8 [n, k] on the CPU from a CPU (K4N16) or GPU (RN128) packed weight."""
+    if packed.device.type == "cuda":
+        from fastinfer._cuda_layout import unpack_rn128
+
+        return unpack_rn128(packed).cpu()
+    return ops.unpack_int8_weight(packed, n, k)
+
+
 class Int8Linear(nn.Module):
     """y = x @ W^T + b with int8 weights (per output channel) and int8 activations (per token).
 
@@ -81,18 +90,13 @@ class Int8Linear(nn.Module):
             raise TypeError(
                 f"from_linear expects an nn.Linear (or a transformers Conv1D), got {type(linear).__name__}"
             )
-        if weight.device.type != "cpu":
-            raise RuntimeError(
-                f"Int8Linear.from_linear: the layer is on {weight.device}; only CPU is supported "
-                "in this build (the CUDA backend is not built)"
-            )
         q, scale = quantize_weight_per_channel(weight)
         mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
-        mod.set_weight(q, scale)
+        mod.set_weight(q.cpu(), scale.cpu())
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
         mod.train(linear.training)  # swapping a layer must not flip an eval() model to training
-        return mod
+        return mod.to(weight.device) if weight.device.type != "cpu" else mod
 
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         """Sets int8 weights [out, in] and their per-channel float32 scales [out] (re-packs)."""
@@ -102,8 +106,9 @@ class Int8Linear(nn.Module):
             )
         if tuple(scale.shape) != (self.out_features,):
             raise ValueError(f"scale must have shape [{self.out_features}], got {tuple(scale.shape)}")
-        self.packed_weight = ops.pack_int8_weight(q.detach().cpu())
-        self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous()
+        dev = self.packed_weight.device  # pack in the layout of the device the layer is on
+        self.packed_weight = ops.pack_int8_weight(q.detach().to(dev))
+        self.weight_scale = scale.detach().to(device=dev, dtype=torch.float32).contiguous()
 
     def _apply(self, fn, recurse=True):
         # model.bfloat16() / .half() / .to(dtype) cast every floating buffer. Ours are fp32 by
@@ -115,6 +120,11 @@ class Int8Linear(nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        # A move between CPU and CUDA re-packs: each device's kernels have their own weight layout.
+        old_p, new_p = before["packed_weight"], self._buffers["packed_weight"]
+        if old_p.device.type != new_p.device.type:
+            w = _unpack_any(old_p, self.out_features, self.in_features)
+            self._buffers["packed_weight"] = ops.pack_int8_weight(w.to(new_p.device))
         return self
 
     @property
@@ -179,6 +189,12 @@ class _SparseBase(nn.Module):
             self.sparse_weight = _ops_sparse._check_packed("load_state_dict", self.sparse_weight)
 
     def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0))
+        if probe.device.type not in ("cpu", "meta"):
+            raise RuntimeError(
+                f"{type(self).__name__} runs on the CPU only in this build (the CUDA sparse kernels are not "
+                "built yet); convert with .to_int8linear() / keep sparse layers on the CPU"
+            )
         before = {name: b for name, b in self._buffers.items() if b is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():

@@ -29,12 +29,10 @@ torch.library.define(
 
 
 def _check_cpu(name: str, **tensors: torch.Tensor | None) -> None:
+    """CPU, CUDA (the CUDA kernels say when their backend is missing) and meta tensors only."""
     for arg, t in tensors.items():
-        if t is not None and t.device.type not in ("cpu", "meta"):
-            raise RuntimeError(
-                f"fastinfer.{name}: {arg} is on {t.device}; only CPU tensors are supported in this "
-                "build (the CUDA backend is not built)"
-            )
+        if t is not None and t.device.type not in ("cpu", "cuda", "meta"):
+            raise RuntimeError(f"fastinfer.{name}: {arg} is on {t.device}; fastinfer runs on CPU and CUDA tensors")
 
 
 def _check_tensor(name: str, arg: str, t: object) -> torch.Tensor:
@@ -262,22 +260,67 @@ def _check_linear_params(
     return n
 
 
-# ------------------------------------------------------------------------- refusals on other devices
+# ------------------------------------------------------------------------------- kernels (CUDA)
+# fastinfer/_cuda_ops.py holds them; fastinfer._C_cuda is imported on the first CUDA call only.
 
 
-def _make_cuda_refusal(opname: str):
-    def refuse(*args, **kwargs):
-        raise RuntimeError(
-            f"fastinfer.{opname}: CUDA tensors are not supported yet (the CUDA backend is not built); "
-            "move the inputs and the module to the CPU"
-        )
+def _cuda_kernel(opname: str):
+    def wrap(fn):
+        torch.library.register_kernel(f"fastinfer::{opname}", "cuda", fn)
+        return fn
 
-    return refuse
+    return wrap
 
 
-for _op in ("quantize_per_token", "pack_int8_weight", "unpack_int8_weight", "int8_matmul",
-            "int8_matmul_packed", "int8_linear"):  # fmt: skip
-    torch.library.register_kernel(f"fastinfer::{_op}", "cuda", _make_cuda_refusal(_op))
+@_cuda_kernel("quantize_per_token")
+def _quantize_per_token_cuda(x):
+    _check_float_input("quantize_per_token", x)
+    from fastinfer import _cuda_ops
+
+    return _cuda_ops.quantize_per_token(x)
+
+
+@_cuda_kernel("pack_int8_weight")
+def _pack_cuda(w):
+    _check_int8_2d("pack_int8_weight", "w", w)
+    from fastinfer import _cuda_ops
+
+    return _cuda_ops.pack_int8_weight(w)
+
+
+@_cuda_kernel("unpack_int8_weight")
+def _unpack_cuda(packed, n, k):
+    from fastinfer import _cuda_ops
+
+    return _cuda_ops.unpack_int8_weight(packed, n, k)
+
+
+@_cuda_kernel("int8_matmul")
+def _int8_matmul_cuda(a, w):
+    _check_int8_2d("int8_matmul", "a", a)
+    _check_int8_2d("int8_matmul", "w", w)
+    if a.shape[1] != w.shape[1]:
+        raise ValueError(f"fastinfer.int8_matmul: a is {tuple(a.shape)} and w is {tuple(w.shape)}; K must match")
+    from fastinfer import _cuda_ops
+
+    return _cuda_ops.int8_matmul(a, w)
+
+
+@_cuda_kernel("int8_matmul_packed")
+def _int8_matmul_packed_cuda(a, packed, n):
+    _check_int8_2d("int8_matmul", "a", a)
+    from fastinfer import _cuda_ops
+
+    return _cuda_ops.int8_matmul_packed(a, packed, n)
+
+
+@_cuda_kernel("int8_linear")
+def _int8_linear_cuda(x, packed, w_scale, bias):
+    _check_float_input("int8_linear", x)
+    _check_linear_params(x, packed, w_scale, bias)
+    from fastinfer import _cuda_ops
+
+    return _cuda_ops.int8_linear(x, packed, w_scale, bias)
 
 
 # ---------------------------------------------------------------------------- fake implementations
@@ -355,7 +398,12 @@ def unpack_int8_weight(packed: torch.Tensor, n: int | None = None, k: int | None
     if n is None or k is None:
         if n is not None or k is not None:
             raise ValueError("fastinfer.unpack_int8_weight: give both n and k, or neither")
-        n, k = _packed_nk("unpack_int8_weight", _ensure_aligned(packed))
+        if packed.device.type == "cuda":
+            from fastinfer._cuda_layout import rn128_header
+
+            _, n, k, _, _ = rn128_header(packed)
+        else:
+            n, k = _packed_nk("unpack_int8_weight", _ensure_aligned(packed))
     return torch.ops.fastinfer.unpack_int8_weight(packed, n, k)
 
 

@@ -1,0 +1,150 @@
+"""CUDA kernels of the dense fastinfer ops, backed by fastinfer._C_cuda (imported lazily: CPU-only
+use never loads it). Registered for the "cuda" dispatch key by fastinfer.ops.
+
+GPU weights use the RN128 layout (fastinfer/_cuda_layout.py): a 64-byte header then int8 rows
+[np, kp]. Shapes are known from the op arguments, so no call reads the header back from the device
+(that would synchronize); the buffer size is checked instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastinfer import _cuda_layout as L
+
+_OUT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
+
+
+@functools.cache
+def _load():
+    """(module, None) or (None, why it is unavailable)."""
+    try:
+        from fastinfer import _C_cuda
+    except ImportError as e:
+        return None, f"fastinfer was built without the CUDA backend ({e})"
+    return _C_cuda, None
+
+
+def status() -> dict:
+    """What fastinfer.info() reports under "cuda"."""
+    mod, why = _load()
+    if mod is None:
+        return {"built": False, "available": False, "reason": why}
+    n = mod.device_count()
+    usable = n > 0 and torch.cuda.is_available()
+    out = {"built": True, "available": usable, "devices": n, "archs": ["sm_80", "sm_90a", "compute_80 (PTX)"]}
+    if usable:
+        out["device"] = torch.cuda.get_device_name(0)
+    else:
+        out["reason"] = "no usable CUDA device (driver or GPU missing)"
+    return out
+
+
+def _mod(opname: str):
+    mod, why = _load()
+    if mod is None:
+        raise RuntimeError(f"fastinfer.{opname}: CUDA tensors need the CUDA backend: {why}")
+    return mod
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _same_device(opname: str, *tensors: torch.Tensor | None) -> torch.device:
+    dev = next(t.device for t in tensors if t is not None)
+    for t in tensors:
+        if t is not None and t.device != dev:
+            raise RuntimeError(f"fastinfer.{opname}: all tensors must be on {dev}, got one on {t.device}")
+    return dev
+
+
+def _check_rn128(opname: str, packed: torch.Tensor, n: int, k: int) -> tuple[int, int]:
+    np_, kp = L.rn128_sizes(n, k)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or not packed.is_contiguous():
+        raise TypeError(f"fastinfer.{opname}: packed must be a contiguous 1-D uint8 tensor")
+    if packed.numel() != L.HEADER_BYTES + np_ * kp:
+        raise ValueError(
+            f"fastinfer.{opname}: packed has {packed.numel()} bytes, a GPU (RN128) weight [{n}, {k}] has "
+            f"{L.HEADER_BYTES + np_ * kp}; CPU-packed weights must be re-packed (module.to('cuda') does it)"
+        )
+    return np_, kp
+
+
+def _quantize(mod, x2: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x2.shape
+    q = torch.empty((m, kp), dtype=torch.int8, device=x2.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x2.dtype]
+    mod.quantize_rows(x2.data_ptr(), code, m, k, x2.stride(0), q.data_ptr(), kp, scale.data_ptr(), _stream(x2))
+    return q, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mod = _mod("quantize_per_token")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    with torch.cuda.device(x.device):
+        if x2.shape[0] == 0 or k == 0:
+            return torch.zeros(x.shape, dtype=torch.int8, device=x.device), torch.zeros(
+                x.shape[:-1], dtype=torch.float32, device=x.device
+            )
+        q, scale = _quantize(mod, x2, L.rn128_sizes(1, k)[1])
+    return q[:, :k].reshape(x.shape).contiguous(), scale.reshape(x.shape[:-1])
+
+
+def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    return L.pack_rn128(w)
+
+
+def unpack_int8_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    np_, kp = _check_rn128("unpack_int8_weight", packed, n, k)
+    return packed[L.HEADER_BYTES :].view(torch.int8).view(np_, kp)[:n, :k].clone()
+
+
+def _gemm(mod, q, m, kp, packed, n, np_, sa, sw, bias, out, out_dtype):
+    mod.gemm_i8(
+        q.data_ptr(), m, kp, packed.data_ptr() + L.HEADER_BYTES, n, np_,
+        sa.data_ptr() if sa is not None else 0, sw.data_ptr() if sw is not None else 0,
+        bias.data_ptr() if bias is not None else 0, out.data_ptr(), _OUT_CODE[out_dtype], n, _stream(q),
+    )  # fmt: skip
+
+
+def int8_matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    mod = _mod("int8_matmul")
+    _same_device("int8_matmul", a, packed)
+    m, k = a.shape
+    np_, kp = _check_rn128("int8_matmul", packed, n, k)
+    out = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    with torch.cuda.device(a.device):
+        q = torch.zeros((m, kp), dtype=torch.int8, device=a.device)
+        q[:, :k] = a
+        _gemm(mod, q, m, kp, packed, n, np_, None, None, None, out, torch.int32)
+    return out
+
+
+def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    _same_device("int8_matmul", a, w)
+    return int8_matmul_packed(a, L.pack_rn128(w), w.shape[0])
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    mod = _mod("int8_linear")
+    _same_device("int8_linear", x, packed, w_scale, bias)
+    n, k = w_scale.shape[0], x.shape[-1]
+    np_, kp = _check_rn128("int8_linear", packed, n, k)
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand_as(out) if bias is not None else out.zero_())
+    x2 = x.reshape(-1, k).contiguous()
+    with torch.cuda.device(x.device):
+        q, sa = _quantize(mod, x2, kp)
+        _gemm(mod, q, x2.shape[0], kp, packed, n, np_, sa, w_scale.contiguous(),
+              bias.contiguous() if bias is not None else None, out, x.dtype)  # fmt: skip
+    return out
