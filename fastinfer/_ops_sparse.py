@@ -8,7 +8,7 @@ tiles, all-zero tiles skipped).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import weakref
 
 import torch
 
@@ -62,7 +62,8 @@ def pack_sparse(w: torch.Tensor, format: str = "csr") -> torch.Tensor:
     n, k = w.shape
     w2 = w.contiguous()
     nbytes = _C.sparse_measure(code, w2.data_ptr(), n, k, k)
-    out = _aligned_empty(nbytes)
+    with torch.inference_mode(False):  # a normal tensor: its version counter guards the validation cache
+        out = _aligned_empty(nbytes)
     _C.sparse_pack(code, w2.data_ptr(), n, k, k, out.data_ptr(), nbytes)
     _remember_valid(out)
     return out
@@ -86,23 +87,45 @@ def unpack_sparse(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Buffers that passed the O(nnz) validation, keyed by (address, size, tensor version): any in-place
-# write to the tensor bumps its version, so a modified buffer is checked again before use.
-_VALID: OrderedDict[tuple[int, int, int], None] = OrderedDict()
-_VALID_MAX = 512
+# Tensors whose bytes passed the O(nnz) validation: id(tensor) -> (weak reference to that tensor,
+# (address, size, version) when it was checked). A hit needs the same live tensor object with the
+# same version: any in-place write through torch bumps the version, and a new tensor at a reused
+# address is a different object. Writes that bypass torch's version counter (through .numpy(),
+# .data or raw pointers) are not seen: call fastinfer.ops.sparse_validate(packed) after those.
+# Inference tensors have no version counter: they are validated on every call.
+_VALID: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
+_VALID_MAX = 16384
 
 
-def _key(packed: torch.Tensor) -> tuple[int, int, int]:
-    return (packed.data_ptr(), packed.numel(), packed._version)
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors do not track versions
+        return None
 
 
-def _remember_valid(packed: torch.Tensor) -> None:
-    _VALID[_key(packed)] = None
-    if len(_VALID) > _VALID_MAX:
-        _VALID.popitem(last=False)
+def _is_known_valid(t: torch.Tensor) -> bool:
+    ver = _version(t)
+    entry = _VALID.get(id(t))
+    return ver is not None and entry is not None and entry[0]() is t and entry[1] == (t.data_ptr(), t.numel(), ver)
 
 
-def _check_packed(name: str, packed: torch.Tensor) -> torch.Tensor:
+def _remember_valid(t: torch.Tensor) -> None:
+    ver = _version(t)
+    if ver is None:
+        return
+    if len(_VALID) >= _VALID_MAX:
+        _VALID.clear()
+    _VALID[id(t)] = (weakref.ref(t), (t.data_ptr(), t.numel(), ver))
+
+
+def sparse_validate(packed: torch.Tensor) -> None:
+    """Full O(nnz) check of a packed sparse weight (pointers, indices, masks); ValueError if corrupt.
+    The ops run it once per tensor version by themselves."""
+    _check_packed("sparse_validate", packed, force=True)
+
+
+def _check_packed(name: str, packed: torch.Tensor, force: bool = False) -> torch.Tensor:
     packed = _check_tensor(name, "packed", packed)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError(f"fastinfer.{name}: packed must be a 1-D uint8 tensor from pack_sparse")
@@ -110,17 +133,15 @@ def _check_packed(name: str, packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"fastinfer.{name}: packed must be contiguous")
     if not _has_data(packed):
         raise ValueError(f"fastinfer.{name}: packed has no data (meta or fake tensor)")
-    if packed.data_ptr() % 64 != 0:
-        aligned = _aligned_empty(packed.numel())
-        aligned.copy_(packed)
-        packed = aligned
-    key = _key(packed)
-    if key in _VALID:
-        _VALID.move_to_end(key)
-    else:
-        _C.sparse_validate(packed.data_ptr(), packed.numel())
-        _remember_valid(packed)
-    return packed
+    source, use = packed, packed
+    if packed.data_ptr() % 64 != 0:  # the kernels want 64-byte alignment: a per-call copy
+        with torch.inference_mode(False):
+            use = _aligned_empty(packed.numel())
+        use.copy_(packed)
+    if force or not _is_known_valid(source):
+        _C.sparse_validate(use.data_ptr(), use.numel())
+        _remember_valid(source)
+    return use
 
 
 # --------------------------------------------------------------------------------- CPU kernels

@@ -113,7 +113,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
                 converted[id(old)] = _to_int8(old)
             setattr(parent, child, converted[id(old)])
             bar.update(1)
-    _route_fused_layers_through_modules(model)
+    route_fused_layers_through_modules(model)
     return model
 
 
@@ -137,13 +137,13 @@ def _keep_module_path(module, args):
     return None
 
 
-def _route_fused_layers_through_modules(model: nn.Module) -> None:
+def route_fused_layers_through_modules(model: nn.Module) -> None:
     """nn.TransformerEncoderLayer has a fused inference fast path (batch_first, eval, no grad) that
     reads linear1.weight / linear2.weight and never calls those modules. With int8 layers there it
-    would fail (Int8Linear has no float .weight). torch skips that path when a submodule has a
+    would fail (our layers have no float .weight). torch skips that path when a submodule has a
     forward hook, so give the swapped layers a no-op pre-hook: the layer then calls our modules."""
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoderLayer):
             for lin in (mod.linear1, mod.linear2):
-                if isinstance(lin, Int8Linear) and _keep_module_path not in lin._forward_pre_hooks.values():
+                if type(lin) is not nn.Linear and _keep_module_path not in lin._forward_pre_hooks.values():
                     lin.register_forward_pre_hook(_keep_module_path)

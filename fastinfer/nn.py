@@ -170,23 +170,22 @@ class _SparseBase(nn.Module):
                               unexpected_keys, error_msgs):  # fmt: skip
         key = prefix + "sparse_weight"
         if key in state_dict:
-            incoming = state_dict[key]
+            incoming = state_dict[key].detach().cpu().contiguous()
             try:
-                info = ops.sparse_info(incoming.detach().cpu().contiguous())
+                info = ops.sparse_info(incoming)  # validates the whole buffer
             except (TypeError, ValueError) as e:
-                error_msgs.append(f"{key}: not a fastinfer sparse weight ({e})")
+                error_msgs.append(f"{key}: not a valid fastinfer sparse weight ({e})")
                 return
-            if (info["n"], info["k"]) != (self.out_features, self.in_features):
+            if (info["n"], info["k"], info["dtype"]) != (self.out_features, self.in_features, self._weight_dtype):
                 error_msgs.append(
-                    f"{key}: holds a [{info['n']}, {info['k']}] weight, this layer is "
-                    f"[{self.out_features}, {self.in_features}]"
+                    f"{key}: holds a {info['dtype']} [{info['n']}, {info['k']}] weight, this layer is "
+                    f"{self._weight_dtype} [{self.out_features}, {self.in_features}]"
                 )
                 return
-            self.sparse_weight = torch.empty_like(incoming, device="cpu")
+            with torch.inference_mode(False):  # a normal tensor (version-tracked), 64-byte aligned
+                self.sparse_weight = ops._aligned_empty(incoming.numel())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
-        if key in state_dict:  # re-align (the kernels want 64-byte aligned buffers)
-            self.sparse_weight = _ops_sparse._check_packed("load_state_dict", self.sparse_weight)
 
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0))
@@ -239,6 +238,8 @@ class SparseLinear(_SparseBase):
     column indices); the kernel touches only the nonzeros. Inputs float32 or bfloat16 [..., in];
     fp32 accumulation, output in the input dtype. Built with SparseLinear.from_linear(linear)."""
 
+    _weight_dtype = torch.float32  # what sparse_weight must hold
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
         _check_features(in_features, out_features)
@@ -281,6 +282,8 @@ class SparseInt8Linear(_SparseBase):
     """Int8Linear with a pruned int8 weight in a sparse format ("csr", "2:4" or "block"): the same
     per-channel weight scales, per-token activation quantization and fp32 epilogue, and exactly the
     same output as the dense Int8Linear of the same weights. Built with from_int8linear / from_linear."""
+
+    _weight_dtype = torch.int8  # what sparse_weight must hold
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, format: str = "csr") -> None:
         super().__init__()

@@ -144,6 +144,9 @@ def _aligned_empty(nbytes: int) -> torch.Tensor:
 
 # Outputs at least this large get their own huge-page mapping (see csrc/cpu/large_buffer.h): a
 # fresh 32 MiB tensor costs ~8 ms of page faults with 4 KiB pages, ~1-2 ms with 2 MiB pages.
+# Such a tensor behaves like any other (views, pickling, share_memory_) except that its storage
+# cannot be resized: resize_() to a larger size, or passing it as out= to an op that must grow it,
+# raises "Trying to resize storage that is not resizable".
 LARGE_OUTPUT_BYTES = 8 << 20
 
 
@@ -452,6 +455,7 @@ from fastinfer._ops_sparse import (  # noqa: E402
     FORMATS as SPARSE_FORMATS,
     pack_sparse,
     sparse_info,
+    sparse_validate,
     sparse_int8_linear,
     sparse_int8_matmul,
     sparse_linear,

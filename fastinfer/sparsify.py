@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastinfer.convert import QuantConfig, _progress
+from fastinfer.convert import QuantConfig, _progress, route_fused_layers_through_modules
 from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear, linear_weight_and_bias
 
 __all__ = ["SparseRule", "choose_format", "sparsify"]
@@ -156,4 +156,5 @@ def sparsify(
                 done[id(old)] = convert(old)
             setattr(parent, child, done[id(old)])
             bar.update(1)
+    route_fused_layers_through_modules(model)
     return model

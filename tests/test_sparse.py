@@ -241,7 +241,7 @@ def test_state_dict_round_trip_across_different_sparsity(fmt):
     x = torch.randn(4, 128, generator=_gen(6))
     assert torch.equal(a(x), b(x))
     c = SparseInt8Linear(64, 48)
-    with pytest.raises(RuntimeError, match=r"holds a \[48, 128\] weight"):
+    with pytest.raises(RuntimeError, match=r"holds a torch.int8 \[48, 128\] weight"):
         c.load_state_dict(a.state_dict())
 
 
@@ -455,3 +455,104 @@ def test_corrupt_buffers_raise_instead_of_crashing():
     assert res.returncode == 0, f"exit {res.returncode}\\n{res.stderr[-2000:]}"
     caught = int(res.stdout.split()[-1])
     assert caught >= 4, res.stdout
+
+
+def test_validation_cache_cannot_be_fooled():
+    """Every way a corrupt buffer could reach the kernels without its full validation (review
+    findings): an unaligned source modified in place, a new tensor at a freed tensor's address,
+    and a module loading a corrupt checkpoint. Subprocess: a miss would segfault."""
+    code = """
+        import torch
+        from fastinfer import ops
+        w = torch.zeros(32, 256, dtype=torch.int8); w[::3, ::70] = 5
+        a = torch.ones(2, 256, dtype=torch.int8)
+        good = ops.pack_sparse(w, "block")
+        bad = good.clone()
+        info = ops.sparse_info(good)
+        # corrupt every tile k-index (the int32 array after colsum and tile pointers)
+        np_, nb = 32, 2
+        off = 64 + ((4 * np_ + 63) // 64) * 64 + ((8 * (nb + 1) + 63) // 64) * 64
+        bad[off:off + 4 * info["nnz"]] = 255
+        caught = 0
+        # 1) unaligned source, validated, then overwritten in place
+        blob = torch.empty(good.numel() + 8, dtype=torch.uint8)
+        src = blob[8:]
+        src.copy_(good)
+        ops.sparse_int8_matmul(a, src, 32)
+        src.copy_(bad)
+        try:
+            ops.sparse_int8_matmul(a, src, 32)
+        except ValueError:
+            caught += 1
+        # 2) a new tensor at a freed tensor's address, written without a version bump
+        for _ in range(5):
+            p = ops.pack_sparse(w, "block")
+            ops.sparse_int8_matmul(a, p, 32)
+            addr = p.data_ptr()
+            del p
+            q = torch.empty(good.numel(), dtype=torch.uint8)
+            q.numpy()[:] = bad.numpy()
+            try:
+                ops.sparse_int8_matmul(a, q, 32)
+            except ValueError:
+                caught += 1
+        # 3) a module loading a corrupt checkpoint
+        from fastinfer.nn import SparseInt8Linear
+        layer = SparseInt8Linear(256, 32, format="block")
+        sd = layer.state_dict()
+        sd["sparse_weight"] = bad
+        try:
+            layer.load_state_dict(sd)
+        except RuntimeError as e:
+            assert "not a valid fastinfer sparse weight" in str(e), e
+            caught += 1
+        print("caught", caught)
+    """
+    res = run_python(code, timeout=120)
+    assert res.returncode == 0, f"exit {res.returncode}\\n{res.stderr[-2000:]}"
+    assert res.stdout.split()[-1] == "7", res.stdout
+
+
+def test_sparse_layers_in_torch_transformer_encoder():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    pruned = fastinfer.prune(enc, 0.75, pattern="block", skip=("*.self_attn.*",))
+    x = torch.randn(3, 10, 64)
+    with torch.no_grad():
+        ref = pruned(x)
+        for model in (sparsify(pruned), sparsify(fastinfer.quantize(pruned)), fastinfer.quantize(sparsify(pruned))):
+            assert any(isinstance(m, (SparseLinear, SparseInt8Linear)) for m in model.modules())
+            out = model(x)
+            assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+def test_inference_mode_build_load_and_run():
+    lin = _pruned_linear(128, 32, "block", seed=9)
+    x = torch.randn(3, 128, generator=_gen(12))
+    with torch.inference_mode():
+        s = SparseInt8Linear.from_linear(lin, "block")
+        f = SparseLinear.from_linear(lin)
+        y = s(x)
+        s2 = SparseInt8Linear(128, 32, format="block")
+        s2.load_state_dict(s.state_dict())
+        assert torch.equal(s2(x), y)
+        f(x)
+    assert torch.equal(s(x), y)
+
+
+@pytest.mark.parametrize("fmt", FORMATS_I8)
+def test_zero_input_features(fmt):
+    s = SparseInt8Linear(0, 8, format=fmt)
+    with torch.no_grad():
+        s.bias.copy_(torch.arange(8.0))
+    assert "in_features=0" in repr(s)
+    assert torch.equal(s(torch.randn(3, 0)), s.bias.expand(3, 8))
+    assert ops.unpack_sparse(s.sparse_weight).shape == (8, 0)
+
+
+def test_load_rejects_a_buffer_of_the_other_dtype():
+    f = SparseLinear(64, 16)
+    s = SparseInt8Linear.from_linear(_pruned_linear(64, 16, "csr"))
+    with pytest.raises(RuntimeError, match=r"holds a torch.int8 \[16, 64\] weight, this layer is torch.float32"):
+        f.load_state_dict({"sparse_weight": s.sparse_weight, "bias": s.bias})

@@ -26,9 +26,9 @@ struct Scratch {
     };
     std::unique_ptr<uint8_t, Free> buf;
     size_t size = 0;
-    uint8_t* get(size_t n) {
-        if (n > size) {
-            size_t cap = size_t(round_up(int64_t(n), 4096));
+    uint8_t* get(size_t n) {  // never null for n == 0 unless out of memory
+        if (n > size || !buf) {
+            size_t cap = size_t(round_up(int64_t(n > 0 ? n : 1), 4096));
             buf.reset(static_cast<uint8_t*>(std::aligned_alloc(64, cap)));
             size = buf ? cap : 0;
         }

@@ -19,6 +19,7 @@ using namespace detail;
 namespace {
 
 constexpr int64_t kMaxSparseDim = int64_t(1) << 31;
+constexpr int64_t kMaxSparseElems = int64_t(1) << 40;  // n * k: every section size stays far from overflow
 
 int64_t a64(int64_t x) { return round_up(x, 64); }
 
@@ -76,7 +77,8 @@ bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
 // Header for (fmt, w); fails when w does not fit the format.
 Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, SparseHeader* h) {
     if (n < 0 || k < 0) return Status::invalid("sparse_pack: negative size");
-    if (n > kMaxSparseDim || k > kMaxSparseDim) return Status::invalid("sparse_pack: size too large");
+    if (n > kMaxSparseDim || k > kMaxSparseDim || n * k > kMaxSparseElems)
+        return Status::invalid("sparse_pack: size too large");
     if (n > 0 && k > 0 && ldw < k) return Status::invalid("sparse_pack: row stride smaller than K");
     if (!valid_format(uint32_t(fmt))) return Status::invalid("sparse_pack: unknown format");
     std::memset(h, 0, sizeof(*h));
@@ -266,7 +268,8 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
     if (!valid_format(h.format)) return Status::invalid("sparse weight: unknown format");
     const SparseFormat fmt = SparseFormat(h.format);
     const bool csr = fmt == SparseFormat::kCsrF32 || fmt == SparseFormat::kCsrI8;
-    if (h.n < 0 || h.k < 0 || h.n > kMaxSparseDim || h.k > kMaxSparseDim || h.np != round_up(h.n, kNBlock) ||
+    if (h.n < 0 || h.k < 0 || h.n > kMaxSparseDim || h.k > kMaxSparseDim || h.n * h.k > kMaxSparseElems ||
+        h.np != round_up(h.n, kNBlock) ||
         h.kp != round_up(h.k, kKAlign) || h.nnz < 0 ||
         (csr && (h.idx_bytes != (h.k <= 65536 ? 2u : 4u) || h.nnz > h.n * h.k)) ||
         (fmt == SparseFormat::kNm24I8 && h.nnz != h.np * h.kp / 2) ||
@@ -445,12 +448,13 @@ int64_t csr_rows_per_task(int64_t n) { return std::max<int64_t>(16, (n + 63) / 6
 
 // Panel formats (2:4, block) on the dense kernel of the active ISA: one 16-channel block at a time
 // is decompressed to K4N16 and multiplied with that ISA's dense GEMM (exact on every path).
-void panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep,
+bool panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep,
                 int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
     // Blocks [nb0, nb1) decompressed side by side form a dense K4N16 buffer of (nb1 - nb0) blocks,
     // so the dense kernel runs with its full register tile (4 blocks per A broadcast).
     const int64_t nblk = nb1 - nb0, bstride = kNBlock * w.kp;
     int8_t* p = reinterpret_cast<int8_t*>(t_panel.get(size_t(nblk * bstride)));
+    if (!p) return false;
     for (int64_t nb = nb0; nb < nb1; ++nb) ref::panel(w, nb, p + (nb - nb0) * bstride);
     const int64_t n0 = nb0 * kNBlock;
     PackedW pv{std::min(nblk * kNBlock, w.n - n0), w.k, nblk * kNBlock, w.kp, w.colsum + n0, p};
@@ -464,9 +468,11 @@ void panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, co
     if (ep.sw) e.sw = ep.sw + n0;
     if (ep.bias) e.bias = ep.bias + n0;
     kr.gemm(a, pv, e, m0, m1, 0, nblk);
+    return true;
 }
 
-void run_panels(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep) {
+Status run_panels(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep) {
+    std::atomic<bool> oom{false};
     const int64_t nblocks = w.np / kNBlock;
     const int64_t ngroups = (nblocks + 3) / 4;
     const int64_t mchunk = a.m <= 24 ? a.m : 96;
@@ -482,9 +488,10 @@ void run_panels(const Kernels& kr, const Activations& a, const SparseView& w, co
             // in-register expansion at every M: expanding 4 panels to memory first and running the
             // dense kernel measured 0.46x-0.68x of dense at M = 5..16 and no better at M >= 128
             avx512_vbmi2::nm24_gemm(a, w, ep, m0, m1, nb0, nb1);
-        else
-            panel_gemm(kr, a, w, ep, m0, m1, nb0, nb1);
+        else if (!panel_gemm(kr, a, w, ep, m0, m1, nb0, nb1))
+            oom.store(true);
     });
+    return oom.load() ? Status::runtime("out of memory for a decompressed weight panel") : Status::ok();
 }
 
 // CSR int8 on quantized rows q (unshifted int8, row stride kp).
@@ -598,8 +605,7 @@ Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, co
     }
     const Epilogue ep{DType::kI32, out, ldo, nullptr, nullptr, nullptr};
     if (csr) return run_csr_i8(q, m, w, ep);
-    run_panels(kr, Activations{q, m, w.kp}, w, ep);
-    return Status::ok();
+    return run_panels(kr, Activations{q, m, w.kp}, w, ep);
 }
 
 Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
@@ -621,8 +627,7 @@ Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t
     quantize_activations(kr, x, dt, m, k, ldx, q, w.kp, sa);
     const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
     if (csr) return run_csr_i8(q, m, w, ep);
-    run_panels(kernels_for(active_isa()), Activations{q, m, w.kp}, w, ep);
-    return Status::ok();
+    return run_panels(kernels_for(active_isa()), Activations{q, m, w.kp}, w, ep);
 }
 
 }  // namespace fastinfer::cpu
