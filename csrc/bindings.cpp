@@ -65,6 +65,7 @@ PYBIND11_MODULE(_C, m) {
         d["avx512vl"] = f.avx512vl;
         d["avx512dq"] = f.avx512dq;
         d["avx512_vnni"] = f.avx512vnni;
+        d["avx512_vbmi"] = f.avx512vbmi;
         d["avx512_vbmi2"] = f.avx512vbmi2;
         d["amx_tile"] = f.amx_tile;
         d["amx_int8"] = f.amx_int8;

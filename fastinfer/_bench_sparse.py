@@ -6,7 +6,7 @@ shape, sparsity and pattern, the weights are pruned once with fastinfer.prune (m
 peer multiplies the same pruned weights:
 
   dense fp32 nn.Linear | ours dense Int8Linear | torch CSR (weight.to_sparse_csr(), fp32) |
-  ours SparseLinear (fp32 csr) | ours SparseInt8Linear (csr / block / 2:4, per pattern)
+  ours SparseLinear (fp32 csr) | ours SparseInt8Linear (csr and ell / block / 2:4, per pattern)
 
 Correctness before timing: SparseInt8Linear must equal the dense Int8Linear bit for bit, the float
 peers must match fp32 nn.Linear to 1e-4 relative. Small M rows also report the compressed weight
@@ -83,7 +83,7 @@ def peer_names(pattern: str) -> list[str]:
     """The peers _peers builds for a pattern (for test ids)."""
     names = ["fp32 nn.Linear (dense)", "ours Int8Linear (dense)", "torch CSR fp32"]
     if pattern == "unstructured":
-        return names + ["ours SparseLinear (csr fp32)", "ours SparseInt8Linear (csr)"]
+        return names + ["ours SparseLinear (csr fp32)", "ours SparseInt8Linear (csr)", "ours SparseInt8Linear (ell)"]
     return names + [f"ours SparseInt8Linear ({'block' if pattern == 'block' else '2:4'})"]
 
 
@@ -158,7 +158,7 @@ def _layers(case: Case) -> dict:
            "csr_bytes": csr.values().numel() * 4 + csr.col_indices().numel() * 8 + csr.crow_indices().numel() * 8}  # fmt: skip
     out["sf32"] = SparseLinear.from_linear(lin) if case.pattern == "unstructured" else None
     out["sf32_bytes"] = out["sf32"].sparse_weight.numel() if out["sf32"] is not None else 0
-    fmts = {"unstructured": ("csr",), "block": ("block",), "2:4": ("2:4",)}[case.pattern]
+    fmts = {"unstructured": ("csr", "ell"), "block": ("block",), "2:4": ("2:4",)}[case.pattern]
     out["s8"] = {f: SparseInt8Linear.from_int8linear(dense8, f) for f in fmts}
     return out
 

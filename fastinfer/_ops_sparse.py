@@ -3,7 +3,8 @@ torch.library ops behind fastinfer.nn.SparseLinear / SparseInt8Linear. Re-export
 
 Formats (see csrc/cpu/sparse.h): "csr" (unstructured, fp32 or int8 values, uint16 column indices
 up to K = 65536), "2:4" (int8; at most 2 nonzeros in every group of 4 inputs), "block" (int8; 16 x 64
-tiles, all-zero tiles skipped).
+tiles, all-zero tiles skipped), "ell" (int8, unstructured, for small M: 1-byte indices within
+64-input segments, gathered in registers with vpermb).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from fastinfer.ops import (
     _rows,
 )
 
-FORMATS = ("csr", "2:4", "block")
-_CODE = {("csr", torch.float32): 1, ("csr", torch.int8): 2, ("2:4", torch.int8): 3, ("block", torch.int8): 4}
-_NAME = {1: ("csr", torch.float32), 2: ("csr", torch.int8), 3: ("2:4", torch.int8), 4: ("block", torch.int8)}
+FORMATS = ("csr", "2:4", "block", "ell")
+_CODE = {("csr", torch.float32): 1, ("csr", torch.int8): 2, ("2:4", torch.int8): 3, ("block", torch.int8): 4,
+         ("ell", torch.int8): 5}  # fmt: skip
+_NAME = {v: k for k, v in _CODE.items()}
 TILE = (16, 64)  # block format tile: output channels x inputs
 
 torch.library.define("fastinfer::sparse_linear", "(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor")

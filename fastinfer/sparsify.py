@@ -1,7 +1,8 @@
 """fastinfer.sparsify: swap pruned layers for sparse ones, where the sparse kernel is the faster one.
 
 The format follows the zeros a layer really has (not how they were made): whole 16 x 64 tiles
--> "block", at most 2 nonzeros in every group of 4 inputs -> "2:4", anything else -> "csr". Whether a
+-> "block", few enough nonzeros anywhere -> "ell", at most 2 nonzeros in every group of 4 inputs
+-> "2:4"; otherwise the layer stays dense. Whether a
 sparse layer beats the dense one depends on the density; the thresholds in SparseRule were measured
 with bench/test_bench_sparse.py on the development machine (see bench/RESULTS.md) and are meant to be
 re-measured, not trusted blindly, on very different CPUs.
@@ -30,9 +31,12 @@ class SparseRule:
     sparse`, bench/RESULTS.md), 4096 x 4096 and 768 x 3072, M in {1, 16, 128, 512}:
       * fp32 "csr" vs dense fp32 nn.Linear: faster at every M from 75% sparsity up (1.1x-15x), mixed
         at 50% (0.5x-1.4x) -> fp32 layers with at most 25% nonzeros become SparseLinear;
+      * int8 "ell" (unstructured, activations gathered in registers by vpermb) vs the dense int8
+        kernel: 1.1x-1.3x at 75% sparsity, 1.8x-2.4x at 90%, 0.6x-0.9x at 50%, at every M
+        -> chosen up to 25% nonzeros (needs AVX-512 VBMI);
       * int8 "csr" vs the dense int8 kernel: slower everywhere measured, even at 95% sparsity
-        (0.33x-0.9x: per-nonzero gathers cost more than streaming 64 int8 weights per instruction)
-        -> never chosen by default (int8_csr_max_density = 0);
+        (0.33x-0.9x: per-nonzero memory gathers cost more than streaming 64 int8 weights per
+        instruction) -> never chosen by default (int8_csr_max_density = 0);
       * int8 "block" (16 x 64 tiles): 1.3x-1.6x at 50% tile sparsity, 2.3x-2.8x at 75%, up to 9.6x
         at 95%, at every M -> chosen up to 60% nonzero tiles;
       * int8 "2:4": 1.2x-1.4x at M = 1 (40/64 of the weight bytes), ~1.0x at M = 4, 0.9x at M >= 16
@@ -41,12 +45,14 @@ class SparseRule:
     """
 
     fp32_csr_max_density: float = 0.25
+    int8_ell_max_density: float = 0.25
     int8_csr_max_density: float = 0.0
     int8_block_max_tile_density: float = 0.6
     int8_nm24: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("fp32_csr_max_density", "int8_csr_max_density", "int8_block_max_tile_density"):
+        for name in ("fp32_csr_max_density", "int8_ell_max_density", "int8_csr_max_density",
+                     "int8_block_max_tile_density"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"SparseRule.{name} must be a number in [0, 1], got {v!r}")
@@ -84,6 +90,8 @@ def choose_format(weight: torch.Tensor, rule: SparseRule = DEFAULT_RULE) -> str 
     fast = _fast_int8_formats()
     if "block" in fast and _tile_density(weight) <= rule.int8_block_max_tile_density:
         return "block"
+    if "ell" in fast and density <= rule.int8_ell_max_density:
+        return "ell"
     if density <= rule.int8_csr_max_density:
         return "csr"
     if "2:4" in fast and rule.int8_nm24 and _is_nm24(weight):
@@ -99,7 +107,7 @@ def _fast_int8_formats() -> set[str]:
 
     if _backend.active_isa() not in ("avx512_vnni", "amx"):
         return set()
-    return {"block", "2:4"} if _C.sparse_vbmi2_active() else {"block"}
+    return {"block", "2:4", "ell"} if _C.sparse_vbmi2_active() else {"block"}
 
 
 def sparse_int8_or_dense(layer: Int8Linear, rule: SparseRule = DEFAULT_RULE) -> nn.Module:

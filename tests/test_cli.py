@@ -34,7 +34,7 @@ def test_bench_sparse_tiny(capsys):
                    "--quick", "--no-progress", "--threads", "1"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    for peer in ("ours SparseInt8Linear (csr)", "ours SparseInt8Linear (block)", "ours SparseInt8Linear (2:4)",
+    for peer in ("ours SparseInt8Linear (csr)", "ours SparseInt8Linear (ell)", "ours SparseInt8Linear (block)", "ours SparseInt8Linear (2:4)",
                  "ours SparseLinear (csr fp32)", "torch CSR fp32"):  # fmt: skip
         assert peer in text, peer
     assert "= Int8Linear" in text

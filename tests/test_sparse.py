@@ -42,14 +42,14 @@ def _mask_block(n, k, tile_density, seed):
 
 def _masked(fmt, n, k, seed, density=0.3):
     w = _i8(n, k, seed=seed, low=-127)
-    if fmt == "csr":
+    if fmt in ("csr", "ell"):
         return w * _mask_unstructured(n, k, density, seed + 1)
     if fmt == "2:4":
         return w * _mask_nm(n, k, 2, seed + 1)
     return w * _mask_block(n, k, 0.5, seed + 1)
 
 
-FORMATS_I8 = ("csr", "2:4", "block")
+FORMATS_I8 = ("csr", "2:4", "block", "ell")
 SHAPES = [(1, 1, 1), (1, 64, 16), (3, 130, 37), (17, 200, 50), (5, 64, 17), (70, 128, 33), (1, 257, 100), (9, 4, 3)]
 
 
@@ -151,8 +151,19 @@ def test_block_tiles_shared_by_four_channel_blocks(isa, m, n):
     assert torch.equal(ops.sparse_int8_matmul(a, p, n), int64_ref(a, w))
 
 
+def test_ell_rows_with_many_nonzeros_per_segment(isa):
+    """A row with all 64 inputs of a segment nonzero (16 steps) beside empty rows, every M chunking."""
+    w = torch.zeros(40, 200, dtype=torch.int8)
+    w[3, 64:128] = _i8(64, seed=1, low=1)
+    w[17, ::3] = -7
+    w[39, 199] = 127
+    for m in (1, 4, 6, 7, 13):
+        a = _i8(m, 200, seed=m)
+        assert torch.equal(ops.sparse_int8_matmul(a, ops.pack_sparse(w, "ell"), 40), int64_ref(a, w)), m
+
+
 def test_nm24_panel_path_without_vbmi2():
-    """CPUs with VNNI but no VBMI2 (Cascade Lake) run 2:4 on decompressed panels: force that here."""
+    """CPUs with VNNI but no VBMI2 (Cascade Lake) run 2:4 and ell on decompressed panels: force that."""
     if "avx512_vnni" not in ISAS:
         pytest.skip("needs avx512_vnni")
     fastinfer.set_isa("avx512_vnni")
@@ -160,9 +171,10 @@ def test_nm24_panel_path_without_vbmi2():
     try:
         assert not _C.sparse_vbmi2_active()
         for m, k, n in SHAPES:
-            w = _masked("2:4", n, k, seed=m + k + n)
-            a = _i8(m, k, seed=m)
-            assert torch.equal(ops.sparse_int8_matmul(a, ops.pack_sparse(w, "2:4"), n), int64_ref(a, w))
+            for fmt in ("2:4", "ell"):
+                w = _masked(fmt, n, k, seed=m + k + n)
+                a = _i8(m, k, seed=m)
+                assert torch.equal(ops.sparse_int8_matmul(a, ops.pack_sparse(w, fmt), n), int64_ref(a, w)), fmt
     finally:
         _C.set_sparse_vbmi2(before)
 
@@ -273,9 +285,11 @@ def test_choose_format_follows_the_zeros():
     assert choose_format(base * _mask_block(n, k, 0.3, 1), rule) == "block"
     assert choose_format(base * _mask_nm(n, k, 2, 2), rule) == "2:4"
     very_sparse = base * _mask_unstructured(n, k, 0.03, 3)
-    assert choose_format(very_sparse, rule) == "2:4"  # fits 2:4; int8 csr is never the default
-    assert choose_format(very_sparse, SparseRule(int8_csr_max_density=0.05)) == "csr"
-    assert choose_format(very_sparse, SparseRule(int8_nm24=False)) is None
+    assert choose_format(very_sparse, rule) == "ell"
+    assert choose_format(very_sparse, SparseRule(int8_ell_max_density=0.0)) == "2:4"  # fits 2:4 too
+    assert choose_format(very_sparse, SparseRule(int8_ell_max_density=0.0, int8_csr_max_density=0.05)) == "csr"
+    assert choose_format(very_sparse, SparseRule(int8_ell_max_density=0.0, int8_nm24=False)) is None
+    assert choose_format(base * _mask_unstructured(n, k, 0.2, 6), rule) == "ell"
     assert choose_format(base * _mask_unstructured(n, k, 0.5, 4), rule) is None
     assert choose_format(base, rule) is None
     f = torch.randn(n, k, generator=_gen(9))
@@ -307,7 +321,11 @@ def test_sparsify_converts_only_what_pays_and_keeps_the_original():
     x = torch.randn(5, 128, generator=_gen(10))
     torch.testing.assert_close(s(x), m(x), rtol=1e-5, atol=1e-5)
     q = sparsify(fastinfer.quantize(m))
-    assert [type(x).__name__ for x in q] == ["Int8Linear", "ReLU", "SparseInt8Linear", "ReLU", "Int8Linear"]
+    if _C.sparse_vbmi2_active():  # unstructured int8 has a faster-than-dense kernel only with VBMI
+        assert [type(x).__name__ for x in q] == ["SparseInt8Linear", "ReLU", "SparseInt8Linear", "ReLU", "Int8Linear"]
+        assert q[0].format == "ell"
+    else:
+        assert [type(x).__name__ for x in q][1:] == ["ReLU", "SparseInt8Linear", "ReLU", "Int8Linear"]
     assert q[2].format == "block"
     s2 = sparsify(m, skip=("2",))
     assert type(s2[2]) is nn.Linear
@@ -424,7 +442,7 @@ def test_corrupt_buffers_raise_instead_of_crashing():
         w = torch.zeros(16, 128, dtype=torch.int8); w[::3, ::5] = 7
         a = torch.ones(2, 128, dtype=torch.int8)
         caught = 0
-        for fmt in ("csr", "2:4", "block"):
+        for fmt in ("csr", "2:4", "block", "ell"):
             good = ops.pack_sparse(w, fmt if fmt != "2:4" else "csr") if fmt != "2:4" else ops.pack_sparse(w[:, ::2].repeat_interleave(2, 1) * torch.tensor([1, 0] * 64, dtype=torch.int8), "2:4")
             n = good.numel()
             for off, val in [(0, 1), (8, 99), (16, 255), (70, 255), (64 + 8, 200), (n - 1, 255), (n // 2, 255), (200, 255)]:

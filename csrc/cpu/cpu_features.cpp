@@ -49,6 +49,7 @@ CpuFeatures detect() {
     f.avx512vl = os_zmm && (b & (1u << 31));
     f.avx512dq = os_zmm && (b & (1u << 17));
     f.avx512vnni = os_zmm && (c & (1u << 11));
+    f.avx512vbmi = os_zmm && (c & (1u << 1));
     f.avx512vbmi2 = os_zmm && (c & (1u << 6));
     f.amx_tile = d & (1u << 24);
     f.amx_int8 = d & (1u << 25);

@@ -26,7 +26,7 @@ int64_t a64(int64_t x) { return round_up(x, 64); }
 // Section offsets (from the start of the buffer) for a header's format and sizes.
 struct Layout {
     int64_t rowptr = 0, idx = 0, values = 0, colsum = 0, panels = 0, tileptr = 0, tilek = 0, tiles = 0,
-            total = 0;
+            segptr = 0, steps = 0, total = 0;
 };
 
 Layout layout_of(const SparseHeader& h) {
@@ -60,6 +60,14 @@ Layout layout_of(const SparseHeader& h) {
             l.tiles = off;
             off += h.nnz * kNBlock * kTileK;
             break;
+        case SparseFormat::kEllI8:
+            l.colsum = off;
+            off += a64(4 * h.np);
+            l.segptr = off;
+            off += a64(8 * ((h.np / kNBlock) * (h.kp / kEllSeg) + 1));
+            l.steps = off;
+            off += h.nnz * kEllStep;
+            break;
     }
     l.total = off;
     return l;
@@ -67,7 +75,15 @@ Layout layout_of(const SparseHeader& h) {
 
 bool is_int8(SparseFormat f) { return f != SparseFormat::kCsrF32; }
 
-bool valid_format(uint32_t f) { return f >= 1 && f <= 4; }
+bool valid_format(uint32_t f) { return f >= 1 && f <= 5; }
+
+// Nonzeros of row r in ell segment s.
+int ell_count(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t r, int64_t s) {
+    int c = 0;
+    if (r < n)
+        for (int64_t col = s * kEllSeg; col < std::min(k, (s + 1) * kEllSeg); ++col) c += w[r * ldw + col] != 0;
+    return c;
+}
 
 template <class T>
 bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
@@ -126,6 +142,17 @@ Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, 
                     tiles += any;
                 }
             h->nnz = tiles;
+            break;
+        }
+        case SparseFormat::kEllI8: {
+            int64_t steps = 0;
+            for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
+                for (int64_t s = 0; s < h->kp / kEllSeg; ++s) {
+                    int mx = 0;
+                    for (int64_t j = 0; j < kNBlock; ++j) mx = std::max(mx, ell_count(w8, ldw, n, k, nb * kNBlock + j, s));
+                    steps += (mx + 3) / 4;
+                }
+            h->nnz = steps;
             break;
         }
     }
@@ -251,6 +278,36 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
             tileptr[h.np / kNBlock] = t;
             break;
         }
+        case SparseFormat::kEllI8: {
+            fill_colsum(w8, n, k, ldw, h.np, reinterpret_cast<int32_t*>(out + l.colsum));
+            auto* segptr = reinterpret_cast<int64_t*>(out + l.segptr);
+            uint8_t* steps = out + l.steps;
+            const int64_t nseg = h.kp / kEllSeg;
+            int64_t t = 0;
+            for (int64_t nb = 0; nb < h.np / kNBlock; ++nb)
+                for (int64_t s = 0; s < nseg; ++s) {
+                    segptr[nb * nseg + s] = t;
+                    int mx = 0;
+                    for (int64_t j = 0; j < kNBlock; ++j) mx = std::max(mx, ell_count(w8, ldw, n, k, nb * kNBlock + j, s));
+                    const int nsteps = (mx + 3) / 4;
+                    for (int64_t j = 0; j < kNBlock; ++j) {
+                        const int64_t r = nb * kNBlock + j;
+                        if (r >= n) continue;
+                        int e = 0;  // the row's e-th nonzero in this segment goes to step e / 4, byte 4j + e % 4
+                        for (int64_t col = s * kEllSeg; col < std::min(k, (s + 1) * kEllSeg); ++col) {
+                            const int8_t v = w8[r * ldw + col];
+                            if (v == 0) continue;
+                            uint8_t* st = steps + (t + e / 4) * kEllStep;
+                            st[4 * j + e % 4] = uint8_t(col - s * kEllSeg);
+                            st[64 + 4 * j + e % 4] = uint8_t(v);
+                            ++e;
+                        }
+                    }
+                    t += nsteps;
+                }
+            segptr[(h.np / kNBlock) * nseg] = t;
+            break;
+        }
     }
     return Status::ok();
 }
@@ -273,7 +330,8 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         h.kp != round_up(h.k, kKAlign) || h.nnz < 0 ||
         (csr && (h.idx_bytes != (h.k <= 65536 ? 2u : 4u) || h.nnz > h.n * h.k)) ||
         (fmt == SparseFormat::kNm24I8 && h.nnz != h.np * h.kp / 2) ||
-        (fmt == SparseFormat::kBlockI8 && h.nnz > (h.np / kNBlock) * (h.kp / kTileK)))
+        (fmt == SparseFormat::kBlockI8 && h.nnz > (h.np / kNBlock) * (h.kp / kTileK)) ||
+        (fmt == SparseFormat::kEllI8 && h.nnz > (h.np / kNBlock) * (h.kp / kEllSeg) * (kEllSeg / 4)))
         return Status::invalid("sparse weight: inconsistent header");
     const Layout l = layout_of(h);
     if (l.total != nbytes) return Status::invalid("sparse weight: header and buffer size disagree");
@@ -294,6 +352,11 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         v->colsum = reinterpret_cast<const int32_t*>(buf + l.colsum);
         if (fmt == SparseFormat::kNm24I8) {
             v->panels = buf + l.panels;
+        } else if (fmt == SparseFormat::kEllI8) {
+            v->segptr = reinterpret_cast<const int64_t*>(buf + l.segptr);
+            v->steps = buf + l.steps;
+            if (v->segptr[0] != 0 || v->segptr[(h.np / kNBlock) * (h.kp / kEllSeg)] != h.nnz)
+                return Status::invalid("sparse weight: corrupt segment pointers");
         } else {
             v->tileptr = reinterpret_cast<const int64_t*>(buf + l.tileptr);
             v->tilek = reinterpret_cast<const int32_t*>(buf + l.tilek);
@@ -326,6 +389,14 @@ Status check_indices(const SparseView& v) {
         for (int64_t t = 0; t < v.nnz; ++t)
             if (v.tilek[t] < 0 || v.tilek[t] >= v.kp / kTileK)
                 return Status::invalid("sparse weight: tile index out of range");
+    }
+    if (v.fmt == SparseFormat::kEllI8) {
+        const int64_t nsegs = (v.np / kNBlock) * (v.kp / kEllSeg);
+        for (int64_t i = 0; i < nsegs; ++i)
+            if (v.segptr[i + 1] < v.segptr[i]) return Status::invalid("sparse weight: corrupt segment pointers");
+        for (int64_t t = 0; t < v.nnz; ++t)
+            for (int b = 0; b < 64; ++b)
+                if (v.steps[t * kEllStep + b] >= kEllSeg) return Status::invalid("sparse weight: ell index out of range");
     }
     if (v.fmt == SparseFormat::kNm24I8) {
         const int64_t groups = v.kp / 4;
@@ -422,6 +493,18 @@ void panel(const SparseView& w, int64_t nb, int8_t* out) {
             const int8_t* v = vals + g * 32;
             for (uint64_t mk = masks[g]; mk; mk &= mk - 1) out[g * 64 + __builtin_ctzll(mk)] = *v++;
         }
+    } else if (w.fmt == SparseFormat::kEllI8) {
+        const int64_t nseg = w.kp / kEllSeg;
+        for (int64_t s = 0; s < nseg; ++s)
+            for (int64_t t = w.segptr[nb * nseg + s]; t < w.segptr[nb * nseg + s + 1]; ++t) {
+                const uint8_t* st = w.steps + t * kEllStep;
+                for (int b = 0; b < 64; ++b) {
+                    const int8_t v = int8_t(st[64 + b]);
+                    if (v == 0) continue;
+                    const int64_t col = s * kEllSeg + st[b], j = b / 4;
+                    out[(col / 4) * 64 + j * 4 + col % 4] = v;
+                }
+            }
     } else if (w.fmt == SparseFormat::kBlockI8) {
         for (int64_t t = w.tileptr[nb]; t < w.tileptr[nb + 1]; ++t)
             std::memcpy(out + w.tilek[t] * kTileK * kNBlock, w.tiles + t * kNBlock * kTileK,
@@ -441,7 +524,9 @@ thread_local Scratch t_panel;           // one decompressed panel (each pool thr
 std::atomic<bool> g_allow_vbmi2{true};
 
 bool use_avx512() { return active_isa() >= Isa::kAvx512Vnni; }
-bool use_vbmi2() { return use_avx512() && cpu_features().avx512vbmi2 && g_allow_vbmi2.load(); }
+bool use_vbmi2() {
+    return use_avx512() && cpu_features().avx512vbmi2 && cpu_features().avx512vbmi && g_allow_vbmi2.load();
+}
 
 // Rows of N per task for the CSR kernels: about 64 tasks, so the pool balances uneven rows.
 int64_t csr_rows_per_task(int64_t n) { return std::max<int64_t>(16, (n + 63) / 64); }
@@ -484,6 +569,8 @@ Status run_panels(const Kernels& kr, const Activations& a, const SparseView& w, 
         const int64_t nb0 = ng * 4, nb1 = std::min(nblocks, nb0 + 4);
         if (vnni && w.fmt == SparseFormat::kBlockI8)
             avx512_vnni::block_gemm(a, w, ep, m0, m1, nb0, nb1);
+        else if (vnni && w.fmt == SparseFormat::kEllI8 && use_vbmi2())
+            avx512_vbmi2::ell_gemm(a, w, ep, m0, m1, nb0, nb1);
         else if (vnni && w.fmt == SparseFormat::kNm24I8 && use_vbmi2())
             // in-register expansion at every M: expanding 4 panels to memory first and running the
             // dense kernel measured 0.46x-0.68x of dense at M = 5..16 and no better at M >= 128

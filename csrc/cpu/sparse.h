@@ -12,6 +12,12 @@
 //  kBlockI8          tiles of 16 channels x 64 k (the VNNI kernel's panel granularity): per 16-channel
 //                    block a range of its nonzero tiles (tileptr int64 [nb+1], tile k-index int32
 //                    [tiles]); tile data in K4N16 order, 1 KiB each. All-zero tiles are skipped.
+//  kEllI8            unstructured int8 for small M: per 16-channel block and 64-input segment, "steps"
+//                    of 128 bytes: 64 one-byte segment-local column indices then 64 values, 4 per
+//                    channel (channel j owns bytes 4j..4j+3; rows with fewer nonzeros pad with value
+//                    0). One vpermb gathers the 64 activation bytes a step needs from the segment's
+//                    64 activations held in a register, one vpdpbusd multiplies them: no memory
+//                    gathers (segptr int64 [np/16 * kp/64 + 1] gives each block and segment its steps).
 // The int8 formats also store colsum int32 [np] (sum of each row's weights) for the u8 shift.
 #pragma once
 
@@ -19,7 +25,7 @@
 
 namespace fastinfer::cpu {
 
-enum class SparseFormat : uint32_t { kCsrF32 = 1, kCsrI8 = 2, kNm24I8 = 3, kBlockI8 = 4 };
+enum class SparseFormat : uint32_t { kCsrF32 = 1, kCsrI8 = 2, kNm24I8 = 3, kBlockI8 = 4, kEllI8 = 5 };
 
 constexpr uint32_t kSparseMagic = 0x53384946u;  // "FI8S"
 constexpr uint32_t kSparseVersion = 1;
@@ -31,7 +37,7 @@ struct SparseHeader {
     uint32_t format;
     uint32_t idx_bytes;  // CSR: 2 or 4; others 0
     int64_t n, k, np, kp;
-    int64_t nnz;  // CSR: stored nonzeros; 2:4: kept slots (np * kp / 2); block: nonzero tiles
+    int64_t nnz;  // CSR: stored nonzeros; 2:4: kept slots (np * kp / 2); block: nonzero tiles; ell: steps
     int64_t reserved;
 };
 static_assert(sizeof(SparseHeader) == 64, "sparse header is 64 bytes");
@@ -49,7 +55,12 @@ struct SparseView {
     const int64_t* tileptr = nullptr; // block [np/16 + 1]
     const int32_t* tilek = nullptr;   // block [tiles]: k-tile index of each tile
     const int8_t* tiles = nullptr;    // block [tiles][kTileK / 4][16][4]
+    const int64_t* segptr = nullptr;  // ell [np/16 * kp/64 + 1]
+    const uint8_t* steps = nullptr;   // ell [nnz][128]
 };
+
+constexpr int64_t kEllSeg = 64;     // inputs per segment (one zmm of activations)
+constexpr int64_t kEllStep = 128;   // bytes per step: 64 indices + 64 values
 
 inline int64_t nm24_block_bytes(int64_t kp) { return kp / 4 * 40; }
 
@@ -76,6 +87,9 @@ void block_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, i
 namespace avx512_vbmi2 {
 void nm24_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
                int64_t nb0, int64_t nb1);
+// ell with VBMI's vpermb
+void ell_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
+              int64_t nb0, int64_t nb1);
 }  // namespace avx512_vbmi2
 
 // Tests: turn the VBMI2 2:4 kernel off (2:4 then runs on decompressed panels); returns the old value.
