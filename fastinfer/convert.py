@@ -100,18 +100,24 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
             if config.filter_fn is not None and not config.filter_fn(mod, fqn):
                 continue
             targets.append(fqn)
-    if "" in targets:  # the model itself is one linear layer
-        return _to_int8(model)
+    return swap_layers(model, targets, _to_int8, config.progress, "fastinfer.quantize")
 
-    converted: dict[int, Int8Linear] = {}
-    with _progress(len(targets), config.progress, "fastinfer.quantize") as bar:
+
+def swap_layers(model: nn.Module, targets: list[str], convert: Callable[[nn.Module], nn.Module],
+                progress: bool | None, desc: str) -> nn.Module:  # fmt: skip
+    """Replaces each module named in `targets` by convert(module), once per module object (a layer
+    registered under two names stays one layer), with a progress bar; "" means the model itself."""
+    if "" in targets:
+        return convert(model)
+    done: dict[int, nn.Module] = {}
+    with _progress(len(targets), progress, desc) as bar:
         for fqn in targets:
             parent_name, _, child = fqn.rpartition(".")
             parent = model.get_submodule(parent_name)
             old = getattr(parent, child)
-            if id(old) not in converted:
-                converted[id(old)] = _to_int8(old)
-            setattr(parent, child, converted[id(old)])
+            if id(old) not in done:
+                done[id(old)] = convert(old)
+            setattr(parent, child, done[id(old)])
             bar.update(1)
     route_fused_layers_through_modules(model)
     return model

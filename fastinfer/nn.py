@@ -48,6 +48,33 @@ def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torc
     return None, None
 
 
+def _check_layer_input(layer: nn.Module, x: object) -> None:
+    """The input contract of every fastinfer linear layer: a float32/bfloat16 tensor [..., in]."""
+    name = type(layer).__name__
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != layer.in_features:
+        raise ValueError(
+            f"{name}({layer.in_features} -> {layer.out_features}) got input of shape "
+            f"{tuple(x.shape)}; the last dim must be {layer.in_features}"
+        )
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"{name} supports float32 and bfloat16 inputs, got {x.dtype}")
+
+
+def _apply_keeping_dtypes(module: nn.Module, apply, fn, recurse) -> dict[str, torch.Tensor]:
+    """Runs nn.Module._apply but undoes dtype changes of the module's own buffers (fp32 scales and
+    bias by contract: model.bfloat16() would lose bits); device moves still apply. Returns the
+    buffers as they were before."""
+    before = {name: b for name, b in module._buffers.items() if b is not None}
+    apply(fn, recurse)
+    for name, old in before.items():
+        new = module._buffers[name]
+        if new is not None and new.dtype != old.dtype:
+            module._buffers[name] = old.to(new.device)
+    return before
+
+
 def _unpack_any(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """int8 [n, k] on the CPU from a CPU (K4N16) or GPU (RN128) packed weight."""
     if packed.device.type == "cuda":
@@ -114,12 +141,7 @@ class Int8Linear(nn.Module):
         # model.bfloat16() / .half() / .to(dtype) cast every floating buffer. Ours are fp32 by
         # contract (the kernel's epilogue reads fp32 scales and bias) and a round trip through
         # bf16 would lose bits, so keep the originals; device moves still apply.
-        before = {name: b for name, b in self._buffers.items() if b is not None}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+        before = _apply_keeping_dtypes(self, super()._apply, fn, recurse)
         # A move between CPU and CUDA re-packs: each device's kernels have their own weight layout.
         old_p, new_p = before["packed_weight"], self._buffers["packed_weight"]
         if old_p.device.type != new_p.device.type:
@@ -137,15 +159,7 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"Int8Linear expects a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"Int8Linear({self.in_features} -> {self.out_features}) got input of shape "
-                f"{tuple(x.shape)}; the last dim must be {self.in_features}"
-            )
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"Int8Linear supports float32 and bfloat16 inputs, got {x.dtype}")
+        _check_layer_input(self, x)
         return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
@@ -194,12 +208,7 @@ class _SparseBase(nn.Module):
                 f"{type(self).__name__} runs on the CPU only in this build (the CUDA sparse kernels are not "
                 "built yet); convert with .to_int8linear() / keep sparse layers on the CPU"
             )
-        before = {name: b for name, b in self._buffers.items() if b is not None}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+        _apply_keeping_dtypes(self, super()._apply, fn, recurse)
         return self
 
     @property
@@ -210,17 +219,6 @@ class _SparseBase(nn.Module):
         """(nonzero weights, all weights) of the layer."""
         numel = self.out_features * self.in_features
         return int(torch.count_nonzero(ops.unpack_sparse(self.sparse_weight))), numel
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.in_features} -> {self.out_features}) got input of shape "
-                f"{tuple(x.shape)}; the last dim must be {self.in_features}"
-            )
-        if x.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"{type(self).__name__} supports float32 and bfloat16 inputs, got {x.dtype}")
 
     def _repr_sparsity(self) -> str:
         nnz, numel = self.sparsity_stats()
@@ -268,7 +266,7 @@ class SparseLinear(_SparseBase):
         return ops.unpack_sparse(self.sparse_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        _check_layer_input(self, x)
         return ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
@@ -330,7 +328,7 @@ class SparseInt8Linear(_SparseBase):
         return self.weight_int8.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        _check_layer_input(self, x)
         return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastinfer.convert import QuantConfig, _progress, route_fused_layers_through_modules
+from fastinfer.convert import QuantConfig, swap_layers
 from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear, linear_weight_and_bias
 
 __all__ = ["SparseRule", "choose_format", "sparsify"]
@@ -152,17 +152,4 @@ def sparsify(
         for fqn, mod in model.named_modules(remove_duplicate=False)
         if (isinstance(mod, Int8Linear) or linear_weight_and_bias(mod)[0] is not None) and not skips.skips(fqn)
     ]
-    if "" in targets:
-        return convert(model)
-    done: dict[int, nn.Module] = {}
-    with _progress(len(targets), progress, "fastinfer.sparsify") as bar:
-        for fqn in targets:
-            parent_name, _, child = fqn.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            old = getattr(parent, child)
-            if id(old) not in done:
-                done[id(old)] = convert(old)
-            setattr(parent, child, done[id(old)])
-            bar.update(1)
-    route_fused_layers_through_modules(model)
-    return model
+    return swap_layers(model, targets, convert, progress, "fastinfer.sparsify")

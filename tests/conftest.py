@@ -181,6 +181,33 @@ def rand_int8(*shape, gen: torch.Generator, low: int = -128, high: int = 128) ->
     return torch.randint(low, high, shape, dtype=torch.int8, generator=gen)
 
 
+def trained_digits_mlp():
+    """A 64-128-128-10 MLP trained here on scikit-learn's bundled digits (fixed seeds; skips without
+    scikit-learn). Returns (model in eval mode, x_train, x_test, y_test); do not modify the model."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    x, y = datasets.load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = model_selection.train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    x_tr = torch.tensor(x_tr, dtype=torch.float32) / 16.0
+    x_te = torch.tensor(x_te, dtype=torch.float32) / 16.0
+    y_tr, y_te = torch.tensor(y_tr), torch.tensor(y_te)
+
+    torch.set_num_threads(1)  # tiny ops: avoids oversubscription stalls on a busy machine (restored by the fixture)
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _epoch in range(30):
+        perm = torch.randperm(len(x_tr), generator=g)
+        for i in range(0, len(perm), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
+            opt.step()
+    return model.eval(), x_tr, x_te, y_te
+
+
 def run_python(code: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs code in a fresh interpreter (for import-time behaviour and anything that might crash)."""
     full_env = dict(os.environ)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastinfer
-from conftest import sqnr
+from conftest import sqnr, trained_digits_mlp
 from fastinfer import QuantConfig
 from fastinfer.nn import Int8Linear, quantize_weight_per_channel
 
@@ -402,27 +402,7 @@ def test_gpt2_skip_conv1d_by_filter(gpt2, transformers):
 
 
 def test_trained_mlp_on_digits_keeps_accuracy():
-    datasets = pytest.importorskip("sklearn.datasets")
-    model_selection = pytest.importorskip("sklearn.model_selection")
-    x, y = datasets.load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = model_selection.train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    x_tr = torch.tensor(x_tr, dtype=torch.float32) / 16.0
-    x_te = torch.tensor(x_te, dtype=torch.float32) / 16.0
-    y_tr, y_te = torch.tensor(y_tr), torch.tensor(y_te)
-
-    torch.set_num_threads(1)  # tiny ops: avoids oversubscription stalls on a busy machine (restored by conftest)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _epoch in range(30):
-        perm = torch.randperm(len(x_tr), generator=g)
-        for i in range(0, len(perm), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
-            opt.step()
-    model.eval()
+    model, x_tr, x_te, y_te = trained_digits_mlp()
 
     q = fastinfer.quantize(model)
     assert len(_int8_names(q)) == 3

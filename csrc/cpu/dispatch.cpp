@@ -63,6 +63,16 @@ Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa) {
     return Status::ok();
 }
 
+void copy_activations(const int8_t* a, int64_t m, int64_t k, int64_t lda, int8_t* q, int64_t kp, bool shift) {
+    const uint8_t flip = shift ? 0x80 : 0;
+    for (int64_t r = 0; r < m; ++r) {
+        uint8_t* dst = reinterpret_cast<uint8_t*>(q + r * kp);
+        const uint8_t* src = reinterpret_cast<const uint8_t*>(a + r * lda);
+        for (int64_t c = 0; c < k; ++c) dst[c] = src[c] ^ flip;
+        std::memset(dst + k, flip, size_t(kp - k));
+    }
+}
+
 void quantize_activations(const Kernels& kr, const void* x, DType dt, int64_t m, int64_t k,
                           int64_t ldx, int8_t* q, int64_t kp, float* sa) {
     const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
@@ -194,13 +204,7 @@ Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uin
     int8_t* q;
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
-    const uint8_t flip = kr.shift_u8 ? 0x80 : 0;
-    for (int64_t r = 0; r < m; ++r) {
-        uint8_t* dst = reinterpret_cast<uint8_t*>(q + r * w.kp);
-        const uint8_t* src = reinterpret_cast<const uint8_t*>(a + r * lda);
-        for (int64_t c = 0; c < k; ++c) dst[c] = src[c] ^ flip;
-        std::memset(dst + k, flip, size_t(w.kp - k));
-    }
+    copy_activations(a, m, k, lda, q, w.kp, kr.shift_u8);
     const Epilogue ep{DType::kI32, out, ldo, nullptr, nullptr, nullptr};
     run_gemm(kr, Activations{q, m, w.kp}, w, ep);
     return Status::ok();

@@ -40,6 +40,8 @@ extern thread_local Scratch t_scratch;  // the calling thread's activation buffe
 Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
 // m rows of kp bytes (64-byte aligned) and m floats, from t_scratch.
 Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa);
+// Copies int8 a [m, k] (row stride lda) into q (rows of kp bytes, zero padded), XOR 0x80 when shift.
+void copy_activations(const int8_t* a, int64_t m, int64_t k, int64_t lda, int8_t* q, int64_t kp, bool shift);
 // Quantizes x [m, k] into q (rows of kp bytes, zero padded; shifted to u8 when kr.shift_u8).
 void quantize_activations(const Kernels& kr, const void* x, DType dt, int64_t m, int64_t k,
                           int64_t ldx, int8_t* q, int64_t kp, float* sa);

@@ -683,13 +683,7 @@ Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, co
     int8_t* q;
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
-    const uint8_t flip = shift ? 0x80 : 0;
-    for (int64_t r = 0; r < m; ++r) {
-        uint8_t* dst = reinterpret_cast<uint8_t*>(q + r * w.kp);
-        const uint8_t* src = reinterpret_cast<const uint8_t*>(a + r * lda);
-        for (int64_t c = 0; c < k; ++c) dst[c] = src[c] ^ flip;
-        std::memset(dst + k, flip, size_t(w.kp - k));
-    }
+    copy_activations(a, m, k, lda, q, w.kp, shift);
     const Epilogue ep{DType::kI32, out, ldo, nullptr, nullptr, nullptr};
     if (csr) return run_csr_i8(q, m, w, ep);
     return run_panels(kr, Activations{q, m, w.kp}, w, ep);
