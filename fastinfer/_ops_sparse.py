@@ -3,8 +3,9 @@ torch.library ops behind fastinfer.nn.SparseLinear / SparseInt8Linear. Re-export
 
 Formats (see csrc/cpu/sparse.h): "csr" (unstructured, fp32 or int8 values, uint16 column indices
 up to K = 65536), "2:4" (int8; at most 2 nonzeros in every group of 4 inputs), "block" (int8; 16 x 64
-tiles, all-zero tiles skipped), "ell" (int8, unstructured, for small M: 1-byte indices within
-64-input segments, gathered in registers with vpermb).
+tiles, all-zero tiles skipped), "ell" (int8, unstructured: 16-channel steps of 4 nonzeros per
+channel with 1-byte indices into a 128-input window that slides with the block's least advanced
+channel, activations gathered in registers with vpermi2b).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// 2:4 int8 GEMM with AVX-512 VBMI2 and the ell kernel with VBMI (compiled with the VNNI flags plus
+// 2:4 int8 GEMM with AVX-512 VBMI2 and the ell kernel with VBMI's vpermi2b (compiled with the VNNI flags plus
 // -mavx512vbmi -mavx512vbmi2; called only when the CPU reports both). Each 64-byte K4N16 weight vector is rebuilt in a register from its
 // 32 kept bytes and 64-bit mask by one vpexpandb, then used by vpdpbusd exactly as in the dense
 // kernel: the weight stream is 40/64 of the dense one.
@@ -67,38 +67,43 @@ void rows(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t
     }
 }
 
-// ell: MR rows x one 16-channel block. Per 64-input segment the MR activation vectors sit in
-// registers; each 128-byte step is one vpermb (gather by segment-local index) and one vpdpbusd per
-// row. Two accumulator sets alternate between steps to hide the vpdpbusd latency.
+// ell: MR rows x one 16-channel block. Each 128-byte step is one vpermi2b per row (gathering the
+// step's activations from the row's two 64-byte window registers) and one vpdpbusd; the window
+// start comes from bit 7 of the index bytes (one vpmovb2m). The window registers are re-loaded per
+// step (L1 hits): a block is one branch-free loop over its steps. Two accumulator sets alternate
+// between steps to hide the vpdpbusd latency. The first row chunk of a block prefetches the steps
+// 2 KiB ahead (M = 1 streams at the read bandwidth with it, ~80% without); later chunks find them
+// in L1/L2.
 template <int MR>
-void ell_micro(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m, int64_t nb) {
+void ell_micro(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m, int64_t nb, bool prefetch) {
+    constexpr int64_t kAhead = 2048;
     __m512i acc[2][MR];
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_si512();
-    const int64_t nseg = w.kp / kEllSeg;
-    const int64_t* sp = w.segptr + nb * nseg;
-    for (int64_t s = 0; s < nseg; ++s) {
-        int64_t t = sp[s];
-        const int64_t t1 = sp[s + 1];
-        if (t == t1) continue;
-        __m512i xs[MR];
-        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-            xs[i] = _mm512_loadu_si512(a.q + (m + i) * a.ldq + s * kEllSeg);
-        for (; t + 2 <= t1; t += 2) {
-            _Pragma("GCC unroll 2") for (int h = 0; h < 2; ++h) {
-                const uint8_t* st = w.steps + (t + h) * kEllStep;
-                const __m512i idx = _mm512_load_si512(st);
-                const __m512i wv = _mm512_load_si512(st + 64);
-                _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-                    dpbusd(acc[h][i], _mm512_permutexvar_epi8(idx, xs[i]), wv);
-            }
+    const int64_t hi = ell_window(w.kp) - 64;  // second window register: +64, or the same one when kp = 64
+    const int8_t* rows[MR];
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) rows[i] = a.q + (m + i) * a.ldq;
+    auto step = [&](int64_t t, __m512i* acc_set) {
+        const uint8_t* st = w.steps + t * kEllStep;
+        if (prefetch) {
+            _mm_prefetch(reinterpret_cast<const char*>(st + kAhead), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(st + kAhead + 64), _MM_HINT_T0);
         }
-        if (t < t1) {
-            const uint8_t* st = w.steps + t * kEllStep;
-            const __m512i idx = _mm512_load_si512(st);
-            const __m512i wv = _mm512_load_si512(st + 64);
-            _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) dpbusd(acc[0][i], _mm512_permutexvar_epi8(idx, xs[i]), wv);
+        const __m512i idx = _mm512_load_si512(st);
+        const __m512i wv = _mm512_load_si512(st + 64);
+        const int64_t base = int64_t(_cvtmask64_u64(_mm512_movepi8_mask(idx))) * 64;
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+            const __m512i lo = _mm512_load_si512(rows[i] + base);
+            const __m512i up = _mm512_load_si512(rows[i] + base + hi);
+            dpbusd(acc_set[i], _mm512_permutex2var_epi8(lo, idx, up), wv);
         }
+    };
+    int64_t t = w.stepptr[nb];
+    const int64_t t1 = w.stepptr[nb + 1];
+    for (; t + 2 <= t1; t += 2) {
+        step(t, acc[0]);
+        step(t + 1, acc[1]);
     }
+    if (t < t1) step(t, acc[0]);
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
         store_cols(_mm512_add_epi32(acc[0][i], acc[1][i]), w.n, w.colsum, ep, m + i, nb * kNBlock);
 }
@@ -108,16 +113,18 @@ void ell_micro(const Activations& a, const SparseView& w, const Epilogue& ep, in
 void ell_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
               int64_t nb0, int64_t nb1) {
     // Row chunks of up to 6 re-read the block's steps from L1/L2: the steps of 4 blocks are small
-    // (24 KiB per block at 90% sparsity), and per row each step costs one vpermb and one vpdpbusd.
+    // (16 KiB per block at 90% sparsity, K = 4096), and per row each step costs one vpermi2b and one
+    // vpdpbusd.
     for (int64_t nb = nb0; nb < nb1; ++nb) {
         int64_t m = m0;
-        for (; m + 6 <= m1; m += 6) ell_micro<6>(a, w, ep, m, nb);
+        for (; m + 6 <= m1; m += 6) ell_micro<6>(a, w, ep, m, nb, m == m0);
+        const bool first = m == m0;
         switch (m1 - m) {
-            case 5: ell_micro<5>(a, w, ep, m, nb); break;
-            case 4: ell_micro<4>(a, w, ep, m, nb); break;
-            case 3: ell_micro<3>(a, w, ep, m, nb); break;
-            case 2: ell_micro<2>(a, w, ep, m, nb); break;
-            case 1: ell_micro<1>(a, w, ep, m, nb); break;
+            case 5: ell_micro<5>(a, w, ep, m, nb, first); break;
+            case 4: ell_micro<4>(a, w, ep, m, nb, first); break;
+            case 3: ell_micro<3>(a, w, ep, m, nb, first); break;
+            case 2: ell_micro<2>(a, w, ep, m, nb, first); break;
+            case 1: ell_micro<1>(a, w, ep, m, nb, first); break;
             default: break;
         }
     }

@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "cpu/engine.h"
@@ -26,7 +28,7 @@ int64_t a64(int64_t x) { return round_up(x, 64); }
 // Section offsets (from the start of the buffer) for a header's format and sizes.
 struct Layout {
     int64_t rowptr = 0, idx = 0, values = 0, colsum = 0, panels = 0, tileptr = 0, tilek = 0, tiles = 0,
-            segptr = 0, steps = 0, total = 0;
+            stepptr = 0, steps = 0, total = 0;
 };
 
 Layout layout_of(const SparseHeader& h) {
@@ -63,8 +65,8 @@ Layout layout_of(const SparseHeader& h) {
         case SparseFormat::kEllI8:
             l.colsum = off;
             off += a64(4 * h.np);
-            l.segptr = off;
-            off += a64(8 * ((h.np / kNBlock) * (h.kp / kEllSeg) + 1));
+            l.stepptr = off;
+            off += a64(8 * (h.np / kNBlock + 1));
             l.steps = off;
             off += h.nnz * kEllStep;
             break;
@@ -77,12 +79,36 @@ bool is_int8(SparseFormat f) { return f != SparseFormat::kCsrF32; }
 
 bool valid_format(uint32_t f) { return f >= 1 && f <= 5; }
 
-// Nonzeros of row r in ell segment s.
-int ell_count(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t r, int64_t s) {
-    int c = 0;
-    if (r < n)
-        for (int64_t col = s * kEllSeg; col < std::min(k, (s + 1) * kEllSeg); ++col) c += w[r * ldw + col] != 0;
-    return c;
+// The ell plan of 16-channel block nb: calls step(base, cols, cnt) once per step, where channel j
+// takes cnt[j] <= 4 nonzeros at columns cols[j][0..cnt[j]). The window [base, base + W) starts at the
+// least advanced channel's next nonzero rounded down to 64 (capped at kp - W), and every channel
+// takes its next nonzeros inside it, so each step makes progress and no nonzero is skipped.
+template <class F>
+void ell_plan_block(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t kp, int64_t nb, F&& step) {
+    const int64_t win = ell_window(kp);
+    std::vector<int64_t> cols[kNBlock];
+    for (int64_t j = 0; j < kNBlock; ++j) {
+        const int64_t r = nb * kNBlock + j;
+        if (r < n)
+            for (int64_t c = 0; c < k; ++c)
+                if (w[r * ldw + c] != 0) cols[j].push_back(c);
+    }
+    size_t pos[kNBlock] = {};
+    for (;;) {
+        int64_t next = kp;
+        for (int64_t j = 0; j < kNBlock; ++j)
+            if (pos[j] < cols[j].size()) next = std::min(next, cols[j][pos[j]]);
+        if (next == kp) return;
+        const int64_t base = std::min(next / 64 * 64, kp - win);  // kp - win is a multiple of 64 too
+        int64_t take[kNBlock][4];
+        int cnt[kNBlock];
+        for (int64_t j = 0; j < kNBlock; ++j) {
+            cnt[j] = 0;
+            while (cnt[j] < 4 && pos[j] < cols[j].size() && cols[j][pos[j]] < base + win)
+                take[j][cnt[j]++] = cols[j][pos[j]++];
+        }
+        step(base, take, cnt);
+    }
 }
 
 template <class T>
@@ -147,11 +173,7 @@ Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, 
         case SparseFormat::kEllI8: {
             int64_t steps = 0;
             for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
-                for (int64_t s = 0; s < h->kp / kEllSeg; ++s) {
-                    int mx = 0;
-                    for (int64_t j = 0; j < kNBlock; ++j) mx = std::max(mx, ell_count(w8, ldw, n, k, nb * kNBlock + j, s));
-                    steps += (mx + 3) / 4;
-                }
+                ell_plan_block(w8, ldw, n, k, h->kp, nb, [&](int64_t, const int64_t (*)[4], const int*) { ++steps; });
             h->nnz = steps;
             break;
         }
@@ -280,32 +302,23 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
         }
         case SparseFormat::kEllI8: {
             fill_colsum(w8, n, k, ldw, h.np, reinterpret_cast<int32_t*>(out + l.colsum));
-            auto* segptr = reinterpret_cast<int64_t*>(out + l.segptr);
+            auto* stepptr = reinterpret_cast<int64_t*>(out + l.stepptr);
             uint8_t* steps = out + l.steps;
-            const int64_t nseg = h.kp / kEllSeg;
             int64_t t = 0;
-            for (int64_t nb = 0; nb < h.np / kNBlock; ++nb)
-                for (int64_t s = 0; s < nseg; ++s) {
-                    segptr[nb * nseg + s] = t;
-                    int mx = 0;
-                    for (int64_t j = 0; j < kNBlock; ++j) mx = std::max(mx, ell_count(w8, ldw, n, k, nb * kNBlock + j, s));
-                    const int nsteps = (mx + 3) / 4;
-                    for (int64_t j = 0; j < kNBlock; ++j) {
-                        const int64_t r = nb * kNBlock + j;
-                        if (r >= n) continue;
-                        int e = 0;  // the row's e-th nonzero in this segment goes to step e / 4, byte 4j + e % 4
-                        for (int64_t col = s * kEllSeg; col < std::min(k, (s + 1) * kEllSeg); ++col) {
-                            const int8_t v = w8[r * ldw + col];
-                            if (v == 0) continue;
-                            uint8_t* st = steps + (t + e / 4) * kEllStep;
-                            st[4 * j + e % 4] = uint8_t(col - s * kEllSeg);
-                            st[64 + 4 * j + e % 4] = uint8_t(v);
-                            ++e;
+            for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
+                stepptr[nb] = t;
+                ell_plan_block(w8, ldw, n, k, h.kp, nb, [&](int64_t base, const int64_t (*cols)[4], const int* cnt) {
+                    uint8_t* st = steps + t * kEllStep;
+                    for (int b = 0; b < 64; ++b) st[b] = uint8_t(((uint64_t(base / 64) >> b) & 1) << 7);
+                    for (int64_t j = 0; j < kNBlock; ++j)
+                        for (int e = 0; e < cnt[j]; ++e) {
+                            st[4 * j + e] |= uint8_t(cols[j][e] - base);
+                            st[64 + 4 * j + e] = uint8_t(w8[(nb * kNBlock + j) * ldw + cols[j][e]]);
                         }
-                    }
-                    t += nsteps;
-                }
-            segptr[(h.np / kNBlock) * nseg] = t;
+                    ++t;
+                });
+            }
+            stepptr[h.np / kNBlock] = t;
             break;
         }
     }
@@ -319,7 +332,8 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
     SparseHeader h;
     std::memcpy(&h, buf, sizeof(h));
     if (h.magic != kSparseMagic) return Status::invalid("sparse weight: bad magic (not a fastinfer sparse weight)");
-    if (h.version != kSparseVersion)
+    // Version 2 changed only the ell layout: the other formats of version 1 buffers read unchanged.
+    if (h.version != kSparseVersion && !(h.version == 1 && h.format != uint32_t(SparseFormat::kEllI8)))
         return Status::invalid("sparse weight: format version " + std::to_string(h.version) +
                                ", this build reads version " + std::to_string(kSparseVersion));
     if (!valid_format(h.format)) return Status::invalid("sparse weight: unknown format");
@@ -331,7 +345,7 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         (csr && (h.idx_bytes != (h.k <= 65536 ? 2u : 4u) || h.nnz > h.n * h.k)) ||
         (fmt == SparseFormat::kNm24I8 && h.nnz != h.np * h.kp / 2) ||
         (fmt == SparseFormat::kBlockI8 && h.nnz > (h.np / kNBlock) * (h.kp / kTileK)) ||
-        (fmt == SparseFormat::kEllI8 && h.nnz > (h.np / kNBlock) * (h.kp / kEllSeg) * (kEllSeg / 4)))
+        (fmt == SparseFormat::kEllI8 && h.nnz > h.np * h.kp))  // each step holds >= 1 nonzero
         return Status::invalid("sparse weight: inconsistent header");
     const Layout l = layout_of(h);
     if (l.total != nbytes) return Status::invalid("sparse weight: header and buffer size disagree");
@@ -353,10 +367,10 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         if (fmt == SparseFormat::kNm24I8) {
             v->panels = buf + l.panels;
         } else if (fmt == SparseFormat::kEllI8) {
-            v->segptr = reinterpret_cast<const int64_t*>(buf + l.segptr);
+            v->stepptr = reinterpret_cast<const int64_t*>(buf + l.stepptr);
             v->steps = buf + l.steps;
-            if (v->segptr[0] != 0 || v->segptr[(h.np / kNBlock) * (h.kp / kEllSeg)] != h.nnz)
-                return Status::invalid("sparse weight: corrupt segment pointers");
+            if (v->stepptr[0] != 0 || v->stepptr[h.np / kNBlock] != h.nnz)
+                return Status::invalid("sparse weight: corrupt step pointers");
         } else {
             v->tileptr = reinterpret_cast<const int64_t*>(buf + l.tileptr);
             v->tilek = reinterpret_cast<const int32_t*>(buf + l.tilek);
@@ -391,12 +405,15 @@ Status check_indices(const SparseView& v) {
                 return Status::invalid("sparse weight: tile index out of range");
     }
     if (v.fmt == SparseFormat::kEllI8) {
-        const int64_t nsegs = (v.np / kNBlock) * (v.kp / kEllSeg);
-        for (int64_t i = 0; i < nsegs; ++i)
-            if (v.segptr[i + 1] < v.segptr[i]) return Status::invalid("sparse weight: corrupt segment pointers");
-        for (int64_t t = 0; t < v.nnz; ++t)
+        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
+            if (v.stepptr[nb + 1] < v.stepptr[nb]) return Status::invalid("sparse weight: corrupt step pointers");
+        const int64_t win = ell_window(v.kp);
+        for (int64_t t = 0; t < v.nnz; ++t) {
+            const uint8_t* st = v.steps + t * kEllStep;
+            if (ell_base64(st) > uint64_t(v.kp - win) / 64) return Status::invalid("sparse weight: ell window out of range");
             for (int b = 0; b < 64; ++b)
-                if (v.steps[t * kEllStep + b] >= kEllSeg) return Status::invalid("sparse weight: ell index out of range");
+                if ((st[b] & 127) >= win) return Status::invalid("sparse weight: ell index out of range");
+        }
     }
     if (v.fmt == SparseFormat::kNm24I8) {
         const int64_t groups = v.kp / 4;
@@ -494,17 +511,16 @@ void panel(const SparseView& w, int64_t nb, int8_t* out) {
             for (uint64_t mk = masks[g]; mk; mk &= mk - 1) out[g * 64 + __builtin_ctzll(mk)] = *v++;
         }
     } else if (w.fmt == SparseFormat::kEllI8) {
-        const int64_t nseg = w.kp / kEllSeg;
-        for (int64_t s = 0; s < nseg; ++s)
-            for (int64_t t = w.segptr[nb * nseg + s]; t < w.segptr[nb * nseg + s + 1]; ++t) {
-                const uint8_t* st = w.steps + t * kEllStep;
-                for (int b = 0; b < 64; ++b) {
-                    const int8_t v = int8_t(st[64 + b]);
-                    if (v == 0) continue;
-                    const int64_t col = s * kEllSeg + st[b], j = b / 4;
-                    out[(col / 4) * 64 + j * 4 + col % 4] = v;
-                }
+        for (int64_t t = w.stepptr[nb]; t < w.stepptr[nb + 1]; ++t) {
+            const uint8_t* st = w.steps + t * kEllStep;
+            const int64_t base = int64_t(ell_base64(st)) * 64;
+            for (int b = 0; b < 64; ++b) {
+                const int8_t v = int8_t(st[64 + b]);
+                if (v == 0) continue;
+                const int64_t col = base + (st[b] & 127), j = b / 4;
+                out[(col / 4) * 64 + j * 4 + col % 4] = v;
             }
+        }
     } else if (w.fmt == SparseFormat::kBlockI8) {
         for (int64_t t = w.tileptr[nb]; t < w.tileptr[nb + 1]; ++t)
             std::memcpy(out + w.tilek[t] * kTileK * kNBlock, w.tiles + t * kNBlock * kTileK,
