@@ -1,0 +1,139 @@
+"""The layers' eager fast path (fastinfer.nn._FastCall): used after one fully checked call, equal to
+the op it bypasses, and dropped as soon as a weight buffer is written, replaced or copied."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastinfer
+from conftest import ISAS
+from fastinfer import ops
+from fastinfer.nn import _FAST, Int8Linear, SparseInt8Linear
+
+
+def _layers(k=96, n=40):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    dense = Int8Linear.from_linear(lin)
+    pruned = fastinfer.prune(nn.Sequential(nn.Linear(k, n)), 0.8, progress=False)
+    sparse = SparseInt8Linear.from_int8linear(fastinfer.quantize(pruned)[0], "csr")
+    return dense, sparse
+
+
+def _slow(layer, x):
+    if isinstance(layer, SparseInt8Linear):
+        return torch.ops.fastinfer.sparse_int8_linear(x, layer.sparse_weight, layer.weight_scale, layer.bias)
+    return torch.ops.fastinfer.int8_linear(x, layer.packed_weight, layer.weight_scale, layer.bias)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["Int8Linear", "SparseInt8Linear"])
+def test_fast_path_is_used_and_equals_the_op(which):
+    layer = _layers()[which]
+    assert _FAST.get(layer) is None
+    layer(torch.randn(2, 96))
+    assert _FAST.get(layer) is not None
+    base = torch.randn(6, 2 * 96)
+    for x in (torch.randn(96), torch.randn(3, 96), torch.randn(2, 3, 96), torch.randn(5, 96).bfloat16(),
+              base[:, ::2], base[1:2, :96], torch.randn(96, 4).T):  # fmt: skip
+        y = layer(x)
+        assert _FAST.get(layer) is not None
+        assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], 40)
+        assert torch.equal(y, _slow(layer, x)), tuple(x.shape)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["Int8Linear", "SparseInt8Linear"])
+def test_fast_path_sees_every_weight_change(which):
+    layer = _layers()[which]
+    x = torch.randn(4, 96)
+    y0 = layer(x)
+    layer.weight_scale.mul_(2)  # in place: version bump
+    y1 = layer(x)
+    assert torch.equal(y1, _slow(layer, x)) and not torch.equal(y1, y0)
+    layer.bias.add_(1)
+    assert torch.equal(layer(x), _slow(layer, x))
+    layer.weight_scale = torch.ones(40)  # replaced buffer
+    assert torch.equal(layer(x), _slow(layer, x))
+    other = _layers(96, 40)[which]
+    other.weight_scale.mul_(3)
+    layer.load_state_dict(other.state_dict())  # copies in place, or replaces the sparse buffer
+    y = layer(x)
+    assert torch.equal(y, other(x)) and torch.equal(y, _slow(layer, x))
+    if which == 0:
+        q = torch.randint(-127, 128, (40, 96), dtype=torch.int8)
+        layer.set_weight(q, torch.full((40,), 0.01))
+        assert torch.equal(layer(x), _slow(layer, x))
+    w = layer._buffers["packed_weight" if which == 0 else "sparse_weight"]
+    w2 = w.clone()
+    with torch.no_grad():
+        w.copy_(w2)  # same bytes, new version: re-checked, same answer
+    assert torch.equal(layer(x), _slow(layer, x))
+
+
+def test_in_place_corruption_of_a_sparse_weight_is_caught_not_run():
+    layer = _layers()[1]
+    x = torch.randn(2, 96)
+    layer(x)
+    idx_off = 64 + (8 * 41 + 63) // 64 * 64  # csr: header, rowptr int64 [n + 1], then uint16 indices
+    with torch.no_grad():
+        layer.sparse_weight[idx_off : idx_off + 2] = 255  # first column index -> 65535 >= K
+    with pytest.raises(ValueError, match="out of range"):
+        layer(x)
+
+
+def test_copies_do_not_share_the_fast_path():
+    layer = _layers()[0]
+    x = torch.randn(3, 96)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    assert _FAST.get(twin) is None
+    twin.weight_scale.mul_(2)
+    assert torch.equal(layer(x), y)
+    assert torch.equal(twin(x), _slow(twin, x)) and not torch.equal(twin(x), y)
+
+
+def test_inference_tensor_weights_take_the_checked_path():
+    with torch.inference_mode():
+        layer = Int8Linear.from_linear(nn.Linear(32, 8))
+        x = torch.randn(2, 32)
+        y = layer(x)
+    assert _FAST.get(layer) is None  # no version counter: nothing to key a cache on
+    assert torch.equal(y, _slow(layer, x))
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["Int8Linear", "SparseInt8Linear"])
+def test_bad_inputs_still_raise_after_the_fast_path_exists(which):
+    layer = _layers()[which]
+    layer(torch.randn(2, 96))
+    with pytest.raises(ValueError, match="last dim must be 96"):
+        layer(torch.randn(2, 95))
+    with pytest.raises(TypeError, match="float32 and bfloat16"):
+        layer(torch.randn(2, 96).double())
+    with pytest.raises(TypeError, match="expects a tensor"):
+        layer([1.0] * 96)
+    assert layer(torch.randn(0, 96)).shape == (0, 40)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fast_path_stays_correct_across_an_isa_switch(isa):
+    layer = _layers()[0]
+    x = torch.randn(5, 96)
+    before = fastinfer.set_isa(None)
+    try:
+        layer(x)  # built under the detected ISA
+        assert _FAST.get(layer) is not None
+        fastinfer.set_isa(isa)
+        assert torch.equal(layer(x), _slow(layer, x))
+    finally:
+        fastinfer.set_isa(before)
+
+
+def test_eager_call_overhead_is_recorded_only_for_eager_calls():
+    layer = _layers()[0]
+    x = torch.randn(2, 96, requires_grad=True)
+    y = layer(x)  # autograd would see the call: the checked op path
+    assert _FAST.get(layer) is None
+    assert torch.equal(y.detach(), ops.int8_linear(x.detach(), layer.packed_weight, layer.weight_scale, layer.bias))
