@@ -224,6 +224,6 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(st);
     });
-    m.def("set_sparse_vbmi2", &fc::set_sparse_vbmi2);
-    m.def("sparse_vbmi2_active", &fc::sparse_vbmi2_active);
+    m.def("set_sparse_vbmi", &fc::set_sparse_vbmi);
+    m.def("sparse_vbmi_active", &fc::sparse_vbmi_active);
 }

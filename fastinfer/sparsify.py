@@ -107,7 +107,7 @@ def _fast_int8_formats() -> set[str]:
 
     if _backend.active_isa() not in ("avx512_vnni", "amx"):
         return set()
-    return {"block", "2:4", "ell"} if _C.sparse_vbmi2_active() else {"block"}
+    return {"block", "2:4", "ell"} if _C.sparse_vbmi_active() else {"block"}
 
 
 def sparse_int8_or_dense(layer: Int8Linear, rule: SparseRule = DEFAULT_RULE) -> nn.Module:

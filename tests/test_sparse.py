@@ -206,36 +206,49 @@ def test_ell_corrupt_window_or_index_is_rejected():
         ops.sparse_validate(bad)
 
 
+def test_nm24_corrupt_positions_are_rejected():
+    """The two positions of a group must differ (the kernel would count one input twice)."""
+    w = _i8(16, 64, seed=8) * _mask_nm(16, 64, 2, 9)
+    good = ops.pack_sparse(w, "2:4")
+    steps = 64 + 64  # header, colsum int32 [16]
+    assert torch.equal(ops.unpack_sparse(good), w)
+    for byte, val in ((0, 0b11100000), (5, 0b01010100), (7 * 80 + 3, 0xFF)):
+        bad = good.clone()
+        bad[steps + byte] = val
+        with pytest.raises(ValueError, match="corrupt 2:4 positions"):
+            ops.sparse_validate(bad)
+
+
 def test_version_1_buffers():
-    """Version 2 changed only the ell layout: other formats written by version 1 still load, a
-    version 1 ell buffer is refused (its layout would be misread)."""
-    w = _i8(16, 100, seed=5) * _mask_unstructured(16, 100, 0.3, 6)
+    """Version 2 changed the ell and 2:4 layouts: csr and block buffers written by version 1 still
+    load, version 1 ell and 2:4 buffers are refused (their layout would be misread)."""
+    w = _i8(16, 100, seed=5) * _mask_nm(16, 100, 2, 6)
     a = _i8(3, 100, seed=7)
-    for fmt in ("csr", "block", "ell"):
+    for fmt in ("csr", "block", "ell", "2:4"):
         p = ops.pack_sparse(w, fmt)
         p[4:8] = torch.tensor([1, 0, 0, 0], dtype=torch.uint8)
-        if fmt == "ell":
+        if fmt in ("ell", "2:4"):
             with pytest.raises(ValueError, match="version 1"):
                 ops.sparse_int8_matmul(a, p, 16)
         else:
             assert torch.equal(ops.sparse_int8_matmul(a, p, 16), int64_ref(a, w))
 
 
-def test_nm24_panel_path_without_vbmi2():
-    """CPUs with VNNI but no VBMI2 (Cascade Lake) run 2:4 and ell on decompressed panels: force that."""
+def test_nm24_and_ell_panel_path_without_vbmi():
+    """CPUs with VNNI but no VBMI (Cascade Lake) run 2:4 and ell on decompressed panels: force that."""
     if "avx512_vnni" not in ISAS:
         pytest.skip("needs avx512_vnni")
     fastinfer.set_isa("avx512_vnni")
-    before = _C.set_sparse_vbmi2(False)
+    before = _C.set_sparse_vbmi(False)
     try:
-        assert not _C.sparse_vbmi2_active()
+        assert not _C.sparse_vbmi_active()
         for m, k, n in SHAPES:
             for fmt in ("2:4", "ell"):
                 w = _masked(fmt, n, k, seed=m + k + n)
                 a = _i8(m, k, seed=m)
                 assert torch.equal(ops.sparse_int8_matmul(a, ops.pack_sparse(w, fmt), n), int64_ref(a, w)), fmt
     finally:
-        _C.set_sparse_vbmi2(before)
+        _C.set_sparse_vbmi(before)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 64, 65, 130])
@@ -336,8 +349,8 @@ def test_choose_format_keeps_int8_dense_without_sparse_kernels():
 
 
 def test_choose_format_follows_the_zeros():
-    if "avx512_vnni" not in ISAS or not _C.sparse_vbmi2_active():
-        pytest.skip("the default rule's int8 choices are for avx512_vnni with vbmi2")
+    if "avx512_vnni" not in ISAS or not _C.sparse_vbmi_active():
+        pytest.skip("the default rule's int8 choices are for avx512_vnni with vbmi")
     rule = SparseRule()
     n, k = 64, 256
     base = _i8(n, k, seed=8, low=1, high=127)
@@ -380,7 +393,7 @@ def test_sparsify_converts_only_what_pays_and_keeps_the_original():
     x = torch.randn(5, 128, generator=_gen(10))
     torch.testing.assert_close(s(x), m(x), rtol=1e-5, atol=1e-5)
     q = sparsify(fastinfer.quantize(m))
-    if _C.sparse_vbmi2_active():  # unstructured int8 has a faster-than-dense kernel only with VBMI
+    if _C.sparse_vbmi_active():  # unstructured int8 has a faster-than-dense kernel only with VBMI
         assert [type(x).__name__ for x in q] == ["SparseInt8Linear", "ReLU", "SparseInt8Linear", "ReLU", "Int8Linear"]
         assert q[0].format == "ell"
     else:

@@ -239,35 +239,28 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
         }
         case SparseFormat::kNm24I8: {
             fill_colsum(w8, n, k, ldw, h.np, reinterpret_cast<int32_t*>(out + l.colsum));
-            const int64_t groups = h.kp / 4;
             for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
                 uint8_t* blk = out + l.panels + nb * nm24_block_bytes(h.kp);
-                auto* masks = reinterpret_cast<uint64_t*>(blk);
-                int8_t* vals = reinterpret_cast<int8_t*>(blk + groups * 8);
-                for (int64_t g = 0; g < groups; ++g) {
-                    uint64_t mask = 0;
+                for (int64_t s = 0; s < h.kp / kNm24StepK; ++s) {
+                    uint8_t* meta = blk + s * kNm24Step;
+                    auto* vals = reinterpret_cast<int8_t*>(meta + kNm24Meta);
                     for (int64_t j = 0; j < kNBlock; ++j) {
                         const int64_t r = nb * kNBlock + j;
-                        int kept = 0;
-                        for (int64_t t = 0; t < 4; ++t) {  // the nonzeros first ...
-                            const int64_t c = 4 * g + t;
-                            if (r < n && c < k && nonzero(w8, ldw, r, c)) {
-                                mask |= uint64_t(1) << (4 * j + t);
-                                ++kept;
+                        for (int64_t g = 0; g < 2; ++g) {
+                            // slots 4j + 2g, 4j + 2g + 1: the group's nonzeros, then explicit zeros at
+                            // other positions (the two positions of a group always differ)
+                            int pos[2], kept = 0;
+                            const int64_t c0 = s * kNm24StepK + 4 * g;
+                            for (int t = 0; t < 4 && kept < 2; ++t)
+                                if (r < n && c0 + t < k && nonzero(w8, ldw, r, c0 + t)) pos[kept++] = t;
+                            for (int t = 0; t < 4 && kept < 2; ++t)
+                                if (kept == 0 || pos[0] != t) pos[kept++] = t;
+                            for (int i = 0; i < 2; ++i) {
+                                const int64_t slot = 4 * j + 2 * g + i, c = c0 + pos[i];
+                                meta[slot / 4] |= uint8_t(pos[i] << (2 * (slot % 4)));
+                                vals[slot] = (r < n && c < k) ? w8[r * ldw + c] : int8_t(0);
                             }
                         }
-                        for (int64_t t = 0; t < 4 && kept < 2; ++t)  // ... then explicit zeros
-                            if (!(mask >> (4 * j + t) & 1)) {
-                                mask |= uint64_t(1) << (4 * j + t);
-                                ++kept;
-                            }
-                    }
-                    masks[g] = mask;
-                    int p = 0;
-                    for (int b = 0; b < 64; ++b) {
-                        if (!(mask >> b & 1)) continue;
-                        const int64_t r = nb * kNBlock + b / 4, c = 4 * g + b % 4;
-                        vals[g * 32 + p++] = (r < n && c < k) ? w8[r * ldw + c] : int8_t(0);
                     }
                 }
             }
@@ -332,8 +325,10 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
     SparseHeader h;
     std::memcpy(&h, buf, sizeof(h));
     if (h.magic != kSparseMagic) return Status::invalid("sparse weight: bad magic (not a fastinfer sparse weight)");
-    // Version 2 changed only the ell layout: the other formats of version 1 buffers read unchanged.
-    if (h.version != kSparseVersion && !(h.version == 1 && h.format != uint32_t(SparseFormat::kEllI8)))
+    // Version 2 changed the ell and 2:4 layouts: csr and block buffers of version 1 read unchanged.
+    if (h.version != kSparseVersion && !(h.version == 1 && (h.format == uint32_t(SparseFormat::kCsrF32) ||
+                                                            h.format == uint32_t(SparseFormat::kCsrI8) ||
+                                                            h.format == uint32_t(SparseFormat::kBlockI8))))
         return Status::invalid("sparse weight: format version " + std::to_string(h.version) +
                                ", this build reads version " + std::to_string(kSparseVersion));
     if (!valid_format(h.format)) return Status::invalid("sparse weight: unknown format");
@@ -416,11 +411,14 @@ Status check_indices(const SparseView& v) {
         }
     }
     if (v.fmt == SparseFormat::kNm24I8) {
-        const int64_t groups = v.kp / 4;
-        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb) {
-            const auto* masks = reinterpret_cast<const uint64_t*>(v.panels + nb * nm24_block_bytes(v.kp));
-            for (int64_t g = 0; g < groups; ++g)
-                if (__builtin_popcountll(masks[g]) != 32) return Status::invalid("sparse weight: corrupt 2:4 mask");
+        // Every 2-bit position is in range; the two positions of a group must differ (otherwise the
+        // kernel would count one input twice where unpack keeps one value).
+        const int64_t steps = (v.np / kNBlock) * (v.kp / kNm24StepK);
+        for (int64_t t = 0; t < steps; ++t) {
+            const uint8_t* meta = v.panels + t * kNm24Step;
+            for (int b = 0; b < kNm24Meta; ++b)
+                if ((meta[b] & 3) == (meta[b] >> 2 & 3) || (meta[b] >> 4 & 3) == (meta[b] >> 6))
+                    return Status::invalid("sparse weight: corrupt 2:4 positions");
         }
     }
     return Status::ok();
@@ -502,13 +500,15 @@ void csr_i8(const SparseView& w, const int8_t* q, int64_t ldq, int64_t m, const 
 void panel(const SparseView& w, int64_t nb, int8_t* out) {
     std::memset(out, 0, size_t(kNBlock * w.kp));
     if (w.fmt == SparseFormat::kNm24I8) {
-        const int64_t groups = w.kp / 4;
         const uint8_t* blk = w.panels + nb * nm24_block_bytes(w.kp);
-        const auto* masks = reinterpret_cast<const uint64_t*>(blk);
-        const auto* vals = reinterpret_cast<const int8_t*>(blk + groups * 8);
-        for (int64_t g = 0; g < groups; ++g) {
-            const int8_t* v = vals + g * 32;
-            for (uint64_t mk = masks[g]; mk; mk &= mk - 1) out[g * 64 + __builtin_ctzll(mk)] = *v++;
+        for (int64_t s = 0; s < w.kp / kNm24StepK; ++s) {
+            const uint8_t* meta = blk + s * kNm24Step;
+            const auto* vals = reinterpret_cast<const int8_t*>(meta + kNm24Meta);
+            for (int slot = 0; slot < 64; ++slot) {
+                const int j = slot / 4, g = slot % 4 / 2, pos = meta[slot / 4] >> (2 * (slot % 4)) & 3;
+                const int64_t c = s * kNm24StepK + 4 * g + pos;
+                out[(c / 4) * 64 + j * 4 + c % 4] = vals[slot];
+            }
         }
     } else if (w.fmt == SparseFormat::kEllI8) {
         for (int64_t t = w.stepptr[nb]; t < w.stepptr[nb + 1]; ++t) {
@@ -537,11 +537,11 @@ namespace {
 thread_local Scratch t_sparse_scratch;  // transposed / widened activations (calling thread)
 thread_local Scratch t_panel;           // one decompressed panel (each pool thread)
 
-std::atomic<bool> g_allow_vbmi2{true};
+std::atomic<bool> g_allow_vbmi{true};
 
 bool use_avx512() { return active_isa() >= Isa::kAvx512Vnni; }
-bool use_vbmi2() {
-    return use_avx512() && cpu_features().avx512vbmi2 && cpu_features().avx512vbmi && g_allow_vbmi2.load();
+bool use_vbmi() {
+    return use_avx512() && cpu_features().avx512vbmi && g_allow_vbmi.load();
 }
 
 // Rows of N per task for the CSR kernels: about 64 tasks, so the pool balances uneven rows.
@@ -585,12 +585,12 @@ Status run_panels(const Kernels& kr, const Activations& a, const SparseView& w, 
         const int64_t nb0 = ng * 4, nb1 = std::min(nblocks, nb0 + 4);
         if (vnni && w.fmt == SparseFormat::kBlockI8)
             avx512_vnni::block_gemm(a, w, ep, m0, m1, nb0, nb1);
-        else if (vnni && w.fmt == SparseFormat::kEllI8 && use_vbmi2())
-            avx512_vbmi2::ell_gemm(a, w, ep, m0, m1, nb0, nb1);
-        else if (vnni && w.fmt == SparseFormat::kNm24I8 && use_vbmi2())
-            // in-register expansion at every M: expanding 4 panels to memory first and running the
-            // dense kernel measured 0.46x-0.68x of dense at M = 5..16 and no better at M >= 128
-            avx512_vbmi2::nm24_gemm(a, w, ep, m0, m1, nb0, nb1);
+        else if (vnni && w.fmt == SparseFormat::kEllI8 && use_vbmi())
+            avx512_vbmi::ell_gemm(a, w, ep, m0, m1, nb0, nb1);
+        else if (vnni && w.fmt == SparseFormat::kNm24I8 && use_vbmi())
+            // activations gathered in registers at every M: decompressing 4 panels to memory first and
+            // running the dense kernel measured 0.46x-0.68x of dense at M = 5..16
+            avx512_vbmi::nm24_gemm(a, w, ep, m0, m1, nb0, nb1);
         else if (!panel_gemm(kr, a, w, ep, m0, m1, nb0, nb1))
             oom.store(true);
     });
@@ -649,9 +649,9 @@ Status check_sparse(const char* name, int64_t m, int64_t k, int64_t ldx, const u
 
 }  // namespace
 
-bool set_sparse_vbmi2(bool allow) { return g_allow_vbmi2.exchange(allow); }
+bool set_sparse_vbmi(bool allow) { return g_allow_vbmi.exchange(allow); }
 
-bool sparse_vbmi2_active() { return use_vbmi2(); }
+bool sparse_vbmi_active() { return use_vbmi(); }
 
 Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
                          int64_t nbytes, const float* bias, float* out, int64_t ldo) {

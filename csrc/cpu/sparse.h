@@ -3,12 +3,14 @@
 // One buffer per layer: [SparseHeader 64 B][sections, each 64-byte aligned]. Formats:
 //  kCsrF32 / kCsrI8  unstructured, row-compressed: rowptr int64 [n+1], column indices (uint16 when
 //                    K <= 65536, else int32) [nnz], values (fp32 or int8) [nnz].
-//  kNm24I8           2:4 along K, on the dense engine's K4N16 panels: per 16-channel block and group
-//                    of 4 k, a 64-bit mask (bit 4*j + t: channel j, k offset t; exactly 2 bits per
-//                    channel) and the 32 kept bytes in mask order. 40 bytes instead of 64: the mask is
-//                    the same size as two 2-bit positions per group, and it is the operand of the
-//                    AVX-512 VBMI2 expand instruction, which rebuilds the dense 64-byte vector in one step.
-//                    Groups with fewer than 2 nonzeros keep explicit zeros.
+//  kNm24I8           2:4 along K: per 16-channel block and "step" of 8 inputs (two groups of 4), 80
+//                    bytes: 16 bytes of 2-bit positions, then 64 kept values, 4 per channel (slot
+//                    4j + 2g + i: channel j, group g, i-th kept input; its position within the group is
+//                    bits 2*(slot%4) of byte slot/4). 40 bytes per 64 weights. The VBMI kernel turns
+//                    the positions into activation indices (vpermw, vpmultishiftqb, vpternlogd) and
+//                    gathers the activations with vpermb, so each vpdpbusd covers 8 inputs of 16
+//                    channels: half the multiplies of the dense kernel. Groups with fewer than 2
+//                    nonzeros keep explicit zeros; the two positions of a group always differ.
 //  kBlockI8          tiles of 16 channels x 64 k (the VNNI kernel's panel granularity): per 16-channel
 //                    block a range of its nonzero tiles (tileptr int64 [nb+1], tile k-index int32
 //                    [tiles]); tile data in K4N16 order, 1 KiB each. All-zero tiles are skipped.
@@ -33,7 +35,7 @@ namespace fastinfer::cpu {
 enum class SparseFormat : uint32_t { kCsrF32 = 1, kCsrI8 = 2, kNm24I8 = 3, kBlockI8 = 4, kEllI8 = 5 };
 
 constexpr uint32_t kSparseMagic = 0x53384946u;  // "FI8S"
-constexpr uint32_t kSparseVersion = 2;  // 2: ell with sliding windows (v1 ell buffers are rejected)
+constexpr uint32_t kSparseVersion = 2;  // 2: ell with sliding windows, 2:4 with positions (v1 buffers of these are rejected)
 constexpr int64_t kTileK = 64;  // block format: tiles of kNBlock channels x kTileK inputs
 
 struct SparseHeader {
@@ -56,7 +58,7 @@ struct SparseView {
     const void* idx = nullptr;        // CSR [nnz] uint16 or int32
     const void* values = nullptr;     // CSR [nnz] float or int8
     const int32_t* colsum = nullptr;  // 2:4, block [np]
-    const uint8_t* panels = nullptr;  // 2:4: np/16 blocks of (kp/4 masks u64 + kp/4 * 32 bytes)
+    const uint8_t* panels = nullptr;  // 2:4: np/16 blocks of kp/8 steps of 80 bytes
     const int64_t* tileptr = nullptr; // block [np/16 + 1]
     const int32_t* tilek = nullptr;   // block [tiles]: k-tile index of each tile
     const int8_t* tiles = nullptr;    // block [tiles][kTileK / 4][16][4]
@@ -74,7 +76,10 @@ inline uint64_t ell_base64(const uint8_t* step) {
     return b64;
 }
 
-inline int64_t nm24_block_bytes(int64_t kp) { return kp / 4 * 40; }
+constexpr int64_t kNm24StepK = 8;    // 2:4: inputs per step
+constexpr int kNm24Meta = 16;         // 2:4: position bytes per step
+constexpr int64_t kNm24Step = 80;     // 2:4: bytes per step (positions + 64 values)
+inline int64_t nm24_block_bytes(int64_t kp) { return kp / kNm24StepK * kNm24Step; }
 
 // Per-ISA sparse kernels. x / q rows are [m][ld]; xt are transposed activations [k][ldt].
 namespace ref {
@@ -96,17 +101,17 @@ void csr_i8(const SparseView& w, const int32_t* q32, int64_t ldq, bool transpose
 void block_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
                 int64_t nb0, int64_t nb1);
 }  // namespace avx512_vnni
-namespace avx512_vbmi2 {
+namespace avx512_vbmi {
 void nm24_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
                int64_t nb0, int64_t nb1);
 // ell with VBMI's vpermi2b
 void ell_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0, int64_t m1,
               int64_t nb0, int64_t nb1);
-}  // namespace avx512_vbmi2
+}  // namespace avx512_vbmi
 
-// Tests: turn the VBMI2 2:4 kernel off (2:4 then runs on decompressed panels); returns the old value.
-bool set_sparse_vbmi2(bool allow);
-bool sparse_vbmi2_active();
+// Tests: turn the VBMI 2:4 and ell kernels off (they then run on decompressed panels); returns the old value.
+bool set_sparse_vbmi(bool allow);
+bool sparse_vbmi_active();
 
 // Entry points (validated; Status instead of exceptions).
 // Size of the buffer sparse_pack will write for w ([n, k], row stride ldw; fp32 for kCsrF32, int8
