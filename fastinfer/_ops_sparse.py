@@ -5,7 +5,8 @@ Formats (see csrc/cpu/sparse.h): "csr" (unstructured, fp32 or int8 values, uint1
 up to K = 65536), "2:4" (int8; at most 2 nonzeros in every group of 4 inputs), "block" (int8; 16 x 64
 tiles, all-zero tiles skipped), "ell" (int8, unstructured: 16-channel steps of 4 nonzeros per
 channel with 1-byte indices into a 128-input window that slides with the block's least advanced
-channel, activations gathered in registers with vpermi2b).
+channel, activations gathered in registers with vpermi2b; as float32, one nonzero per channel and
+step in a 64-input window, gathered with vpermi2ps).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fastinfer.ops import (
 
 FORMATS = ("csr", "2:4", "block", "ell")
 _CODE = {("csr", torch.float32): 1, ("csr", torch.int8): 2, ("2:4", torch.int8): 3, ("block", torch.int8): 4,
-         ("ell", torch.int8): 5}  # fmt: skip
+         ("ell", torch.int8): 5, ("ell", torch.float32): 6}  # fmt: skip
 _NAME = {v: k for k, v in _CODE.items()}
 TILE = (16, 64)  # block format tile: output channels x inputs
 
@@ -45,7 +46,7 @@ torch.library.define("fastinfer::sparse_int8_matmul", "(Tensor a, Tensor packed,
 
 
 def pack_sparse(w: torch.Tensor, format: str = "csr") -> torch.Tensor:
-    """Packs a dense weight [N, K] (float32 for "csr"; int8 for "csr", "2:4", "block") into the
+    """Packs a dense weight [N, K] (float32 for "csr" and "ell"; int8 for every format) into the
     engine's sparse format: a 1-D uint8 tensor with a versioned header. Zeros (and -0.0) are not
     stored. "2:4" raises ValueError when a group of 4 inputs holds more than 2 nonzeros."""
     w = _check_tensor("pack_sparse", "w", w)
@@ -55,7 +56,7 @@ def pack_sparse(w: torch.Tensor, format: str = "csr") -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"fastinfer.pack_sparse: w must be 2-D [N, K], got shape {tuple(w.shape)}")
     if (format, w.dtype) not in _CODE:
-        want = "float32 or int8" if format == "csr" else "int8"
+        want = "float32 or int8" if format in ("csr", "ell") else "int8"
         raise TypeError(f"fastinfer.pack_sparse: format {format!r} needs {want} weights, got {w.dtype}")
     if not _has_data(w):
         raise ValueError("fastinfer.pack_sparse: w has no data (meta or fake tensor)")

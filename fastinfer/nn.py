@@ -65,7 +65,7 @@ def _check_layer_input(layer: nn.Module, x: object) -> None:
 
 
 class _FastCall:
-    """An eager CPU call of an int8 layer without the op layer's per-call checks (~7 us of Python:
+    """An eager CPU call of a fastinfer linear layer without the op layer's per-call checks (~7 us of Python:
     a small layer goes from 10 to 3.5 us per call, as fast as nn.Linear; a 90%-sparse 4096x4096
     layer at M = 1 spends a quarter of its time there otherwise).
 
@@ -81,10 +81,14 @@ class _FastCall:
     def __init__(self, layer: nn.Module, weight_name: str, fn, weight: torch.Tensor) -> None:
         bufs = layer._buffers
         self.key = tuple((name, bufs[name], None if bufs[name] is None else bufs[name]._version)
-                         for name in (weight_name, "weight_scale", "bias"))  # fmt: skip
+                         for name in _FastCall.names(layer, weight_name))  # fmt: skip
         self.fn, self.weight = fn, weight  # weight: the validated, 64-byte aligned buffer the kernel reads
-        self.scale, self.bias = bufs["weight_scale"], bufs["bias"]
+        self.scale, self.bias = bufs.get("weight_scale"), bufs["bias"]  # scale None: an fp32 layer
         self.n, self.k = layer.out_features, layer.in_features
+
+    @staticmethod
+    def names(layer: nn.Module, weight_name: str) -> tuple[str, ...]:
+        return (weight_name, "weight_scale", "bias") if "weight_scale" in layer._buffers else (weight_name, "bias")
 
     def valid_for(self, layer: nn.Module) -> bool:
         bufs = layer._buffers
@@ -98,6 +102,7 @@ class _FastCall:
             type(x) is not torch.Tensor
             or not x.is_cpu
             or x.dtype not in ops._DTYPE_CODE
+            or (self.scale is None and x.dtype is not torch.float32)  # fp32 layer: bf16 takes the full path
             or x.dim() == 0
             or x.shape[-1] != self.k
             or x.numel() == 0
@@ -106,10 +111,14 @@ class _FastCall:
             return None
         x2, ld = ops._rows(x)
         out = ops._new_output((*x.shape[:-1], self.n), x.dtype)
-        code = ops._DTYPE_CODE[x.dtype]
         _backend.sync_threads()
-        w, b = self.weight, self.bias
-        self.fn(x2.data_ptr(), code, x2.shape[0], self.k, ld, w.data_ptr(), w.numel(), self.scale.data_ptr(),
+        w, b, s = self.weight, self.bias, self.scale
+        if s is None:
+            self.fn(x2.data_ptr(), x2.shape[0], self.k, ld, w.data_ptr(), w.numel(),
+                    b.data_ptr() if b is not None else 0, out.data_ptr(), self.n)  # fmt: skip
+            return out
+        code = ops._DTYPE_CODE[x.dtype]
+        self.fn(x2.data_ptr(), code, x2.shape[0], self.k, ld, w.data_ptr(), w.numel(), s.data_ptr(),
                 b.data_ptr() if b is not None else 0, out.data_ptr(), code, self.n)  # fmt: skip
         return out
 
@@ -118,7 +127,7 @@ class _FastCall:
         """Buffers the fast call can serve: plain, version-tracked CPU tensors (not inference tensors)."""
         if layer.in_features == 0 or layer.out_features == 0:
             return False
-        for name in (weight_name, "weight_scale", "bias"):
+        for name in _FastCall.names(layer, weight_name):
             t = layer._buffers.get(name)
             if t is None and name == "bias":
                 continue
@@ -316,9 +325,11 @@ def _check_features(in_features: int, out_features: int) -> None:
 
 
 class SparseLinear(_SparseBase):
-    """y = x @ W^T + b with a pruned float weight stored row-compressed ("csr": fp32 values and
-    column indices); the kernel touches only the nonzeros. Inputs float32 or bfloat16 [..., in];
-    fp32 accumulation, output in the input dtype. Built with SparseLinear.from_linear(linear)."""
+    """y = x @ W^T + b with a pruned float weight stored sparse: "csr" (fp32 values and column
+    indices, rows compressed) or "ell" (16-channel steps of one nonzero per channel, activations
+    gathered in registers; AVX-512). The kernel touches only the nonzeros. Inputs float32 or
+    bfloat16 [..., in]; fp32 accumulation, output in the input dtype. Built with
+    SparseLinear.from_linear(linear, format)."""
 
     _weight_dtype = torch.float32  # what sparse_weight must hold
 
@@ -331,15 +342,18 @@ class SparseLinear(_SparseBase):
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> SparseLinear:
-        """From an nn.Linear (or transformers Conv1D) whose zeros should be skipped."""
+    def from_linear(cls, linear: nn.Module, format: str = "csr") -> SparseLinear:
+        """From an nn.Linear (or transformers Conv1D) whose zeros should be skipped; format "csr" or
+        "ell" (fastinfer.sparsify picks the faster one for the CPU)."""
+        if format not in ("csr", "ell"):
+            raise ValueError(f"SparseLinear format must be 'csr' or 'ell', got {format!r}")
         weight, bias = linear_weight_and_bias(linear)
         if weight is None:
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         if weight.device.type != "cpu":
             raise RuntimeError(f"SparseLinear.from_linear: the layer is on {weight.device}; only CPU is supported")
         mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
-        mod.sparse_weight = ops.pack_sparse(weight.detach().float().contiguous(), "csr")
+        mod.sparse_weight = ops.pack_sparse(weight.detach().float().contiguous(), format)
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
         mod.train(linear.training)
@@ -350,13 +364,20 @@ class SparseLinear(_SparseBase):
         return ops.unpack_sparse(self.sparse_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _fast_forward(self, x)
+        if y is not None:
+            return y
         _check_layer_input(self, x)
-        return ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
+        y = ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
+        if ops._eager_fast_path(x) and _FastCall.usable(self, "sparse_weight"):  # the checks above passed
+            weight = _ops_sparse._check_packed("sparse_linear", self.sparse_weight)  # cached: validated above
+            _FAST[self] = _FastCall(self, "sparse_weight", _C.sparse_linear_f32, weight)
+        return y
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format=csr fp32, sparsity={self._repr_sparsity()}, kernel={_backend.active_isa()}"
+            f"format={self.format} fp32, sparsity={self._repr_sparsity()}, kernel={_backend.active_isa()}"
         )
 
 

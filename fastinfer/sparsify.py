@@ -45,13 +45,14 @@ class SparseRule:
     """
 
     fp32_csr_max_density: float = 0.25
+    fp32_ell_max_density: float = 0.25
     int8_ell_max_density: float = 0.25
     int8_csr_max_density: float = 0.0
     int8_block_max_tile_density: float = 0.6
     int8_nm24: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("fp32_csr_max_density", "int8_ell_max_density", "int8_csr_max_density",
+        for name in ("fp32_csr_max_density", "fp32_ell_max_density", "int8_ell_max_density", "int8_csr_max_density",
                      "int8_block_max_tile_density"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
@@ -80,12 +81,14 @@ def _tile_density(w: torch.Tensor) -> float:
 
 
 def choose_format(weight: torch.Tensor, rule: SparseRule = DEFAULT_RULE) -> str | None:
-    """The sparse format for this weight (float32 [N, K] -> "csr" or None; int8 -> "block", "2:4",
-    "csr" or None), None meaning the dense layer is faster. Decided for the ISA active now."""
+    """The sparse format for this weight (float32 [N, K] -> "ell", "csr" or None; int8 -> "block",
+    "ell", "2:4", "csr" or None), None meaning the dense layer is faster. Decided for the ISA active now."""
     if weight.dim() != 2 or weight.numel() == 0:
         return None
     density = float(torch.count_nonzero(weight)) / weight.numel()
     if weight.dtype != torch.int8:
+        if _avx512() and density <= rule.fp32_ell_max_density and weight.shape[1] <= _FP32_ELL_MAX_K:
+            return "ell"
         return "csr" if density <= rule.fp32_csr_max_density else None
     fast = _fast_int8_formats()
     if "block" in fast and _tile_density(weight) <= rule.int8_block_max_tile_density:
@@ -99,13 +102,22 @@ def choose_format(weight: torch.Tensor, rule: SparseRule = DEFAULT_RULE) -> str 
     return None
 
 
+_FP32_ELL_MAX_K = 1 << 20  # the fp32 ell window start is stored in 16 bits (units of 16 inputs)
+
+
+def _avx512() -> bool:
+    from fastinfer import _backend
+
+    return _backend.active_isa() in ("avx512_vnni", "amx")
+
+
 def _fast_int8_formats() -> set[str]:
     """int8 formats with a sparse-aware kernel on the active ISA. Elsewhere (avx2, ref) the formats
     run the dense kernel on decompressed panels (exact, but measured 0.1x-1.06x of dense on avx2),
     so sparsify keeps such layers dense."""
-    from fastinfer import _backend, _C
+    from fastinfer import _C
 
-    if _backend.active_isa() not in ("avx512_vnni", "amx"):
+    if not _avx512():
         return set()
     return {"block", "2:4", "ell"} if _C.sparse_vbmi_active() else {"block"}
 
@@ -145,7 +157,7 @@ def sparsify(
         weight, _ = linear_weight_and_bias(mod)
         with torch.no_grad():
             fmt = choose_format(weight.detach().float(), rule)
-        return mod if fmt is None else SparseLinear.from_linear(mod)
+        return mod if fmt is None else SparseLinear.from_linear(mod, fmt)
 
     targets = [
         fqn

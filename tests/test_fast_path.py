@@ -12,7 +12,9 @@ from torch import nn
 import fastinfer
 from conftest import ISAS
 from fastinfer import ops
-from fastinfer.nn import _FAST, Int8Linear, SparseInt8Linear
+from fastinfer.nn import _FAST, Int8Linear, SparseInt8Linear, SparseLinear
+
+LAYERS = pytest.mark.parametrize("which", [0, 1, 2], ids=["Int8Linear", "SparseInt8Linear", "SparseLinear-ell"])
 
 
 def _layers(k=96, n=40):
@@ -21,16 +23,18 @@ def _layers(k=96, n=40):
     dense = Int8Linear.from_linear(lin)
     pruned = fastinfer.prune(nn.Sequential(nn.Linear(k, n)), 0.8, progress=False)
     sparse = SparseInt8Linear.from_int8linear(fastinfer.quantize(pruned)[0], "csr")
-    return dense, sparse
+    return dense, sparse, SparseLinear.from_linear(pruned[0], "ell")
 
 
 def _slow(layer, x):
+    if isinstance(layer, SparseLinear):
+        return torch.ops.fastinfer.sparse_linear(x, layer.sparse_weight, layer.bias, layer.out_features)
     if isinstance(layer, SparseInt8Linear):
         return torch.ops.fastinfer.sparse_int8_linear(x, layer.sparse_weight, layer.weight_scale, layer.bias)
     return torch.ops.fastinfer.int8_linear(x, layer.packed_weight, layer.weight_scale, layer.bias)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["Int8Linear", "SparseInt8Linear"])
+@LAYERS
 def test_fast_path_is_used_and_equals_the_op(which):
     layer = _layers()[which]
     assert _FAST.get(layer) is None
@@ -45,20 +49,24 @@ def test_fast_path_is_used_and_equals_the_op(which):
         assert torch.equal(y, _slow(layer, x)), tuple(x.shape)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["Int8Linear", "SparseInt8Linear"])
+@LAYERS
 def test_fast_path_sees_every_weight_change(which):
     layer = _layers()[which]
     x = torch.randn(4, 96)
     y0 = layer(x)
-    layer.weight_scale.mul_(2)  # in place: version bump
+    layer.bias.add_(1)  # in place: version bump
     y1 = layer(x)
     assert torch.equal(y1, _slow(layer, x)) and not torch.equal(y1, y0)
-    layer.bias.add_(1)
-    assert torch.equal(layer(x), _slow(layer, x))
-    layer.weight_scale = torch.ones(40)  # replaced buffer
+    layer.bias = torch.zeros(40)  # replaced buffer
     assert torch.equal(layer(x), _slow(layer, x))
     other = _layers(96, 40)[which]
-    other.weight_scale.mul_(3)
+    other.bias.mul_(3)
+    if which < 2:
+        layer.weight_scale.mul_(2)
+        assert torch.equal(layer(x), _slow(layer, x))
+        layer.weight_scale = torch.ones(40)
+        assert torch.equal(layer(x), _slow(layer, x))
+        other.weight_scale.mul_(3)
     layer.load_state_dict(other.state_dict())  # copies in place, or replaces the sparse buffer
     y = layer(x)
     assert torch.equal(y, other(x)) and torch.equal(y, _slow(layer, x))
@@ -104,7 +112,7 @@ def test_inference_tensor_weights_take_the_checked_path():
     assert torch.equal(y, _slow(layer, x))
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["Int8Linear", "SparseInt8Linear"])
+@LAYERS
 def test_bad_inputs_still_raise_after_the_fast_path_exists(which):
     layer = _layers()[which]
     layer(torch.randn(2, 96))

@@ -67,11 +67,15 @@ def test_int8_round_trip(fmt, n, k):
     assert torch.equal(ops.unpack_sparse(p), w)
 
 
-def test_fp32_round_trip_keeps_values_and_drops_negative_zero():
+@pytest.mark.parametrize("fmt", ["csr", "ell"])
+def test_fp32_round_trip_keeps_values_and_drops_negative_zero(fmt):
     w = torch.randn(13, 70, generator=_gen(1)) * _mask_unstructured(13, 70, 0.3, 2)
     w[0, :5] = -0.0
-    p = ops.pack_sparse(w, "csr")
-    assert ops.sparse_info(p)["nnz"] == int((w != 0).sum())
+    p = ops.pack_sparse(w, fmt)
+    info = ops.sparse_info(p)
+    assert (info["format"], info["dtype"]) == (fmt, torch.float32)
+    if fmt == "csr":
+        assert info["nnz"] == int((w != 0).sum())
     back = ops.unpack_sparse(p)
     assert torch.equal(back, w)
     assert not torch.signbit(back[0, :5]).any()  # -0.0 is not stored: it comes back as +0.0
@@ -219,6 +223,73 @@ def test_nm24_corrupt_positions_are_rejected():
             ops.sparse_validate(bad)
 
 
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 130, 1000])
+def test_fp32_ell_windows_and_shapes(isa, k):
+    """Windows of 64 inputs starting at multiples of 16, the last one capped at kp - 64; a channel
+    with every input nonzero beside empty ones; N not a multiple of 16; strided rows."""
+    n = 37
+    w = torch.zeros(n, k)
+    w[0, 0], w[0, k - 1] = 1.5, -2.0
+    w[1] = torch.randn(k, generator=_gen(k))
+    w[2, k // 2 :: 5] = 0.25
+    w[36, k - 1] = 3.0
+    p = ops.pack_sparse(w, "ell")
+    assert torch.equal(ops.unpack_sparse(p), w)
+    b = torch.randn(n, generator=_gen(k + 1))
+    for m in (1, 2, 5, 7, 25):
+        big = torch.randn(m, k + 3, generator=_gen(m))
+        x = big[:, 2 : k + 2]  # row stride k + 3
+        out = ops.sparse_linear(x, p, b, n)
+        ref = (x.double() @ w.double().T + b.double()).float()
+        bound = 1e-5 * (x.abs().double() @ w.abs().double().T).float() + 1e-6
+        assert ((out - ref).abs() <= bound).all(), (m, (out - ref).abs().max())
+
+
+def test_fp32_ell_padding_never_meets_inf():
+    """A padding lane is skipped, not multiplied by 0: an Inf input reaches only the channels that
+    really use it (as with csr), whatever the window."""
+    w = torch.zeros(16, 128)
+    w[0, 3] = 1.0
+    w[1, 100] = 2.0  # channel 1's window covers input 70 but it has no weight there
+    x = torch.ones(1, 128)
+    x[0, 70] = float("inf")
+    for fmt in ("csr", "ell"):
+        y = ops.sparse_linear(x, ops.pack_sparse(w, fmt), None, 16)
+        assert y[0, 0] == 1.0 and y[0, 1] == 2.0 and torch.isfinite(y).all(), fmt
+    x[0, 3] = float("inf")
+    y = ops.sparse_linear(x, ops.pack_sparse(w, "ell"), None, 16)
+    assert y[0, 0] == float("inf") and y[0, 1] == 2.0
+
+
+def test_fp32_ell_corrupt_buffers_are_rejected():
+    w = torch.zeros(16, 64)
+    w[::3, ::7] = 0.5
+    good = ops.pack_sparse(w, "ell")
+    steps = 64 + 64  # header, stepptr int64 [2]
+    bad = good.clone()
+    bad[steps + 64 : steps + 80] |= 0x80  # window start 65535 * 16
+    with pytest.raises(ValueError, match="window out of range"):
+        ops.sparse_validate(bad)
+    bad = good.clone()
+    bad[steps + 64 + 15] = 0x40 | 63  # channel 15 (no weights) claims input 63: inside kp, a real lane
+    assert ops.sparse_info(bad)["k"] == 64
+    ops.sparse_validate(bad)  # in range: a (zero) value for channel 15 at input 63, not corruption
+    w65 = torch.zeros(3, 65)
+    w65[0, 0] = 1.0
+    good = ops.pack_sparse(w65, "ell")  # kp = 128: windows start at 0 or 64
+    bad = good.clone()
+    bad[steps + 64 + 5] = 0x40  # channel 5 >= N = 3 holds a value
+    with pytest.raises(ValueError, match="index out of range"):
+        ops.sparse_validate(bad)
+    bad = good.clone()
+    bad[steps + 64 + 2] |= 0x80  # window start 4 * 16 = 64 ...
+    bad[steps + 64 + 0] = 0x40 | 63 | (int(bad[steps + 64]) & 0x80)  # ... channel 0 at input 127 >= K
+    with pytest.raises(ValueError, match="index out of range"):
+        ops.sparse_validate(bad)
+    with pytest.raises(ValueError, match="K up to 1048576"):
+        ops.pack_sparse(torch.zeros(1, (1 << 20) + 1), "ell")
+
+
 def test_version_1_buffers():
     """Version 2 changed the ell and 2:4 layouts: csr and block buffers written by version 1 still
     load, version 1 ell and 2:4 buffers are refused (their layout would be misread)."""
@@ -251,13 +322,14 @@ def test_nm24_and_ell_panel_path_without_vbmi():
         _C.set_sparse_vbmi(before)
 
 
+@pytest.mark.parametrize("fmt", ["csr", "ell"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 64, 65, 130])
-def test_sparse_linear_fp32_close_to_dense(isa, m):
+def test_sparse_linear_fp32_close_to_dense(isa, m, fmt):
     n, k = 48, 300
     w = torch.randn(n, k, generator=_gen(m)) * _mask_unstructured(n, k, 0.2, m + 1)
     bias = torch.randn(n, generator=_gen(m + 2))
     x = torch.randn(m, k, generator=_gen(m + 3))
-    out = ops.sparse_linear(x, ops.pack_sparse(w, "csr"), bias, n)
+    out = ops.sparse_linear(x, ops.pack_sparse(w, fmt), bias, n)
     ref = (x.double() @ w.double().T + bias.double()).float()
     # fp32 accumulation in another order than the float64 reference: |err| <= 1e-5 * sum|x||w| + ulp
     bound = 1e-5 * (x.abs().double() @ w.abs().double().T).float() + 1e-6
@@ -295,6 +367,19 @@ def test_sparse_int8_linear_equals_dense_int8linear(isa, fmt, dtype, bias):
         y = sparse(x)
         assert y.dtype == dtype and y.shape == (*shape[:-1], 80)
         assert torch.equal(y, dense(x)), (fmt, shape)
+
+
+def test_sparse_linear_formats():
+    lin = _pruned_linear(130, 40, "csr", seed=11)
+    x = torch.randn(3, 130, generator=_gen(12))
+    ys = {}
+    for fmt in ("csr", "ell"):
+        s = SparseLinear.from_linear(lin, fmt)
+        assert s.format == fmt and f"format={fmt} fp32" in repr(s)
+        ys[fmt] = s(x)
+        torch.testing.assert_close(ys[fmt], lin(x).detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'csr' or 'ell'"):
+        SparseLinear.from_linear(lin, "2:4")
 
 
 def test_sparse_linear_layer_bf16_and_nd():
@@ -365,8 +450,11 @@ def test_choose_format_follows_the_zeros():
     assert choose_format(base * _mask_unstructured(n, k, 0.5, 4), rule) is None
     assert choose_format(base, rule) is None
     f = torch.randn(n, k, generator=_gen(9))
-    assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), rule) == "csr"
+    assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), rule) == "ell"
+    assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), SparseRule(fp32_ell_max_density=0.0)) == "csr"
     assert choose_format(f, rule) is None
+    fastinfer.set_isa("avx2")  # no fp32 ell kernel below AVX-512: csr
+    assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), rule) == "csr"
     with pytest.raises(ValueError, match="int8_csr_max_density"):
         SparseRule(int8_csr_max_density=1.5)
 

@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "cpu/common.h"
 
 namespace fastinfer::cpu {
@@ -13,6 +15,23 @@ inline __m512 load_x16(const void* x, DType dt, int64_t off, __mmask16 mk) {
     if (dt == DType::kF32) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + off);
     __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(x) + off);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Rows [m0, m1) in register-tile chunks of 6, then the remainder: micro(MR as an integral_constant,
+// m, whether this is the first chunk).
+template <class Micro>
+void row_chunks(int64_t m0, int64_t m1, Micro&& micro) {
+    int64_t m = m0;
+    for (; m + 6 <= m1; m += 6) micro(std::integral_constant<int, 6>{}, m, m == m0);
+    const bool first = m == m0;
+    switch (m1 - m) {
+        case 5: micro(std::integral_constant<int, 5>{}, m, first); break;
+        case 4: micro(std::integral_constant<int, 4>{}, m, first); break;
+        case 3: micro(std::integral_constant<int, 3>{}, m, first); break;
+        case 2: micro(std::integral_constant<int, 2>{}, m, first); break;
+        case 1: micro(std::integral_constant<int, 1>{}, m, first); break;
+        default: break;
+    }
 }
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }

@@ -1,5 +1,5 @@
 // AVX-512 sparse kernels (same flags as kernels_avx512_vnni.cpp): unstructured CSR for fp32 and int8
-// weights, and block-sparse int8 that skips all-zero 16 x 64 tiles in the VNNI GEMM.
+// weights, fp32 ell, and block-sparse int8 that skips all-zero 16 x 64 tiles in the VNNI GEMM.
 #include <immintrin.h>
 
 #include <cstring>
@@ -177,32 +177,48 @@ bool same_tiles4(const SparseView& w, int64_t nb) {
     return true;
 }
 
-template <template <int> class F, class... Args>
-void rows6(int64_t m0, int64_t m1, Args&&... args) {
-    int64_t m = m0;
-    for (; m + 6 <= m1; m += 6) F<6>::run(m, args...);
-    switch (m1 - m) {
-        case 5: F<5>::run(m, args...); break;
-        case 4: F<4>::run(m, args...); break;
-        case 3: F<3>::run(m, args...); break;
-        case 2: F<2>::run(m, args...); break;
-        case 1: F<1>::run(m, args...); break;
-        default: break;
+// ---- fp32 ell: MR rows x one 16-channel block. Per 80-byte step: the window start and the lanes
+// holding a value come from the index bytes' top bits, two vpermi2ps pick the 16 activations from
+// the row's four window registers (idx bit 5 chooses the pair), a masked FMA adds them (padding
+// lanes are never multiplied). ~4 cycles a step even from L1 (the index decoding and two 2-source
+// permutes), so unlike the int8 kernels a software prefetch gains nothing here.
+template <int MR>
+void ell_f32_micro(const SparseView& w, const float* xp, int64_t ldp, int64_t m, int64_t nb, const float* bias,
+                   float* out, int64_t ldo) {
+    __m512 acc[2][MR];
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+    const float* rows[MR];
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) rows[i] = xp + (m + i) * ldp;
+    const __m128i valid_bit = _mm_set1_epi8(0x40);
+    const __m128i pair_bit = _mm_set1_epi8(32);
+    auto step = [&](int64_t t, __m512* acc_set) {
+        const uint8_t* st = w.steps + t * kEllF32Step;
+        const __m128i idx8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(st + 64));
+        const int64_t base = int64_t(uint16_t(_mm_movepi8_mask(idx8))) * kEllF32Align;
+        const __mmask16 valid = _mm_test_epi8_mask(idx8, valid_bit);
+        const __m512i idx = _mm512_cvtepu8_epi32(idx8);
+        const __mmask16 upper = _mm_test_epi8_mask(idx8, pair_bit);
+        const __m512 vals = _mm512_loadu_ps(reinterpret_cast<const float*>(st));
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+            const float* x = rows[i] + base;
+            const __m512 lo = _mm512_permutex2var_ps(_mm512_load_ps(x), idx, _mm512_load_ps(x + 16));
+            const __m512 hi = _mm512_permutex2var_ps(_mm512_load_ps(x + 32), idx, _mm512_load_ps(x + 48));
+            acc_set[i] = _mm512_mask3_fmadd_ps(vals, _mm512_mask_blend_ps(upper, lo, hi), acc_set[i], valid);
+        }
+    };
+    int64_t t = w.stepptr[nb];
+    const int64_t t1 = w.stepptr[nb + 1];
+    for (; t + 2 <= t1; t += 2) {
+        step(t, acc[0]);
+        step(t + 1, acc[1]);
     }
+    if (t < t1) step(t, acc[0]);
+    const int64_t n0 = nb * kNBlock;
+    const __mmask16 mk = tail_mask(w.n - n0);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+        _mm512_mask_storeu_ps(out + (m + i) * ldo + n0, mk, _mm512_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]), b));
 }
-
-template <int MR>
-struct Block1 {
-    static void run(int64_t m, const Activations& a, const SparseView& w, const Epilogue& ep, int64_t nb) {
-        block_micro<MR>(a, w, ep, m, nb);
-    }
-};
-template <int MR>
-struct Block4 {
-    static void run(int64_t m, const Activations& a, const SparseView& w, const Epilogue& ep, int64_t nb) {
-        block_micro4<MR>(a, w, ep, m, nb);
-    }
-};
 
 }  // namespace
 
@@ -258,13 +274,21 @@ void block_gemm(const Activations& a, const SparseView& w, const Epilogue& ep, i
                 int64_t nb0, int64_t nb1) {
     for (int64_t nb = nb0; nb < nb1;) {
         if (nb + 4 <= nb1 && same_tiles4(w, nb)) {
-            rows6<Block4>(m0, m1, a, w, ep, nb);
+            row_chunks(m0, m1, [&](auto mr, int64_t m, bool) { block_micro4<decltype(mr)::value>(a, w, ep, m, nb); });
             nb += 4;
         } else {
-            rows6<Block1>(m0, m1, a, w, ep, nb);
+            row_chunks(m0, m1, [&](auto mr, int64_t m, bool) { block_micro<decltype(mr)::value>(a, w, ep, m, nb); });
             nb += 1;
         }
     }
+}
+
+void ell_f32(const SparseView& w, const float* xp, int64_t ldp, int64_t m0, int64_t m1, const float* bias,
+             float* out, int64_t ldo, int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1; ++nb)
+        row_chunks(m0, m1, [&](auto mr, int64_t m, bool) {
+            ell_f32_micro<decltype(mr)::value>(w, xp, ldp, m, nb, bias, out, ldo);
+        });
 }
 
 }  // namespace fastinfer::cpu::avx512_vnni

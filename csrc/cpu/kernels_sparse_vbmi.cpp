@@ -4,7 +4,6 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <type_traits>
 
 #include "cpu/avx512_inl.h"
 #include "cpu/sparse.h"
@@ -67,22 +66,6 @@ void nm24_micro(const Activations& a, const SparseView& w, const Epilogue& ep, i
         __m512i t = acc[0][i];
         _Pragma("GCC unroll 4") for (int h = 1; h < NA; ++h) t = _mm512_add_epi32(t, acc[h][i]);
         store_cols(t, w.n, w.colsum, ep, m + i, nb * kNBlock);
-    }
-}
-
-// Rows [m0, m1) in chunks of 6 (then the remainder), for one block: micro(MR constant, m, first chunk).
-template <class Micro>
-void row_chunks(int64_t m0, int64_t m1, Micro&& micro) {
-    int64_t m = m0;
-    for (; m + 6 <= m1; m += 6) micro(std::integral_constant<int, 6>{}, m, m == m0);
-    const bool first = m == m0;
-    switch (m1 - m) {
-        case 5: micro(std::integral_constant<int, 5>{}, m, first); break;
-        case 4: micro(std::integral_constant<int, 4>{}, m, first); break;
-        case 3: micro(std::integral_constant<int, 3>{}, m, first); break;
-        case 2: micro(std::integral_constant<int, 2>{}, m, first); break;
-        case 1: micro(std::integral_constant<int, 1>{}, m, first); break;
-        default: break;
     }
 }
 

@@ -62,6 +62,12 @@ Layout layout_of(const SparseHeader& h) {
             l.tiles = off;
             off += h.nnz * kNBlock * kTileK;
             break;
+        case SparseFormat::kEllF32:
+            l.stepptr = off;
+            off += a64(8 * (h.np / kNBlock + 1));
+            l.steps = off;
+            off += h.nnz * kEllF32Step;
+            break;
         case SparseFormat::kEllI8:
             l.colsum = off;
             off += a64(4 * h.np);
@@ -75,23 +81,29 @@ Layout layout_of(const SparseHeader& h) {
     return l;
 }
 
-bool is_int8(SparseFormat f) { return f != SparseFormat::kCsrF32; }
+bool is_int8(SparseFormat f) { return f != SparseFormat::kCsrF32 && f != SparseFormat::kEllF32; }
 
-bool valid_format(uint32_t f) { return f >= 1 && f <= 5; }
+bool valid_format(uint32_t f) { return f >= 1 && f <= 6; }
+
+template <class T>
+bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
+    return w[r * ldw + c] != T(0);  // -0.0 == 0: a negative zero is not stored
+}
 
 // The ell plan of 16-channel block nb: calls step(base, cols, cnt) once per step, where channel j
-// takes cnt[j] <= 4 nonzeros at columns cols[j][0..cnt[j]). The window [base, base + W) starts at the
-// least advanced channel's next nonzero rounded down to 64 (capped at kp - W), and every channel
-// takes its next nonzeros inside it, so each step makes progress and no nonzero is skipped.
-template <class F>
-void ell_plan_block(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t kp, int64_t nb, F&& step) {
-    const int64_t win = ell_window(kp);
+// takes cnt[j] <= take nonzeros at columns cols[j][0..cnt[j]). The window [base, base + win) starts at
+// the least advanced channel's next nonzero rounded down to `align` (capped at kp - win), and every
+// channel takes its next nonzeros inside it, so each step makes progress and no nonzero is skipped.
+// int8: win min(128, kp), align 64, take 4; fp32: win 64, align 16, take 1.
+template <class T, class F>
+void ell_plan_block(const T* w, int64_t ldw, int64_t n, int64_t k, int64_t kp, int64_t nb, int64_t win,
+                    int64_t align, int take, F&& step) {
     std::vector<int64_t> cols[kNBlock];
     for (int64_t j = 0; j < kNBlock; ++j) {
         const int64_t r = nb * kNBlock + j;
         if (r < n)
             for (int64_t c = 0; c < k; ++c)
-                if (w[r * ldw + c] != 0) cols[j].push_back(c);
+                if (nonzero(w, ldw, r, c)) cols[j].push_back(c);
     }
     size_t pos[kNBlock] = {};
     for (;;) {
@@ -99,21 +111,16 @@ void ell_plan_block(const int8_t* w, int64_t ldw, int64_t n, int64_t k, int64_t 
         for (int64_t j = 0; j < kNBlock; ++j)
             if (pos[j] < cols[j].size()) next = std::min(next, cols[j][pos[j]]);
         if (next == kp) return;
-        const int64_t base = std::min(next / 64 * 64, kp - win);  // kp - win is a multiple of 64 too
-        int64_t take[kNBlock][4];
+        const int64_t base = std::min(next / align * align, kp - win);  // kp - win is a multiple of align too
+        int64_t taken[kNBlock][4];
         int cnt[kNBlock];
         for (int64_t j = 0; j < kNBlock; ++j) {
             cnt[j] = 0;
-            while (cnt[j] < 4 && pos[j] < cols[j].size() && cols[j][pos[j]] < base + win)
-                take[j][cnt[j]++] = cols[j][pos[j]++];
+            while (cnt[j] < take && pos[j] < cols[j].size() && cols[j][pos[j]] < base + win)
+                taken[j][cnt[j]++] = cols[j][pos[j]++];
         }
-        step(base, take, cnt);
+        step(base, taken, cnt);
     }
-}
-
-template <class T>
-bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
-    return w[r * ldw + c] != T(0);  // -0.0 == 0: a negative zero is not stored
 }
 
 // Header for (fmt, w); fails when w does not fit the format.
@@ -173,7 +180,18 @@ Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, 
         case SparseFormat::kEllI8: {
             int64_t steps = 0;
             for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
-                ell_plan_block(w8, ldw, n, k, h->kp, nb, [&](int64_t, const int64_t (*)[4], const int*) { ++steps; });
+                ell_plan_block(w8, ldw, n, k, h->kp, nb, ell_window(h->kp), 64, 4,
+                               [&](int64_t, const int64_t (*)[4], const int*) { ++steps; });
+            h->nnz = steps;
+            break;
+        }
+        case SparseFormat::kEllF32: {
+            if (h->kp > kEllF32MaxK)
+                return Status::invalid("sparse_pack: the float32 ell format supports K up to " + std::to_string(kEllF32MaxK));
+            int64_t steps = 0;
+            for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
+                ell_plan_block(wf, ldw, n, k, h->kp, nb, kEllF32Win, kEllF32Align, 1,
+                               [&](int64_t, const int64_t (*)[4], const int*) { ++steps; });
             h->nnz = steps;
             break;
         }
@@ -300,13 +318,36 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
             int64_t t = 0;
             for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
                 stepptr[nb] = t;
-                ell_plan_block(w8, ldw, n, k, h.kp, nb, [&](int64_t base, const int64_t (*cols)[4], const int* cnt) {
+                ell_plan_block(w8, ldw, n, k, h.kp, nb, ell_window(h.kp), 64, 4,
+                               [&](int64_t base, const int64_t (*cols)[4], const int* cnt) {
                     uint8_t* st = steps + t * kEllStep;
                     for (int b = 0; b < 64; ++b) st[b] = uint8_t(((uint64_t(base / 64) >> b) & 1) << 7);
                     for (int64_t j = 0; j < kNBlock; ++j)
                         for (int e = 0; e < cnt[j]; ++e) {
                             st[4 * j + e] |= uint8_t(cols[j][e] - base);
                             st[64 + 4 * j + e] = uint8_t(w8[(nb * kNBlock + j) * ldw + cols[j][e]]);
+                        }
+                    ++t;
+                });
+            }
+            stepptr[h.np / kNBlock] = t;
+            break;
+        }
+        case SparseFormat::kEllF32: {
+            auto* stepptr = reinterpret_cast<int64_t*>(out + l.stepptr);
+            uint8_t* steps = out + l.steps;
+            int64_t t = 0;
+            for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
+                stepptr[nb] = t;
+                ell_plan_block(wf, ldw, n, k, h.kp, nb, kEllF32Win, kEllF32Align, 1,
+                               [&](int64_t base, const int64_t (*cols)[4], const int* cnt) {
+                    uint8_t* st = steps + t * kEllF32Step;
+                    auto* vals = reinterpret_cast<float*>(st);
+                    for (int b = 0; b < 16; ++b) st[64 + b] = uint8_t(((uint64_t(base / kEllF32Align) >> b) & 1) << 7);
+                    for (int64_t j = 0; j < kNBlock; ++j)
+                        if (cnt[j]) {
+                            st[64 + j] |= uint8_t(0x40 | (cols[j][0] - base));
+                            vals[j] = wf[(nb * kNBlock + j) * ldw + cols[j][0]];
                         }
                     ++t;
                 });
@@ -340,7 +381,8 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         (csr && (h.idx_bytes != (h.k <= 65536 ? 2u : 4u) || h.nnz > h.n * h.k)) ||
         (fmt == SparseFormat::kNm24I8 && h.nnz != h.np * h.kp / 2) ||
         (fmt == SparseFormat::kBlockI8 && h.nnz > (h.np / kNBlock) * (h.kp / kTileK)) ||
-        (fmt == SparseFormat::kEllI8 && h.nnz > h.np * h.kp))  // each step holds >= 1 nonzero
+        ((fmt == SparseFormat::kEllI8 || fmt == SparseFormat::kEllF32) && h.nnz > h.np * h.kp) ||  // >= 1 nonzero a step
+        (fmt == SparseFormat::kEllF32 && h.kp > kEllF32MaxK))
         return Status::invalid("sparse weight: inconsistent header");
     const Layout l = layout_of(h);
     if (l.total != nbytes) return Status::invalid("sparse weight: header and buffer size disagree");
@@ -357,6 +399,11 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         v->values = buf + l.values;
         if (v->rowptr[0] != 0 || v->rowptr[h.n] != h.nnz)
             return Status::invalid("sparse weight: corrupt row pointers");
+    } else if (fmt == SparseFormat::kEllF32) {
+        v->stepptr = reinterpret_cast<const int64_t*>(buf + l.stepptr);
+        v->steps = buf + l.steps;
+        if (v->stepptr[0] != 0 || v->stepptr[h.np / kNBlock] != h.nnz)
+            return Status::invalid("sparse weight: corrupt step pointers");
     } else {
         v->colsum = reinterpret_cast<const int32_t*>(buf + l.colsum);
         if (fmt == SparseFormat::kNm24I8) {
@@ -410,6 +457,19 @@ Status check_indices(const SparseView& v) {
                 if ((st[b] & 127) >= win) return Status::invalid("sparse weight: ell index out of range");
         }
     }
+    if (v.fmt == SparseFormat::kEllF32) {
+        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb) {
+            if (v.stepptr[nb + 1] < v.stepptr[nb]) return Status::invalid("sparse weight: corrupt step pointers");
+            for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
+                const uint8_t* st = v.steps + t * kEllF32Step;
+                const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
+                if (base + kEllF32Win > v.kp) return Status::invalid("sparse weight: ell window out of range");
+                for (int j = 0; j < 16; ++j)  // a stored value lies inside the weight (unpack keeps it)
+                    if ((st[64 + j] & 0x40) && (base + (st[64 + j] & 63) >= v.k || nb * kNBlock + j >= v.n))
+                        return Status::invalid("sparse weight: ell index out of range");
+            }
+        }
+    }
     if (v.fmt == SparseFormat::kNm24I8) {
         // Every 2-bit position is in range; the two positions of a group must differ (otherwise the
         // kernel would count one input twice where unpack keeps one value).
@@ -436,6 +496,22 @@ Status sparse_unpack(const uint8_t* buf, int64_t nbytes, void* w) {
     SparseView v;
     Status st = sparse_view(buf, nbytes, &v);
     if (!st.is_ok() || !(st = check_indices(v)).is_ok()) return st;
+    if (v.fmt == SparseFormat::kEllF32) {
+        auto* out = static_cast<float*>(w);
+        std::memset(out, 0, size_t(v.n * v.k) * 4);
+        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
+            for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
+                const uint8_t* st = v.steps + t * kEllF32Step;
+                const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
+                for (int j = 0; j < 16; ++j)
+                    if (st[64 + j] & 0x40) {
+                        float val;
+                        std::memcpy(&val, st + 4 * j, 4);
+                        out[(nb * kNBlock + j) * v.k + base + (st[64 + j] & 63)] = val;
+                    }
+            }
+        return Status::ok();
+    }
     if (v.fmt == SparseFormat::kCsrF32 || v.fmt == SparseFormat::kCsrI8) {
         const size_t es = v.fmt == SparseFormat::kCsrF32 ? 4 : 1;
         std::memset(w, 0, size_t(v.n * v.k) * es);
@@ -526,6 +602,26 @@ void panel(const SparseView& w, int64_t nb, int8_t* out) {
             std::memcpy(out + w.tilek[t] * kTileK * kNBlock, w.tiles + t * kNBlock * kTileK,
                         size_t(kNBlock * kTileK));
     }
+}
+
+void ell_f32(const SparseView& w, const float* x, int64_t ldx, int64_t m, const float* bias, float* out,
+             int64_t ldo, int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1; ++nb)
+        for (int64_t r = 0; r < m; ++r) {
+            float acc[kNBlock] = {};
+            for (int64_t t = w.stepptr[nb]; t < w.stepptr[nb + 1]; ++t) {
+                const uint8_t* st = w.steps + t * kEllF32Step;
+                const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
+                for (int j = 0; j < 16; ++j)
+                    if (st[64 + j] & 0x40) {
+                        float val;
+                        std::memcpy(&val, st + 4 * j, 4);
+                        acc[j] += val * x[r * ldx + base + (st[64 + j] & 63)];
+                    }
+            }
+            for (int64_t j = 0; j < kNBlock && nb * kNBlock + j < w.n; ++j)
+                out[r * ldo + nb * kNBlock + j] = acc[j] + (bias ? bias[nb * kNBlock + j] : 0.f);
+        }
 }
 
 }  // namespace ref
@@ -647,6 +743,33 @@ Status check_sparse(const char* name, int64_t m, int64_t k, int64_t ldx, const u
     return Status::ok();
 }
 
+// fp32 ell: tasks of 4 blocks x row chunks. The AVX-512 kernel reads whole 64-input windows, so x is
+// first copied to rows of kp floats (zero padded).
+Status run_ell_f32(const float* x, int64_t m, int64_t ldx, const SparseView& w, const float* bias, float* out,
+                   int64_t ldo) {
+    const int64_t nblocks = w.np / kNBlock, ngroups = (nblocks + 3) / 4;
+    if (!use_avx512()) {
+        ThreadPool::instance().parallel_for(ngroups, [&](int64_t g) {
+            ref::ell_f32(w, x, ldx, m, bias, out, ldo, g * 4, std::min(nblocks, g * 4 + 4));
+        });
+        return Status::ok();
+    }
+    auto* xp = reinterpret_cast<float*>(t_sparse_scratch.get(size_t(m * w.kp) * 4));
+    if (!xp) return Status::runtime("out of memory for sparse activation scratch");
+    for (int64_t r = 0; r < m; ++r) {
+        std::memcpy(xp + r * w.kp, x + r * ldx, size_t(w.k) * 4);
+        std::memset(xp + r * w.kp + w.k, 0, size_t(w.kp - w.k) * 4);
+    }
+    const int64_t mchunk = m <= 24 ? m : 48;
+    const int64_t nmchunks = (m + mchunk - 1) / mchunk;
+    ThreadPool::instance().parallel_for(ngroups * nmchunks, [&](int64_t t) {
+        const int64_t mc = t % nmchunks, g = t / nmchunks;
+        avx512_vnni::ell_f32(w, xp, w.kp, mc * mchunk, std::min(m, (mc + 1) * mchunk), bias, out, ldo, g * 4,
+                             std::min(nblocks, g * 4 + 4));
+    });
+    return Status::ok();
+}
+
 }  // namespace
 
 bool set_sparse_vbmi(bool allow) { return g_allow_vbmi.exchange(allow); }
@@ -658,6 +781,7 @@ Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, cons
     SparseView w;
     Status st = check_sparse("sparse_linear", m, k, ldx, buf, nbytes, ldo, &w, false);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;
+    if (w.fmt == SparseFormat::kEllF32) return run_ell_f32(x, m, ldx, w, bias, out, ldo);
     const int64_t rows = csr_rows_per_task(w.n);
     const int64_t tasks = (w.n + rows - 1) / rows;
     if (!use_avx512()) {

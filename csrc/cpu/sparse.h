@@ -25,6 +25,13 @@
 //                    takes its next <= 4 nonzeros inside the window), which pads far less than fixed
 //                    segments (10% density: 1.24 stored slots per nonzero instead of 1.93 for fixed
 //                    64-input segments). stepptr int64 [np/16 + 1] gives each block its steps.
+//  kEllF32           unstructured fp32, the ell idea for 16 fp32 lanes: per 16-channel block, steps of
+//                    80 bytes, 16 fp32 values (lane j = channel j, one nonzero each) then 16 index
+//                    bytes: bits 0-5 the input within a 64-input window (base + idx), bit 6 set when
+//                    the lane holds a value (padding lanes are skipped by a masked FMA, so a zero
+//                    weight never meets an Inf activation), bit 7 of byte b = bit b of base / 16.
+//                    Two vpermi2ps and a blend gather the 16 activations from four registers: no
+//                    memory gathers. K <= 2^20. stepptr int64 [np/16 + 1].
 // The int8 formats also store colsum int32 [np] (sum of each row's weights) for the u8 shift.
 #pragma once
 
@@ -32,7 +39,7 @@
 
 namespace fastinfer::cpu {
 
-enum class SparseFormat : uint32_t { kCsrF32 = 1, kCsrI8 = 2, kNm24I8 = 3, kBlockI8 = 4, kEllI8 = 5 };
+enum class SparseFormat : uint32_t { kCsrF32 = 1, kCsrI8 = 2, kNm24I8 = 3, kBlockI8 = 4, kEllI8 = 5, kEllF32 = 6 };
 
 constexpr uint32_t kSparseMagic = 0x53384946u;  // "FI8S"
 constexpr uint32_t kSparseVersion = 2;  // 2: ell with sliding windows, 2:4 with positions (v1 buffers of these are rejected)
@@ -62,13 +69,24 @@ struct SparseView {
     const int64_t* tileptr = nullptr; // block [np/16 + 1]
     const int32_t* tilek = nullptr;   // block [tiles]: k-tile index of each tile
     const int8_t* tiles = nullptr;    // block [tiles][kTileK / 4][16][4]
-    const int64_t* stepptr = nullptr; // ell [np/16 + 1]
-    const uint8_t* steps = nullptr;   // ell [nnz][128]
+    const int64_t* stepptr = nullptr; // ell (int8 and fp32) [np/16 + 1]
+    const uint8_t* steps = nullptr;   // ell [nnz][128]; fp32 ell [nnz][80]
 };
 
 constexpr int64_t kEllWin = 128;    // inputs per window (two zmm of activations; min(128, kp))
 constexpr int64_t kEllStep = 128;   // bytes per step: 64 indices + 64 values
 inline int64_t ell_window(int64_t kp) { return kp < kEllWin ? kp : kEllWin; }
+constexpr int64_t kEllF32Win = 64;     // fp32 ell: inputs per window (four zmm of activations)
+constexpr int64_t kEllF32Align = 16;   // fp32 ell: window starts are multiples of 16 inputs
+constexpr int64_t kEllF32Step = 80;    // fp32 ell: 16 values + 16 index bytes
+constexpr int64_t kEllF32MaxK = int64_t(1) << 20;  // the window start (in units of 16) fits 16 bits
+static_assert((kEllF32MaxK - kEllF32Win) / kEllF32Align <= 65535, "fp32 ell base fits 16 bits");
+// Window start of an fp32 ell step in units of 16 inputs, from bit 7 of its 16 index bytes.
+inline uint32_t ell_f32_base16(const uint8_t* step) {
+    uint32_t b16 = 0;
+    for (int b = 0; b < 16; ++b) b16 |= uint32_t(step[64 + b] >> 7) << b;
+    return b16;
+}
 // Window start of an ell step in units of 64 inputs, from bit 7 of its 64 index bytes.
 inline uint64_t ell_base64(const uint8_t* step) {
     uint64_t b64 = 0;
@@ -90,7 +108,15 @@ void csr_i8(const SparseView& w, const int8_t* q, int64_t ldq, int64_t m, const 
 // Decompresses 16-channel block nb of a 2:4 or block buffer to the dense K4N16 panel (16 * kp bytes).
 void panel(const SparseView& w, int64_t nb, int8_t* out);
 }  // namespace ref
+namespace ref {
+// fp32 ell, 16-channel blocks [nb0, nb1): out[r][n] = sum + bias, rows [0, m) of x (unpadded).
+void ell_f32(const SparseView& w, const float* x, int64_t ldx, int64_t m, const float* bias, float* out,
+             int64_t ldo, int64_t nb0, int64_t nb1);
+}  // namespace ref
 namespace avx512_vnni {
+// fp32 ell on rows [m0, m1) of x padded to kp columns (zeros), blocks [nb0, nb1).
+void ell_f32(const SparseView& w, const float* xp, int64_t ldp, int64_t m0, int64_t m1, const float* bias,
+             float* out, int64_t ldo, int64_t nb0, int64_t nb1);
 // m rows of x; xt (transposed, [k][ldt], m <= ldt) is used when non-null (larger m).
 void csr_f32(const SparseView& w, const float* x, int64_t ldx, const float* xt, int64_t ldt, int64_t m0,
              int64_t m1, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t n1);
