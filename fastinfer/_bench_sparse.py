@@ -6,7 +6,7 @@ shape, sparsity and pattern, the weights are pruned once with fastinfer.prune (m
 peer multiplies the same pruned weights:
 
   dense fp32 nn.Linear | ours dense Int8Linear | torch CSR (weight.to_sparse_csr(), fp32) |
-  ours SparseLinear (fp32 csr) | ours SparseInt8Linear (csr and ell / block / 2:4, per pattern)
+  ours SparseLinear (fp32 csr and ell) | ours SparseInt8Linear (csr and ell / block / 2:4, per pattern)
 
 Correctness before timing: SparseInt8Linear must equal the dense Int8Linear bit for bit, the float
 peers must match fp32 nn.Linear to 1e-4 relative. Small M rows also report the compressed weight
@@ -83,7 +83,8 @@ def peer_names(pattern: str) -> list[str]:
     """The peers _peers builds for a pattern (for test ids)."""
     names = ["fp32 nn.Linear (dense)", "ours Int8Linear (dense)", "torch CSR fp32"]
     if pattern == "unstructured":
-        return names + ["ours SparseLinear (csr fp32)", "ours SparseInt8Linear (csr)", "ours SparseInt8Linear (ell)"]
+        return names + ["ours SparseLinear (csr fp32)", "ours SparseLinear (ell fp32)", "ours SparseInt8Linear (csr)",
+                        "ours SparseInt8Linear (ell)"]  # fmt: skip
     return names + [f"ours SparseInt8Linear ({'block' if pattern == 'block' else '2:4'})"]
 
 
@@ -129,8 +130,9 @@ def _peers(case: Case, M: int, layers: dict) -> tuple[list[Peer], dict[str, str]
     add("ours Int8Linear (dense)", "dense8", lambda: dense8(x), nk, lambda: f"SQNR {sqnr_db(ref8, ref):.1f} dB")
     add("torch CSR fp32", "float", lambda: _csr_call(bias, w_csr, xt), layers["csr_bytes"],
         close(lambda: _csr_call(bias, w_csr, xt)))  # fmt: skip
-    if sparse_f32 is not None:
-        add("ours SparseLinear (csr fp32)", "ours", lambda: sparse_f32(x), layers["sf32_bytes"], close(lambda: sparse_f32(x)))
+    for fmt, layer in sparse_f32.items():
+        add(f"ours SparseLinear ({fmt} fp32)", "ours", lambda layer=layer: layer(x), layer.sparse_weight.numel(),
+            close(lambda layer=layer: layer(x)))  # fmt: skip
     for fmt, layer in sparse8.items():
         add(f"ours SparseInt8Linear ({fmt})", "ours8", lambda layer=layer: layer(x), layer.sparse_weight.numel(),
             exact(lambda layer=layer: layer(x)))  # fmt: skip
@@ -156,8 +158,8 @@ def _layers(case: Case) -> dict:
         csr = w.to_sparse_csr()
     out = {"lin": lin, "dense8": dense8, "csr": csr,
            "csr_bytes": csr.values().numel() * 4 + csr.col_indices().numel() * 8 + csr.crow_indices().numel() * 8}  # fmt: skip
-    out["sf32"] = SparseLinear.from_linear(lin) if case.pattern == "unstructured" else None
-    out["sf32_bytes"] = out["sf32"].sparse_weight.numel() if out["sf32"] is not None else 0
+    fp32_fmts = ("csr", "ell") if case.pattern == "unstructured" else ()
+    out["sf32"] = {f: SparseLinear.from_linear(lin, f) for f in fp32_fmts}
     fmts = {"unstructured": ("csr", "ell"), "block": ("block",), "2:4": ("2:4",)}[case.pattern]
     out["s8"] = {f: SparseInt8Linear.from_int8linear(dense8, f) for f in fmts}
     return out

@@ -35,7 +35,7 @@ def test_bench_sparse_tiny(capsys):
     assert rc == 0
     text = capsys.readouterr().out
     for peer in ("ours SparseInt8Linear (csr)", "ours SparseInt8Linear (ell)", "ours SparseInt8Linear (block)", "ours SparseInt8Linear (2:4)",
-                 "ours SparseLinear (csr fp32)", "torch CSR fp32"):  # fmt: skip
+                 "ours SparseLinear (csr fp32)", "ours SparseLinear (ell fp32)", "torch CSR fp32"):  # fmt: skip
         assert peer in text, peer
     assert "= Int8Linear" in text
 
