@@ -400,6 +400,27 @@ def test_cuda_status_is_reported_without_loading_cuda_for_cpu_work():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
+def test_large_output_mappings_are_reused_after_release():
+    """A released large output's mapping serves the next output of the same size (no page faults,
+    no kernel zeroing); it is never handed out while any view of the old tensor lives."""
+    import gc
+
+    a = torch.randint(-128, 128, (1024, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    w = torch.randint(-128, 128, (2048, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    ref = int64_ref(a, w)
+    c = ops.int8_matmul(a, w)
+    ptr = c.data_ptr()
+    del c
+    gc.collect()
+    d = ops.int8_matmul(a, w)
+    assert d.data_ptr() == ptr and torch.equal(d, ref)  # reused, and fully overwritten
+    keep = d[5:7]
+    del d
+    gc.collect()
+    e = ops.int8_matmul(a, w)  # the old mapping is still owned by `keep`
+    assert e.data_ptr() != ptr and torch.equal(e, ref) and torch.equal(keep, ref[5:7])
+
+
 def test_large_outputs_on_their_own_mapping_behave_like_tensors():
     """Outputs >= ops.LARGE_OUTPUT_BYTES live on a huge-page mapping owned by the tensor: exact,
     alive as long as any view is, picklable, shareable, and unmapped only when the last view dies."""

@@ -1,20 +1,63 @@
 #include "cpu/large_buffer.h"
 
 #include <cstdlib>
+#include <mutex>
 #include <new>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
 namespace fastinfer::cpu {
 namespace {
 constexpr size_t kHuge = size_t(2) << 20;
+
+#if defined(__linux__)
+// Mappings of released buffers, kept for the next buffer of the same size: its pages are already
+// faulted in, so the next call of the same layer shape neither faults nor has the kernel zero 32 MiB
+// (what glibc's free list gives smaller tensors). At most kCacheSlots mappings, kCacheBytes in all.
+constexpr int kCacheSlots = 4;
+constexpr size_t kCacheBytes = size_t(256) << 20;
+struct Cached {
+    void* map = nullptr;
+    size_t len = 0;
+    uint8_t* data = nullptr;
+    bool advised = false;
+};
+struct Cache {
+    std::mutex mu;
+    Cached slot[kCacheSlots];
+    size_t bytes = 0;
+};
+Cache& cache() {
+    static Cache* c = [] {
+        auto* p = new Cache();  // never destroyed: buffers may be released during interpreter teardown
+        // A forked child may inherit the mutex locked by a thread that does not exist there.
+        pthread_atfork(nullptr, nullptr, [] { new (&cache().mu) std::mutex(); });
+        return p;
+    }();
+    return *c;
 }
+#endif
+}  // namespace
 
 LargeBuffer::LargeBuffer(size_t nbytes) : size_(nbytes) {
 #if defined(__linux__)
     map_len_ = (nbytes + kHuge - 1) / kHuge * kHuge + kHuge;  // room to align the start to 2 MiB
+    {
+        Cache& c = cache();
+        std::lock_guard<std::mutex> lk(c.mu);
+        for (Cached& e : c.slot)
+            if (e.map && e.len == map_len_) {
+                map_ = e.map;
+                data_ = e.data;
+                advised_ = e.advised;
+                c.bytes -= e.len;
+                e = Cached{};
+                return;
+            }
+    }
     map_ = mmap(nullptr, map_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (map_ == MAP_FAILED) {
         map_ = nullptr;
@@ -35,7 +78,19 @@ LargeBuffer::LargeBuffer(size_t nbytes) : size_(nbytes) {
 
 LargeBuffer::~LargeBuffer() {
 #if defined(__linux__)
-    if (map_) munmap(map_, map_len_);
+    if (!map_) return;
+    {
+        Cache& c = cache();
+        std::lock_guard<std::mutex> lk(c.mu);
+        if (c.bytes + map_len_ <= kCacheBytes)
+            for (Cached& e : c.slot)
+                if (!e.map) {
+                    e = Cached{map_, map_len_, data_, advised_};
+                    c.bytes += map_len_;
+                    return;
+                }
+    }
+    munmap(map_, map_len_);
 #else
     std::free(map_);
 #endif
