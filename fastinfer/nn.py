@@ -76,7 +76,7 @@ class _FastCall:
     full path. Kept outside the module (see _FAST), so copies and pickles of a layer never carry it,
     and it holds tensors, not addresses: a stale entry is never read."""
 
-    __slots__ = ("key", "fn", "weight", "scale", "bias", "n", "k")
+    __slots__ = ("key", "fn", "weight", "scale", "bias", "n", "k", "args")
 
     def __init__(self, layer: nn.Module, weight_name: str, fn, weight: torch.Tensor) -> None:
         bufs = layer._buffers
@@ -85,6 +85,14 @@ class _FastCall:
         self.fn, self.weight = fn, weight  # weight: the validated, 64-byte aligned buffer the kernel reads
         self.scale, self.bias = bufs.get("weight_scale"), bufs["bias"]  # scale None: an fp32 layer
         self.n, self.k = layer.out_features, layer.in_features
+        # Addresses of tensors this object holds; a tensor's storage cannot move without an in-place
+        # op (set_, resize_) that bumps the version checked by valid_for (the private aligned copy,
+        # if any, is never handed out).
+        b = self.bias.data_ptr() if self.bias is not None else 0
+        if self.scale is None:
+            self.args = (weight.data_ptr(), weight.numel(), b)
+        else:
+            self.args = (weight.data_ptr(), weight.numel(), self.scale.data_ptr(), b)
 
     @staticmethod
     def names(layer: nn.Module, weight_name: str) -> tuple[str, ...]:
@@ -109,17 +117,24 @@ class _FastCall:
             or (x.requires_grad and torch.is_grad_enabled())
         ):
             return None
-        x2, ld = ops._rows(x)
-        out = ops._new_output((*x.shape[:-1], self.n), x.dtype)
+        if x.dim() == 2 and x.is_contiguous():  # the common case, without _rows' reshape
+            x2, ld = x, self.k
+        else:
+            x2, ld = ops._rows(x)
+        rows = x2.shape[0]
+        shape = (rows, self.n) if x.dim() == 2 else (*x.shape[:-1], self.n)
+        if rows * self.n * 4 < ops.LARGE_OUTPUT_BYTES:
+            out = torch.empty(shape, dtype=x.dtype)
+        else:
+            out = ops._new_output(shape, x.dtype)
         _backend.sync_threads()
-        w, b, s = self.weight, self.bias, self.scale
-        if s is None:
-            self.fn(x2.data_ptr(), x2.shape[0], self.k, ld, w.data_ptr(), w.numel(),
-                    b.data_ptr() if b is not None else 0, out.data_ptr(), self.n)  # fmt: skip
+        if self.scale is None:
+            w, wn, b = self.args
+            self.fn(x2.data_ptr(), rows, self.k, ld, w, wn, b, out.data_ptr(), self.n)
             return out
+        w, wn, s, b = self.args
         code = ops._DTYPE_CODE[x.dtype]
-        self.fn(x2.data_ptr(), code, x2.shape[0], self.k, ld, w.data_ptr(), w.numel(), s.data_ptr(),
-                b.data_ptr() if b is not None else 0, out.data_ptr(), code, self.n)  # fmt: skip
+        self.fn(x2.data_ptr(), code, rows, self.k, ld, w, wn, s, b, out.data_ptr(), code, self.n)
         return out
 
     @staticmethod
