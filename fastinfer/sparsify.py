@@ -29,19 +29,23 @@ class SparseRule:
 
     Measured on the development machine (AMD EPYC Zen 5, 2 threads, `fastinfer bench --suite
     sparse`, bench/RESULTS.md), 4096 x 4096 and 768 x 3072, M in {1, 16, 128, 512}:
-      * fp32 "csr" vs dense fp32 nn.Linear: faster at every M from 75% sparsity up (1.1x-15x), mixed
-        at 50% (0.5x-1.4x) -> fp32 layers with at most 25% nonzeros become SparseLinear;
-      * int8 "ell" (unstructured, activations gathered in registers by vpermb) vs the dense int8
-        kernel: 1.1x-1.3x at 75% sparsity, 1.8x-2.4x at 90%, 0.6x-0.9x at 50%, at every M
-        -> chosen up to 25% nonzeros (needs AVX-512 VBMI);
+      * fp32 "ell" (AVX-512; activations gathered in registers by vpermi2ps) vs dense fp32
+        nn.Linear: faster at every M from 75% sparsity up (4x-13x at M = 1, 1.5x-3.6x at M = 512;
+        30x at M = 1 and 90%), 0.77x-0.85x at M = 512 and 50% -> fp32 layers with at most 25%
+        nonzeros become SparseLinear("ell"); below AVX-512, fp32 "csr" under the same limit (faster
+        at every M from 75% up, mixed at 50%);
+      * int8 "ell" (unstructured, activations gathered in registers by vpermi2b) vs the dense int8
+        kernel: 1.4x-1.6x at M = 1 and 1.0x-1.1x at M >= 16 at 75% sparsity, 2.0x-3.1x at 90%,
+        0.6x-0.97x at 50% -> chosen up to 25% nonzeros (needs AVX-512 VBMI);
       * int8 "csr" vs the dense int8 kernel: slower everywhere measured, even at 95% sparsity
-        (0.33x-0.9x: per-nonzero memory gathers cost more than streaming 64 int8 weights per
+        (0.3x-0.9x: per-nonzero memory gathers cost more than streaming 64 int8 weights per
         instruction) -> never chosen by default (int8_csr_max_density = 0);
-      * int8 "block" (16 x 64 tiles): 1.3x-1.6x at 50% tile sparsity, 2.3x-2.8x at 75%, up to 9.6x
+      * int8 "block" (16 x 64 tiles): 1.2x-1.7x at 50% tile sparsity, 2.0x-2.9x at 75%, up to 9x
         at 95%, at every M -> chosen up to 60% nonzero tiles;
-      * int8 "2:4": 1.2x-1.4x at M = 1 (40/64 of the weight bytes), ~1.0x at M = 4, 0.9x at M >= 16
-        (same multiply count plus the expansion) -> chosen (int8_nm24=True) for decode-style use;
-        set int8_nm24=False for models that mostly run large batches.
+      * int8 "2:4": 1.3x-1.6x at M = 1 (40/64 of the weight bytes), 0.93x-1.01x at M = 16, ~0.93x
+        at M >= 128 (the activation gather costs what the skipped multiplies save) -> chosen
+        (int8_nm24=True) for decode-style use; set int8_nm24=False for models that mostly run
+        large batches.
     """
 
     fp32_csr_max_density: float = 0.25
