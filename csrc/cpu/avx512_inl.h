@@ -34,6 +34,18 @@ void row_chunks(int64_t m0, int64_t m1, Micro&& micro) {
     }
 }
 
+// Steps [t0, t1) of an ell block, accumulating into two sets in turn (hides the FMA / vpdpbusd
+// latency): step(t, acc_set).
+template <class Step, class Acc>
+inline void alternating_steps(int64_t t0, int64_t t1, Step& step, Acc* set0, Acc* set1) {
+    int64_t t = t0;
+    for (; t + 2 <= t1; t += 2) {
+        step(t, set0);
+        step(t + 1, set1);
+    }
+    if (t < t1) step(t, set0);
+}
+
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
 // fp32 -> bf16, round to nearest even, NaN kept quiet (same rule as f32_to_bf16).

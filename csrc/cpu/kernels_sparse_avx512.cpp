@@ -206,13 +206,7 @@ void ell_f32_micro(const SparseView& w, const float* xp, int64_t ldp, int64_t m,
             acc_set[i] = _mm512_mask3_fmadd_ps(vals, _mm512_mask_blend_ps(upper, lo, hi), acc_set[i], valid);
         }
     };
-    int64_t t = w.stepptr[nb];
-    const int64_t t1 = w.stepptr[nb + 1];
-    for (; t + 2 <= t1; t += 2) {
-        step(t, acc[0]);
-        step(t + 1, acc[1]);
-    }
-    if (t < t1) step(t, acc[0]);
+    alternating_steps(w.stepptr[nb], w.stepptr[nb + 1], step, acc[0], acc[1]);
     const int64_t n0 = nb * kNBlock;
     const __mmask16 mk = tail_mask(w.n - n0);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();

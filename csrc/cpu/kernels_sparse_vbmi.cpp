@@ -99,13 +99,7 @@ void ell_micro(const Activations& a, const SparseView& w, const Epilogue& ep, in
             dpbusd(acc_set[i], _mm512_permutex2var_epi8(lo, idx, up), wv);
         }
     };
-    int64_t t = w.stepptr[nb];
-    const int64_t t1 = w.stepptr[nb + 1];
-    for (; t + 2 <= t1; t += 2) {
-        step(t, acc[0]);
-        step(t + 1, acc[1]);
-    }
-    if (t < t1) step(t, acc[0]);
+    alternating_steps(w.stepptr[nb], w.stepptr[nb + 1], step, acc[0], acc[1]);
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
         store_cols(_mm512_add_epi32(acc[0][i], acc[1][i]), w.n, w.colsum, ep, m + i, nb * kNBlock);
 }

@@ -90,6 +90,21 @@ bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
     return w[r * ldw + c] != T(0);  // -0.0 == 0: a negative zero is not stored
 }
 
+// Every stored value of fp32 ell block nb, in step order: f(channel in block, column, value).
+template <class F>
+void for_each_ell_f32(const SparseView& v, int64_t nb, F&& f) {
+    for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
+        const uint8_t* st = v.steps + t * kEllF32Step;
+        const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
+        for (int j = 0; j < 16; ++j)
+            if (st[64 + j] & 0x40) {
+                float val;
+                std::memcpy(&val, st + 4 * j, 4);
+                f(j, base + (st[64 + j] & 63), val);
+            }
+    }
+}
+
 // The ell plan of 16-channel block nb: calls step(base, cols, cnt) once per step, where channel j
 // takes cnt[j] <= take nonzeros at columns cols[j][0..cnt[j]). The window [base, base + win) starts at
 // the least advanced channel's next nonzero rounded down to `align` (capped at kp - win), and every
@@ -500,16 +515,7 @@ Status sparse_unpack(const uint8_t* buf, int64_t nbytes, void* w) {
         auto* out = static_cast<float*>(w);
         std::memset(out, 0, size_t(v.n * v.k) * 4);
         for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
-            for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
-                const uint8_t* st = v.steps + t * kEllF32Step;
-                const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
-                for (int j = 0; j < 16; ++j)
-                    if (st[64 + j] & 0x40) {
-                        float val;
-                        std::memcpy(&val, st + 4 * j, 4);
-                        out[(nb * kNBlock + j) * v.k + base + (st[64 + j] & 63)] = val;
-                    }
-            }
+            for_each_ell_f32(v, nb, [&](int j, int64_t col, float val) { out[(nb * kNBlock + j) * v.k + col] = val; });
         return Status::ok();
     }
     if (v.fmt == SparseFormat::kCsrF32 || v.fmt == SparseFormat::kCsrI8) {
@@ -609,16 +615,7 @@ void ell_f32(const SparseView& w, const float* x, int64_t ldx, int64_t m, const 
     for (int64_t nb = nb0; nb < nb1; ++nb)
         for (int64_t r = 0; r < m; ++r) {
             float acc[kNBlock] = {};
-            for (int64_t t = w.stepptr[nb]; t < w.stepptr[nb + 1]; ++t) {
-                const uint8_t* st = w.steps + t * kEllF32Step;
-                const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
-                for (int j = 0; j < 16; ++j)
-                    if (st[64 + j] & 0x40) {
-                        float val;
-                        std::memcpy(&val, st + 4 * j, 4);
-                        acc[j] += val * x[r * ldx + base + (st[64 + j] & 63)];
-                    }
-            }
+            for_each_ell_f32(w, nb, [&](int j, int64_t col, float val) { acc[j] += val * x[r * ldx + col]; });
             for (int64_t j = 0; j < kNBlock && nb * kNBlock + j < w.n; ++j)
                 out[r * ldo + nb * kNBlock + j] = acc[j] + (bias ? bias[nb * kNBlock + j] : 0.f);
         }
