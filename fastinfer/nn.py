@@ -70,8 +70,9 @@ class _FastCall:
     layer at M = 1 spends a quarter of its time there otherwise).
 
     Built after a call that ran the full checks (weight validated, shapes, dtypes, alignment), and
-    used only while the layer holds the same buffer objects at the same versions: an in-place write
-    through torch bumps a version, a replaced or moved buffer is another object. Inputs that are not
+    used only while the layer holds the same buffer objects at the same versions, addresses and
+    sizes: an in-place write through torch bumps a version, a replaced buffer is another object, a
+    storage moved by share_memory_() or `.data =` has another address. Inputs that are not
     plain CPU float tensors, that autograd or the compiler would see, or that are empty take the
     full path. Kept outside the module (see _FAST), so copies and pickles of a layer never carry it,
     and it holds tensors, not addresses: a stale entry is never read."""
@@ -80,14 +81,14 @@ class _FastCall:
 
     def __init__(self, layer: nn.Module, weight_name: str, fn, weight: torch.Tensor) -> None:
         bufs = layer._buffers
-        self.key = tuple((name, bufs[name], None if bufs[name] is None else bufs[name]._version)
-                         for name in _FastCall.names(layer, weight_name))  # fmt: skip
+        self.key = tuple((name, t, None if t is None else (t._version, t.data_ptr(), t.numel()))
+                         for name in _FastCall.names(layer, weight_name) for t in (bufs[name],))  # fmt: skip
         self.fn, self.weight = fn, weight  # weight: the validated, 64-byte aligned buffer the kernel reads
         self.scale, self.bias = bufs.get("weight_scale"), bufs["bias"]  # scale None: an fp32 layer
         self.n, self.k = layer.out_features, layer.in_features
-        # Addresses of tensors this object holds; a tensor's storage cannot move without an in-place
-        # op (set_, resize_) that bumps the version checked by valid_for (the private aligned copy,
-        # if any, is never handed out).
+        # Addresses of the tensors this object holds. A storage can move without a version bump
+        # (share_memory_, pickling for multiprocessing, `t.data = other`), so valid_for compares
+        # each buffer's address and size as well (the private aligned copy is never handed out).
         b = self.bias.data_ptr() if self.bias is not None else 0
         if self.scale is None:
             self.args = (weight.data_ptr(), weight.numel(), b)
@@ -100,8 +101,8 @@ class _FastCall:
 
     def valid_for(self, layer: nn.Module) -> bool:
         bufs = layer._buffers
-        for name, t, ver in self.key:
-            if bufs.get(name) is not t or (t is not None and t._version != ver):
+        for name, t, state in self.key:
+            if bufs.get(name) is not t or (t is not None and (t._version, t.data_ptr(), t.numel()) != state):
                 return False
         return True
 

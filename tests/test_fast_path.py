@@ -92,6 +92,32 @@ def test_in_place_corruption_of_a_sparse_weight_is_caught_not_run():
         layer(x)
 
 
+@pytest.mark.parametrize("move", ["share_memory", "data", "bias_data"])
+def test_moved_storage_drops_the_fast_path(move):
+    """share_memory_() and `.data =` swap a buffer's storage without a version bump: the fast path
+    must notice (address and size are part of its key), never read the old storage."""
+    layer = _layers()[1]
+    x = torch.randn(2, 96)
+    ref = layer(x)
+    layer(x)
+    assert _FAST.get(layer) is not None
+    if move == "share_memory":
+        old = layer.sparse_weight.data_ptr()
+        layer.share_memory()
+        assert layer.sparse_weight.data_ptr() != old
+        assert torch.equal(layer(x), ref)
+    elif move == "data":
+        bad = layer.sparse_weight.clone()
+        bad[0:4] = 0  # the header magic: the full path refuses it
+        layer.sparse_weight.data = bad
+        with pytest.raises(ValueError, match="magic"):
+            layer(x)
+    else:
+        layer.bias.data = torch.zeros(3)
+        with pytest.raises((TypeError, ValueError)):
+            layer(x)
+
+
 def test_copies_do_not_share_the_fast_path():
     layer = _layers()[0]
     x = torch.randn(3, 96)

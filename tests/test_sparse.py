@@ -271,9 +271,9 @@ def test_fp32_ell_corrupt_buffers_are_rejected():
     with pytest.raises(ValueError, match="window out of range"):
         ops.sparse_validate(bad)
     bad = good.clone()
-    bad[steps + 64 + 15] = 0x40 | 63  # channel 15 (no weights) claims input 63: inside kp, a real lane
-    assert ops.sparse_info(bad)["k"] == 64
-    ops.sparse_validate(bad)  # in range: a (zero) value for channel 15 at input 63, not corruption
+    bad[steps + 64 + 15] = 0x40 | 63  # channel 15's first value moved to input 63, before its input 7
+    with pytest.raises(ValueError, match="repeat or are out of order"):
+        ops.sparse_validate(bad)
     w65 = torch.zeros(3, 65)
     w65[0, 0] = 1.0
     good = ops.pack_sparse(w65, "ell")  # kp = 128: windows start at 0 or 64
@@ -288,6 +288,76 @@ def test_fp32_ell_corrupt_buffers_are_rejected():
         ops.sparse_validate(bad)
     with pytest.raises(ValueError, match="K up to 1048576"):
         ops.pack_sparse(torch.zeros(1, (1 << 20) + 1), "ell")
+
+
+def test_each_weight_stored_once_and_colsum_consistent():
+    """Buffers that pass validation give the same answer on every path and from unpack: a weight
+    stored twice (the kernels would add both, unpack keeps one) and a column sum that disagrees with
+    the stored values (the u8-shifted VNNI kernels subtract 128 * colsum) are refused."""
+    w = torch.zeros(16, 64, dtype=torch.int8)
+    w[0, 5] = 3
+    p = ops.pack_sparse(w, "ell")
+    st = 64 + 64 + 64  # header, colsum, stepptr
+    bad = p.clone()
+    bad[st + 1] = (int(bad[st + 1]) & 128) | 5  # channel 0, slot 1: input 5 again ...
+    bad[st + 64 + 1] = 3
+    bad[64:128].view(torch.int32)[0] = 6  # ... with a column sum that counts it
+    with pytest.raises(ValueError, match="repeat or are out of order"):
+        ops.sparse_validate(bad)
+    for fmt in ("ell", "2:4", "block"):
+        good = ops.pack_sparse(w, fmt)
+        bad = good.clone()
+        bad[64:128].view(torch.int32)[0] = 0
+        with pytest.raises(ValueError, match="column sums do not match"):
+            ops.sparse_validate(bad)
+    wf = torch.zeros(16, 128)
+    wf[0, 5], wf[1, 0], wf[1, 1] = 2.0, 1.0, 1.0
+    pf = ops.pack_sparse(wf, "ell")
+    s1 = 128 + 80  # fp32 ell: header, stepptr; step 1 (channel 0 has no second value there)
+    pf[s1 + 64] = (int(pf[s1 + 64]) & 128) | 0x40 | 5
+    pf[s1 : s1 + 4].view(torch.float32)[0] = 2.0
+    with pytest.raises(ValueError, match="repeat or are out of order"):
+        ops.sparse_validate(pf)
+    wc = torch.zeros(4, 64, dtype=torch.int8)
+    wc[1, 3], wc[1, 9] = 1, 2
+    pc = ops.pack_sparse(wc, "csr")
+    idx = 64 + (8 * 5 + 63) // 64 * 64  # csr: header, rowptr int64 [n + 1], then uint16 indices
+    pc[idx + 2 : idx + 4] = pc[idx : idx + 2]  # row 1: columns 3, 3
+    with pytest.raises(ValueError, match="repeat or are out of order"):
+        ops.sparse_validate(pc)
+
+
+def test_corrupt_step_pointers_are_caught_before_any_walk():
+    """A block's end pointer far past the buffer, followed by a smaller one: every pointer is checked
+    before the steps are read (the validation itself must not run off the buffer)."""
+    code = """
+        import ctypes, mmap, torch
+        from fastinfer import ops
+        torch.manual_seed(0)
+        for fmt, dtype in (("ell", torch.float32), ("ell", torch.int8)):
+            w = torch.randn(64, 256) * (torch.rand(64, 256) < 0.1)
+            p = ops.pack_sparse(w if dtype == torch.float32 else (w * 50).to(torch.int8), fmt)
+            nb, pg = p.numel(), mmap.PAGESIZE
+            size = (nb + pg - 1) // pg * pg
+            m = mmap.mmap(-1, size + pg)
+            buf = (ctypes.c_char * (size + pg)).from_buffer(m)
+            off = (size - nb) // 64 * 64  # the buffer ends < 64 bytes before a guard page
+            t = torch.frombuffer(m, dtype=torch.uint8, count=size)[off : off + nb]
+            assert t.data_ptr() % 64 == 0
+            t.copy_(p)
+            ctypes.CDLL(None).mprotect(ctypes.c_void_p(ctypes.addressof(buf) + size), pg, 0)
+            ptr_off = 64 if dtype == torch.float32 else 64 + 4 * 64  # int8: colsum int32 [64] first
+            t[ptr_off : ptr_off + 8 * 5].view(torch.int64)[1] = 1 << 40
+            try:
+                ops.sparse_validate(t)
+            except ValueError as e:
+                assert "step pointers" in str(e), e
+            else:
+                raise AssertionError("accepted")
+        print("ok")
+    """
+    res = run_python(code)
+    assert res.returncode == 0 and "ok" in res.stdout, (res.returncode, res.stderr[-2000:])
 
 
 def test_version_1_buffers():

@@ -216,10 +216,10 @@ Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, 
 
 void fill_colsum(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int64_t np, int32_t* colsum) {
     for (int64_t r = 0; r < np; ++r) {
-        int32_t s = 0;
+        uint32_t s = 0;  // mod 2^32, like the kernels' int32 accumulation
         if (r < n)
-            for (int64_t c = 0; c < k; ++c) s += w[r * ldw + c];
-        colsum[r] = s;
+            for (int64_t c = 0; c < k; ++c) s += uint32_t(int32_t(w[r * ldw + c]));
+        colsum[r] = int32_t(s);
     }
 }
 
@@ -444,58 +444,104 @@ namespace {
 // Everything the kernels trust beyond the header: monotonic row/tile pointers, indices in range,
 // 2:4 masks with 32 bits. O(nnz): sparse_validate runs it once per buffer content (fastinfer.ops
 // caches the result per tensor version), the kernels do not.
+// Pointers [0, count] of a pointer section never decrease (checked before anything walks them).
+Status check_monotonic(const int64_t* ptr, int64_t count, const char* what) {
+    for (int64_t i = 0; i < count; ++i)
+        if (ptr[i + 1] < ptr[i]) return Status::invalid(std::string("sparse weight: corrupt ") + what);
+    return Status::ok();
+}
+
+// Every stored nonzero of row / channel r must come at a larger column than the one before it, in
+// storage order (what sparse_pack writes): otherwise the kernels would add two values for one
+// weight where unpack keeps one. last[r] = the previous column (-1 at first).
+inline bool in_order(std::vector<int64_t>& last, int64_t r, int64_t col) {
+    if (col <= last[size_t(r)]) return false;
+    last[size_t(r)] = col;
+    return true;
+}
+
+// Everything the kernels trust beyond the header: monotonic pointers, indices and windows in range,
+// each weight stored once, and (int8 formats read by the u8-shifted VNNI kernels) the stored
+// colsum equal to the sum of the stored values, so every ISA path and unpack agree. O(stored bytes).
 Status check_indices(const SparseView& v) {
+    const int64_t nblocks = v.np / kNBlock;
+    std::vector<int64_t> last(size_t(v.np > v.n ? v.np : v.n), -1);
+    std::vector<uint32_t> colsum(size_t(v.np), 0);  // recomputed mod 2^32, int8 formats
+    Status st = Status::ok();
     if (v.fmt == SparseFormat::kCsrF32 || v.fmt == SparseFormat::kCsrI8) {
+        if (!(st = check_monotonic(v.rowptr, v.n, "row pointers")).is_ok()) return st;
         for (int64_t r = 0; r < v.n; ++r)
-            if (v.rowptr[r + 1] < v.rowptr[r]) return Status::invalid("sparse weight: corrupt row pointers");
-        for (int64_t j = 0; j < v.nnz; ++j) {
-            const int64_t c = v.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(v.idx)[j])
-                                               : int64_t(static_cast<const int32_t*>(v.idx)[j]);
-            if (c < 0 || c >= v.k) return Status::invalid("sparse weight: column index out of range");
-        }
+            for (int64_t j = v.rowptr[r]; j < v.rowptr[r + 1]; ++j) {
+                const int64_t c = v.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(v.idx)[j])
+                                                   : int64_t(static_cast<const int32_t*>(v.idx)[j]);
+                if (c < 0 || c >= v.k) return Status::invalid("sparse weight: column index out of range");
+                if (!in_order(last, r, c)) return Status::invalid("sparse weight: columns of a row repeat or are out of order");
+            }
+        return Status::ok();
     }
     if (v.fmt == SparseFormat::kBlockI8) {
-        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
-            if (v.tileptr[nb + 1] < v.tileptr[nb]) return Status::invalid("sparse weight: corrupt tile pointers");
-        for (int64_t t = 0; t < v.nnz; ++t)
-            if (v.tilek[t] < 0 || v.tilek[t] >= v.kp / kTileK)
-                return Status::invalid("sparse weight: tile index out of range");
+        if (!(st = check_monotonic(v.tileptr, nblocks, "tile pointers")).is_ok()) return st;
+        for (int64_t nb = 0; nb < nblocks; ++nb)
+            for (int64_t t = v.tileptr[nb]; t < v.tileptr[nb + 1]; ++t) {
+                if (v.tilek[t] < 0 || v.tilek[t] >= v.kp / kTileK)
+                    return Status::invalid("sparse weight: tile index out of range");
+                if (!in_order(last, nb, v.tilek[t])) return Status::invalid("sparse weight: tiles of a block repeat or are out of order");
+                const int8_t* tile = v.tiles + t * kNBlock * kTileK;
+                for (int64_t i = 0; i < kNBlock * kTileK; ++i)  // K4N16: byte i is channel (i / 4) % 16
+                    colsum[size_t(nb * kNBlock + (i / 4) % kNBlock)] += uint32_t(int32_t(tile[i]));
+            }
     }
     if (v.fmt == SparseFormat::kEllI8) {
-        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
-            if (v.stepptr[nb + 1] < v.stepptr[nb]) return Status::invalid("sparse weight: corrupt step pointers");
+        if (!(st = check_monotonic(v.stepptr, nblocks, "step pointers")).is_ok()) return st;
         const int64_t win = ell_window(v.kp);
-        for (int64_t t = 0; t < v.nnz; ++t) {
-            const uint8_t* st = v.steps + t * kEllStep;
-            if (ell_base64(st) > uint64_t(v.kp - win) / 64) return Status::invalid("sparse weight: ell window out of range");
-            for (int b = 0; b < 64; ++b)
-                if ((st[b] & 127) >= win) return Status::invalid("sparse weight: ell index out of range");
-        }
+        for (int64_t nb = 0; nb < nblocks; ++nb)
+            for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
+                const uint8_t* st8 = v.steps + t * kEllStep;
+                if (ell_base64(st8) > uint64_t(v.kp - win) / 64) return Status::invalid("sparse weight: ell window out of range");
+                const int64_t base = int64_t(ell_base64(st8)) * 64;
+                for (int b = 0; b < 64; ++b) {
+                    if ((st8[b] & 127) >= win) return Status::invalid("sparse weight: ell index out of range");
+                    const int8_t val = int8_t(st8[64 + b]);
+                    if (val == 0) continue;  // padding
+                    const int64_t r = nb * kNBlock + b / 4, col = base + (st8[b] & 127);
+                    if (!in_order(last, r, col)) return Status::invalid("sparse weight: ell columns of a channel repeat or are out of order");
+                    colsum[size_t(r)] += uint32_t(int32_t(val));
+                }
+            }
     }
     if (v.fmt == SparseFormat::kEllF32) {
-        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb) {
-            if (v.stepptr[nb + 1] < v.stepptr[nb]) return Status::invalid("sparse weight: corrupt step pointers");
+        if (!(st = check_monotonic(v.stepptr, nblocks, "step pointers")).is_ok()) return st;
+        for (int64_t nb = 0; nb < nblocks; ++nb)
             for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
-                const uint8_t* st = v.steps + t * kEllF32Step;
-                const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
+                const uint8_t* st8 = v.steps + t * kEllF32Step;
+                const int64_t base = int64_t(ell_f32_base16(st8)) * kEllF32Align;
                 if (base + kEllF32Win > v.kp) return Status::invalid("sparse weight: ell window out of range");
-                for (int j = 0; j < 16; ++j)  // a stored value lies inside the weight (unpack keeps it)
-                    if ((st[64 + j] & 0x40) && (base + (st[64 + j] & 63) >= v.k || nb * kNBlock + j >= v.n))
-                        return Status::invalid("sparse weight: ell index out of range");
+                for (int j = 0; j < 16; ++j) {
+                    if (!(st8[64 + j] & 0x40)) continue;  // padding lane
+                    const int64_t r = nb * kNBlock + j, col = base + (st8[64 + j] & 63);
+                    if (col >= v.k || r >= v.n) return Status::invalid("sparse weight: ell index out of range");
+                    if (!in_order(last, r, col)) return Status::invalid("sparse weight: ell columns of a channel repeat or are out of order");
+                }
             }
-        }
+        return Status::ok();
     }
     if (v.fmt == SparseFormat::kNm24I8) {
         // Every 2-bit position is in range; the two positions of a group must differ (otherwise the
         // kernel would count one input twice where unpack keeps one value).
-        const int64_t steps = (v.np / kNBlock) * (v.kp / kNm24StepK);
-        for (int64_t t = 0; t < steps; ++t) {
+        for (int64_t t = 0; t < nblocks * (v.kp / kNm24StepK); ++t) {
             const uint8_t* meta = v.panels + t * kNm24Step;
+            const auto* vals = reinterpret_cast<const int8_t*>(meta + kNm24Meta);
             for (int b = 0; b < kNm24Meta; ++b)
                 if ((meta[b] & 3) == (meta[b] >> 2 & 3) || (meta[b] >> 4 & 3) == (meta[b] >> 6))
                     return Status::invalid("sparse weight: corrupt 2:4 positions");
+            const int64_t nb = t / (v.kp / kNm24StepK);
+            for (int slot = 0; slot < 64; ++slot) colsum[size_t(nb * kNBlock + slot / 4)] += uint32_t(int32_t(vals[slot]));
         }
     }
+    // the int8 formats with a colsum section: 2:4, block, ell
+    for (int64_t r = 0; r < v.np; ++r)
+        if (uint32_t(v.colsum[r]) != colsum[size_t(r)])
+            return Status::invalid("sparse weight: stored column sums do not match the stored values");
     return Status::ok();
 }
 }  // namespace
