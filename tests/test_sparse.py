@@ -108,6 +108,16 @@ def test_all_zero_and_dense_weights(fmt):
         assert ops.sparse_info(ops.pack_sparse(w, fmt))["nnz"] == 1
 
 
+@pytest.mark.parametrize("fmt", ["csr", "ell"])
+def test_fp32_all_zero_and_dense_weights(isa, fmt):
+    """0% and 100% sparsity: no steps at all, and every input of every channel stored."""
+    x = torch.randn(3, 70, generator=_gen(4))
+    for w in (torch.zeros(20, 70), torch.randn(20, 70, generator=_gen(5)).abs() + 0.5):
+        p = ops.pack_sparse(w, fmt)
+        assert torch.equal(ops.unpack_sparse(p), w)
+        torch.testing.assert_close(ops.sparse_linear(x, p, None, 20), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_csr_wide_k_uses_32_bit_indices(isa):
     k = 65537 + 100
     w = torch.zeros(3, k, dtype=torch.int8)
@@ -612,6 +622,7 @@ def _opcheck_samples():
         out.append(("sparse_int8_linear", (torch.randn(3, 130, generator=_gen(25)), sp.sparse_weight,
                                            sp.weight_scale, sp.bias)))  # fmt: skip
     out.append(("sparse_linear", (torch.randn(4, 130, generator=_gen(26)), ops.pack_sparse(wf), None, 19)))
+    out.append(("sparse_linear", (torch.randn(3, 130, generator=_gen(28)), ops.pack_sparse(wf, "ell"), None, 19)))
     out.append(("sparse_linear", (torch.randn(2, 2, 130, generator=_gen(27)), ops.pack_sparse(wf), lin.bias.detach(), 19)))
     return out
 
