@@ -159,6 +159,8 @@ _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _fast_forward(layer: nn.Module, x: object) -> torch.Tensor | None:
     if torch.compiler.is_compiling():  # first: the compiler traces the op, never this dictionary
         return None
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace records dispatcher calls only
+        return None
     fast = _FAST.get(layer)
     if fast is None or not fast.valid_for(layer):
         return None

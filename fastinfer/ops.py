@@ -447,6 +447,7 @@ def _eager_fast_path(x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and not (x.requires_grad and torch.is_grad_enabled())
         and not torch.compiler.is_compiling()
+        and torch._C._get_tracing_state() is None  # torch.jit.trace records dispatcher calls only
     )
 
 

@@ -171,3 +171,20 @@ def test_eager_call_overhead_is_recorded_only_for_eager_calls():
     y = layer(x)  # autograd would see the call: the checked op path
     assert _FAST.get(layer) is None
     assert torch.equal(y.detach(), ops.int8_linear(x.detach(), layer.packed_weight, layer.weight_scale, layer.bias))
+
+
+def test_jit_trace_records_the_ops_not_the_fast_path():
+    """torch.jit.trace sees only dispatcher calls: under tracing the layers must go through the
+    registered ops, or the trace would hold an empty output allocation instead of the layer."""
+    import warnings
+
+    layers = _layers()
+    model = nn.Sequential(layers[0], nn.ReLU(), nn.Linear(40, 96), layers[1], nn.ReLU(), nn.Linear(40, 96), layers[2])
+    x = torch.randn(4, 96)
+    model(x)  # the eager fast paths exist before tracing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    x2 = torch.randn(4, 96)
+    with torch.no_grad():
+        assert torch.equal(traced(x2), model(x2))
