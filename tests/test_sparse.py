@@ -205,6 +205,41 @@ def test_ell_padding_stays_small():
     assert info["nbytes"] < 2 * 1.3 * nnz + 4 * 256 + 8 * 17 + 256
 
 
+def _ell_paired(p):
+    return int(p[56:64].view(torch.int64)[0]) == 1  # header flags: steps in pairs sharing a window
+
+
+def test_ell_pairs_steps_where_it_costs_little(isa):
+    """Denser layers store steps in pairs with one window (kernels with several rows load each
+    window once per pair); sparse ones do not (pairs would pad more). Both are exact at every M."""
+    for density, paired in ((0.4, True), (0.05, False)):
+        w = _i8(48, 700, seed=9, low=1) * _mask_unstructured(48, 700, density, 10)
+        p = ops.pack_sparse(w, "ell")
+        assert _ell_paired(p) == paired, density
+        assert ops.sparse_info(p)["nnz"] % 2 == 0 or not paired
+        assert torch.equal(ops.unpack_sparse(p), w)
+        for m in (1, 2, 6, 7, 19):
+            a = _i8(m, 700, seed=m)
+            assert torch.equal(ops.sparse_int8_matmul(a, p, 48), int64_ref(a, w)), (density, m)
+
+
+def test_ell_corrupt_pairs_are_rejected():
+    w = _i8(16, 1024, seed=11, low=1) * _mask_unstructured(16, 1024, 0.4, 12)
+    good = ops.pack_sparse(w, "ell")
+    assert _ell_paired(good)
+    steps = 64 + 64 + 64  # header, colsum, stepptr
+    bad = good.clone()
+    bad[steps + 128 : steps + 192] ^= 0x80  # step 1: another window than its pair's step 0
+    with pytest.raises(ValueError, match="different windows|window out of range"):
+        ops.sparse_validate(bad)
+    bad = good.clone()
+    bad[56] = 0  # flags: unpaired, which the layout also satisfies
+    ops.sparse_validate(bad)
+    bad[56] = 3  # an unknown flag
+    with pytest.raises(ValueError, match="inconsistent header"):
+        ops.sparse_validate(bad)
+
+
 def test_ell_corrupt_window_or_index_is_rejected():
     w = torch.zeros(16, 64, dtype=torch.int8)
     w[::2, ::3] = 7

@@ -104,8 +104,27 @@ void ell_micro(const Activations& a, const SparseView& w, const Epilogue& ep, in
     const int64_t hi = ell_window(w.kp) - 64;  // second window register: +64, or the same one when kp = 64
     const int8_t* rows[MR];
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) rows[i] = a.q + (m + i) * a.ldq;
-    auto step = [&](int64_t t, __m512i* acc_set) { ell_step<MR>(w, rows, hi, t, acc_set, prefetch); };
-    alternating_steps(w.stepptr[nb], w.stepptr[nb + 1], step, acc[0], acc[1]);
+    if (MR > 1 && w.ell_paired) {
+        // Pairs of steps share a window: each row's two window registers are loaded once per pair.
+        for (int64_t t = w.stepptr[nb]; t < w.stepptr[nb + 1]; t += 2) {
+            const uint8_t* st = w.steps + t * kEllStep;
+            if (prefetch)
+                _Pragma("GCC unroll 4") for (int l = 0; l < 4; ++l)
+                    _mm_prefetch(reinterpret_cast<const char*>(st + kEllAhead + 64 * l), _MM_HINT_T0);
+            const __m512i idx0 = _mm512_load_si512(st), wv0 = _mm512_load_si512(st + 64);
+            const __m512i idx1 = _mm512_load_si512(st + kEllStep), wv1 = _mm512_load_si512(st + kEllStep + 64);
+            const int64_t base = int64_t(_cvtmask64_u64(_mm512_movepi8_mask(idx0))) * 64;
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+                const __m512i lo = _mm512_load_si512(rows[i] + base);
+                const __m512i up = _mm512_load_si512(rows[i] + base + hi);
+                dpbusd(acc[0][i], _mm512_permutex2var_epi8(lo, idx0, up), wv0);
+                dpbusd(acc[1][i], _mm512_permutex2var_epi8(lo, idx1, up), wv1);
+            }
+        }
+    } else {
+        auto step = [&](int64_t t, __m512i* acc_set) { ell_step<MR>(w, rows, hi, t, acc_set, prefetch); };
+        alternating_steps(w.stepptr[nb], w.stepptr[nb + 1], step, acc[0], acc[1]);
+    }
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
         store_cols(_mm512_add_epi32(acc[0][i], acc[1][i]), w.n, w.colsum, ep, m + i, nb * kNBlock);
 }

@@ -110,9 +110,10 @@ void for_each_ell_f32(const SparseView& v, int64_t nb, F&& f) {
 // the least advanced channel's next nonzero rounded down to `align` (capped at kp - win), and every
 // channel takes its next nonzeros inside it, so each step makes progress and no nonzero is skipped.
 // int8: win min(128, kp), align 64, take 4; fp32: win 64, align 16, take 1.
+// paired: every window serves two steps in a row (the second may be empty: all padding).
 template <class T, class F>
 void ell_plan_block(const T* w, int64_t ldw, int64_t n, int64_t k, int64_t kp, int64_t nb, int64_t win,
-                    int64_t align, int take, F&& step) {
+                    int64_t align, int take, bool paired, F&& step) {
     std::vector<int64_t> cols[kNBlock];
     for (int64_t j = 0; j < kNBlock; ++j) {
         const int64_t r = nb * kNBlock + j;
@@ -127,14 +128,16 @@ void ell_plan_block(const T* w, int64_t ldw, int64_t n, int64_t k, int64_t kp, i
             if (pos[j] < cols[j].size()) next = std::min(next, cols[j][pos[j]]);
         if (next == kp) return;
         const int64_t base = std::min(next / align * align, kp - win);  // kp - win is a multiple of align too
-        int64_t taken[kNBlock][4];
-        int cnt[kNBlock];
-        for (int64_t j = 0; j < kNBlock; ++j) {
-            cnt[j] = 0;
-            while (cnt[j] < take && pos[j] < cols[j].size() && cols[j][pos[j]] < base + win)
-                taken[j][cnt[j]++] = cols[j][pos[j]++];
+        for (int rep = 0; rep < (paired ? 2 : 1); ++rep) {
+            int64_t taken[kNBlock][4];
+            int cnt[kNBlock];
+            for (int64_t j = 0; j < kNBlock; ++j) {
+                cnt[j] = 0;
+                while (cnt[j] < take && pos[j] < cols[j].size() && cols[j][pos[j]] < base + win)
+                    taken[j][cnt[j]++] = cols[j][pos[j]++];
+            }
+            step(base, taken, cnt);
         }
-        step(base, taken, cnt);
     }
 }
 
@@ -193,11 +196,14 @@ Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, 
             break;
         }
         case SparseFormat::kEllI8: {
-            int64_t steps = 0;
-            for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
-                ell_plan_block(w8, ldw, n, k, h->kp, nb, ell_window(h->kp), 64, 4,
-                               [&](int64_t, const int64_t (*)[4], const int*) { ++steps; });
-            h->nnz = steps;
+            int64_t steps[2] = {0, 0};  // single, paired
+            for (int paired = 0; paired < 2; ++paired)
+                for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
+                    ell_plan_block(w8, ldw, n, k, h->kp, nb, ell_window(h->kp), 64, 4, paired != 0,
+                                   [&](int64_t, const int64_t (*)[4], const int*) { ++steps[paired]; });
+            const bool paired = steps[1] * 100 <= steps[0] * 103;
+            h->flags = paired ? kSparseEllPaired : 0;
+            h->nnz = steps[paired ? 1 : 0];
             break;
         }
         case SparseFormat::kEllF32: {
@@ -205,7 +211,7 @@ Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, 
                 return Status::invalid("sparse_pack: the float32 ell format supports K up to " + std::to_string(kEllF32MaxK));
             int64_t steps = 0;
             for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
-                ell_plan_block(wf, ldw, n, k, h->kp, nb, kEllF32Win, kEllF32Align, 1,
+                ell_plan_block(wf, ldw, n, k, h->kp, nb, kEllF32Win, kEllF32Align, 1, false,
                                [&](int64_t, const int64_t (*)[4], const int*) { ++steps; });
             h->nnz = steps;
             break;
@@ -333,7 +339,7 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
             int64_t t = 0;
             for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
                 stepptr[nb] = t;
-                ell_plan_block(w8, ldw, n, k, h.kp, nb, ell_window(h.kp), 64, 4,
+                ell_plan_block(w8, ldw, n, k, h.kp, nb, ell_window(h.kp), 64, 4, h.flags & kSparseEllPaired,
                                [&](int64_t base, const int64_t (*cols)[4], const int* cnt) {
                     uint8_t* st = steps + t * kEllStep;
                     for (int b = 0; b < 64; ++b) st[b] = uint8_t(((uint64_t(base / 64) >> b) & 1) << 7);
@@ -354,7 +360,7 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
             int64_t t = 0;
             for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
                 stepptr[nb] = t;
-                ell_plan_block(wf, ldw, n, k, h.kp, nb, kEllF32Win, kEllF32Align, 1,
+                ell_plan_block(wf, ldw, n, k, h.kp, nb, kEllF32Win, kEllF32Align, 1, false,
                                [&](int64_t base, const int64_t (*cols)[4], const int* cnt) {
                     uint8_t* st = steps + t * kEllF32Step;
                     auto* vals = reinterpret_cast<float*>(st);
@@ -396,8 +402,9 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         (csr && (h.idx_bytes != (h.k <= 65536 ? 2u : 4u) || h.nnz > h.n * h.k)) ||
         (fmt == SparseFormat::kNm24I8 && h.nnz != h.np * h.kp / 2) ||
         (fmt == SparseFormat::kBlockI8 && h.nnz > (h.np / kNBlock) * (h.kp / kTileK)) ||
-        ((fmt == SparseFormat::kEllI8 || fmt == SparseFormat::kEllF32) && h.nnz > h.np * h.kp) ||  // >= 1 nonzero a step
-        (fmt == SparseFormat::kEllF32 && h.kp > kEllF32MaxK))
+        ((fmt == SparseFormat::kEllI8 || fmt == SparseFormat::kEllF32) && h.nnz > 2 * h.np * h.kp) ||  // a nonzero per pair
+        (fmt == SparseFormat::kEllF32 && h.kp > kEllF32MaxK) ||
+        (h.flags != 0 && !(fmt == SparseFormat::kEllI8 && h.flags == kSparseEllPaired)))
         return Status::invalid("sparse weight: inconsistent header");
     const Layout l = layout_of(h);
     if (l.total != nbytes) return Status::invalid("sparse weight: header and buffer size disagree");
@@ -408,6 +415,7 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
     v->kp = h.kp;
     v->nnz = h.nnz;
     v->idx_bytes = int(h.idx_bytes);
+    v->ell_paired = (h.flags & kSparseEllPaired) != 0;
     if (csr) {
         v->rowptr = reinterpret_cast<const int64_t*>(buf + l.rowptr);
         v->idx = buf + l.idx;
@@ -493,11 +501,17 @@ Status check_indices(const SparseView& v) {
     }
     if (v.fmt == SparseFormat::kEllI8) {
         if (!(st = check_monotonic(v.stepptr, nblocks, "step pointers")).is_ok()) return st;
+        if (v.ell_paired)
+            for (int64_t nb = 0; nb < nblocks; ++nb)
+                if ((v.stepptr[nb + 1] - v.stepptr[nb]) % 2 != 0)
+                    return Status::invalid("sparse weight: paired ell block with an odd step count");
         const int64_t win = ell_window(v.kp);
         for (int64_t nb = 0; nb < nblocks; ++nb)
             for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
                 const uint8_t* st8 = v.steps + t * kEllStep;
                 if (ell_base64(st8) > uint64_t(v.kp - win) / 64) return Status::invalid("sparse weight: ell window out of range");
+                if (v.ell_paired && (t - v.stepptr[nb]) % 2 == 1 && ell_base64(st8) != ell_base64(st8 - kEllStep))
+                    return Status::invalid("sparse weight: paired ell steps with different windows");
                 const int64_t base = int64_t(ell_base64(st8)) * 64;
                 for (int b = 0; b < 64; ++b) {
                     if ((st8[b] & 127) >= win) return Status::invalid("sparse weight: ell index out of range");
