@@ -35,7 +35,7 @@ class SparseRule:
         nonzeros become SparseLinear("ell"); below AVX-512, fp32 "csr" under the same limit (faster
         at every M from 75% up, mixed at 50%);
       * int8 "ell" (unstructured, activations gathered in registers by vpermi2b) vs the dense int8
-        kernel: 1.4x-1.6x at M = 1 and 1.0x-1.1x at M >= 16 at 75% sparsity, 2.0x-3.1x at 90%,
+        kernel: 1.4x-1.7x at M = 1 and 1.1x-1.2x at M >= 16 at 75% sparsity, 2.0x-3.1x at 90%,
         0.6x-0.97x at 50% -> chosen up to 25% nonzeros (needs AVX-512 VBMI);
       * int8 "csr" vs the dense int8 kernel: slower everywhere measured, even at 95% sparsity
         (0.3x-0.9x: per-nonzero memory gathers cost more than streaming 64 int8 weights per
