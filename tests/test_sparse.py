@@ -223,6 +223,26 @@ def test_ell_pairs_steps_where_it_costs_little(isa):
             assert torch.equal(ops.sparse_int8_matmul(a, p, 48), int64_ref(a, w)), (density, m)
 
 
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_fp32_ell_pairs(isa, m):
+    """fp32 ell pairs its steps too (here at 25% density, not at 5%); both layouts give the dense
+    result to fp32 rounding, and a paired block with an odd step count is refused."""
+    for density, paired in ((0.25, True), (0.05, False)):
+        w = torch.randn(40, 1000, generator=_gen(13)) * _mask_unstructured(40, 1000, density, 14)
+        p = ops.pack_sparse(w, "ell")
+        assert _ell_paired(p) == paired, density
+        assert torch.equal(ops.unpack_sparse(p), w)
+        x = torch.randn(m, 1000, generator=_gen(m))
+        ref = (x.double() @ w.double().T).float()
+        bound = 1e-5 * (x.abs().double() @ w.abs().double().T).float() + 1e-6
+        assert ((ops.sparse_linear(x, p, None, 40) - ref).abs() <= bound).all(), (density, m)
+    p = ops.pack_sparse(torch.randn(32, 1000, generator=_gen(15)) * _mask_unstructured(32, 1000, 0.25, 16), "ell")
+    assert _ell_paired(p)
+    p[64:88].view(torch.int64)[1] -= 1  # the boundary between the two blocks: both get odd counts
+    with pytest.raises(ValueError, match="odd step count"):
+        ops.sparse_validate(p)
+
+
 def test_ell_corrupt_pairs_are_rejected():
     w = _i8(16, 1024, seed=11, low=1) * _mask_unstructured(16, 1024, 0.4, 12)
     good = ops.pack_sparse(w, "ell")

@@ -206,7 +206,33 @@ void ell_f32_micro(const SparseView& w, const float* xp, int64_t ldp, int64_t m,
             acc_set[i] = _mm512_mask3_fmadd_ps(vals, _mm512_mask_blend_ps(upper, lo, hi), acc_set[i], valid);
         }
     };
-    alternating_steps(w.stepptr[nb], w.stepptr[nb + 1], step, acc[0], acc[1]);
+    if (w.ell_paired) {
+        // Pairs of steps share a window: each row's four window registers are loaded once per pair.
+        for (int64_t t = w.stepptr[nb]; t < w.stepptr[nb + 1]; t += 2) {
+            const uint8_t* st = w.steps + t * kEllF32Step;
+            const __m128i i0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(st + 64));
+            const __m128i i1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(st + kEllF32Step + 64));
+            const int64_t base = int64_t(uint16_t(_mm_movepi8_mask(i0))) * kEllF32Align;
+            const __mmask16 valid0 = _mm_test_epi8_mask(i0, valid_bit), valid1 = _mm_test_epi8_mask(i1, valid_bit);
+            const __mmask16 upper0 = _mm_test_epi8_mask(i0, pair_bit), upper1 = _mm_test_epi8_mask(i1, pair_bit);
+            const __m512i idx0 = _mm512_cvtepu8_epi32(i0), idx1 = _mm512_cvtepu8_epi32(i1);
+            const __m512 vals0 = _mm512_loadu_ps(reinterpret_cast<const float*>(st));
+            const __m512 vals1 = _mm512_loadu_ps(reinterpret_cast<const float*>(st + kEllF32Step));
+            _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+                const float* x = rows[i] + base;
+                const __m512 x0 = _mm512_load_ps(x), x1 = _mm512_load_ps(x + 16);
+                const __m512 x2 = _mm512_load_ps(x + 32), x3 = _mm512_load_ps(x + 48);
+                const __m512 g0 = _mm512_mask_blend_ps(upper0, _mm512_permutex2var_ps(x0, idx0, x1),
+                                                       _mm512_permutex2var_ps(x2, idx0, x3));
+                const __m512 g1 = _mm512_mask_blend_ps(upper1, _mm512_permutex2var_ps(x0, idx1, x1),
+                                                       _mm512_permutex2var_ps(x2, idx1, x3));
+                acc[0][i] = _mm512_mask3_fmadd_ps(vals0, g0, acc[0][i], valid0);
+                acc[1][i] = _mm512_mask3_fmadd_ps(vals1, g1, acc[1][i], valid1);
+            }
+        }
+    } else {
+        alternating_steps(w.stepptr[nb], w.stepptr[nb + 1], step, acc[0], acc[1]);
+    }
     const int64_t n0 = nb * kNBlock;
     const __mmask16 mk = tail_mask(w.n - n0);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + n0) : _mm512_setzero_ps();

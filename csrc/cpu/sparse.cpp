@@ -195,25 +195,23 @@ Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, 
             h->nnz = tiles;
             break;
         }
-        case SparseFormat::kEllI8: {
+        case SparseFormat::kEllI8:
+        case SparseFormat::kEllF32: {
+            const bool f32 = fmt == SparseFormat::kEllF32;
+            if (f32 && h->kp > kEllF32MaxK)
+                return Status::invalid("sparse_pack: the float32 ell format supports K up to " + std::to_string(kEllF32MaxK));
             int64_t steps[2] = {0, 0};  // single, paired
             for (int paired = 0; paired < 2; ++paired)
-                for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
-                    ell_plan_block(w8, ldw, n, k, h->kp, nb, ell_window(h->kp), 64, 4, paired != 0,
-                                   [&](int64_t, const int64_t (*)[4], const int*) { ++steps[paired]; });
+                for (int64_t nb = 0; nb < h->np / kNBlock; ++nb) {
+                    auto count = [&](int64_t, const int64_t (*)[4], const int*) { ++steps[paired]; };
+                    if (f32)
+                        ell_plan_block(wf, ldw, n, k, h->kp, nb, kEllF32Win, kEllF32Align, 1, paired != 0, count);
+                    else
+                        ell_plan_block(w8, ldw, n, k, h->kp, nb, ell_window(h->kp), 64, 4, paired != 0, count);
+                }
             const bool paired = steps[1] * 100 <= steps[0] * 103;
             h->flags = paired ? kSparseEllPaired : 0;
             h->nnz = steps[paired ? 1 : 0];
-            break;
-        }
-        case SparseFormat::kEllF32: {
-            if (h->kp > kEllF32MaxK)
-                return Status::invalid("sparse_pack: the float32 ell format supports K up to " + std::to_string(kEllF32MaxK));
-            int64_t steps = 0;
-            for (int64_t nb = 0; nb < h->np / kNBlock; ++nb)
-                ell_plan_block(wf, ldw, n, k, h->kp, nb, kEllF32Win, kEllF32Align, 1, false,
-                               [&](int64_t, const int64_t (*)[4], const int*) { ++steps; });
-            h->nnz = steps;
             break;
         }
     }
@@ -360,7 +358,7 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
             int64_t t = 0;
             for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
                 stepptr[nb] = t;
-                ell_plan_block(wf, ldw, n, k, h.kp, nb, kEllF32Win, kEllF32Align, 1, false,
+                ell_plan_block(wf, ldw, n, k, h.kp, nb, kEllF32Win, kEllF32Align, 1, h.flags & kSparseEllPaired,
                                [&](int64_t base, const int64_t (*cols)[4], const int* cnt) {
                     uint8_t* st = steps + t * kEllF32Step;
                     auto* vals = reinterpret_cast<float*>(st);
@@ -404,7 +402,7 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         (fmt == SparseFormat::kBlockI8 && h.nnz > (h.np / kNBlock) * (h.kp / kTileK)) ||
         ((fmt == SparseFormat::kEllI8 || fmt == SparseFormat::kEllF32) && h.nnz > 2 * h.np * h.kp) ||  // a nonzero per pair
         (fmt == SparseFormat::kEllF32 && h.kp > kEllF32MaxK) ||
-        (h.flags != 0 && !(fmt == SparseFormat::kEllI8 && h.flags == kSparseEllPaired)))
+        (h.flags != 0 && !((fmt == SparseFormat::kEllI8 || fmt == SparseFormat::kEllF32) && h.flags == kSparseEllPaired)))
         return Status::invalid("sparse weight: inconsistent header");
     const Layout l = layout_of(h);
     if (l.total != nbytes) return Status::invalid("sparse weight: header and buffer size disagree");
@@ -525,11 +523,17 @@ Status check_indices(const SparseView& v) {
     }
     if (v.fmt == SparseFormat::kEllF32) {
         if (!(st = check_monotonic(v.stepptr, nblocks, "step pointers")).is_ok()) return st;
+        if (v.ell_paired)
+            for (int64_t nb = 0; nb < nblocks; ++nb)
+                if ((v.stepptr[nb + 1] - v.stepptr[nb]) % 2 != 0)
+                    return Status::invalid("sparse weight: paired ell block with an odd step count");
         for (int64_t nb = 0; nb < nblocks; ++nb)
             for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
                 const uint8_t* st8 = v.steps + t * kEllF32Step;
                 const int64_t base = int64_t(ell_f32_base16(st8)) * kEllF32Align;
                 if (base + kEllF32Win > v.kp) return Status::invalid("sparse weight: ell window out of range");
+                if (v.ell_paired && (t - v.stepptr[nb]) % 2 == 1 && ell_f32_base16(st8) != ell_f32_base16(st8 - kEllF32Step))
+                    return Status::invalid("sparse weight: paired ell steps with different windows");
                 for (int j = 0; j < 16; ++j) {
                     if (!(st8[64 + j] & 0x40)) continue;  // padding lane
                     const int64_t r = nb * kNBlock + j, col = base + (st8[64 + j] & 63);

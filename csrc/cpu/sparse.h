@@ -31,7 +31,8 @@
 //                    the lane holds a value (padding lanes are skipped by a masked FMA, so a zero
 //                    weight never meets an Inf activation), bit 7 of byte b = bit b of base / 16.
 //                    Two vpermi2ps and a blend gather the 16 activations from four registers: no
-//                    memory gathers. K <= 2^20. stepptr int64 [np/16 + 1].
+//                    memory gathers. K <= 2^20. stepptr int64 [np/16 + 1]. Steps may come in pairs
+//                    sharing a window (header flag kSparseEllPaired), like int8 ell.
 // The int8 formats also store colsum int32 [np] (sum of each row's weights) for the u8 shift.
 #pragma once
 
@@ -52,9 +53,9 @@ struct SparseHeader {
     uint32_t idx_bytes;  // CSR: 2 or 4; others 0
     int64_t n, k, np, kp;
     int64_t nnz;  // CSR: stored nonzeros; 2:4: kept slots (np * kp / 2); block: nonzero tiles; ell: steps
-    int64_t flags;  // kSparseEllPaired for int8 ell; 0 otherwise
+    int64_t flags;  // kSparseEllPaired for ell (int8 or fp32); 0 otherwise
 };
-// int8 ell: the steps of every block come in pairs with the same window (an even count per block),
+// ell: the steps of every block come in pairs with the same window (an even count per block),
 // so kernels with several rows load each row's window once per pair. Chosen by sparse_pack when it
 // costs at most 3% more steps (denser layers; at 10% density pairs would add ~6%).
 constexpr int64_t kSparseEllPaired = 1;
