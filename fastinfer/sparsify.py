@@ -30,10 +30,10 @@ class SparseRule:
     Measured on the development machine (AMD EPYC Zen 5, 2 threads, `fastinfer bench --suite
     sparse`, bench/RESULTS.md), 4096 x 4096 and 768 x 3072, M in {1, 16, 128, 512}:
       * fp32 "ell" (AVX-512; activations gathered in registers by vpermi2ps) vs dense fp32
-        nn.Linear: faster at every M from 75% sparsity up (4x-13x at M = 1, 1.5x-3.6x at M = 512;
-        30x at M = 1 and 90%), 0.77x-0.85x at M = 512 and 50% -> fp32 layers with at most 25%
-        nonzeros become SparseLinear("ell"); below AVX-512, fp32 "csr" under the same limit (faster
-        at every M from 75% up, mixed at 50%);
+        nn.Linear: faster at every M from 50% sparsity up (50%: 2.8x-4.4x at M = 1, 1.1x-1.2x at
+        M >= 128; 90%: 8x-37x at M = 1, 4x at M = 512) -> fp32 layers with at most 50% nonzeros
+        become SparseLinear("ell"); below AVX-512, fp32 "csr" up to 25% nonzeros (faster at every M
+        from 75% sparsity up, mixed at 50%);
       * int8 "ell" (unstructured, activations gathered in registers by vpermi2b) vs the dense int8
         kernel: 1.4x-1.7x at M = 1 and 1.1x-1.2x at M >= 16 at 75% sparsity, 2.0x-3.1x at 90%,
         0.6x-0.97x at 50% -> chosen up to 25% nonzeros (needs AVX-512 VBMI);
@@ -49,7 +49,7 @@ class SparseRule:
     """
 
     fp32_csr_max_density: float = 0.25
-    fp32_ell_max_density: float = 0.25
+    fp32_ell_max_density: float = 0.5
     int8_ell_max_density: float = 0.25
     int8_csr_max_density: float = 0.0
     int8_block_max_tile_density: float = 0.6

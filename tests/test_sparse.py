@@ -587,6 +587,8 @@ def test_choose_format_follows_the_zeros():
     f = torch.randn(n, k, generator=_gen(9))
     assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), rule) == "ell"
     assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), SparseRule(fp32_ell_max_density=0.0)) == "csr"
+    assert choose_format(f * _mask_unstructured(n, k, 0.4, 7), rule) == "ell"  # up to 50% nonzeros
+    assert choose_format(f * _mask_unstructured(n, k, 0.6, 8), rule) is None
     assert choose_format(f, rule) is None
     fastinfer.set_isa("avx2")  # no fp32 ell kernel below AVX-512: csr
     assert choose_format(f * _mask_unstructured(n, k, 0.1, 5), rule) == "csr"
