@@ -457,6 +457,16 @@ Status check_monotonic(const int64_t* ptr, int64_t count, const char* what) {
     return Status::ok();
 }
 
+// ell (int8, fp32): monotonic step pointers, and an even step count per block when steps are paired.
+Status check_ell_step_pointers(const SparseView& v, int64_t nblocks) {
+    Status st = check_monotonic(v.stepptr, nblocks, "step pointers");
+    if (st.is_ok() && v.ell_paired)
+        for (int64_t nb = 0; nb < nblocks; ++nb)
+            if ((v.stepptr[nb + 1] - v.stepptr[nb]) % 2 != 0)
+                return Status::invalid("sparse weight: paired ell block with an odd step count");
+    return st;
+}
+
 // Every stored nonzero of row / channel r must come at a larger column than the one before it, in
 // storage order (what sparse_pack writes): otherwise the kernels would add two values for one
 // weight where unpack keeps one. last[r] = the previous column (-1 at first).
@@ -498,11 +508,7 @@ Status check_indices(const SparseView& v) {
             }
     }
     if (v.fmt == SparseFormat::kEllI8) {
-        if (!(st = check_monotonic(v.stepptr, nblocks, "step pointers")).is_ok()) return st;
-        if (v.ell_paired)
-            for (int64_t nb = 0; nb < nblocks; ++nb)
-                if ((v.stepptr[nb + 1] - v.stepptr[nb]) % 2 != 0)
-                    return Status::invalid("sparse weight: paired ell block with an odd step count");
+        if (!(st = check_ell_step_pointers(v, nblocks)).is_ok()) return st;
         const int64_t win = ell_window(v.kp);
         for (int64_t nb = 0; nb < nblocks; ++nb)
             for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
@@ -522,11 +528,7 @@ Status check_indices(const SparseView& v) {
             }
     }
     if (v.fmt == SparseFormat::kEllF32) {
-        if (!(st = check_monotonic(v.stepptr, nblocks, "step pointers")).is_ok()) return st;
-        if (v.ell_paired)
-            for (int64_t nb = 0; nb < nblocks; ++nb)
-                if ((v.stepptr[nb + 1] - v.stepptr[nb]) % 2 != 0)
-                    return Status::invalid("sparse weight: paired ell block with an odd step count");
+        if (!(st = check_ell_step_pointers(v, nblocks)).is_ok()) return st;
         for (int64_t nb = 0; nb < nblocks; ++nb)
             for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
                 const uint8_t* st8 = v.steps + t * kEllF32Step;
