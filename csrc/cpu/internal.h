@@ -38,6 +38,15 @@ struct Scratch {
 extern thread_local Scratch t_scratch;  // the calling thread's activation buffer
 
 Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
+
+// How a GEMM over m rows and nblocks 16-channel blocks is cut into pool tasks: task t covers row
+// chunk t % nmchunks and blocks [g * group, (g + 1) * group) for g = t / nmchunks.
+struct WorkSplit {
+    int64_t group, ngroups, mchunk, nmchunks;
+    int64_t m0(int64_t t) const { return t % nmchunks * mchunk; }
+    int64_t nb0(int64_t t) const { return t / nmchunks * group; }
+};
+WorkSplit work_split(int64_t m, int64_t nblocks);
 // m rows of kp bytes (64-byte aligned) and m floats, from t_scratch.
 Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa);
 // Copies int8 a [m, k] (row stride lda) into q (rows of kp bytes, zero padded), XOR 0x80 when shift.

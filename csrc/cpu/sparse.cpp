@@ -734,14 +734,11 @@ bool panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, co
 Status run_panels(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep) {
     std::atomic<bool> oom{false};
     const int64_t nblocks = w.np / kNBlock;
-    const int64_t ngroups = (nblocks + 3) / 4;
-    const int64_t mchunk = a.m <= 24 ? a.m : 96;
-    const int64_t nmchunks = (a.m + mchunk - 1) / mchunk;
+    const WorkSplit s = work_split(a.m, nblocks);
     const bool vnni = kr.shift_u8;  // the avx512_vnni table: sparse-aware kernels exist
-    ThreadPool::instance().parallel_for(ngroups * nmchunks, [&](int64_t t) {
-        const int64_t mc = t % nmchunks, ng = t / nmchunks;
-        const int64_t m0 = mc * mchunk, m1 = std::min(a.m, m0 + mchunk);
-        const int64_t nb0 = ng * 4, nb1 = std::min(nblocks, nb0 + 4);
+    ThreadPool::instance().parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+        const int64_t m0 = s.m0(t), m1 = std::min(a.m, m0 + s.mchunk);
+        const int64_t nb0 = s.nb0(t), nb1 = std::min(nblocks, nb0 + s.group);
         if (vnni && w.fmt == SparseFormat::kBlockI8)
             avx512_vnni::block_gemm(a, w, ep, m0, m1, nb0, nb1);
         else if (vnni && w.fmt == SparseFormat::kEllI8 && use_vbmi())
@@ -750,8 +747,9 @@ Status run_panels(const Kernels& kr, const Activations& a, const SparseView& w, 
             // activations gathered in registers at every M: decompressing 4 panels to memory first and
             // running the dense kernel measured 0.46x-0.68x of dense at M = 5..16
             avx512_vbmi::nm24_gemm(a, w, ep, m0, m1, nb0, nb1);
-        else if (!panel_gemm(kr, a, w, ep, m0, m1, nb0, nb1))
-            oom.store(true);
+        else
+            for (int64_t b = nb0; b < nb1; b += 4)  // 4 decompressed blocks at a time stay in L2
+                if (!panel_gemm(kr, a, w, ep, m0, m1, b, std::min(nb1, b + 4))) oom.store(true);
     });
     return oom.load() ? Status::runtime("out of memory for a decompressed weight panel") : Status::ok();
 }
