@@ -74,8 +74,8 @@ class _FastCall:
     sizes: an in-place write through torch bumps a version, a replaced buffer is another object, a
     storage moved by share_memory_() or `.data =` has another address. Inputs that are not
     plain CPU float tensors, that autograd or the compiler would see, or that are empty take the
-    full path. Kept outside the module (see _FAST), so copies and pickles of a layer never carry it,
-    and it holds tensors, not addresses: a stale entry is never read."""
+    full path. Kept outside the module (see _FAST), so copies and pickles of a layer never carry it;
+    it holds the tensors whose addresses it passes, and valid_for re-checks them before each use."""
 
     __slots__ = ("key", "fn", "weight", "scale", "bias", "n", "k", "args")
 
@@ -156,15 +156,30 @@ class _FastCall:
 _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _fast_forward(layer: nn.Module, x: object) -> torch.Tensor | None:
-    if torch.compiler.is_compiling():  # first: the compiler traces the op, never this dictionary
-        return None
-    if torch._C._get_tracing_state() is not None:  # torch.jit.trace records dispatcher calls only
-        return None
-    fast = _FAST.get(layer)
-    if fast is None or not fast.valid_for(layer):
-        return None
-    return fast(x)  # None when x needs the full path
+class _FastForward:
+    """forward() of the fastinfer linear layers: the layer's _FastCall when it is valid and takes the
+    input, else the checked op; an eager checked call that found no valid _FastCall builds one (a
+    call the fast path declines, e.g. bf16 into an fp32 layer, does not rebuild it). Subclasses give
+    _WEIGHT (the weight buffer's name), _op(x) (the checked op) and _kernel() (the C function and
+    the validated, aligned weight it reads)."""
+
+    _WEIGHT: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the compiler and torch.jit.trace see only dispatcher calls: they always take the op
+        traced = torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+        fast = None if traced else _FAST.get(self)
+        if fast is not None and fast.valid_for(self):
+            y = fast(x)
+            if y is not None:
+                return y
+        else:
+            fast = None
+        _check_layer_input(self, x)
+        y = self._op(x)
+        if fast is None and not traced and ops._eager_fast_path(x) and _FastCall.usable(self, self._WEIGHT):
+            _FAST[self] = _FastCall(self, self._WEIGHT, *self._kernel())  # the checks above passed
+        return y
 
 
 def _apply_keeping_dtypes(module: nn.Module, apply, fn, recurse) -> dict[str, torch.Tensor]:
@@ -189,7 +204,7 @@ def _unpack_any(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return ops.unpack_int8_weight(packed, n, k)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_FastForward, nn.Module):
     """y = x @ W^T + b with int8 weights (per output channel) and int8 activations (per token).
 
     The integer product is exact (int32 accumulation); the error is that of rounding x and W to
@@ -263,15 +278,13 @@ class Int8Linear(nn.Module):
         """float32 [out, in]: what this layer effectively multiplies by."""
         return self.weight_int8.float() * self.weight_scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _fast_forward(self, x)
-        if y is not None:
-            return y
-        _check_layer_input(self, x)
-        y = ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias)
-        if ops._eager_fast_path(x) and _FastCall.usable(self, "packed_weight"):  # the checks above passed
-            _FAST[self] = _FastCall(self, "packed_weight", _C.int8_linear, ops._ensure_aligned(self.packed_weight))
-        return y
+    _WEIGHT = "packed_weight"
+
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias)
+
+    def _kernel(self):
+        return _C.int8_linear, ops._ensure_aligned(self.packed_weight)
 
     def extra_repr(self) -> str:
         return (
@@ -284,12 +297,13 @@ class Int8Linear(nn.Module):
 # ------------------------------------------------------------------------------------ sparse layers
 
 
-class _SparseBase(nn.Module):
+class _SparseBase(_FastForward, nn.Module):
     """Shared by the sparse layers: the packed buffer's size depends on the weights (nonzeros), so
     load_state_dict replaces it instead of copying into it; fp32 scales/bias survive dtype casts."""
 
     sparse_weight: torch.Tensor
     bias: torch.Tensor | None
+    _WEIGHT = "sparse_weight"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
@@ -381,16 +395,11 @@ class SparseLinear(_SparseBase):
         """float32 [out, in] with the zeros in place."""
         return ops.unpack_sparse(self.sparse_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _fast_forward(self, x)
-        if y is not None:
-            return y
-        _check_layer_input(self, x)
-        y = ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
-        if ops._eager_fast_path(x) and _FastCall.usable(self, "sparse_weight"):  # the checks above passed
-            weight = _ops_sparse._check_packed("sparse_linear", self.sparse_weight)  # cached: validated above
-            _FAST[self] = _FastCall(self, "sparse_weight", _C.sparse_linear_f32, weight)
-        return y
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
+
+    def _kernel(self):  # validation cached by the op just run
+        return _C.sparse_linear_f32, _ops_sparse._check_packed("sparse_linear", self.sparse_weight)
 
     def extra_repr(self) -> str:
         return (
@@ -450,16 +459,11 @@ class SparseInt8Linear(_SparseBase):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _fast_forward(self, x)
-        if y is not None:
-            return y
-        _check_layer_input(self, x)
-        y = ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias)
-        if ops._eager_fast_path(x) and _FastCall.usable(self, "sparse_weight"):  # the checks above passed
-            weight = _ops_sparse._check_packed("sparse_int8_linear", self.sparse_weight)  # cached: validated above
-            _FAST[self] = _FastCall(self, "sparse_weight", _C.sparse_int8_linear, weight)
-        return y
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias)
+
+    def _kernel(self):  # validation cached by the op just run
+        return _C.sparse_int8_linear, _ops_sparse._check_packed("sparse_int8_linear", self.sparse_weight)
 
     def extra_repr(self) -> str:
         return (

@@ -49,6 +49,18 @@ def test_fast_path_is_used_and_equals_the_op(which):
         assert torch.equal(y, _slow(layer, x)), tuple(x.shape)
 
 
+def test_declined_inputs_keep_the_fast_path():
+    """An input the fast path hands to the checked op (bf16 into an fp32 layer, an empty batch) runs
+    the op and leaves the existing fast call in place instead of rebuilding it every call."""
+    layer = _layers()[2]
+    layer(torch.randn(2, 96))
+    fast = _FAST.get(layer)
+    for x in (torch.randn(3, 96).bfloat16(), torch.randn(0, 96)):
+        y = layer(x)
+        assert _FAST.get(layer) is fast
+        assert y.dtype == x.dtype and torch.equal(y, _slow(layer, x))
+
+
 @LAYERS
 def test_fast_path_sees_every_weight_change(which):
     layer = _layers()[which]
