@@ -17,16 +17,17 @@ import torch
 
 from fastinfer import _backend, _C
 from fastinfer.ops import (
-    _DTYPE_CODE,
     _aligned_empty,
     _check_cpu,
     _check_float_input,
+    _check_scale_bias,
     _check_tensor,
     _cpu_kernel,
     _eager_fast_path,
     _has_data,
     _new_output,
     _rows,
+    _run_int8_linear,
 )
 
 FORMATS = ("csr", "2:4", "block", "ell")
@@ -196,36 +197,14 @@ def _sparse_int8_linear_cpu(
     x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     _check_float_input("sparse_int8_linear", x)
-    n = _check_scale_bias(w_scale, bias)
+    n = _check_scale_bias("sparse_int8_linear", w_scale, bias)
     packed, pn, pk = _check_int8_packed("sparse_int8_linear", packed)
     k = x.shape[-1]
     if pn != n or pk != k:
         raise ValueError(
             f"fastinfer.sparse_int8_linear: input has K={k} and w_scale N={n}, but the weight is [{pn}, {pk}]"
         )
-    out = _new_output((*x.shape[:-1], n), x.dtype)
-    if out.numel() == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.expand_as(out) if bias is not None else out.zero_())
-    x2, ld = _rows(x)
-    w_scale = w_scale.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    _backend.sync_threads()
-    _C.sparse_int8_linear(
-        x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, ld, packed.data_ptr(), packed.numel(),
-        w_scale.data_ptr(), bias.data_ptr() if bias is not None else 0, out.data_ptr(), _DTYPE_CODE[x.dtype], n,
-    )  # fmt: skip
-    return out
-
-
-def _check_scale_bias(w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
-    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
-        raise TypeError("fastinfer.sparse_int8_linear: w_scale must be a 1-D float32 tensor [N]")
-    n = w_scale.shape[0]
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
-        raise TypeError(f"fastinfer.sparse_int8_linear: bias must be float32 [{n}]")
-    return n
+    return _run_int8_linear(_C.sparse_int8_linear, x, packed, w_scale, bias, n)
 
 
 @_cpu_kernel("sparse_int8_matmul")
@@ -273,7 +252,7 @@ def _sparse_linear_fake(x, packed, bias, n):
 @torch.library.register_fake("fastinfer::sparse_int8_linear")
 def _sparse_int8_linear_fake(x, packed, w_scale, bias):
     _check_float_input("sparse_int8_linear", x)
-    n = _check_scale_bias(w_scale, bias)
+    n = _check_scale_bias("sparse_int8_linear", w_scale, bias)
     return x.new_empty((*x.shape[:-1], n))
 
 

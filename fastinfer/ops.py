@@ -233,6 +233,15 @@ def _int8_linear_cpu(
         raise ValueError(
             f"fastinfer.int8_linear: input has K={k} and w_scale N={n}, but the packed weight is [{pn}, {pk}]"
         )
+    return _run_int8_linear(_C.int8_linear, x, packed, w_scale, bias, n)
+
+
+def _run_int8_linear(
+    kernel, x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """The checked dense or sparse int8 linear: output, empty and K = 0 cases, row layout, then
+    kernel (_C.int8_linear or _C.sparse_int8_linear, same arguments) on the checked packed weight."""
+    k = x.shape[-1]
     out = _new_output((*x.shape[:-1], n), x.dtype)
     if out.numel() == 0:
         return out
@@ -242,7 +251,7 @@ def _int8_linear_cpu(
     w_scale = w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     _backend.sync_threads()
-    _C.int8_linear(
+    kernel(
         x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, ld,
         packed.data_ptr(), packed.numel(), w_scale.data_ptr(),
         bias.data_ptr() if bias is not None else 0, out.data_ptr(), _DTYPE_CODE[x.dtype], n,
@@ -250,14 +259,20 @@ def _int8_linear_cpu(
     return out
 
 
+def _check_scale_bias(name: str, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """N of an int8 linear's per-channel w_scale [N] (float32) and bias [N] (float32 or None)."""
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
+        raise TypeError(f"fastinfer.{name}: w_scale must be a 1-D float32 tensor [N]")
+    n = w_scale.shape[0]
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
+        raise TypeError(f"fastinfer.{name}: bias must be float32 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    return n
+
+
 def _check_linear_params(
     x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> int:
-    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
-        raise TypeError("fastinfer.int8_linear: w_scale must be a 1-D float32 tensor [N]")
-    n = w_scale.shape[0]
-    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
-        raise TypeError(f"fastinfer.int8_linear: bias must be float32 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    n = _check_scale_bias("int8_linear", w_scale, bias)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError("fastinfer.int8_linear: packed must be a 1-D uint8 tensor from pack_int8_weight")
     return n
