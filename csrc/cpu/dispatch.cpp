@@ -40,13 +40,13 @@ Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what) {
 
 // Row blocks of MR-multiples and groups of up to 4 channel blocks, spread over the pool.
 // Small M: one task per channel group covers every row, so each weight byte is read once.
-WorkSplit work_split(int64_t m, int64_t nblocks) {
+WorkSplit work_split(int64_t m, int64_t nblocks, int64_t many_rows) {
     WorkSplit s;
     // Few rows: about 4 tasks per thread (each task's claim and loop setup costs ~1 us: 10% of a
     // 90%-sparse 4096 x 4096 layer at M = 1 with 4-block tasks); more rows: 4 blocks per task.
     s.group = m <= 24 ? std::max<int64_t>(4, nblocks / (4 * int64_t(num_threads()))) : 4;
     s.ngroups = (nblocks + s.group - 1) / s.group;
-    s.mchunk = m <= 24 ? std::max<int64_t>(m, 1) : 96;
+    s.mchunk = m <= 24 ? std::max<int64_t>(m, 1) : many_rows;
     s.nmchunks = (m + s.mchunk - 1) / s.mchunk;
     return s;
 }

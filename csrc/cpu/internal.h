@@ -46,7 +46,8 @@ struct WorkSplit {
     int64_t m0(int64_t t) const { return t % nmchunks * mchunk; }
     int64_t nb0(int64_t t) const { return t / nmchunks * group; }
 };
-WorkSplit work_split(int64_t m, int64_t nblocks);
+// many_rows: the row chunk when m > 24 (the int8 kernels 96; fp32 ell 48, its rows are 4x wider).
+WorkSplit work_split(int64_t m, int64_t nblocks, int64_t many_rows = 96);
 // m rows of kp bytes (64-byte aligned) and m floats, from t_scratch.
 Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa);
 // Copies int8 a [m, k] (row stride lda) into q (rows of kp bytes, zero padded), XOR 0x80 when shift.

@@ -62,20 +62,19 @@ Layout layout_of(const SparseHeader& h) {
             l.tiles = off;
             off += h.nnz * kNBlock * kTileK;
             break;
-        case SparseFormat::kEllF32:
-            l.stepptr = off;
-            off += a64(8 * (h.np / kNBlock + 1));
-            l.steps = off;
-            off += h.nnz * kEllF32Step;
-            break;
         case SparseFormat::kEllI8:
-            l.colsum = off;
-            off += a64(4 * h.np);
+        case SparseFormat::kEllF32: {
+            const bool f32 = SparseFormat(h.format) == SparseFormat::kEllF32;
+            if (!f32) {
+                l.colsum = off;
+                off += a64(4 * h.np);
+            }
             l.stepptr = off;
             off += a64(8 * (h.np / kNBlock + 1));
             l.steps = off;
-            off += h.nnz * kEllStep;
+            off += h.nnz * (f32 ? kEllF32Step : kEllStep);
             break;
+        }
     }
     l.total = off;
     return l;
@@ -513,10 +512,11 @@ Status check_indices(const SparseView& v) {
         for (int64_t nb = 0; nb < nblocks; ++nb)
             for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
                 const uint8_t* st8 = v.steps + t * kEllStep;
-                if (ell_base64(st8) > uint64_t(v.kp - win) / 64) return Status::invalid("sparse weight: ell window out of range");
-                if (v.ell_paired && (t - v.stepptr[nb]) % 2 == 1 && ell_base64(st8) != ell_base64(st8 - kEllStep))
+                const uint64_t base64 = ell_base64(st8);
+                if (base64 > uint64_t(v.kp - win) / 64) return Status::invalid("sparse weight: ell window out of range");
+                if (v.ell_paired && (t - v.stepptr[nb]) % 2 == 1 && base64 != ell_base64(st8 - kEllStep))
                     return Status::invalid("sparse weight: paired ell steps with different windows");
-                const int64_t base = int64_t(ell_base64(st8)) * 64;
+                const int64_t base = int64_t(base64) * 64;
                 for (int b = 0; b < 64; ++b) {
                     if ((st8[b] & 127) >= win) return Status::invalid("sparse weight: ell index out of range");
                     const int8_t val = int8_t(st8[64 + b]);
@@ -804,8 +804,8 @@ Status check_sparse(const char* name, int64_t m, int64_t k, int64_t ldx, const u
     return Status::ok();
 }
 
-// fp32 ell: tasks of 4 blocks x row chunks. The AVX-512 kernel reads whole 64-input windows, so x is
-// first copied to rows of kp floats (zero padded).
+// fp32 ell: the reference kernel in tasks of 4 blocks; the AVX-512 kernel, which reads whole
+// 64-input windows of x copied to rows of kp floats (zero padded), in the work split of the GEMMs.
 Status run_ell_f32(const float* x, int64_t m, int64_t ldx, const SparseView& w, const float* bias, float* out,
                    int64_t ldo) {
     const int64_t nblocks = w.np / kNBlock, ngroups = (nblocks + 3) / 4;
@@ -821,12 +821,11 @@ Status run_ell_f32(const float* x, int64_t m, int64_t ldx, const SparseView& w, 
         std::memcpy(xp + r * w.kp, x + r * ldx, size_t(w.k) * 4);
         std::memset(xp + r * w.kp + w.k, 0, size_t(w.kp - w.k) * 4);
     }
-    const int64_t mchunk = m <= 24 ? m : 48;
-    const int64_t nmchunks = (m + mchunk - 1) / mchunk;
-    ThreadPool::instance().parallel_for(ngroups * nmchunks, [&](int64_t t) {
-        const int64_t mc = t % nmchunks, g = t / nmchunks;
-        avx512_vnni::ell_f32(w, xp, w.kp, mc * mchunk, std::min(m, (mc + 1) * mchunk), bias, out, ldo, g * 4,
-                             std::min(nblocks, g * 4 + 4));
+    const WorkSplit s = work_split(m, nblocks, 48);
+    ThreadPool::instance().parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+        const int64_t m0 = s.m0(t), nb0 = s.nb0(t);
+        avx512_vnni::ell_f32(w, xp, w.kp, m0, std::min(m, m0 + s.mchunk), bias, out, ldo, nb0,
+                             std::min(nblocks, nb0 + s.group));
     });
     return Status::ok();
 }
