@@ -31,6 +31,36 @@ fc::DType dtype(int d) {
     return fc::DType(d);
 }
 
+// The int8 linear entry points, dense and sparse (one signature): pointers in, GIL released.
+template <class Fn>
+auto int8_linear_binding(Fn fn) {
+    return [fn](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t w, int64_t nbytes, uintptr_t sw,
+                uintptr_t bias, uintptr_t out, int out_dt, int64_t ldo) {
+        const fc::DType d = dtype(dt), od = dtype(out_dt);
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fn(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(w), nbytes, ptr<const float>(sw),
+                    ptr<const float>(bias), ptr<void>(out), od, ldo);
+        }
+        raise_if_error(st);
+    };
+}
+
+// The exact int8 matmul entry points, dense and sparse (one signature).
+template <class Fn>
+auto int8_matmul_binding(Fn fn) {
+    return [fn](uintptr_t a, int64_t m, int64_t k, int64_t lda, uintptr_t w, int64_t nbytes, uintptr_t out,
+                int64_t ldo) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fn(ptr<const int8_t>(a), m, k, lda, ptr<const uint8_t>(w), nbytes, ptr<int32_t>(out), ldo);
+        }
+        raise_if_error(st);
+    };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -109,16 +139,7 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(st);
     });
-    m.def("int8_matmul", [](uintptr_t a, int64_t m, int64_t k, int64_t lda, uintptr_t packed,
-                            int64_t nbytes, uintptr_t out, int64_t ldo) {
-        Status st;
-        {
-            py::gil_scoped_release nogil;
-            st = fc::int8_matmul(ptr<const int8_t>(a), m, k, lda, ptr<const uint8_t>(packed), nbytes,
-                                 ptr<int32_t>(out), ldo);
-        }
-        raise_if_error(st);
-    });
+    m.def("int8_matmul", int8_matmul_binding(&fc::int8_matmul));
     m.def("dot_peak", [](int64_t iters) {
         int64_t macs = 0;
         Status st;
@@ -139,18 +160,7 @@ PYBIND11_MODULE(_C, m) {
         raise_if_error(st);
         return bytes;
     });
-    m.def("int8_linear", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t packed,
-                            int64_t nbytes, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dt,
-                            int64_t ldo) {
-        const fc::DType d = dtype(dt), od = dtype(out_dt);
-        Status st;
-        {
-            py::gil_scoped_release nogil;
-            st = fc::int8_linear(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(packed), nbytes,
-                                 ptr<const float>(sw), ptr<const float>(bias), ptr<void>(out), od, ldo);
-        }
-        raise_if_error(st);
-    });
+    m.def("int8_linear", int8_linear_binding(&fc::int8_linear));
 
     // ---- sparse formats and kernels (fastinfer/sparse_ops.py)
     m.def("sparse_measure", [](int fmt, uintptr_t w, int64_t n, int64_t k, int64_t ldw) {
@@ -202,28 +212,8 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(st);
     });
-    m.def("sparse_int8_matmul", [](uintptr_t a, int64_t m, int64_t k, int64_t lda, uintptr_t buf, int64_t nbytes,
-                                   uintptr_t out, int64_t ldo) {
-        Status st;
-        {
-            py::gil_scoped_release nogil;
-            st = fc::sparse_int8_matmul(ptr<const int8_t>(a), m, k, lda, ptr<const uint8_t>(buf), nbytes,
-                                        ptr<int32_t>(out), ldo);
-        }
-        raise_if_error(st);
-    });
-    m.def("sparse_int8_linear", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t buf,
-                                   int64_t nbytes, uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dt,
-                                   int64_t ldo) {
-        const fc::DType d = dtype(dt), od = dtype(out_dt);
-        Status st;
-        {
-            py::gil_scoped_release nogil;
-            st = fc::sparse_int8_linear(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(buf), nbytes,
-                                        ptr<const float>(sw), ptr<const float>(bias), ptr<void>(out), od, ldo);
-        }
-        raise_if_error(st);
-    });
+    m.def("sparse_int8_matmul", int8_matmul_binding(&fc::sparse_int8_matmul));
+    m.def("sparse_int8_linear", int8_linear_binding(&fc::sparse_int8_linear));
     m.def("set_sparse_vbmi", &fc::set_sparse_vbmi);
     m.def("sparse_vbmi_active", &fc::sparse_vbmi_active);
 }

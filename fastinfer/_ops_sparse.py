@@ -28,6 +28,7 @@ from fastinfer.ops import (
     _new_output,
     _rows,
     _run_int8_linear,
+    _run_int8_matmul,
 )
 
 FORMATS = ("csr", "2:4", "block", "ell")
@@ -215,15 +216,7 @@ def _sparse_int8_matmul_cpu(a: torch.Tensor, packed: torch.Tensor, n: int) -> to
     m, k = a.shape
     if pn != n or pk != k:
         raise ValueError(f"fastinfer.sparse_int8_matmul: a has K={k}, expected N={n}, but the weight is [{pn}, {pk}]")
-    out = _new_output((m, n), torch.int32)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.zero_()
-    a2, ld = _rows(a)
-    _backend.sync_threads()
-    _C.sparse_int8_matmul(a2.data_ptr(), m, k, ld, packed.data_ptr(), packed.numel(), out.data_ptr(), n)
-    return out
+    return _run_int8_matmul(_C.sparse_int8_matmul, a, packed, n)
 
 
 def _make_cuda_refusal(opname: str):

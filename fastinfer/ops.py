@@ -193,6 +193,13 @@ def _matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tenso
     m, k = a.shape
     if k != pk:
         raise ValueError(f"fastinfer.int8_matmul: a has K={k} but w has K={pk}")
+    return _run_int8_matmul(_C.int8_matmul, a, packed, n)
+
+
+def _run_int8_matmul(kernel, a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The checked exact int8 matmul, dense or sparse: output, empty and K = 0 cases, row layout, then
+    kernel (_C.int8_matmul or _C.sparse_int8_matmul, same arguments) on the checked packed weight."""
+    m, k = a.shape
     out = _new_output((m, n), torch.int32)
     if m == 0 or n == 0:
         return out
@@ -200,7 +207,7 @@ def _matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tenso
         return out.zero_()
     a2, ld = _rows(a)
     _backend.sync_threads()
-    _C.int8_matmul(a2.data_ptr(), m, k, ld, packed.data_ptr(), packed.numel(), out.data_ptr(), n)
+    kernel(a2.data_ptr(), m, k, ld, packed.data_ptr(), packed.numel(), out.data_ptr(), n)
     return out
 
 
