@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from fractions import Fraction
 
@@ -23,6 +24,9 @@ from fastinfer import _backend
 ISAS = fastinfer.available_isas()
 ALL_ISA_NAMES = ("ref", "avx2", "avx512_vnni", "amx")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses start here, never in the repo root: a `python -c` there puts the source tree's
+# fastinfer/ (no compiled _C) first on sys.path instead of the installed package.
+SUBPROCESS_CWD = tempfile.mkdtemp(prefix="fastinfer-tests-")
 
 
 # ----------------------------------------------------------------------------------------- fixtures
@@ -208,16 +212,28 @@ def trained_digits_mlp():
     return model.eval(), x_tr, x_te, y_te
 
 
+def subprocess_env(env: dict | None = None) -> dict:
+    """os.environ without FASTINFER_ISA (a test's own setting must not leak), plus env."""
+    full_env = {k: v for k, v in os.environ.items() if k != "FASTINFER_ISA"}
+    full_env.update(env or {})
+    return full_env
+
+
+def spawn_python(code: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Starts code in a fresh interpreter in SUBPROCESS_CWD (pipes for stdout and stderr, text)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=subprocess_env(env), cwd=SUBPROCESS_CWD,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+    )  # fmt: skip
+
+
 def run_python(code: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs code in a fresh interpreter (for import-time behaviour and anything that might crash)."""
-    full_env = dict(os.environ)
-    full_env.pop("FASTINFER_ISA", None)
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=full_env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    p = spawn_python(code, env)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)

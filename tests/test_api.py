@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 import fastinfer
-from conftest import ALL_ISA_NAMES, ISAS, REPO_ROOT, int64_ref, run_python
+from conftest import ALL_ISA_NAMES, ISAS, SUBPROCESS_CWD, int64_ref, run_python, spawn_python
 from fastinfer import ops
 from fastinfer.nn import Int8Linear
 
@@ -137,13 +136,13 @@ def test_set_isa_changes_the_kernel_actually_used():
         assert torch.equal(ops.int8_matmul(a, w), int64_ref(a, w))
 
 
-def _spawn(code: str, env: dict) -> subprocess.Popen:
-    full = {k: v for k, v in os.environ.items() if k != "FASTINFER_ISA"}
-    full.update(env)
-    return subprocess.Popen(
-        [sys.executable, "-c", code], env=full, cwd=REPO_ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+def test_subprocesses_import_the_compiled_package():
+    """The helpers' fresh interpreters find the installed package with its compiled module, whatever
+    the directory pytest was started from (a `python -c` in the repo root imported the source tree)."""
+    res = run_python("import os, fastinfer, fastinfer._C as c; print(os.getcwd()); print(c.__file__)")
+    assert res.returncode == 0, res.stderr[-1500:]
+    cwd, so = res.stdout.split()
+    assert os.path.samefile(cwd, SUBPROCESS_CWD) and os.path.isfile(so)
 
 
 def test_fastinfer_isa_environment_variable():
@@ -154,8 +153,8 @@ def test_fastinfer_isa_environment_variable():
     cases = {"ref": "ref", " avx2 ": "avx2", detected: detected, "": detected}
     cases = {k: v for k, v in cases.items() if v in ISAS}
     bad = ["bogus", "AVX2"] + [n for n in ALL_ISA_NAMES if n not in ISAS][:1]
-    procs = {("ok", k): _spawn(code, {"FASTINFER_ISA": k}) for k in cases}
-    procs.update({("bad", k): _spawn(code, {"FASTINFER_ISA": k}) for k in bad})
+    procs = {("ok", k): spawn_python(code, {"FASTINFER_ISA": k}) for k in cases}
+    procs.update({("bad", k): spawn_python(code, {"FASTINFER_ISA": k}) for k in bad})
     results = {key: (p.communicate(timeout=300), p.returncode) for key, p in procs.items()}
     for value, expected in cases.items():
         (out, err), rc = results[("ok", value)]
