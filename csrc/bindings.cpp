@@ -82,10 +82,13 @@ PYBIND11_MODULE(_C, m) {
     m.def("set_isa_cap", [](int isa) { raise_if_error(fc::set_isa_cap(isa)); });
     m.def("isa_name", [](int isa) { return std::string(fc::isa_name(fc::Isa(isa))); });
     m.def("num_threads", &fc::num_threads);
-    m.def("set_num_threads", [](int n) {
-        if (n < 1) throw py::value_error("num_threads must be >= 1");
+    m.def("set_num_threads", [](int n) {  // 0: follow omp_get_max_threads() (torch.set_num_threads)
+        if (n < 0) throw py::value_error("num_threads must be >= 1, or 0 to follow torch");
         fc::set_num_threads(n);
     });
+    m.def("openmp_library", &fc::openmp_library);
+    m.def("in_forked_child", &fc::in_forked_child);
+    m.def("openmp_libraries_loaded", &fc::openmp_libraries_loaded);
     m.def("cpu_flags", [] {
         const auto& f = fc::cpu_features();
         py::dict d;

@@ -43,7 +43,8 @@ def _cpu_model() -> str:
 
 
 def info() -> dict:
-    """What this installation can do here: version, ISA (detected and active), CUDA, threads."""
+    """What this installation can do here: version, ISA (detected and active), CUDA, threads and
+    the OpenMP runtime they run on (one runtime, shared with torch, is what makes models fast)."""
     from fastinfer import _backend, _C, _cuda_ops
 
     return {
@@ -55,5 +56,6 @@ def info() -> dict:
         "cpu_flags": _C.cpu_flags(),
         "cuda": _cuda_ops.status(),
         "num_threads": _backend.num_threads(),
+        "openmp": _backend.openmp_info(),
         "torch": torch.__version__,
     }

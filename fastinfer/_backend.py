@@ -17,9 +17,9 @@ except ImportError as e:  # e.g. importing the source tree instead of the instal
 ISA_NAMES = ("ref", "avx2", "avx512_vnni", "amx")
 _ISA_CODE = {name: i for i, name in enumerate(ISA_NAMES)}
 
-# Thread count: follows torch.get_num_threads() until set_num_threads() pins it.
+# Thread count: follows torch.get_num_threads() until set_num_threads() pins it. The kernels run on
+# torch's own OpenMP team and read omp_get_max_threads() (what torch.set_num_threads sets) per call.
 _pinned_threads: int | None = None
-_last_threads = -1
 
 
 def detected_isa() -> str:
@@ -65,26 +65,27 @@ def set_isa(name: str | None) -> str:
 
 def set_num_threads(n: int | None) -> None:
     """Pin the kernel thread count; None follows torch.get_num_threads() again."""
-    global _pinned_threads, _last_threads
+    global _pinned_threads
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ValueError(f"num_threads must be a positive int or None, got {n!r}")
     _pinned_threads = n
-    _last_threads = -1
-    sync_threads()
-
-
-def sync_threads() -> None:
-    """Called before each kernel: cheap when nothing changed."""
-    global _last_threads
-    n = _pinned_threads if _pinned_threads is not None else torch.get_num_threads()
-    if n != _last_threads:
-        _C.set_num_threads(n)
-        _last_threads = n
+    _C.set_num_threads(0 if n is None else n)
 
 
 def num_threads() -> int:
-    sync_threads()
+    """Threads the next kernel call from this Python thread uses."""
     return _C.num_threads()
+
+
+def openmp_info() -> dict:
+    """The OpenMP runtime our kernels run on, every OpenMP runtime mapped into the process, and
+    whether ours is the one torch uses (True when the process holds exactly one runtime)."""
+    ours = _C.openmp_library()
+    loaded = [p for p in _C.openmp_libraries_loaded().split(":") if p]
+    same = len(loaded) == 1 and bool(ours) and os.path.realpath(loaded[0]) == os.path.realpath(ours)
+    # forked_child: libgomp cannot run a team in a child forked after the parent used one (torch's
+    # parallel ops hang there); our kernels run on one thread instead.
+    return {"library": ours, "loaded": loaded, "shared_with_torch": same, "forked_child": _C.in_forked_child()}
 
 
 def _apply_env() -> None:

@@ -542,7 +542,6 @@ def int8_peak_tops(isa_name: str | None = None, seconds: float = 0.05, repeats: 
     with isa(isa_name) if isa_name else nullcontext():
         if _backend.active_isa() == "ref":
             return None
-        _backend.sync_threads()
         iters = 1000
         while True:
             t0 = time.perf_counter()

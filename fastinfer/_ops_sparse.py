@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from fastinfer import _backend, _C
+from fastinfer import _C
 from fastinfer.ops import (
     _aligned_empty,
     _check_cpu,
@@ -177,7 +177,6 @@ def _sparse_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor
         return out.copy_(bias.expand_as(out) if bias is not None else out.zero_()).to(x.dtype)
     x2, ld = _rows(x.float() if x.dtype != torch.float32 else x)
     bias = bias.contiguous() if bias is not None else None
-    _backend.sync_threads()
     _C.sparse_linear_f32(
         x2.data_ptr(), x2.shape[0], k, ld, packed.data_ptr(), packed.numel(),
         bias.data_ptr() if bias is not None else 0, out.data_ptr(), n,

@@ -10,7 +10,6 @@ import math
 
 import torch
 
-from fastinfer import _backend
 from fastinfer import _C
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
@@ -114,7 +113,6 @@ def _quantize_per_token_cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         scale.zero_()
         return q, scale
     x2, ld = _rows(x)
-    _backend.sync_threads()
     _C.quantize_per_token(
         x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, ld, q.data_ptr(), k, scale.data_ptr()
     )
@@ -206,7 +204,6 @@ def _run_int8_matmul(kernel, a: torch.Tensor, packed: torch.Tensor, n: int) -> t
     if k == 0:
         return out.zero_()
     a2, ld = _rows(a)
-    _backend.sync_threads()
     kernel(a2.data_ptr(), m, k, ld, packed.data_ptr(), packed.numel(), out.data_ptr(), n)
     return out
 
@@ -257,7 +254,6 @@ def _run_int8_linear(
     x2, ld = _rows(x)
     w_scale = w_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    _backend.sync_threads()
     kernel(
         x2.data_ptr(), _DTYPE_CODE[x.dtype], x2.shape[0], k, ld,
         packed.data_ptr(), packed.numel(), w_scale.data_ptr(),

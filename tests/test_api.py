@@ -4,6 +4,7 @@ message, and never crash the interpreter."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -208,9 +209,29 @@ def test_many_threads_give_exact_results():
         assert torch.equal(ops.int8_matmul(a, w), int64_ref(a, w)), n
 
 
+def test_one_openmp_runtime_shared_with_torch():
+    """After `import fastinfer` the process holds exactly one OpenMP runtime, torch's own (checked in
+    /proc/self/maps of a fresh interpreter): our kernels and torch's ops share one team of threads."""
+    code = """
+        import json, fastinfer, torch
+        torch.randn(256, 256) @ torch.randn(256, 256)
+        fastinfer.ops.int8_matmul(torch.ones(64, 64, dtype=torch.int8), torch.ones(64, 64, dtype=torch.int8))
+        maps = [l.split()[-1] for l in open("/proc/self/maps") if "/" in l]
+        omp = sorted({p for p in maps if p.rsplit("/", 1)[-1].startswith(("libgomp", "libiomp", "libomp"))})
+        print(json.dumps({"maps": omp, "info": fastinfer.info()["openmp"]}))
+    """
+    res = run_python(code)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout)
+    assert len(got["maps"]) == 1, f"more than one OpenMP runtime mapped: {got['maps']}"
+    assert "torch" in got["maps"][0], got  # torch's own copy, not a second one from the system
+    assert got["info"]["shared_with_torch"] and os.path.samefile(got["info"]["library"], got["maps"][0]), got
+
+
 def test_works_after_fork():
-    """A forked child (DataLoader worker style) inherits the pool's thread objects but not the
-    threads: kernels must still run there, repeatedly, without hanging, and give exact results.
+    """A forked child (DataLoader worker style) inherits the parent's OpenMP team objects but not
+    their threads (libgomp would wait for them for ever): kernels must still run there, repeatedly,
+    on one thread, without hanging, and give exact results; the parent keeps its threads.
     The child kills itself with SIGALRM after 15 s so that a hang fails the test without leaving
     an orphan process behind."""
     code = """
@@ -225,9 +246,13 @@ def test_works_after_fork():
         if pid == 0:
             signal.alarm(15)
             ok = all(torch.equal(ops.int8_matmul(a, w), ref) for _ in range(5))
+            info = fastinfer.info()
+            ok = ok and info["num_threads"] == 1 and info["openmp"]["forked_child"]
             os._exit(0 if ok else 3)
         _, status = os.waitpid(pid, 0)
         assert torch.equal(ops.int8_matmul(a, w), ref)
+        info = fastinfer.info()
+        assert info["num_threads"] == 2 and not info["openmp"]["forked_child"], info
         print("child", os.waitstatus_to_exitcode(status))
     """
     res = run_python(code, timeout=120)

@@ -8,7 +8,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/engine.h"
 #include "cpu/internal.h"
-#include "cpu/threadpool.h"
+#include "cpu/runtime/threads.h"
 
 namespace fastinfer::cpu {
 namespace detail {
@@ -54,7 +54,7 @@ WorkSplit work_split(int64_t m, int64_t nblocks, int64_t many_rows) {
 void run_gemm(const Kernels& kr, const Activations& a, const PackedW& w, const Epilogue& ep) {
     const int64_t nblocks = w.np / kNBlock;
     const WorkSplit s = work_split(a.m, nblocks);
-    ThreadPool::instance().parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+    parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
         const int64_t m0 = s.m0(t), nb0 = s.nb0(t);
         kr.gemm(a, w, ep, m0, std::min(a.m, m0 + s.mchunk), nb0, std::min(nblocks, nb0 + s.group));
     });
@@ -83,7 +83,7 @@ void copy_activations(const int8_t* a, int64_t m, int64_t k, int64_t lda, int8_t
 void quantize_activations(const Kernels& kr, const void* x, DType dt, int64_t m, int64_t k,
                           int64_t ldx, int8_t* q, int64_t kp, float* sa) {
     const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
-    ThreadPool::instance().parallel_for((m + rows - 1) / rows, [&](int64_t t) {
+    parallel_for((m + rows - 1) / rows, [&](int64_t t) {
         kr.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, kp, kp, sa, kr.shift_u8);
     });
 }
@@ -115,9 +115,6 @@ Status set_isa_cap(int isa) {
     g_isa_cap.store(isa);
     return Status::ok();
 }
-
-int num_threads() { return ThreadPool::instance().num_threads(); }
-void set_num_threads(int n) { ThreadPool::instance().set_num_threads(n); }
 
 Status pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t ldw, uint8_t* out,
                    int64_t out_nbytes) {
@@ -196,7 +193,7 @@ Status quantize_per_token(const void* x, DType dt, int64_t m, int64_t k, int64_t
     if (m > 0 && ldq < k) return Status::invalid("quantize_per_token: q row stride smaller than K");
     const Kernels kr = kernels_for(active_isa());
     const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
-    ThreadPool::instance().parallel_for((m + rows - 1) / rows, [&](int64_t t) {
+    parallel_for((m + rows - 1) / rows, [&](int64_t t) {
         kr.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, ldq, k, scale, false);
     });
     return Status::ok();
@@ -241,11 +238,12 @@ Status dot_peak(int64_t iters, int64_t* macs) {
     const Isa isa = active_isa();
     if (isa < Isa::kAvx2) return Status::invalid("dot_peak: needs avx2 or higher");
     const int nt = num_threads();
-    std::atomic<int64_t> sink{0};  // the checksums keep the probe loops alive
-    ThreadPool::instance().parallel_for(nt, [&](int64_t) {
+    std::atomic<int64_t> sink{0}, calls{0};  // the checksums keep the probe loops alive
+    parallel_threads(nt, [&](int, int) {
         sink += isa >= Isa::kAvx512Vnni ? avx512_vnni::dot_peak(iters) : avx2::dot_peak(iters);
+        calls += 1;
     });
-    *macs = nt * iters * (isa >= Isa::kAvx512Vnni ? 24 * 64 : 12 * 16);
+    *macs = calls.load() * iters * (isa >= Isa::kAvx512Vnni ? 24 * 64 : 12 * 16);
     return Status::ok();
 }
 
@@ -256,11 +254,12 @@ Status read_bandwidth(const uint8_t* buf, int64_t nbytes, int64_t repeats, int64
     const int64_t share = nbytes / nt / 256 * 256;
     if (share <= 0 || reinterpret_cast<uintptr_t>(buf) % 64 != 0)
         return Status::invalid("read_bandwidth: buffer too small or not 64-byte aligned");
-    std::atomic<int64_t> sink{0};  // the checksums keep the probe loops alive
-    ThreadPool::instance().parallel_for(nt, [&](int64_t t) {
+    std::atomic<int64_t> sink{0}, calls{0};  // the checksums keep the probe loops alive
+    parallel_threads(nt, [&](int t, int) {
         for (int64_t r = 0; r < repeats; ++r) sink += avx512_vnni::read_sum(buf + t * share, share);
+        calls += 1;
     });
-    *bytes = share * nt * repeats;
+    *bytes = share * calls.load() * repeats;
     return Status::ok();
 }
 

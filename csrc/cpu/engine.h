@@ -4,14 +4,13 @@
 #pragma once
 
 #include "cpu/common.h"
+#include "cpu/runtime/threads.h"  // num_threads, set_num_threads
 
 namespace fastinfer::cpu {
 
 // The ISA used by the next call: the detected one, lowered by set_isa_cap. Read on every call.
 Isa active_isa();
 Status set_isa_cap(int isa);  // must be <= detected_isa()
-int num_threads();
-void set_num_threads(int n);
 
 // Packs W int8 [n, k] (row stride ldw) into out, which holds packed_nbytes(n, k) bytes.
 Status pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t ldw, uint8_t* out,

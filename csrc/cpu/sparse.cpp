@@ -12,7 +12,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/engine.h"
 #include "cpu/internal.h"
-#include "cpu/threadpool.h"
+#include "cpu/runtime/threads.h"
 
 namespace fastinfer::cpu {
 
@@ -736,7 +736,7 @@ Status run_panels(const Kernels& kr, const Activations& a, const SparseView& w, 
     const int64_t nblocks = w.np / kNBlock;
     const WorkSplit s = work_split(a.m, nblocks);
     const bool vnni = kr.shift_u8;  // the avx512_vnni table: sparse-aware kernels exist
-    ThreadPool::instance().parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+    parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
         const int64_t m0 = s.m0(t), m1 = std::min(a.m, m0 + s.mchunk);
         const int64_t nb0 = s.nb0(t), nb1 = std::min(nblocks, nb0 + s.group);
         if (vnni && w.fmt == SparseFormat::kBlockI8)
@@ -759,7 +759,7 @@ Status run_csr_i8(const int8_t* q, int64_t m, const SparseView& w, const Epilogu
     const int64_t rows = csr_rows_per_task(w.n);
     const int64_t tasks = (w.n + rows - 1) / rows;
     if (!use_avx512()) {
-        ThreadPool::instance().parallel_for(tasks, [&](int64_t t) {
+        parallel_for(tasks, [&](int64_t t) {
             ref::csr_i8(w, q, w.kp, m, ep, t * rows, std::min(w.n, (t + 1) * rows));
         });
         return Status::ok();
@@ -783,7 +783,7 @@ Status run_csr_i8(const int8_t* q, int64_t m, const SparseView& w, const Epilogu
             for (int64_t r = m; r < ld; ++r) q32[c * ld + r] = 0;
     const int64_t mchunk = 64;
     const int64_t mtasks = transposed ? (m + mchunk - 1) / mchunk : 1;
-    ThreadPool::instance().parallel_for(tasks * mtasks, [&](int64_t t) {
+    parallel_for(tasks * mtasks, [&](int64_t t) {
         const int64_t nt = t / mtasks, mt = t % mtasks;
         const int64_t m0 = transposed ? mt * mchunk : 0, m1 = transposed ? std::min(m, m0 + mchunk) : m;
         avx512_vnni::csr_i8(w, q32, ld, transposed, m0, m1, ep, nt * rows, std::min(w.n, (nt + 1) * rows));
@@ -810,7 +810,7 @@ Status run_ell_f32(const float* x, int64_t m, int64_t ldx, const SparseView& w, 
                    int64_t ldo) {
     const int64_t nblocks = w.np / kNBlock, ngroups = (nblocks + 3) / 4;
     if (!use_avx512()) {
-        ThreadPool::instance().parallel_for(ngroups, [&](int64_t g) {
+        parallel_for(ngroups, [&](int64_t g) {
             ref::ell_f32(w, x, ldx, m, bias, out, ldo, g * 4, std::min(nblocks, g * 4 + 4));
         });
         return Status::ok();
@@ -822,7 +822,7 @@ Status run_ell_f32(const float* x, int64_t m, int64_t ldx, const SparseView& w, 
         std::memset(xp + r * w.kp + w.k, 0, size_t(w.kp - w.k) * 4);
     }
     const WorkSplit s = work_split(m, nblocks, 48);
-    ThreadPool::instance().parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+    parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
         const int64_t m0 = s.m0(t), nb0 = s.nb0(t);
         avx512_vnni::ell_f32(w, xp, w.kp, m0, std::min(m, m0 + s.mchunk), bias, out, ldo, nb0,
                              std::min(nblocks, nb0 + s.group));
@@ -845,7 +845,7 @@ Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, cons
     const int64_t rows = csr_rows_per_task(w.n);
     const int64_t tasks = (w.n + rows - 1) / rows;
     if (!use_avx512()) {
-        ThreadPool::instance().parallel_for(tasks, [&](int64_t t) {
+        parallel_for(tasks, [&](int64_t t) {
             ref::csr_f32(w, x, ldx, m, bias, out, ldo, t * rows, std::min(w.n, (t + 1) * rows));
         });
         return Status::ok();
@@ -864,7 +864,7 @@ Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, cons
     }
     const int64_t mchunk = 64;
     const int64_t mtasks = xt ? (m + mchunk - 1) / mchunk : 1;
-    ThreadPool::instance().parallel_for(tasks * mtasks, [&](int64_t t) {
+    parallel_for(tasks * mtasks, [&](int64_t t) {
         const int64_t nt = t / mtasks, mt = t % mtasks;
         const int64_t m0 = xt ? mt * mchunk : 0, m1 = xt ? std::min(m, m0 + mchunk) : m;
         avx512_vnni::csr_f32(w, x, ldx, xt, ldt, m0, m1, bias, out, ldo, nt * rows, std::min(w.n, (nt + 1) * rows));
