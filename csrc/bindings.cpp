@@ -7,6 +7,7 @@
 #include "cpu/cpu_features.h"
 #include "cpu/engine.h"
 #include "cpu/large_buffer.h"
+#include "cpu/runtime/malloc_tune.h"
 #include "cpu/sparse.h"
 
 namespace py = pybind11;
@@ -86,6 +87,7 @@ PYBIND11_MODULE(_C, m) {
         if (n < 0) throw py::value_error("num_threads must be >= 1, or 0 to follow torch");
         fc::set_num_threads(n);
     });
+    m.def("tune_malloc", &fc::tune_malloc, py::arg("trim_threshold"), py::arg("mmap_threshold"));
     m.def("openmp_library", &fc::openmp_library);
     m.def("in_forked_child", &fc::in_forked_child);
     m.def("openmp_libraries_loaded", &fc::openmp_libraries_loaded);

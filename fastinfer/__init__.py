@@ -57,5 +57,6 @@ def info() -> dict:
         "cuda": _cuda_ops.status(),
         "num_threads": _backend.num_threads(),
         "openmp": _backend.openmp_info(),
+        "malloc": _backend.malloc_info(),
         "torch": torch.__version__,
     }

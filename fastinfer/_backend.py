@@ -88,6 +88,38 @@ def openmp_info() -> dict:
     return {"library": ours, "loaded": loaded, "shared_with_torch": same, "forked_child": _C.in_forked_child()}
 
 
+# glibc malloc: keep freed memory instead of trimming it back to the OS after every large free (see
+# csrc/cpu/runtime/malloc_tune.h: a layer's few-MiB output freed at the top of the heap each step
+# was re-faulted the next step, ~1 us a page). Up to MALLOC_TRIM_THRESHOLD of free memory stays
+# mapped; allocations below MALLOC_MMAP_THRESHOLD come from the heap. FASTINFER_MALLOC_TUNE=0
+# leaves malloc alone; glibc's own settings (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_,
+# GLIBC_TUNABLES) are never overridden.
+MALLOC_TRIM_THRESHOLD = 128 << 20
+MALLOC_MMAP_THRESHOLD = 32 << 20
+_malloc: dict = {"tuned": False, "reason": "not applied yet"}
+
+
+def _tune_malloc() -> None:
+    global _malloc
+    own = [v for v in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_") if os.environ.get(v)]
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        own.append("GLIBC_TUNABLES")
+    if os.environ.get("FASTINFER_MALLOC_TUNE", "1").strip() == "0":
+        _malloc = {"tuned": False, "reason": "FASTINFER_MALLOC_TUNE=0"}
+    elif own:
+        _malloc = {"tuned": False, "reason": f"left to the process's own settings ({', '.join(own)})"}
+    else:
+        why = _C.tune_malloc(MALLOC_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        _malloc = {"tuned": not why, "reason": why or "FASTINFER_MALLOC_TUNE=0 turns it off"}
+        if not why:
+            _malloc.update(trim_threshold=MALLOC_TRIM_THRESHOLD, mmap_threshold=MALLOC_MMAP_THRESHOLD)
+
+
+def malloc_info() -> dict:
+    """Whether fastinfer tuned glibc malloc at import (and why not, where it did not)."""
+    return dict(_malloc)
+
+
 def _apply_env() -> None:
     name = os.environ.get("FASTINFER_ISA")
     if name:
@@ -97,4 +129,5 @@ def _apply_env() -> None:
             raise ValueError(f"FASTINFER_ISA: {e}") from None
 
 
+_tune_malloc()
 _apply_env()
