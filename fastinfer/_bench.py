@@ -557,7 +557,7 @@ def int8_peak_tops(isa_name: str | None = None, seconds: float = 0.05, repeats: 
         return best
 
 
-def environment_meta(command: str | None = None, dram: bool = True) -> dict:
+def environment_meta(command: str | None = None, dram: bool = True, peaks: bool = True) -> dict:
     info = fastinfer.info()
     meta = {
         "command": command,
@@ -575,7 +575,8 @@ def environment_meta(command: str | None = None, dram: bool = True) -> dict:
     }
     if dram:
         meta["dram_read_gbps"] = dram_read_bandwidth()
-    meta["peak_tops"] = {name: int8_peak_tops(name) for name in info["isa_available"] if name != "ref"}
+    if peaks:
+        meta["peak_tops"] = {name: int8_peak_tops(name) for name in info["isa_available"] if name != "ref"}
     return meta
 
 

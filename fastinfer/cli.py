@@ -49,6 +49,33 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinfer import _bench, _bench_models
+
+    try:
+        names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+        _bench_models.default_cases(names)  # validates the names before any model is built
+        if args.rounds is not None and args.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+    except ValueError as e:
+        print(f"fastinfer bench: error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
+    meta = _bench.environment_meta(command=command, dram=False, peaks=False)
+    results = _bench_models.run(names, quick=args.quick, rounds=args.rounds, threads=args.threads,
+                                onnx=not args.no_onnx, progress=not args.no_progress)  # fmt: skip
+    text = _bench_models.format_markdown(results, meta)
+    print(text, end="")
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"(written to {args.output})", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -57,6 +84,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.suite == "sparse":
         return _cmd_bench_sparse(args)
+    if args.suite == "models":
+        return _cmd_bench_models(args)
 
     try:
         if args.shapes:
@@ -113,9 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         "times, TOPS, ratios and (for small M) weight bandwidth.",
     )
     p.add_argument(
-        "--suite", choices=("dense", "sparse"), default="dense",
-        help="dense: Int8Linear vs PyTorch peers (default); sparse: sparse layers vs dense and torch CSR",
+        "--suite", choices=("dense", "ops", "sparse", "models"), default="dense",
+        help="dense (= ops): Int8Linear vs PyTorch peers (default); sparse: sparse layers vs dense and "
+        "torch CSR; models: whole models (MiniLM, BERT-base, GPT-2 generate) vs bf16, torch.ao, "
+        "ONNX Runtime and OpenVINO int8",
     )  # fmt: skip
+    p.add_argument("--models", help="--suite models: comma-separated cases or prefixes (minilm, bert-base, "
+                   "gpt2-generate, minilm-32x16, ...; default: all)")  # fmt: skip
+    p.add_argument("--no-onnx", action="store_true", help="--suite models: skip the ONNX Runtime and OpenVINO peers")
     p.add_argument("--shapes", help="comma-separated MxKxN list (default: the five standard shapes); "
                    "with --suite sparse: KxN weight shapes")  # fmt: skip
     p.add_argument("--sparsities", help="--suite sparse: comma-separated sparsities (default 0.5,0.75,0.9,0.95)")

