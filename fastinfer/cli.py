@@ -117,6 +117,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         rounds=args.rounds, target_s=args.batch_ms / 1e3 if args.batch_ms else None,
     )  # fmt: skip
     text = _bench.format_markdown(results, meta)
+    if not args.no_interleaved:
+        from fastinfer import _bench_interleaved
+
+        shapes_i = [s for s in shapes.values()] if args.shapes else list(_bench_interleaved.SHAPES)
+        rows = _bench_interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=not args.no_progress)
+        text += "\n" + _bench_interleaved.format_markdown(rows)
     print(text, end="")
     if args.output:
         with open(args.output, "w") as f:
@@ -149,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--models", help="--suite models: comma-separated cases or prefixes (minilm, bert-base, "
                    "gpt2-generate, minilm-32x16, ...; default: all)")  # fmt: skip
+    p.add_argument("--no-interleaved", action="store_true",
+                   help="--suite ops: skip the rows that time each layer right after a torch op")
     p.add_argument("--no-onnx", action="store_true", help="--suite models: skip the ONNX Runtime and OpenVINO peers")
     p.add_argument("--shapes", help="comma-separated MxKxN list (default: the five standard shapes); "
                    "with --suite sparse: KxN weight shapes")  # fmt: skip

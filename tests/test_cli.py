@@ -27,6 +27,10 @@ def test_bench_dense_tiny(capsys, tmp_path):
     assert "| 4x64x48 | ours Int8Linear" in text and "| 32x128x64 | fp32 nn.Linear" in text
     assert "1.00x (baseline)" in text and "int8 compute ceiling" in text
     assert "NOT EXACT" not in text and "ABORTED" not in text
+    # the interleaved rows: each shape's layer right after each torch op, penalty or NOISY, faults
+    inter = text.split("## Interleaved", 1)[1]
+    for op in ("gelu", "layer_norm", "add"):
+        assert f"| 4x64x48 | Int8Linear | {op} |" in inter and f"| 32x128x64 | Int8Linear | {op} |" in inter
 
 
 def test_bench_sparse_tiny(capsys):
