@@ -14,7 +14,8 @@ installed), then every peer of it in one process:
   openvino int8        ov.convert_model + nncf.quantize (static, calibrated)  (if installed)
 
 Fidelity is checked first (encoders: cosine of the mask-mean-pooled embedding vs fp32, mean and
-worst over the batch; generate: share of generated tokens equal to fp32's). Timing goes in rounds,
+worst over the batch; generate: share of generated tokens equal to fp32's, and the cosine of the
+prompt's last-position logits). Timing goes in rounds,
 every peer once a round in a rotating order; a peer's time is the median over clean rounds, and a
 ratio is the median over rounds of the two times of the same round. A round in which another
 process used the CPU is dropped (fastinfer._bench_guard); with too few clean rounds the case is
@@ -185,6 +186,7 @@ class Peer:
     out: Callable[[Any], torch.Tensor]  # -> fp32 embedding [batch, hidden] or token ids [batch, n]
     ours: nn.Module | None = None  # fastinfer model, for the layer-share profile
     note: str = ""
+    logits: Callable[[], torch.Tensor] | None = None  # generate: last-position logits of the prompt
 
 
 @contextmanager
@@ -216,7 +218,10 @@ def _torch_peer(name: str, model: nn.Module, case: Case, dtype: torch.dtype = to
                               max_new_tokens=case.new_tokens, min_new_tokens=case.new_tokens, do_sample=False,
                               pad_token_id=eos)  # fmt: skip
 
-    return Peer(name, gen, lambda y: y[:, inputs["input_ids"].shape[1]:], **kw)
+    def logits():
+        return model(input_ids=inputs["input_ids"]).logits[:, -1].float()
+
+    return Peer(name, gen, lambda y: y[:, inputs["input_ids"].shape[1]:], logits=logits, **kw)
 
 
 def _onnx_peers(case: Case, threads: int, errors: dict[str, str]) -> list[Peer]:
@@ -323,12 +328,15 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
 # ---------------------------------------------------------------------------------------- measure
 
 
+def _cos(y: torch.Tensor, ref: torch.Tensor) -> dict:
+    cos = nn.functional.cosine_similarity(y.float(), ref.float(), dim=-1)
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+
+
 def _fidelity(case: Case, y: torch.Tensor, ref: torch.Tensor) -> dict:
     if case.kind == "encoder":
-        cos = nn.functional.cosine_similarity(y.float(), ref.float(), dim=-1)
-        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
-    same = (y == ref).float().mean()
-    return {"token_match": float(same)}
+        return _cos(y, ref)
+    return {"token_match": float((y == ref).float().mean())}
 
 
 _OUR_LAYERS = ("Int8Linear", "SparseInt8Linear", "SparseLinear")
@@ -373,6 +381,10 @@ def run_case(case: Case, rounds: int, min_clean: int, threads: int, engine: str,
                 peers.remove(p)
         ref = outs["fp32"]
         fid = {p.name: _fidelity(case, outs[p.name], ref) for p in peers}
+        if case.kind == "generate":  # generated tokens of a random-weight model say little alone
+            ref_logits = peers[0].logits()
+            for p in peers:
+                fid[p.name].update(_cos(p.logits(), ref_logits))
         for p in peers:  # warm: first calls allocate, pack, compile
             p.run()
         guard = CpuGuard()
@@ -454,7 +466,8 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
         "rounds; **vs X = median over rounds of t_X / t_peer** (> 1: the row is faster than X); rounds "
         "in which another process used > 10% of the CPU are dropped. Fidelity vs fp32: encoders cosine "
         "of the mask-mean-pooled embedding (mean / worst over the batch); generate: share of tokens "
-        "equal to fp32's. ours% = share of the forward inside fastinfer layers (hook-timed pass)."
+        "equal to fp32's and worst cosine of the prompt's last-position logits. ours% = share of the "
+        "forward inside fastinfer layers (hook-timed pass)."
     )
     out.append("")
     for res in results:
@@ -467,12 +480,12 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
             out.append(f"**{res['verdict']}**")
             out.append("")
         enc = res["kind"] == "encoder"
-        fid_h = "cos mean | cos worst" if enc else "tokens = fp32"
+        fid_h = "cos mean | cos worst" if enc else "tokens = fp32 | logits cos worst"
         out.append(f"| peer | ms | vs fp32 | vs bf16 | vs fastinfer | {fid_h} | ours% | note |")
-        out.append("|---|---:|---:|---:|---:|" + ("---:|---:|" if enc else "---:|") + "---:|---|")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in res["rows"]:
             fid = (f"{_f(r.get('cos_mean'), '.4f')} | {_f(r.get('cos_min'), '.4f')}" if enc
-                   else _f(r.get("token_match"), ".3f"))  # fmt: skip
+                   else f"{_f(r.get('token_match'), '.3f')} | {_f(r.get('cos_min'), '.4f')}")  # fmt: skip
             share = r.get("layer_share")
             out.append(
                 f"| {r['peer']} | {_f(r.get('ms'), '.2f')} | {_f(r.get('vs fp32'), '.2f', 'x')} "
@@ -480,7 +493,7 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
                 f"| {fid} | {_f(share * 100 if share is not None else None, '.0f', '%')} | {r.get('note', '')} |"
             )
         for name, err in res["errors"].items():
-            out.append(f"| {name} | | | | | {'|' if enc else ''} | | {err} |")
+            out.append(f"| {name} | | | | | | | | {err} |")
         out.append("")
     return "\n".join(out) + "\n"
 
