@@ -4,9 +4,9 @@
 
 #include <stdexcept>
 
-#include "cpu/cpu_features.h"
+#include "cpu/runtime/cpu_features.h"
 #include "cpu/engine.h"
-#include "cpu/large_buffer.h"
+#include "cpu/runtime/large_buffer.h"
 #include "cpu/runtime/malloc_tune.h"
 #include "cpu/sparse.h"
 

@@ -5,7 +5,7 @@
 #include <cstring>
 #include <memory>
 
-#include "cpu/cpu_features.h"
+#include "cpu/runtime/cpu_features.h"
 #include "cpu/engine.h"
 #include "cpu/internal.h"
 #include "cpu/runtime/threads.h"

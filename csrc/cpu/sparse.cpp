@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/cpu_features.h"
+#include "cpu/runtime/cpu_features.h"
 #include "cpu/engine.h"
 #include "cpu/internal.h"
 #include "cpu/runtime/threads.h"

@@ -6,7 +6,7 @@
 
 #include <cstring>
 
-#include "cpu/avx512_inl.h"
+#include "cpu/isa/avx512_vnni/avx512_inl.h"
 #include "cpu/common.h"
 
 namespace fastinfer::cpu::avx512_vnni {

@@ -4,7 +4,7 @@
 
 #include <cstring>
 
-#include "cpu/avx512_inl.h"
+#include "cpu/isa/avx512_vnni/avx512_inl.h"
 #include "cpu/sparse.h"
 
 namespace fastinfer::cpu::avx512_vnni {
