@@ -1,5 +1,5 @@
-// Sparse formats: measure, pack, view, unpack; the portable reference kernels; and the entry points
-// that pick a kernel per ISA and split the work over the thread pool. Baseline flags only.
+// Sparse formats: measure, pack, view, unpack; and the entry points, which run each call on one
+// kernel table and split the work over the threads. Baseline flags only.
 #include "cpu/sparse.h"
 
 #include <algorithm>
@@ -9,9 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "cpu/runtime/cpu_features.h"
-#include "cpu/engine.h"
-#include "cpu/internal.h"
+#include "cpu/api/internal.h"
+#include "cpu/isa/ref/kernels.h"
 #include "cpu/runtime/threads.h"
 
 namespace fastinfer::cpu {
@@ -87,21 +86,6 @@ bool valid_format(uint32_t f) { return f >= 1 && f <= 6; }
 template <class T>
 bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
     return w[r * ldw + c] != T(0);  // -0.0 == 0: a negative zero is not stored
-}
-
-// Every stored value of fp32 ell block nb, in step order: f(channel in block, column, value).
-template <class F>
-void for_each_ell_f32(const SparseView& v, int64_t nb, F&& f) {
-    for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
-        const uint8_t* st = v.steps + t * kEllF32Step;
-        const int64_t base = int64_t(ell_f32_base16(st)) * kEllF32Align;
-        for (int j = 0; j < 16; ++j)
-            if (st[64 + j] & 0x40) {
-                float val;
-                std::memcpy(&val, st + 4 * j, 4);
-                f(j, base + (st[64 + j] & 63), val);
-            }
-    }
 }
 
 // The ell plan of 16-channel block nb: calls step(base, cols, cnt) once per step, where channel j
@@ -610,112 +594,39 @@ Status sparse_unpack(const uint8_t* buf, int64_t nbytes, void* w) {
     return Status::ok();
 }
 
-// ------------------------------------------------------------------------------- reference kernels
-
-namespace ref {
-
-namespace {
-inline int64_t col(const SparseView& w, int64_t j) {
-    return w.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(w.idx)[j])
-                            : int64_t(static_cast<const int32_t*>(w.idx)[j]);
-}
-}  // namespace
-
-void csr_f32(const SparseView& w, const float* x, int64_t ldx, int64_t m, const float* bias, float* out,
-             int64_t ldo, int64_t n0, int64_t n1) {
-    const auto* vals = static_cast<const float*>(w.values);
-    for (int64_t r = 0; r < m; ++r)
-        for (int64_t n = n0; n < n1; ++n) {
-            float acc = 0.f;
-            for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j)
-                acc = __builtin_fmaf(vals[j], x[r * ldx + col(w, j)], acc);
-            out[r * ldo + n] = acc + (bias ? bias[n] : 0.f);
-        }
-}
-
-void csr_i8(const SparseView& w, const int8_t* q, int64_t ldq, int64_t m, const Epilogue& ep, int64_t n0,
-            int64_t n1) {
-    const auto* vals = static_cast<const int8_t*>(w.values);
-    for (int64_t r = 0; r < m; ++r)
-        for (int64_t n = n0; n < n1; ++n) {
-            uint32_t acc = 0;
-            for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j)
-                acc += uint32_t(int32_t(vals[j]) * int32_t(q[r * ldq + col(w, j)]));
-            store_one(int32_t(acc), ep, r, n);
-        }
-}
-
-void panel(const SparseView& w, int64_t nb, int8_t* out) {
-    std::memset(out, 0, size_t(kNBlock * w.kp));
-    if (w.fmt == SparseFormat::kNm24I8) {
-        const uint8_t* blk = w.panels + nb * nm24_block_bytes(w.kp);
-        for (int64_t s = 0; s < w.kp / kNm24StepK; ++s) {
-            const uint8_t* meta = blk + s * kNm24Step;
-            const auto* vals = reinterpret_cast<const int8_t*>(meta + kNm24Meta);
-            for (int slot = 0; slot < 64; ++slot) {
-                const int j = slot / 4, g = slot % 4 / 2, pos = meta[slot / 4] >> (2 * (slot % 4)) & 3;
-                const int64_t c = s * kNm24StepK + 4 * g + pos;
-                out[(c / 4) * 64 + j * 4 + c % 4] = vals[slot];
-            }
-        }
-    } else if (w.fmt == SparseFormat::kEllI8) {
-        for (int64_t t = w.stepptr[nb]; t < w.stepptr[nb + 1]; ++t) {
-            const uint8_t* st = w.steps + t * kEllStep;
-            const int64_t base = int64_t(ell_base64(st)) * 64;
-            for (int b = 0; b < 64; ++b) {
-                const int8_t v = int8_t(st[64 + b]);
-                if (v == 0) continue;
-                const int64_t col = base + (st[b] & 127), j = b / 4;
-                out[(col / 4) * 64 + j * 4 + col % 4] = v;
-            }
-        }
-    } else if (w.fmt == SparseFormat::kBlockI8) {
-        for (int64_t t = w.tileptr[nb]; t < w.tileptr[nb + 1]; ++t)
-            std::memcpy(out + w.tilek[t] * kTileK * kNBlock, w.tiles + t * kNBlock * kTileK,
-                        size_t(kNBlock * kTileK));
-    }
-}
-
-void ell_f32(const SparseView& w, const float* x, int64_t ldx, int64_t m, const float* bias, float* out,
-             int64_t ldo, int64_t nb0, int64_t nb1) {
-    for (int64_t nb = nb0; nb < nb1; ++nb)
-        for (int64_t r = 0; r < m; ++r) {
-            float acc[kNBlock] = {};
-            for_each_ell_f32(w, nb, [&](int j, int64_t col, float val) { acc[j] += val * x[r * ldx + col]; });
-            for (int64_t j = 0; j < kNBlock && nb * kNBlock + j < w.n; ++j)
-                out[r * ldo + nb * kNBlock + j] = acc[j] + (bias ? bias[nb * kNBlock + j] : 0.f);
-        }
-}
-
-}  // namespace ref
-
 // ------------------------------------------------------------------------------------ entry points
 
 namespace {
 
-thread_local Scratch t_sparse_scratch;  // transposed / widened activations (calling thread)
-thread_local Scratch t_panel;           // one decompressed panel (each pool thread)
+thread_local Scratch t_sparse_scratch;  // transposed / widened / padded activations (calling thread)
+thread_local Scratch t_panel;           // decompressed panels (each thread)
 
-std::atomic<bool> g_allow_vbmi{true};
-
-bool use_avx512() { return active_isa() >= Isa::kAvx512Vnni; }
-bool use_vbmi() {
-    return use_avx512() && cpu_features().avx512vbmi && g_allow_vbmi.load();
-}
-
-// Rows of N per task for the CSR kernels: about 64 tasks, so the pool balances uneven rows.
+// Rows of N per task for the CSR kernels: about 64 tasks, so the threads balance uneven rows.
 int64_t csr_rows_per_task(int64_t n) { return std::max<int64_t>(16, (n + 63) / 64); }
 
-// Panel formats (2:4, block) on the dense kernel of the active ISA: one 16-channel block at a time
-// is decompressed to K4N16 and multiplied with that ISA's dense GEMM (exact on every path).
-bool panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep,
+// CSR: tasks over channel ranges, and over 64-row chunks where the activations are transposed.
+template <class F>
+void run_csr_tasks(int64_t m, int64_t n, bool transposed, F&& kernel) {
+    const int64_t rows = csr_rows_per_task(n);
+    const int64_t tasks = (n + rows - 1) / rows;
+    const int64_t mchunk = 64;
+    const int64_t mtasks = transposed ? (m + mchunk - 1) / mchunk : 1;
+    parallel_for(tasks * mtasks, [&](int64_t t) {
+        const int64_t nt = t / mtasks, mt = t % mtasks;
+        const int64_t m0 = transposed ? mt * mchunk : 0, m1 = transposed ? std::min(m, m0 + mchunk) : m;
+        kernel(m0, m1, nt * rows, std::min(n, (nt + 1) * rows));
+    });
+}
+
+// The int8 formats without a kernel of their own in the table: blocks [nb0, nb1) decompressed side
+// by side form a dense K4N16 buffer, multiplied by the table's dense kernel with its full register
+// tile (4 blocks per A broadcast); exact on every path.
+bool panel_gemm(const KernelTable& kt, const Activations& a, const SparseView& w, const Epilogue& ep,
                 int64_t m0, int64_t m1, int64_t nb0, int64_t nb1) {
-    // Blocks [nb0, nb1) decompressed side by side form a dense K4N16 buffer of (nb1 - nb0) blocks,
-    // so the dense kernel runs with its full register tile (4 blocks per A broadcast).
     const int64_t nblk = nb1 - nb0, bstride = kNBlock * w.kp;
     int8_t* p = reinterpret_cast<int8_t*>(t_panel.get(size_t(nblk * bstride)));
     if (!p) return false;
-    for (int64_t nb = nb0; nb < nb1; ++nb) ref::panel(w, nb, p + (nb - nb0) * bstride);
+    for (int64_t nb = nb0; nb < nb1; ++nb) kt.panel(w, nb, p + (nb - nb0) * bstride);
     const int64_t n0 = nb0 * kNBlock;
     PackedW pv{std::min(nblk * kNBlock, w.n - n0), w.k, nblk * kNBlock, w.kp, w.colsum + n0, p};
     Epilogue e = ep;
@@ -727,45 +638,40 @@ bool panel_gemm(const Kernels& kr, const Activations& a, const SparseView& w, co
         e.out = static_cast<uint16_t*>(ep.out) + n0;
     if (ep.sw) e.sw = ep.sw + n0;
     if (ep.bias) e.bias = ep.bias + n0;
-    kr.gemm(a, pv, e, m0, m1, 0, nblk);
+    kt.gemm(a, pv, e, m0, m1, 0, nblk);
     return true;
 }
 
-Status run_panels(const Kernels& kr, const Activations& a, const SparseView& w, const Epilogue& ep) {
+// 2:4, block and ell int8 on activations a (shifted as kt.shift_u8 says).
+Status run_panels(const KernelTable& kt, const Activations& a, const SparseView& w, const Epilogue& ep) {
+    const SparseGemmFn kernel = w.fmt == SparseFormat::kBlockI8 ? kt.block_i8
+                                : w.fmt == SparseFormat::kNm24I8 ? kt.nm24_i8
+                                                                 : kt.ell_i8;
     std::atomic<bool> oom{false};
     const int64_t nblocks = w.np / kNBlock;
     const WorkSplit s = work_split(a.m, nblocks);
-    const bool vnni = kr.shift_u8;  // the avx512_vnni table: sparse-aware kernels exist
     parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
         const int64_t m0 = s.m0(t), m1 = std::min(a.m, m0 + s.mchunk);
         const int64_t nb0 = s.nb0(t), nb1 = std::min(nblocks, nb0 + s.group);
-        if (vnni && w.fmt == SparseFormat::kBlockI8)
-            avx512_vnni::block_gemm(a, w, ep, m0, m1, nb0, nb1);
-        else if (vnni && w.fmt == SparseFormat::kEllI8 && use_vbmi())
-            avx512_vbmi::ell_gemm(a, w, ep, m0, m1, nb0, nb1);
-        else if (vnni && w.fmt == SparseFormat::kNm24I8 && use_vbmi())
-            // activations gathered in registers at every M: decompressing 4 panels to memory first and
-            // running the dense kernel measured 0.46x-0.68x of dense at M = 5..16
-            avx512_vbmi::nm24_gemm(a, w, ep, m0, m1, nb0, nb1);
+        if (kernel)
+            kernel(a, w, ep, m0, m1, nb0, nb1);
         else
             for (int64_t b = nb0; b < nb1; b += 4)  // 4 decompressed blocks at a time stay in L2
-                if (!panel_gemm(kr, a, w, ep, m0, m1, b, std::min(nb1, b + 4))) oom.store(true);
+                if (!panel_gemm(kt, a, w, ep, m0, m1, b, std::min(nb1, b + 4))) oom.store(true);
     });
     return oom.load() ? Status::runtime("out of memory for a decompressed weight panel") : Status::ok();
 }
 
-// CSR int8 on quantized rows q (unshifted int8, row stride kp).
-Status run_csr_i8(const int8_t* q, int64_t m, const SparseView& w, const Epilogue& ep) {
-    const int64_t rows = csr_rows_per_task(w.n);
-    const int64_t tasks = (w.n + rows - 1) / rows;
-    if (!use_avx512()) {
-        parallel_for(tasks, [&](int64_t t) {
-            ref::csr_i8(w, q, w.kp, m, ep, t * rows, std::min(w.n, (t + 1) * rows));
+// CSR int8 on quantized rows q (unshifted int8, row stride kp), in the layout kt's kernel reads.
+Status run_csr_i8(const KernelTable& kt, const int8_t* q, int64_t m, const SparseView& w, const Epilogue& ep) {
+    if (!kt.csr.widen_i8) {
+        run_csr_tasks(m, w.n, false, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+            kt.csr.i8(w, CsrI8Act{q, w.kp, false}, m0, m1, ep, n0, n1);
         });
         return Status::ok();
     }
-    // Widen to dwords uint16(int16(q)): rows [m][k] for small m (gathers), else transposed [k][mp].
-    const bool transposed = m > 4;
+    // Widen to dwords uint16(int16(q)): rows [m][k] for few rows (gathers), else transposed [k][mp].
+    const bool transposed = kt.csr.transpose_from > 0 && m >= kt.csr.transpose_from;
     const int64_t ld = transposed ? round_up(m, 16) : round_up(w.k, 16);
     const int64_t rows_w = transposed ? w.k : m;
     auto* q32 = reinterpret_cast<int32_t*>(t_sparse_scratch.get(size_t(rows_w * ld) * 4));
@@ -781,12 +687,50 @@ Status run_csr_i8(const int8_t* q, int64_t m, const SparseView& w, const Epilogu
     if (transposed)
         for (int64_t c = 0; c < w.k; ++c)
             for (int64_t r = m; r < ld; ++r) q32[c * ld + r] = 0;
-    const int64_t mchunk = 64;
-    const int64_t mtasks = transposed ? (m + mchunk - 1) / mchunk : 1;
-    parallel_for(tasks * mtasks, [&](int64_t t) {
-        const int64_t nt = t / mtasks, mt = t % mtasks;
-        const int64_t m0 = transposed ? mt * mchunk : 0, m1 = transposed ? std::min(m, m0 + mchunk) : m;
-        avx512_vnni::csr_i8(w, q32, ld, transposed, m0, m1, ep, nt * rows, std::min(w.n, (nt + 1) * rows));
+    run_csr_tasks(m, w.n, transposed, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+        kt.csr.i8(w, CsrI8Act{q32, ld, transposed}, m0, m1, ep, n0, n1);
+    });
+    return Status::ok();
+}
+
+// CSR fp32: x as given, and transposed once where kt's kernel wants it (each nonzero then scales a
+// contiguous run of rows).
+Status run_csr_f32(const KernelTable& kt, const float* x, int64_t m, int64_t ldx, const SparseView& w,
+                   const float* bias, float* out, int64_t ldo) {
+    const float* xt = nullptr;
+    int64_t ldt = 0;
+    if (kt.csr.transpose_from > 0 && m >= kt.csr.transpose_from) {
+        ldt = round_up(m, 16);
+        auto* t = reinterpret_cast<float*>(t_sparse_scratch.get(size_t(w.k * ldt) * 4));
+        if (!t) return Status::runtime("out of memory for sparse activation scratch");
+        for (int64_t c = 0; c < w.k; ++c) {
+            for (int64_t r = 0; r < m; ++r) t[c * ldt + r] = x[r * ldx + c];
+            for (int64_t r = m; r < ldt; ++r) t[c * ldt + r] = 0.f;
+        }
+        xt = t;
+    }
+    run_csr_tasks(m, w.n, xt != nullptr, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+        kt.csr.f32(w, x, ldx, xt, ldt, m0, m1, bias, out, ldo, n0, n1);
+    });
+    return Status::ok();
+}
+
+// fp32 ell: x copied to rows of kp floats (zero padded: the SIMD kernel reads whole 64-input
+// windows), in the work split of the GEMMs with 48-row chunks.
+Status run_ell_f32(const KernelTable& kt, const float* x, int64_t m, int64_t ldx, const SparseView& w,
+                   const float* bias, float* out, int64_t ldo) {
+    auto* xp = reinterpret_cast<float*>(t_sparse_scratch.get(size_t(m * w.kp) * 4));
+    if (!xp) return Status::runtime("out of memory for sparse activation scratch");
+    for (int64_t r = 0; r < m; ++r) {
+        std::memcpy(xp + r * w.kp, x + r * ldx, size_t(w.k) * 4);
+        std::memset(xp + r * w.kp + w.k, 0, size_t(w.kp - w.k) * 4);
+    }
+    const int64_t nblocks = w.np / kNBlock;
+    const WorkSplit s = work_split(m, nblocks, 48);
+    parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+        const int64_t m0 = s.m0(t), nb0 = s.nb0(t);
+        kt.ell_f32(w, xp, w.kp, m0, std::min(m, m0 + s.mchunk), bias, out, ldo, nb0,
+                   std::min(nblocks, nb0 + s.group));
     });
     return Status::ok();
 }
@@ -804,72 +748,16 @@ Status check_sparse(const char* name, int64_t m, int64_t k, int64_t ldx, const u
     return Status::ok();
 }
 
-// fp32 ell: the reference kernel in tasks of 4 blocks; the AVX-512 kernel, which reads whole
-// 64-input windows of x copied to rows of kp floats (zero padded), in the work split of the GEMMs.
-Status run_ell_f32(const float* x, int64_t m, int64_t ldx, const SparseView& w, const float* bias, float* out,
-                   int64_t ldo) {
-    const int64_t nblocks = w.np / kNBlock, ngroups = (nblocks + 3) / 4;
-    if (!use_avx512()) {
-        parallel_for(ngroups, [&](int64_t g) {
-            ref::ell_f32(w, x, ldx, m, bias, out, ldo, g * 4, std::min(nblocks, g * 4 + 4));
-        });
-        return Status::ok();
-    }
-    auto* xp = reinterpret_cast<float*>(t_sparse_scratch.get(size_t(m * w.kp) * 4));
-    if (!xp) return Status::runtime("out of memory for sparse activation scratch");
-    for (int64_t r = 0; r < m; ++r) {
-        std::memcpy(xp + r * w.kp, x + r * ldx, size_t(w.k) * 4);
-        std::memset(xp + r * w.kp + w.k, 0, size_t(w.kp - w.k) * 4);
-    }
-    const WorkSplit s = work_split(m, nblocks, 48);
-    parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
-        const int64_t m0 = s.m0(t), nb0 = s.nb0(t);
-        avx512_vnni::ell_f32(w, xp, w.kp, m0, std::min(m, m0 + s.mchunk), bias, out, ldo, nb0,
-                             std::min(nblocks, nb0 + s.group));
-    });
-    return Status::ok();
-}
-
 }  // namespace
-
-bool set_sparse_vbmi(bool allow) { return g_allow_vbmi.exchange(allow); }
-
-bool sparse_vbmi_active() { return use_vbmi(); }
 
 Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
                          int64_t nbytes, const float* bias, float* out, int64_t ldo) {
     SparseView w;
     Status st = check_sparse("sparse_linear", m, k, ldx, buf, nbytes, ldo, &w, false);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;
-    if (w.fmt == SparseFormat::kEllF32) return run_ell_f32(x, m, ldx, w, bias, out, ldo);
-    const int64_t rows = csr_rows_per_task(w.n);
-    const int64_t tasks = (w.n + rows - 1) / rows;
-    if (!use_avx512()) {
-        parallel_for(tasks, [&](int64_t t) {
-            ref::csr_f32(w, x, ldx, m, bias, out, ldo, t * rows, std::min(w.n, (t + 1) * rows));
-        });
-        return Status::ok();
-    }
-    const float* xt = nullptr;
-    int64_t ldt = 0;
-    if (m > 4) {  // transposed once: each nonzero then scales a contiguous run of rows
-        ldt = round_up(m, 16);
-        auto* t = reinterpret_cast<float*>(t_sparse_scratch.get(size_t(k * ldt) * 4));
-        if (!t) return Status::runtime("out of memory for sparse activation scratch");
-        for (int64_t c = 0; c < k; ++c) {
-            for (int64_t r = 0; r < m; ++r) t[c * ldt + r] = x[r * ldx + c];
-            for (int64_t r = m; r < ldt; ++r) t[c * ldt + r] = 0.f;
-        }
-        xt = t;
-    }
-    const int64_t mchunk = 64;
-    const int64_t mtasks = xt ? (m + mchunk - 1) / mchunk : 1;
-    parallel_for(tasks * mtasks, [&](int64_t t) {
-        const int64_t nt = t / mtasks, mt = t % mtasks;
-        const int64_t m0 = xt ? mt * mchunk : 0, m1 = xt ? std::min(m, m0 + mchunk) : m;
-        avx512_vnni::csr_f32(w, x, ldx, xt, ldt, m0, m1, bias, out, ldo, nt * rows, std::min(w.n, (nt + 1) * rows));
-    });
-    return Status::ok();
+    const KernelTable& kt = active_kernels();
+    if (w.fmt == SparseFormat::kEllF32) return run_ell_f32(kt, x, m, ldx, w, bias, out, ldo);
+    return run_csr_f32(kt, x, m, ldx, w, bias, out, ldo);
 }
 
 Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* buf,
@@ -877,16 +765,15 @@ Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, co
     SparseView w;
     Status st = check_sparse("sparse_int8_matmul", m, k, lda, buf, nbytes, ldo, &w, true);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;
-    const Kernels kr = kernels_for(active_isa());
+    const KernelTable& kt = active_kernels();
     const bool csr = w.fmt == SparseFormat::kCsrI8;
-    const bool shift = !csr && kr.shift_u8;
     int8_t* q;
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
-    copy_activations(a, m, k, lda, q, w.kp, shift);
+    copy_activations(a, m, k, lda, q, w.kp, !csr && kt.shift_u8);  // the CSR kernels take signed activations
     const Epilogue ep{DType::kI32, out, ldo, nullptr, nullptr, nullptr};
-    if (csr) return run_csr_i8(q, m, w, ep);
-    return run_panels(kr, Activations{q, m, w.kp}, w, ep);
+    if (csr) return run_csr_i8(kt, q, m, w, ep);
+    return run_panels(kt, Activations{q, m, w.kp}, w, ep);
 }
 
 Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
@@ -899,16 +786,15 @@ Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t
     SparseView w;
     Status st = check_sparse("sparse_int8_linear", m, k, ldx, buf, nbytes, ldo, &w, true);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;
-    Kernels kr = kernels_for(active_isa());
+    const KernelTable& kt = active_kernels();
     const bool csr = w.fmt == SparseFormat::kCsrI8;
-    if (csr) kr.shift_u8 = false;  // CSR kernels take signed activations
     int8_t* q;
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
-    quantize_activations(kr, x, dt, m, k, ldx, q, w.kp, sa);
+    quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, !csr && kt.shift_u8);
     const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
-    if (csr) return run_csr_i8(q, m, w, ep);
-    return run_panels(kernels_for(active_isa()), Activations{q, m, w.kp}, w, ep);
+    if (csr) return run_csr_i8(kt, q, m, w, ep);
+    return run_panels(kt, Activations{q, m, w.kp}, w, ep);
 }
 
 }  // namespace fastinfer::cpu

@@ -5,8 +5,8 @@
 
 #include <cstring>
 
+#include "cpu/isa/avx512_vbmi/kernels.h"
 #include "cpu/isa/avx512_vnni/avx512_inl.h"
-#include "cpu/sparse.h"
 
 namespace fastinfer::cpu::avx512_vbmi {
 namespace {

@@ -1,11 +1,11 @@
-// AVX-512 sparse kernels (same flags as kernels_avx512_vnni.cpp): unstructured CSR for fp32 and int8
+// AVX-512 sparse kernels (same flags as the dense ones): unstructured CSR for fp32 and int8
 // weights, fp32 ell, and block-sparse int8 that skips all-zero 16 x 64 tiles in the VNNI GEMM.
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "cpu/isa/avx512_vnni/avx512_inl.h"
-#include "cpu/sparse.h"
+#include "cpu/isa/avx512_vnni/kernels.h"
 
 namespace fastinfer::cpu::avx512_vnni {
 namespace {
@@ -266,9 +266,11 @@ void csr_f32(const SparseView& w, const float* x, int64_t ldx, const float* xt, 
     }
 }
 
-void csr_i8(const SparseView& w, const int32_t* q32, int64_t ldq, bool transposed, int64_t m0, int64_t m1,
-            const Epilogue& ep, int64_t n0, int64_t n1) {
-    if (transposed) {
+void csr_i8(const SparseView& w, const CsrI8Act& a, int64_t m0, int64_t m1, const Epilogue& ep, int64_t n0,
+            int64_t n1) {
+    const auto* q32 = static_cast<const int32_t*>(a.q);
+    const int64_t ldq = a.ld;
+    if (a.transposed) {
         for (int64_t m = m0; m < m1; m += 64) {
             const int64_t e = std::min<int64_t>(m1, m + 64);
             switch ((e - m + 15) / 16) {
