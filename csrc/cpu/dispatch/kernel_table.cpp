@@ -5,6 +5,7 @@
 #include <atomic>
 
 #include "cpu/engine.h"
+#include "cpu/formats/sparse/traits.h"
 #include "cpu/isa/avx2/kernels.h"
 #include "cpu/isa/avx512_vbmi/kernels.h"
 #include "cpu/isa/avx512_vnni/kernels.h"
@@ -34,7 +35,7 @@ Tables fill_tables() {
     t.quantize_rows = ref::quantize_rows;
     t.gemm = ref::gemm;
     t.csr = {ref::csr_f32, ref::csr_i8, 0, false};
-    t.panel = ref::panel;
+    t.panel = decompress_panel;  // one portable decompress for every ISA
     t.ell_f32 = ref::ell_f32;
     s.level[kRefLevel] = t;
 

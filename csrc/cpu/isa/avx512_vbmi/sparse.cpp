@@ -5,6 +5,8 @@
 
 #include <cstring>
 
+#include "cpu/formats/sparse/ell.h"
+#include "cpu/formats/sparse/nm.h"
 #include "cpu/isa/avx512_vbmi/kernels.h"
 #include "cpu/isa/avx512_vnni/avx512_inl.h"
 

@@ -16,7 +16,6 @@ void csr_f32(const SparseView& w, const float* x, int64_t ldx, const float* xt, 
              int64_t m1, const float* bias, float* out, int64_t ldo, int64_t n0, int64_t n1);  // reads x, never xt
 void csr_i8(const SparseView& w, const CsrI8Act& a, int64_t m0, int64_t m1, const Epilogue& ep, int64_t n0,
             int64_t n1);  // int8 rows
-void panel(const SparseView& w, int64_t nb, int8_t* out);
 void ell_f32(const SparseView& w, const float* xp, int64_t ldp, int64_t m0, int64_t m1, const float* bias,
              float* out, int64_t ldo, int64_t nb0, int64_t nb1);
 
