@@ -30,10 +30,11 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes, const float* sw,
                    const float* bias, void* out, DType out_dt, int64_t ldo);
 
-// Machine-limit probes for the benchmarks, run on every pool thread at once.
+// Machine-limit probes for the benchmarks, run on every thread at once.
 // dot_peak: register-only multiply-adds of the active ISA's int8 dot instruction; returns how many
 // int8 multiply-adds were done (time it from Python). read_bandwidth: each thread streams its share
 // of buf (nbytes, 64-byte aligned, a multiple of 256 * threads) `repeats` times; returns bytes read.
+// It uses the machine's own (AVX-512) kernel whatever the ISA cap: it measures the machine.
 Status dot_peak(int64_t iters_per_thread, int64_t* macs);
 Status read_bandwidth(const uint8_t* buf, int64_t nbytes, int64_t repeats, int64_t* bytes);
 
