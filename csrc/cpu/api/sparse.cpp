@@ -65,7 +65,7 @@ bool panel_gemm(const KernelTable& kt, const Activations& a, const SparseView& w
 // format's kernel in kt, else its decompressed panels on kt's dense gemm.
 Status run_panels(const KernelTable& kt, const FormatTraits& f, const Activations& a, const SparseView& w,
                   const Epilogue& ep) {
-    const SparseGemmFn kernel = kt.*f.kernel;
+    SparseGemmKernel* const kernel = kt.*f.kernel;
     std::atomic<bool> oom{false};
     const int64_t nblocks = w.np / kNBlock;
     const WorkSplit s = work_split(a.m, nblocks);

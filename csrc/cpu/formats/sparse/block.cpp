@@ -103,21 +103,9 @@ void panel(const SparseView& v, int64_t nb, int8_t* out) {
 
 }  // namespace
 
-FormatTraits block_traits() {
-    FormatTraits f;
-    f.fmt = SparseFormat::kBlockI8;
-    f.int8 = true;
-    f.reads_version1 = true;
-    f.run = SparseRun::kPanels;
-    f.kernel = &KernelTable::block_i8;
-    f.plan = plan;
-    f.layout = layout;
-    f.header_ok = header_ok;
-    f.pack = pack;
-    f.view = view;
-    f.validate = validate;
-    f.panel = panel;
-    return f;
-}
+const FormatTraits kBlockTraits = {
+    SparseFormat::kBlockI8, /*int8=*/true, /*reads_version1=*/true, SparseRun::kPanels, &KernelTable::block_i8,
+    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel,
+};
 
 }  // namespace fastinfer::cpu

@@ -9,10 +9,10 @@
 namespace fastinfer::cpu {
 
 const FormatTraits* format_traits(uint32_t fmt) {
-    static const FormatTraits all[] = {csr_f32_traits(), csr_i8_traits(), nm24_traits(),
-                                       block_traits(),   ell_i8_traits(), ell_f32_traits()};
-    for (const FormatTraits& f : all)
-        if (uint32_t(f.fmt) == fmt) return &f;
+    static const FormatTraits* const all[] = {&kCsrF32Traits, &kCsrI8Traits, &kNm24Traits,
+                                              &kBlockTraits,  &kEllI8Traits, &kEllF32Traits};
+    for (const FormatTraits* f : all)
+        if (uint32_t(f->fmt) == fmt) return f;
     return nullptr;
 }
 

@@ -98,25 +98,15 @@ void unpack(const SparseView& v, void* w) {
         }
 }
 
-FormatTraits csr_traits(SparseFormat fmt) {
-    FormatTraits f;
-    f.fmt = fmt;
-    f.int8 = fmt == SparseFormat::kCsrI8;
-    f.reads_version1 = true;
-    f.run = f.int8 ? SparseRun::kCsrI8 : SparseRun::kCsrF32;
-    f.plan = plan;
-    f.layout = layout;
-    f.header_ok = header_ok;
-    f.pack = pack;
-    f.view = view;
-    f.validate = validate;
-    f.unpack = unpack;
-    return f;
-}
-
 }  // namespace
 
-FormatTraits csr_f32_traits() { return csr_traits(SparseFormat::kCsrF32); }
-FormatTraits csr_i8_traits() { return csr_traits(SparseFormat::kCsrI8); }
+const FormatTraits kCsrF32Traits = {
+    SparseFormat::kCsrF32, /*int8=*/false, /*reads_version1=*/true, SparseRun::kCsrF32, /*kernel=*/nullptr,
+    plan, layout, header_ok, pack, view, validate, unpack, /*panel=*/nullptr,
+};
+const FormatTraits kCsrI8Traits = {
+    SparseFormat::kCsrI8, /*int8=*/true, /*reads_version1=*/true, SparseRun::kCsrI8, /*kernel=*/nullptr,
+    plan, layout, header_ok, pack, view, validate, unpack, /*panel=*/nullptr,
+};
 
 }  // namespace fastinfer::cpu

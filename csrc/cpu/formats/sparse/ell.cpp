@@ -93,48 +93,49 @@ bool header_ok(const SparseHeader& h) {
            (!is_f32(h) || h.kp <= kEllF32MaxK) && (h.flags == 0 || h.flags == kSparseEllPaired);
 }
 
-void pack_i8(const void* w, int64_t ldw, const SparseHeader& h, const SparseLayout& l, uint8_t* out) {
-    const auto* w8 = static_cast<const int8_t*>(w);
-    fill_colsum(w8, h.n, h.k, ldw, h.np, reinterpret_cast<int32_t*>(out + l.colsum));
+// The steps of every block, in plan order, and their pointers: write(step, nb, base, cols, cnt) fills
+// each step's step_bytes bytes (zeroed).
+template <class F>
+void pack_steps(const void* w, int64_t ldw, const SparseHeader& h, const SparseLayout& l, uint8_t* out,
+                int64_t step_bytes, F&& write) {
     auto* stepptr = reinterpret_cast<int64_t*>(out + l.stepptr);
-    uint8_t* steps = out + l.steps;
     int64_t t = 0;
     for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
         stepptr[nb] = t;
         plan_block(w, ldw, h, nb, h.flags & kSparseEllPaired, [&](int64_t base, const int64_t(*cols)[4], const int* cnt) {
-            uint8_t* st = steps + t * kEllStep;
-            for (int b = 0; b < 64; ++b) st[b] = uint8_t(((uint64_t(base / 64) >> b) & 1) << 7);
-            for (int64_t j = 0; j < kNBlock; ++j)
-                for (int e = 0; e < cnt[j]; ++e) {
-                    st[4 * j + e] |= uint8_t(cols[j][e] - base);
-                    st[64 + 4 * j + e] = uint8_t(w8[(nb * kNBlock + j) * ldw + cols[j][e]]);
-                }
+            write(out + l.steps + t * step_bytes, nb, base, cols, cnt);
             ++t;
         });
     }
     stepptr[h.np / kNBlock] = t;
 }
 
+void pack_i8(const void* w, int64_t ldw, const SparseHeader& h, const SparseLayout& l, uint8_t* out) {
+    const auto* w8 = static_cast<const int8_t*>(w);
+    fill_colsum(w8, h.n, h.k, ldw, h.np, reinterpret_cast<int32_t*>(out + l.colsum));
+    pack_steps(w, ldw, h, l, out, kEllStep,
+               [&](uint8_t* st, int64_t nb, int64_t base, const int64_t(*cols)[4], const int* cnt) {
+        for (int b = 0; b < 64; ++b) st[b] = uint8_t(((uint64_t(base / 64) >> b) & 1) << 7);
+        for (int64_t j = 0; j < kNBlock; ++j)
+            for (int e = 0; e < cnt[j]; ++e) {
+                st[4 * j + e] |= uint8_t(cols[j][e] - base);
+                st[64 + 4 * j + e] = uint8_t(w8[(nb * kNBlock + j) * ldw + cols[j][e]]);
+            }
+    });
+}
+
 void pack_f32(const void* w, int64_t ldw, const SparseHeader& h, const SparseLayout& l, uint8_t* out) {
     const auto* wf = static_cast<const float*>(w);
-    auto* stepptr = reinterpret_cast<int64_t*>(out + l.stepptr);
-    uint8_t* steps = out + l.steps;
-    int64_t t = 0;
-    for (int64_t nb = 0; nb < h.np / kNBlock; ++nb) {
-        stepptr[nb] = t;
-        plan_block(w, ldw, h, nb, h.flags & kSparseEllPaired, [&](int64_t base, const int64_t(*cols)[4], const int* cnt) {
-            uint8_t* st = steps + t * kEllF32Step;
-            auto* vals = reinterpret_cast<float*>(st);
-            for (int b = 0; b < 16; ++b) st[64 + b] = uint8_t(((uint64_t(base / kEllF32Align) >> b) & 1) << 7);
-            for (int64_t j = 0; j < kNBlock; ++j)
-                if (cnt[j]) {
-                    st[64 + j] |= uint8_t(0x40 | (cols[j][0] - base));
-                    vals[j] = wf[(nb * kNBlock + j) * ldw + cols[j][0]];
-                }
-            ++t;
-        });
-    }
-    stepptr[h.np / kNBlock] = t;
+    pack_steps(w, ldw, h, l, out, kEllF32Step,
+               [&](uint8_t* st, int64_t nb, int64_t base, const int64_t(*cols)[4], const int* cnt) {
+        auto* vals = reinterpret_cast<float*>(st);
+        for (int b = 0; b < 16; ++b) st[64 + b] = uint8_t(((uint64_t(base / kEllF32Align) >> b) & 1) << 7);
+        for (int64_t j = 0; j < kNBlock; ++j)
+            if (cnt[j]) {
+                st[64 + j] |= uint8_t(0x40 | (cols[j][0] - base));
+                vals[j] = wf[(nb * kNBlock + j) * ldw + cols[j][0]];
+            }
+    });
 }
 
 Status view(const uint8_t* buf, const SparseLayout& l, SparseView* v) {
@@ -225,37 +226,15 @@ void panel_i8(const SparseView& v, int64_t nb, int8_t* out) {
     }
 }
 
-FormatTraits ell_traits(SparseFormat fmt) {
-    FormatTraits f;
-    f.fmt = fmt;
-    f.int8 = fmt == SparseFormat::kEllI8;
-    f.reads_version1 = false;
-    f.plan = plan;
-    f.layout = layout;
-    f.header_ok = header_ok;
-    f.view = view;
-    return f;
-}
-
 }  // namespace
 
-FormatTraits ell_i8_traits() {
-    FormatTraits f = ell_traits(SparseFormat::kEllI8);
-    f.run = SparseRun::kPanels;
-    f.kernel = &KernelTable::ell_i8;
-    f.pack = pack_i8;
-    f.validate = validate_i8;
-    f.panel = panel_i8;
-    return f;
-}
-
-FormatTraits ell_f32_traits() {
-    FormatTraits f = ell_traits(SparseFormat::kEllF32);
-    f.run = SparseRun::kEllF32;
-    f.pack = pack_f32;
-    f.validate = validate_f32;
-    f.unpack = unpack_f32;
-    return f;
-}
+const FormatTraits kEllI8Traits = {
+    SparseFormat::kEllI8, /*int8=*/true, /*reads_version1=*/false, SparseRun::kPanels, &KernelTable::ell_i8,
+    plan, layout, header_ok, pack_i8, view, validate_i8, /*unpack=*/nullptr, panel_i8,
+};
+const FormatTraits kEllF32Traits = {
+    SparseFormat::kEllF32, /*int8=*/false, /*reads_version1=*/false, SparseRun::kEllF32, /*kernel=*/nullptr,
+    plan, layout, header_ok, pack_f32, view, validate_f32, unpack_f32, /*panel=*/nullptr,
+};
 
 }  // namespace fastinfer::cpu

@@ -108,21 +108,9 @@ void panel(const SparseView& v, int64_t nb, int8_t* out) {
 
 }  // namespace
 
-FormatTraits nm24_traits() {
-    FormatTraits f;
-    f.fmt = SparseFormat::kNm24I8;
-    f.int8 = true;
-    f.reads_version1 = false;
-    f.run = SparseRun::kPanels;
-    f.kernel = &KernelTable::nm24_i8;
-    f.plan = plan;
-    f.layout = layout;
-    f.header_ok = header_ok;
-    f.pack = pack;
-    f.view = view;
-    f.validate = validate;
-    f.panel = panel;
-    return f;
-}
+const FormatTraits kNm24Traits = {
+    SparseFormat::kNm24I8, /*int8=*/true, /*reads_version1=*/false, SparseRun::kPanels, &KernelTable::nm24_i8,
+    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel,
+};
 
 }  // namespace fastinfer::cpu

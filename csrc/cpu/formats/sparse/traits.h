@@ -1,6 +1,7 @@
 // A sparse format is a traits object (ggml's tensor_traits): everything the generic code of
 // api/sparse_buffers.cpp and api/sparse.cpp needs from a format, so adding one touches its own
 // files, its line in format_traits() (common.cpp) and, where it has SIMD kernels, the kernel table.
+// The members in aggregate order: each format file spells its traits out in one initializer.
 #pragma once
 
 #include "cpu/dispatch/kernel_table.h"
@@ -17,7 +18,7 @@ struct FormatTraits {
     bool reads_version1 = false;  // buffers of version 1 have this format's current layout
     SparseRun run = SparseRun::kCsrF32;
     // kPanels: the kernel table's slot for the format; a null slot runs panel() on the dense gemm.
-    SparseGemmFn KernelTable::*kernel = nullptr;
+    SparseGemmKernel* KernelTable::*kernel = nullptr;
 
     // Fills the format's header fields (idx_bytes, nnz, flags) for w [h->n, h->k] (row stride ldw;
     // the shared fields are set). Fails when w does not fit the format.
@@ -43,14 +44,10 @@ struct FormatTraits {
 const FormatTraits* format_traits(uint32_t fmt);
 
 // Block nb of a kPanels format as its dense K4N16 panel (16 * kp bytes): the portable decompress
-// of every kernel table (PanelFn) and of unpack.
+// of every kernel table (a PanelKernel) and of unpack.
 void decompress_panel(const SparseView& v, int64_t nb, int8_t* out);
 
-FormatTraits csr_f32_traits();
-FormatTraits csr_i8_traits();
-FormatTraits nm24_traits();
-FormatTraits block_traits();
-FormatTraits ell_i8_traits();
-FormatTraits ell_f32_traits();
+// One per format (its .cpp file); format_traits() lists them.
+extern const FormatTraits kCsrF32Traits, kCsrI8Traits, kNm24Traits, kBlockTraits, kEllI8Traits, kEllF32Traits;
 
 }  // namespace fastinfer::cpu
