@@ -1,12 +1,12 @@
 // pybind11 shim: raw addresses and sizes in, Status -> Python exception out, GIL released around
-// every kernel. No torch headers: fastinfer/ops.py hands us data_ptr() integers.
+// every kernel. No torch headers: fastinfer.ops hands us data_ptr() integers.
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
 
-#include "cpu/cpu_features.h"
+#include "cpu/runtime/cpu_features.h"
 #include "cpu/engine.h"
-#include "cpu/large_buffer.h"
+#include "cpu/runtime/large_buffer.h"
 #include "cpu/runtime/malloc_tune.h"
 #include "cpu/sparse.h"
 
@@ -167,7 +167,7 @@ PYBIND11_MODULE(_C, m) {
     });
     m.def("int8_linear", int8_linear_binding(&fc::int8_linear));
 
-    // ---- sparse formats and kernels (fastinfer/sparse_ops.py)
+    // ---- sparse formats and kernels
     m.def("sparse_measure", [](int fmt, uintptr_t w, int64_t n, int64_t k, int64_t ldw) {
         int64_t nbytes = 0;
         Status st;

@@ -1,5 +1,6 @@
-// Shared declarations of the torch-free CPU engine: status codes, ISA names, the packed-weight
-// layout and the per-ISA kernel entry points. Nothing here includes an ISA intrinsic header.
+// Shared declarations of the torch-free CPU engine: status codes, ISA names, the blocking, and what
+// every GEMM kernel reads and writes (activations, epilogue). Nothing here includes an ISA
+// intrinsic header.
 #pragma once
 
 #include <cstddef>
@@ -27,38 +28,19 @@ const char* isa_name(Isa isa);
 
 enum class DType : int { kF32 = 0, kBF16 = 1, kI32 = 2 };
 
-// Packed int8 weights ("K4N16"): W[N,K] stored as blocks of 16 output channels; inside a block,
-// for each group of 4 consecutive k, the 4 bytes of channel 0, then channel 1, ... (64 bytes a group).
-// This is the operand order of vpdpbusd (one zmm = 16 channels x 4 k) and of an AMX B tile.
-// N is padded to a multiple of 16, K to a multiple of 64, padding is zero.
-// Buffer: [header 64 B][colsum int32 x Np][blocks int8 x Np*Kp].
-constexpr uint32_t kPackMagic = 0x57384946u;  // "FI8W"
-constexpr uint32_t kPackVersion = 1;
-constexpr uint32_t kLayoutK4N16 = 1;
+// Weights are processed in blocks of kNBlock output channels (one zmm of int32 sums); K is padded
+// to a multiple of kKAlign (one zmm of int8 activations).
 constexpr int64_t kNBlock = 16;
 constexpr int64_t kKAlign = 64;
-
-struct PackHeader {
-    uint32_t magic;
-    uint32_t version;
-    uint32_t layout;
-    uint32_t reserved;
-    int64_t n, k, np, kp;
-    uint8_t pad[64 - 48];
-};
-static_assert(sizeof(PackHeader) == 64, "header is 64 bytes");
+// Largest M, N or K an entry point accepts: every size product stays far from int64 overflow. (The
+// int32 sums are exact for K up to 2^17; beyond, exact mod 2^32 like a wrapping int32 matmul.)
+constexpr int64_t kMaxDim = int64_t(1) << 40;
 
 constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-constexpr int64_t packed_nbytes(int64_t n, int64_t k) {
-    return int64_t(sizeof(PackHeader)) + 4 * round_up(n, kNBlock) + round_up(n, kNBlock) * round_up(k, kKAlign);
-}
 
-// A read-only view of a packed buffer after its header was checked.
-struct PackedW {
-    int64_t n, k, np, kp;
-    const int32_t* colsum;  // [np]: sum over k of W[n, k] (zero for padding channels)
-    const int8_t* data;     // [np/16][kp/4][16][4]
-};
+// Sizes of a [m, k] operand with row stride ld: not negative, at most kMaxDim, ld >= k (m > 0).
+// what names the entry point in the message.
+Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
 
 // Where the GEMM result goes. kind kI32: out[m,n] = acc (exact, wrapping mod 2^32).
 // kind kF32/kBF16: out[m,n] = acc * sa[m] * sw[n] + bias[n] (bias may be null), computed in fp32.
@@ -78,29 +60,6 @@ struct Activations {
     int64_t m;
     int64_t ldq;
 };
-
-// Per-ISA kernels. Each computes rows [m0, m1) and 16-channel blocks [nb0, nb1).
-namespace ref {
-void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
-                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8);
-void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
-          int64_t nb0, int64_t nb1);
-}  // namespace ref
-namespace avx2 {
-void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
-                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8);
-void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
-          int64_t nb0, int64_t nb1);
-int64_t dot_peak(int64_t iters);  // iters * 12 * 16 multiply-adds, registers only
-}  // namespace avx2
-namespace avx512_vnni {
-void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
-                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8);
-void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
-          int64_t nb0, int64_t nb1);
-int64_t dot_peak(int64_t iters);                     // iters * 24 * 64 multiply-adds, registers only
-int64_t read_sum(const uint8_t* p, int64_t nbytes);  // nbytes % 256 == 0, p 64-byte aligned
-}  // namespace avx512_vnni
 
 // Scalar helpers shared by every path (exactly the same float operations as the SIMD code).
 // In an unnamed namespace: each file gets its own copy compiled with its own flags, so the linker

@@ -4,21 +4,15 @@
 #pragma once
 
 #include "cpu/common.h"
+#include "cpu/formats/k4n16.h"    // pack_weight, view_packed, unpack_weight
 #include "cpu/runtime/threads.h"  // num_threads, set_num_threads
 
 namespace fastinfer::cpu {
 
-// The ISA used by the next call: the detected one, lowered by set_isa_cap. Read on every call.
+// The ISA of the next call: the detected one, lowered by set_isa_cap. Each call runs wholly on the
+// kernel table of the ISA active when it starts (dispatch/kernel_table.h).
 Isa active_isa();
 Status set_isa_cap(int isa);  // must be <= detected_isa()
-
-// Packs W int8 [n, k] (row stride ldw) into out, which holds packed_nbytes(n, k) bytes.
-Status pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t ldw, uint8_t* out,
-                   int64_t out_nbytes);
-// Checks a packed buffer's header and returns a view of it.
-Status view_packed(const uint8_t* buf, int64_t nbytes, PackedW* view);
-// Unpacks back to W int8 [n, k] (contiguous).
-Status unpack_weight(const uint8_t* buf, int64_t nbytes, int8_t* w);
 
 // q int8 [m, k] (row stride ldq) and scale fp32 [m] from x fp32/bf16 [m, k] (row stride ldx):
 // symmetric per row, scale = max|x|/127, q = round_half_even(x * (127/max|x|)) in [-127, 127].
@@ -36,10 +30,11 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes, const float* sw,
                    const float* bias, void* out, DType out_dt, int64_t ldo);
 
-// Machine-limit probes for the benchmarks, run on every pool thread at once.
+// Machine-limit probes for the benchmarks, run on every thread at once.
 // dot_peak: register-only multiply-adds of the active ISA's int8 dot instruction; returns how many
 // int8 multiply-adds were done (time it from Python). read_bandwidth: each thread streams its share
 // of buf (nbytes, 64-byte aligned, a multiple of 256 * threads) `repeats` times; returns bytes read.
+// It uses the machine's own (AVX-512) kernel whatever the ISA cap: it measures the machine.
 Status dot_peak(int64_t iters_per_thread, int64_t* macs);
 Status read_bandwidth(const uint8_t* buf, int64_t nbytes, int64_t repeats, int64_t* bytes);
 

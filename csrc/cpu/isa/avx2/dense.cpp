@@ -7,7 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "cpu/common.h"
+#include "cpu/isa/avx2/kernels.h"
+#include "cpu/isa/ref/kernels.h"
 
 namespace fastinfer::cpu::avx2 {
 namespace {

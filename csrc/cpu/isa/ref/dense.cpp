@@ -1,9 +1,8 @@
-// Portable reference kernels: the fallback path and the definition every SIMD path must match
-// bit for bit (int32 results) or operation for operation (fp32 epilogue).
+// Portable reference kernels, dense int8: per-token quantization and the K4N16 GEMM.
 #include <cmath>
 #include <cstring>
 
-#include "cpu/common.h"
+#include "cpu/isa/ref/kernels.h"
 
 namespace fastinfer::cpu::ref {
 

@@ -5,8 +5,10 @@
 
 #include <cstring>
 
-#include "cpu/avx512_inl.h"
-#include "cpu/sparse.h"
+#include "cpu/formats/sparse/ell.h"
+#include "cpu/formats/sparse/nm.h"
+#include "cpu/isa/avx512_vbmi/kernels.h"
+#include "cpu/isa/avx512_vnni/avx512_inl.h"
 
 namespace fastinfer::cpu::avx512_vbmi {
 namespace {

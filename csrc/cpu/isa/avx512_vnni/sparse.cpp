@@ -1,11 +1,14 @@
-// AVX-512 sparse kernels (same flags as kernels_avx512_vnni.cpp): unstructured CSR for fp32 and int8
+// AVX-512 sparse kernels (same flags as the dense ones): unstructured CSR for fp32 and int8
 // weights, fp32 ell, and block-sparse int8 that skips all-zero 16 x 64 tiles in the VNNI GEMM.
 #include <immintrin.h>
 
 #include <cstring>
 
-#include "cpu/avx512_inl.h"
-#include "cpu/sparse.h"
+#include "cpu/formats/sparse/block.h"
+#include "cpu/formats/sparse/csr.h"
+#include "cpu/formats/sparse/ell.h"
+#include "cpu/isa/avx512_vnni/avx512_inl.h"
+#include "cpu/isa/avx512_vnni/kernels.h"
 
 namespace fastinfer::cpu::avx512_vnni {
 namespace {
@@ -14,11 +17,6 @@ inline __m512i load_idx(const SparseView& w, int64_t j, __mmask16 mk) {
     if (w.idx_bytes == 2)
         return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(w.idx) + j));
     return _mm512_maskz_loadu_epi32(mk, static_cast<const int32_t*>(w.idx) + j);
-}
-
-inline int64_t col(const SparseView& w, int64_t j) {
-    return w.idx_bytes == 2 ? int64_t(static_cast<const uint16_t*>(w.idx)[j])
-                            : int64_t(static_cast<const int32_t*>(w.idx)[j]);
 }
 
 // ---- fp32 CSR. Few rows: 16 nonzeros at a time, x gathered by column index.
@@ -54,7 +52,7 @@ void csr_f32_t(const SparseView& w, const float* xt, int64_t ldt, int64_t m0, in
         _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) acc[b] = _mm512_setzero_ps();
         for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j) {
             const __m512 v = _mm512_set1_ps(vals[j]);
-            const float* p = xt + col(w, j) * ldt + m0;
+            const float* p = xt + csr_col(w, j) * ldt + m0;
             _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) acc[b] = _mm512_fmadd_ps(v, _mm512_loadu_ps(p + 16 * b), acc[b]);
         }
         const __m512 bv = _mm512_set1_ps(bias ? bias[n] : 0.f);
@@ -96,7 +94,7 @@ void csr_i8_t(const SparseView& w, const int32_t* qt, int64_t ldt, int64_t m0, i
         _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b) acc[b] = _mm512_setzero_si512();
         for (int64_t j = w.rowptr[n]; j < w.rowptr[n + 1]; ++j) {
             const __m512i v = _mm512_set1_epi32(int32_t(vals[j]));
-            const int32_t* p = qt + col(w, j) * ldt + m0;
+            const int32_t* p = qt + csr_col(w, j) * ldt + m0;
             _Pragma("GCC unroll 8") for (int b = 0; b < MB; ++b)
                 acc[b] = _mm512_add_epi32(acc[b], _mm512_madd_epi16(_mm512_loadu_si512(p + 16 * b), v));
         }
@@ -266,9 +264,11 @@ void csr_f32(const SparseView& w, const float* x, int64_t ldx, const float* xt, 
     }
 }
 
-void csr_i8(const SparseView& w, const int32_t* q32, int64_t ldq, bool transposed, int64_t m0, int64_t m1,
-            const Epilogue& ep, int64_t n0, int64_t n1) {
-    if (transposed) {
+void csr_i8(const SparseView& w, const CsrI8Act& a, int64_t m0, int64_t m1, const Epilogue& ep, int64_t n0,
+            int64_t n1) {
+    const auto* q32 = static_cast<const int32_t*>(a.q);
+    const int64_t ldq = a.ld;
+    if (a.transposed) {
         for (int64_t m = m0; m < m1; m += 64) {
             const int64_t e = std::min<int64_t>(m1, m + 64);
             switch ((e - m + 15) / 16) {

@@ -2,7 +2,7 @@
 // plus, for AMX, Linux's per-process permission to use tile data (arch_prctl).
 #include <cpuid.h>
 
-#include "cpu/cpu_features.h"
+#include "cpu/runtime/cpu_features.h"
 
 #if defined(__linux__)
 #include <sys/syscall.h>

@@ -6,8 +6,8 @@
 
 #include <cstring>
 
-#include "cpu/avx512_inl.h"
-#include "cpu/common.h"
+#include "cpu/isa/avx512_vnni/avx512_inl.h"
+#include "cpu/isa/avx512_vnni/kernels.h"
 
 namespace fastinfer::cpu::avx512_vnni {
 namespace {

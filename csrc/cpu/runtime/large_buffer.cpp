@@ -1,4 +1,4 @@
-#include "cpu/large_buffer.h"
+#include "cpu/runtime/large_buffer.h"
 
 #include <cstdlib>
 #include <mutex>

@@ -6,7 +6,7 @@
 
 #include <type_traits>
 
-#include "cpu/common.h"
+#include "cpu/formats/k4n16.h"
 
 namespace fastinfer::cpu {
 namespace {

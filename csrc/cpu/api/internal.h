@@ -1,23 +1,14 @@
-// Engine internals shared by the dense (dispatch.cpp) and sparse (sparse.cpp) entry points:
-// the per-ISA kernel table, per-thread scratch, size checks and the dense GEMM work split.
+// Shared by the entry points of csrc/cpu/api/ (baseline flags): per-thread scratch, the work split
+// over threads, and the activation buffers every int8 GEMM reads.
 #pragma once
 
 #include <cstdlib>
 #include <memory>
 
 #include "cpu/common.h"
+#include "cpu/dispatch/kernel_table.h"
 
 namespace fastinfer::cpu::detail {
-
-struct Kernels {
-    void (*quantize_rows)(const void*, DType, int64_t, int64_t, int64_t, int64_t, int8_t*, int64_t,
-                          int64_t, float*, bool);
-    void (*gemm)(const Activations&, const PackedW&, const Epilogue&, int64_t, int64_t, int64_t,
-                 int64_t);
-    bool shift_u8;  // activations stored as q + 128 (vpdpbusd is u8 x s8)
-};
-
-Kernels kernels_for(Isa isa);
 
 // 64-byte aligned scratch, grown on demand and reused across calls.
 struct Scratch {
@@ -37,9 +28,7 @@ struct Scratch {
 };
 extern thread_local Scratch t_scratch;  // the calling thread's activation buffer
 
-Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
-
-// How a GEMM over m rows and nblocks 16-channel blocks is cut into pool tasks: task t covers row
+// How a GEMM over m rows and nblocks 16-channel blocks is cut into parallel_for tasks: task t covers row
 // chunk t % nmchunks and blocks [g * group, (g + 1) * group) for g = t / nmchunks.
 struct WorkSplit {
     int64_t group, ngroups, mchunk, nmchunks;
@@ -52,8 +41,8 @@ WorkSplit work_split(int64_t m, int64_t nblocks, int64_t many_rows = 96);
 Status prepare_activations(int64_t m, int64_t kp, int8_t** q, float** sa);
 // Copies int8 a [m, k] (row stride lda) into q (rows of kp bytes, zero padded), XOR 0x80 when shift.
 void copy_activations(const int8_t* a, int64_t m, int64_t k, int64_t lda, int8_t* q, int64_t kp, bool shift);
-// Quantizes x [m, k] into q (rows of kp bytes, zero padded; shifted to u8 when kr.shift_u8).
-void quantize_activations(const Kernels& kr, const void* x, DType dt, int64_t m, int64_t k,
-                          int64_t ldx, int8_t* q, int64_t kp, float* sa);
+// Quantizes x [m, k] into q (rows of kp bytes, zero padded; shifted to u8 when shift) with kt's kernel.
+void quantize_activations(const KernelTable& kt, const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
+                          int8_t* q, int64_t kp, float* sa, bool shift);
 
 }  // namespace fastinfer::cpu::detail

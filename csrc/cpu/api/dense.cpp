@@ -1,0 +1,88 @@
+// Dense int8 entry points: per-token quantization, the exact int8 matmul and the int8 linear. Each
+// reads the kernel table once and runs the whole call on it.
+#include <algorithm>
+#include <string>
+
+#include "cpu/api/internal.h"
+#include "cpu/engine.h"
+#include "cpu/runtime/threads.h"
+
+namespace fastinfer::cpu {
+
+using namespace detail;
+
+namespace {
+
+void run_gemm(const KernelTable& kt, const Activations& a, const PackedW& w, const Epilogue& ep) {
+    const int64_t nblocks = w.np / kNBlock;
+    const WorkSplit s = work_split(a.m, nblocks);
+    parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+        const int64_t m0 = s.m0(t), nb0 = s.nb0(t);
+        kt.gemm(a, w, ep, m0, std::min(a.m, m0 + s.mchunk), nb0, std::min(nblocks, nb0 + s.group));
+    });
+}
+
+// Checks shared by every GEMM entry: sizes, the packed weight's header, K and the output stride.
+Status check_gemm(const char* name, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
+                  int64_t nbytes, int64_t ldo, PackedW* w) {
+    Status st = check_dims(m, k, ldx, name);
+    if (!st.is_ok()) return st;
+    if (!(st = view_packed(packed, nbytes, w)).is_ok()) return st;
+    if (w->k != k) return Status::invalid(std::string(name) + ": K of the input and the weight differ");
+    if (m > 0 && ldo < w->n) return Status::invalid(std::string(name) + ": out row stride smaller than N");
+    return Status::ok();
+}
+
+}  // namespace
+
+Status quantize_per_token(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, int8_t* q,
+                          int64_t ldq, float* scale) {
+    Status st = check_dims(m, k, ldx, "quantize_per_token");
+    if (!st.is_ok()) return st;
+    if (dt != DType::kF32 && dt != DType::kBF16)
+        return Status::invalid("quantize_per_token: x must be float32 or bfloat16");
+    if (m > 0 && ldq < k) return Status::invalid("quantize_per_token: q row stride smaller than K");
+    const KernelTable& kt = active_kernels();
+    const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+    parallel_for((m + rows - 1) / rows, [&](int64_t t) {
+        kt.quantize_rows(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, q, ldq, k, scale, false);
+    });
+    return Status::ok();
+}
+
+Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* packed,
+                   int64_t packed_nbytes_, int32_t* out, int64_t ldo) {
+    PackedW w;
+    Status st = check_gemm("int8_matmul", m, k, lda, packed, packed_nbytes_, ldo, &w);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
+    const KernelTable& kt = active_kernels();
+    int8_t* q;
+    float* sa;
+    if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
+    copy_activations(a, m, k, lda, q, w.kp, kt.shift_u8);
+    const Epilogue ep{DType::kI32, out, ldo, nullptr, nullptr, nullptr};
+    run_gemm(kt, Activations{q, m, w.kp}, w, ep);
+    return Status::ok();
+}
+
+Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
+                   const uint8_t* packed, int64_t packed_nbytes_, const float* sw,
+                   const float* bias, void* out, DType out_dt, int64_t ldo) {
+    if (dt != DType::kF32 && dt != DType::kBF16)
+        return Status::invalid("int8_linear: x must be float32 or bfloat16");
+    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
+        return Status::invalid("int8_linear: out must be float32 or bfloat16");
+    PackedW w;
+    Status st = check_gemm("int8_linear", m, k, ldx, packed, packed_nbytes_, ldo, &w);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
+    const KernelTable& kt = active_kernels();
+    int8_t* q;
+    float* sa;
+    if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
+    quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, kt.shift_u8);
+    const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
+    run_gemm(kt, Activations{q, m, w.kp}, w, ep);
+    return Status::ok();
+}
+
+}  // namespace fastinfer::cpu

@@ -1,0 +1,102 @@
+// One table of kernel pointers per ISA (the MLAS pattern; DESIGN.md, "Kernel table, per ISA"),
+// filled once from CPUID down the ladder ref -> avx2 -> avx512_vnni -> avx512_vnni+vbmi: each level
+// starts as a copy of the one below and replaces what it has its own kernels for, so a kernel an ISA
+// lacks is the next lower one's, down to ref (the fallback and the test oracle). An entry point reads
+// the active table once (`const KernelTable& kt = active_kernels();`) and passes it down, so a
+// concurrent set_isa_cap or set_sparse_vbmi only decides which table a whole call runs on.
+//
+// The kernels' signatures are function types (MLAS's MLAS_GEMM_FLOAT_KERNEL): an ISA header declares
+// its kernels with them (`GemmKernel gemm;`), so a kernel that does not match its slot does not
+// build (the table takes the declared one's address). Every kernel computes a slice of its output (rows [m0, m1), channels [n0, n1) or
+// 16-channel blocks [nb0, nb1)), so the entry points split the work over threads without changing
+// any result.
+#pragma once
+
+#include "cpu/common.h"
+#include "cpu/formats/k4n16.h"
+#include "cpu/formats/sparse/header.h"
+
+namespace fastinfer::cpu {
+
+// Quantizes rows [m0, m1) of x (fp32 or bf16 [.., k], row stride ldx) per row into q (row stride ldq,
+// zero padded from k to kp; stored as q + 128 when shift_u8) and scale (quantize_per_token's rule).
+using QuantizeRowsKernel = void(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
+                                int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8);
+// Exact int32 sums of a @ W^T (W packed K4N16) through the epilogue.
+using GemmKernel = void(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
+                        int64_t nb0, int64_t nb1);
+// The same on a sparse int8 weight (2:4, block, ell int8): a reads q + 128 when the table's shift_u8.
+using SparseGemmKernel = void(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0,
+                              int64_t m1, int64_t nb0, int64_t nb1);
+// Decompresses 16-channel block nb of a 2:4, block or ell int8 weight to its dense K4N16 panel
+// (16 * kp bytes), which the table's gemm multiplies where the format has no kernel of its own.
+using PanelKernel = void(const SparseView& w, int64_t nb, int8_t* out);
+// fp32 CSR: out[m][n] = x[m] . W[n] + bias[n] (bias may be null), x [.., k] with row stride ldx;
+// xt is x transposed to [k][ldt] when the table's CsrKernels ask for it, else null.
+using CsrF32Kernel = void(const SparseView& w, const float* x, int64_t ldx, const float* xt, int64_t ldt,
+                          int64_t m0, int64_t m1, const float* bias, float* out, int64_t ldo, int64_t n0,
+                          int64_t n1);
+// int8 CSR activations (never shifted): int8 rows q [m][ld], or when the table's CsrKernels widen
+// them, dwords holding uint16(int16(q)) as rows [m][ld], or transposed [k][ld].
+struct CsrI8Act {
+    const void* q;
+    int64_t ld;
+    bool transposed;
+};
+// int8 CSR: exact int32 sums through the epilogue.
+using CsrI8Kernel = void(const SparseView& w, const CsrI8Act& a, int64_t m0, int64_t m1, const Epilogue& ep,
+                         int64_t n0, int64_t n1);
+// fp32 ell: out[m][n] = x[m] . W[n] + bias[n] with xp = x copied to rows of kp floats (zero padded,
+// row stride ldp: kernels may read whole 64-input windows).
+using EllF32Kernel = void(const SparseView& w, const float* xp, int64_t ldp, int64_t m0, int64_t m1,
+                          const float* bias, float* out, int64_t ldo, int64_t nb0, int64_t nb1);
+// Machine-limit probes: register-only multiply-adds (returns a checksum); a streaming read of
+// nbytes (a multiple of 256, 64-byte aligned) summed as int32 lanes.
+using DotPeakKernel = int64_t(int64_t iters);
+using ReadSumKernel = int64_t(const uint8_t* p, int64_t nbytes);
+// Convolution paths (FBGEMM's ConvFastPath: each takes a (thread, nthreads) slice): none built yet.
+struct ConvArgs;
+using ConvKernel = void(const ConvArgs& args, int64_t thread, int64_t nthreads);
+
+// The CSR kernels of one ISA and the activation layout they read (the entry points build it).
+struct CsrKernels {
+    CsrF32Kernel* f32 = nullptr;
+    CsrI8Kernel* i8 = nullptr;
+    int64_t transpose_from = 0;  // from this many rows up, activations transposed to [k][round_up(m, 16)]; 0: never
+    bool widen_i8 = false;       // int8 activations as dwords (see CsrI8Act)
+};
+
+struct KernelTable {
+    const char* name = nullptr;  // "ref", "avx2", "avx512_vnni", "avx512_vnni+vbmi"
+    Isa isa = Isa::kRef;
+    bool vbmi = false;  // the VBMI kernels for 2:4 and ell int8 are in
+
+    // Dense int8. shift_u8 belongs to gemm and the sparse int8 kernels (they read q + 128: vpdpbusd
+    // is u8 x s8, and subtract 128 * colsum); the entry points quantize or copy accordingly. A level
+    // that changes shift_u8 replaces every kernel that reads quantized activations.
+    QuantizeRowsKernel* quantize_rows = nullptr;
+    GemmKernel* gemm = nullptr;
+    bool shift_u8 = false;
+    GemmKernel* amx_gemm = nullptr;  // AMX tiles (tdpbssd): not built yet, null on every CPU
+    ConvKernel* conv = nullptr;      // not built yet
+
+    // Sparse. A null int8 format kernel runs the format's blocks through panel + gemm (exact, not faster).
+    CsrKernels csr;
+    SparseGemmKernel* nm24_i8 = nullptr;
+    SparseGemmKernel* block_i8 = nullptr;
+    SparseGemmKernel* ell_i8 = nullptr;
+    PanelKernel* panel = nullptr;
+    EllF32Kernel* ell_f32 = nullptr;
+
+    // Probes (null where the ISA has none): dot_peak does dot_peak_macs multiply-adds per iteration.
+    DotPeakKernel* dot_peak = nullptr;
+    int64_t dot_peak_macs = 0;
+    ReadSumKernel* read_sum = nullptr;
+};
+
+// The table of active_isa(), with the VBMI kernels unless set_sparse_vbmi(false) took them out.
+const KernelTable& active_kernels();
+// The table of the machine (the detected ISA, whatever the cap): the machine-limit probes.
+const KernelTable& machine_kernels();
+
+}  // namespace fastinfer::cpu
