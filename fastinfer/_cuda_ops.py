@@ -8,42 +8,16 @@ GPU weights use the RN128 layout (fastinfer/_cuda_layout.py): a 64-byte header t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastinfer import _cuda_layout as L
+from fastinfer._runtime import cuda_module
 
 _OUT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
 
 
-@functools.cache
-def _load():
-    """(module, None) or (None, why it is unavailable)."""
-    try:
-        from fastinfer import _C_cuda
-    except ImportError as e:
-        return None, f"fastinfer was built without the CUDA backend ({e})"
-    return _C_cuda, None
-
-
-def status() -> dict:
-    """What fastinfer.info() reports under "cuda"."""
-    mod, why = _load()
-    if mod is None:
-        return {"built": False, "available": False, "reason": why}
-    n = mod.device_count()
-    usable = n > 0 and torch.cuda.is_available()
-    out = {"built": True, "available": usable, "devices": n, "archs": ["sm_80", "sm_90a", "compute_80 (PTX)"]}
-    if usable:
-        out["device"] = torch.cuda.get_device_name(0)
-    else:
-        out["reason"] = "no usable CUDA device (driver or GPU missing)"
-    return out
-
-
 def _mod(opname: str):
-    mod, why = _load()
+    mod, why = cuda_module()
     if mod is None:
         raise RuntimeError(f"fastinfer.{opname}: CUDA tensors need the CUDA backend: {why}")
     return mod

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from fastinfer import _backend, _C, ops
+from fastinfer import _runtime, _C, ops
 from fastinfer import _ops_sparse  # after ops, which loads it
 
 __all__ = [
@@ -289,7 +289,7 @@ class Int8Linear(_FastForward, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, weight=int8 per-channel, act=int8 per-token, "
-            f"kernel={_backend.active_isa()}"
+            f"kernel={_runtime.active_isa()}"
         )
 
 
@@ -403,7 +403,7 @@ class SparseLinear(_SparseBase):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format={self.format} fp32, sparsity={self._repr_sparsity()}, kernel={_backend.active_isa()}"
+            f"format={self.format} fp32, sparsity={self._repr_sparsity()}, kernel={_runtime.active_isa()}"
         )
 
 
@@ -468,5 +468,5 @@ class SparseInt8Linear(_SparseBase):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.format} int8, sparsity={self._repr_sparsity()}, act=int8 per-token, "
-            f"kernel={_backend.active_isa()}"
+            f"kernel={_runtime.active_isa()}"
         )

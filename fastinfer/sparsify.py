@@ -110,9 +110,9 @@ _FP32_ELL_MAX_K = 1 << 20  # the fp32 ell window start is stored in 16 bits (uni
 
 
 def _avx512() -> bool:
-    from fastinfer import _backend
+    from fastinfer import _runtime
 
-    return _backend.active_isa() in ("avx512_vnni", "amx")
+    return _runtime.isa_at_least("avx512_vnni")
 
 
 def _fast_int8_formats() -> set[str]:
