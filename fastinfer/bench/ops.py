@@ -1,6 +1,6 @@
 """Side-by-side benchmark of fastinfer's Int8Linear against PyTorch's CPU peers.
 
-Shared by `fastinfer bench` (fastinfer/cli.py) and the pytest-benchmark suite under bench/.
+Shared by `fastinfer bench --suite dense` (fastinfer/cli.py) and the pytest-benchmark suite under bench/.
 
 Method (the machines we run on are shared and noisy, so we quote ratios, never lone times):
   * every peer of a shape runs in the same process on the same input x (fp32 [M, K]) and the same
@@ -34,6 +34,7 @@ from torch import nn
 
 import fastinfer
 from fastinfer import _runtime, ops
+from fastinfer._runtime import _C
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     "1x4096x4096": (1, 4096, 4096),  # decode, one token
@@ -536,8 +537,6 @@ def int8_peak_tops(isa_name: str | None = None, seconds: float = 0.05, repeats: 
     """Register-only int8 multiply-add rate of the active (or given) ISA's dot instruction on all of
     fastinfer's threads (vpdpbusd chains for avx512_vnni, vpmaddwd for avx2), in TOPS (2 ops per
     multiply-add). The compute ceiling a large-M GEMM can approach; None for the ref path."""
-    from fastinfer import _C
-
     with isa(isa_name) if isa_name else nullcontext():
         if _runtime.active_isa() == "ref":
             return None
