@@ -7,8 +7,10 @@ import weakref
 import torch
 from torch import nn
 
-from fastinfer import _runtime, _C, ops
-from fastinfer import _ops_sparse  # after ops, which loads it
+from fastinfer import _runtime, ops
+from fastinfer.ops._common import DTYPE_CODE, aligned_empty, eager_fast_path
+from fastinfer.ops.linear import prepare_int8_linear
+from fastinfer.ops.sparse import formats_for, prepare_sparse_int8_linear, prepare_sparse_linear
 
 __all__ = [
     "Int8Linear", "SparseInt8Linear", "SparseLinear", "linear_weight_and_bias", "quantize_weight_per_channel",
@@ -65,39 +67,31 @@ def _check_layer_input(layer: nn.Module, x: object) -> None:
 
 
 class _FastCall:
-    """An eager CPU call of a fastinfer linear layer without the op layer's per-call checks (~7 us of Python:
-    a small layer goes from 10 to 3.5 us per call, as fast as nn.Linear; a 90%-sparse 4096x4096
-    layer at M = 1 spends a quarter of its time there otherwise).
+    """An eager CPU call of a fastinfer linear layer without the op layer's per-call checks (~7 us of
+    Python: a small layer goes from 10 to 3.5 us per call, as fast as nn.Linear; a 90%-sparse
+    4096x4096 layer at M = 1 spends a quarter of its time there otherwise).
 
-    Built after a call that ran the full checks (weight validated, shapes, dtypes, alignment), and
-    used only while the layer holds the same buffer objects at the same versions, addresses and
-    sizes: an in-place write through torch bumps a version, a replaced buffer is another object, a
-    storage moved by share_memory_() or `.data =` has another address. Inputs that are not
-    plain CPU float tensors, that autograd or the compiler would see, or that are empty take the
-    full path. Kept outside the module (see _FAST), so copies and pickles of a layer never carry it;
-    it holds the tensors whose addresses it passes, and valid_for re-checks them before each use."""
+    It runs the prepared call (fastinfer/ops/_prepared.py) that the op's own CPU kernel runs, built
+    for the layer's buffers after a call that ran the full checks (weight validated, shapes, dtypes,
+    alignment), and is used only while the layer holds the same buffer objects at the same versions,
+    addresses and sizes: an in-place write through torch bumps a version, a replaced buffer is
+    another object, a storage moved by share_memory_() or `.data =` has another address (no version
+    bump there, and the prepared call passes the old address). Inputs that are not plain CPU float
+    tensors, or that autograd or the compiler would see, take the full path. Kept outside the
+    module (see _FAST), so copies and pickles of a layer never carry it."""
 
-    __slots__ = ("key", "fn", "weight", "scale", "bias", "n", "k", "args")
+    __slots__ = ("key", "run", "k")
 
-    def __init__(self, layer: nn.Module, weight_name: str, fn, weight: torch.Tensor) -> None:
+    def __init__(self, layer: nn.Module, run) -> None:
         bufs = layer._buffers
         self.key = tuple((name, t, None if t is None else (t._version, t.data_ptr(), t.numel()))
-                         for name in _FastCall.names(layer, weight_name) for t in (bufs[name],))  # fmt: skip
-        self.fn, self.weight = fn, weight  # weight: the validated, 64-byte aligned buffer the kernel reads
-        self.scale, self.bias = bufs.get("weight_scale"), bufs["bias"]  # scale None: an fp32 layer
-        self.n, self.k = layer.out_features, layer.in_features
-        # Addresses of the tensors this object holds. A storage can move without a version bump
-        # (share_memory_, pickling for multiprocessing, `t.data = other`), so valid_for compares
-        # each buffer's address and size as well (the private aligned copy is never handed out).
-        b = self.bias.data_ptr() if self.bias is not None else 0
-        if self.scale is None:
-            self.args = (weight.data_ptr(), weight.numel(), b)
-        else:
-            self.args = (weight.data_ptr(), weight.numel(), self.scale.data_ptr(), b)
+                         for name in _FastCall.names(layer) for t in (bufs[name],))  # fmt: skip
+        self.run, self.k = run, layer.in_features
 
     @staticmethod
-    def names(layer: nn.Module, weight_name: str) -> tuple[str, ...]:
-        return (weight_name, "weight_scale", "bias") if "weight_scale" in layer._buffers else (weight_name, "bias")
+    def names(layer: nn.Module) -> tuple[str, ...]:
+        """The buffers the layer's kernel reads."""
+        return (layer._WEIGHT, "weight_scale", "bias") if "weight_scale" in layer._buffers else (layer._WEIGHT, "bias")
 
     def valid_for(self, layer: nn.Module) -> bool:
         bufs = layer._buffers
@@ -110,39 +104,18 @@ class _FastCall:
         if (
             type(x) is not torch.Tensor
             or not x.is_cpu
-            or x.dtype not in ops._DTYPE_CODE
-            or (self.scale is None and x.dtype is not torch.float32)  # fp32 layer: bf16 takes the full path
+            or x.dtype not in DTYPE_CODE
             or x.dim() == 0
             or x.shape[-1] != self.k
-            or x.numel() == 0
             or (x.requires_grad and torch.is_grad_enabled())
         ):
             return None
-        if x.dim() == 2 and x.is_contiguous():  # the common case, without _rows' reshape
-            x2, ld = x, self.k
-        else:
-            x2, ld = ops._rows(x)
-        rows = x2.shape[0]
-        shape = (rows, self.n) if x.dim() == 2 else (*x.shape[:-1], self.n)
-        if rows * self.n * 4 < ops.LARGE_OUTPUT_BYTES:
-            out = torch.empty(shape, dtype=x.dtype)
-        else:
-            out = ops._new_output(shape, x.dtype)
-        if self.scale is None:
-            w, wn, b = self.args
-            self.fn(x2.data_ptr(), rows, self.k, ld, w, wn, b, out.data_ptr(), self.n)
-            return out
-        w, wn, s, b = self.args
-        code = ops._DTYPE_CODE[x.dtype]
-        self.fn(x2.data_ptr(), code, rows, self.k, ld, w, wn, s, b, out.data_ptr(), code, self.n)
-        return out
+        return self.run(x)
 
     @staticmethod
-    def usable(layer: nn.Module, weight_name: str) -> bool:
+    def usable(layer: nn.Module) -> bool:
         """Buffers the fast call can serve: plain, version-tracked CPU tensors (not inference tensors)."""
-        if layer.in_features == 0 or layer.out_features == 0:
-            return False
-        for name in _FastCall.names(layer, weight_name):
+        for name in _FastCall.names(layer):
             t = layer._buffers.get(name)
             if t is None and name == "bias":
                 continue
@@ -157,10 +130,10 @@ _FAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class _FastForward:
     """forward() of the fastinfer linear layers: the layer's _FastCall when it is valid and takes the
-    input, else the checked op; an eager checked call that found no valid _FastCall builds one (a
-    call the fast path declines, e.g. bf16 into an fp32 layer, does not rebuild it). Subclasses give
-    _WEIGHT (the weight buffer's name), _op(x) (the checked op) and _kernel() (the C function and
-    the validated, aligned weight it reads)."""
+    input, else the checked op; an eager checked call that found no valid _FastCall builds one (an
+    input the fast call declines, e.g. one autograd would see, does not rebuild it). Subclasses give
+    _WEIGHT (the weight buffer's name), _op(x) (the checked op) and _prepare() (the op's prepared
+    call for the layer's buffers)."""
 
     _WEIGHT: str
 
@@ -176,8 +149,8 @@ class _FastForward:
             fast = None
         _check_layer_input(self, x)
         y = self._op(x)
-        if fast is None and not traced and ops._eager_fast_path(x) and _FastCall.usable(self, self._WEIGHT):
-            _FAST[self] = _FastCall(self, self._WEIGHT, *self._kernel())  # the checks above passed
+        if fast is None and not traced and eager_fast_path(x) and _FastCall.usable(self):
+            _FAST[self] = _FastCall(self, self._prepare())  # the checks above passed
         return y
 
 
@@ -192,15 +165,6 @@ def _apply_keeping_dtypes(module: nn.Module, apply, fn, recurse) -> dict[str, to
         if new is not None and new.dtype != old.dtype:
             module._buffers[name] = old.to(new.device)
     return before
-
-
-def _unpack_any(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """int8 [n, k] on the CPU from a CPU (K4N16) or GPU (RN128) packed weight."""
-    if packed.device.type == "cuda":
-        from fastinfer._cuda_layout import unpack_rn128
-
-        return unpack_rn128(packed).cpu()
-    return ops.unpack_int8_weight(packed, n, k)
 
 
 class Int8Linear(_FastForward, nn.Module):
@@ -264,7 +228,7 @@ class Int8Linear(_FastForward, nn.Module):
         # A move between CPU and CUDA re-packs: each device's kernels have their own weight layout.
         old_p, new_p = before["packed_weight"], self._buffers["packed_weight"]
         if old_p.device.type != new_p.device.type:
-            w = _unpack_any(old_p, self.out_features, self.in_features)
+            w = ops.unpack_int8_weight(old_p, self.out_features, self.in_features).cpu()
             self._buffers["packed_weight"] = ops.pack_int8_weight(w.to(new_p.device))
         return self
 
@@ -282,8 +246,8 @@ class Int8Linear(_FastForward, nn.Module):
     def _op(self, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias)
 
-    def _kernel(self):
-        return _C.int8_linear, ops._ensure_aligned(self.packed_weight)
+    def _prepare(self):
+        return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features)
 
     def extra_repr(self) -> str:
         return (
@@ -321,7 +285,7 @@ class _SparseBase(_FastForward, nn.Module):
                 )
                 return
             with torch.inference_mode(False):  # a normal tensor (version-tracked), 64-byte aligned
-                self.sparse_weight = ops._aligned_empty(incoming.numel())
+                self.sparse_weight = aligned_empty(incoming.numel())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
 
@@ -376,8 +340,9 @@ class SparseLinear(_SparseBase):
     def from_linear(cls, linear: nn.Module, format: str = "csr") -> SparseLinear:
         """From an nn.Linear (or transformers Conv1D) whose zeros should be skipped; format "csr" or
         "ell" (fastinfer.sparsify picks the faster one for the CPU)."""
-        if format not in ("csr", "ell"):
-            raise ValueError(f"SparseLinear format must be 'csr' or 'ell', got {format!r}")
+        if format not in formats_for(torch.float32):
+            valid = " or ".join(repr(f) for f in formats_for(torch.float32))
+            raise ValueError(f"SparseLinear format must be {valid}, got {format!r}")
         weight, bias = linear_weight_and_bias(linear)
         if weight is None:
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -397,8 +362,8 @@ class SparseLinear(_SparseBase):
     def _op(self, x: torch.Tensor) -> torch.Tensor:
         return ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
 
-    def _kernel(self):  # validation cached by the op just run
-        return _C.sparse_linear_f32, _ops_sparse._check_packed("sparse_linear", self.sparse_weight)
+    def _prepare(self):  # validation cached by the op just run
+        return prepare_sparse_linear(self.sparse_weight, self.bias, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (
@@ -461,8 +426,8 @@ class SparseInt8Linear(_SparseBase):
     def _op(self, x: torch.Tensor) -> torch.Tensor:
         return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias)
 
-    def _kernel(self):  # validation cached by the op just run
-        return _C.sparse_int8_linear, _ops_sparse._check_packed("sparse_int8_linear", self.sparse_weight)
+    def _prepare(self):  # validation cached by the op just run
+        return prepare_sparse_int8_linear(self.sparse_weight, self.weight_scale, self.bias, self.in_features)
 
     def extra_repr(self) -> str:
         return (
