@@ -1,4 +1,4 @@
-"""The layers' eager fast path (fastinfer.nn._FastCall): used after one fully checked call, equal to
+"""The layers' eager fast path (fastinfer/nn/_base.py, _FastCall): used after one fully checked call, equal to
 the op it bypasses, and dropped as soon as a weight buffer is written, replaced or copied."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from torch import nn
 import fastinfer
 from conftest import ISAS
 from fastinfer import ops
-from fastinfer.nn import _FAST, Int8Linear, SparseInt8Linear, SparseLinear
+from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear
+from fastinfer.nn._base import _FAST
 
 LAYERS = pytest.mark.parametrize("which", [0, 1, 2], ids=["Int8Linear", "SparseInt8Linear", "SparseLinear-ell"])
 
