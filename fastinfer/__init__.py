@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (the ops below register with torch.library)
-
 from fastinfer._runtime import __version__, available_isas, info, set_isa, set_num_threads
 from fastinfer import nn, ops
-from fastinfer.convert import QuantConfig, quantize
-from fastinfer.prune import LayerSparsity, prune, sparsity_report
-from fastinfer.sparsify import SparseRule, sparsify
+from fastinfer.config import QuantConfig
+from fastinfer.convert import LayerSparsity, prune, quantize, sparsify, sparsity_report
+from fastinfer.plan import SparseRule
 
 __all__ = [
     "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "info", "nn", "ops",

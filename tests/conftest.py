@@ -20,7 +20,7 @@ import torch
 
 import fastinfer
 from fastinfer import _runtime
-from fastinfer._runtime import ISA_NAMES as ALL_ISA_NAMES
+from fastinfer._runtime import ISA_NAMES as ALL_ISA_NAMES  # noqa: F401  (for the tests)
 
 ISAS = fastinfer.available_isas()
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,10 +16,10 @@ from torch import nn
 
 import fastinfer
 from conftest import trained_digits_mlp
+from fastinfer.convert import calibrate, format_report
 from fastinfer.nn import Int8Linear
 
-P = importlib.import_module("fastinfer.prune")  # the module (fastinfer.prune is the function)
-format_report = P.format_report
+P = importlib.import_module("fastinfer.convert.prune")  # the module (fastinfer.convert.prune is the function)
 
 
 def _linear(weight, bias: bool = False) -> nn.Linear:
@@ -382,7 +382,7 @@ def test_shared_layer_norms_count_every_call():
     model = Shared().eval()
     x = _rand((6, 8))
     layers = {"a": model.a, "c": model.c}
-    norms = P._input_norms(model, layers, [x])
+    norms = calibrate.input_norms(model, layers, [x])
     with torch.no_grad():
         second = torch.relu(model.a(x))
     expect = (x.double().square().sum(0) + second.double().square().sum(0)).sqrt()

@@ -11,8 +11,9 @@ from torch.library import opcheck
 import fastinfer
 from conftest import ISAS, int64_ref, run_python
 from fastinfer import _C, ops
+from fastinfer import SparseRule, sparsify
 from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear
-from fastinfer.sparsify import SparseRule, choose_format, sparsify
+from fastinfer.plan.rules import choose_format
 
 
 def _gen(seed: int) -> torch.Generator:
