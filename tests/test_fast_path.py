@@ -108,28 +108,43 @@ def test_in_place_corruption_of_a_sparse_weight_is_caught_not_run():
 
 @pytest.mark.parametrize("move", ["share_memory", "data", "bias_data"])
 def test_moved_storage_drops_the_fast_path(move):
-    """share_memory_() and `.data =` swap a buffer's storage without a version bump: the fast path
-    must notice (address and size are part of its key), never read the old storage."""
+    """share_memory_() and `.data =` swap a buffer's storage without a version bump (and, here, with
+    the same size): the fast path must notice (the address is part of its key), drop its fast call,
+    rebuild one for the new storage, and never read the old storage."""
     layer = _layers()[1]
     x = torch.randn(2, 96)
     ref = layer(x)
     layer(x)
-    assert _FAST.get(layer) is not None
+    old = _FAST.get(layer)
+    assert old is not None and old.valid_for(layer)
     if move == "share_memory":
-        old = layer.sparse_weight.data_ptr()
+        before = layer.sparse_weight.data_ptr()
         layer.share_memory()
-        assert layer.sparse_weight.data_ptr() != old
-        assert torch.equal(layer(x), ref)
+        assert layer.sparse_weight.data_ptr() != before
     elif move == "data":
-        bad = layer.sparse_weight.clone()
-        bad[0:4] = 0  # the header magic: the full path refuses it
-        layer.sparse_weight.data = bad
-        with pytest.raises(ValueError, match="magic"):
-            layer(x)
+        layer.sparse_weight.data = layer.sparse_weight.clone()  # same bytes, another storage
     else:
-        layer.bias.data = torch.zeros(3)
-        with pytest.raises((TypeError, ValueError)):
-            layer(x)
+        layer.bias.data = torch.full((40,), 7.0)  # same size, other values, another storage
+    assert not old.valid_for(layer)  # versions and sizes are unchanged: only the address tells
+    y = layer(x)
+    rebuilt = _FAST.get(layer)
+    assert rebuilt is not None and rebuilt is not old and rebuilt.valid_for(layer)
+    assert rebuilt.run.weight.data_ptr() == layer.sparse_weight.data_ptr()
+    assert rebuilt.run.bias.data_ptr() == layer.bias.data_ptr()
+    assert torch.equal(y, _slow(layer, x))
+    assert torch.equal(y, ref) == (move != "bias_data")
+
+
+def test_corrupt_storage_swapped_in_is_caught():
+    """A storage swapped in by `.data =` is checked in full before the kernel reads it."""
+    layer = _layers()[1]
+    x = torch.randn(2, 96)
+    layer(x)
+    bad = layer.sparse_weight.clone()
+    bad[0:4] = 0  # the header magic: the full path refuses it
+    layer.sparse_weight.data = bad
+    with pytest.raises(ValueError, match="magic"):
+        layer(x)
 
 
 def test_copies_do_not_share_the_fast_path():
