@@ -120,7 +120,7 @@ class SparseLinear(_SparseBase):
 
 
 class SparseInt8Linear(_SparseBase):
-    """Int8Linear with a pruned int8 weight in a sparse format ("csr", "2:4" or "block"): the same
+    """Int8Linear with a pruned int8 weight in a sparse format (any of ops.SPARSE_FORMATS): the same
     per-channel weight scales, per-token activation quantization and fp32 epilogue, and exactly the
     same output as the dense Int8Linear of the same weights. Built with from_int8linear / from_linear."""
 
