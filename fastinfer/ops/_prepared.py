@@ -3,10 +3,10 @@ output allocation, the empty and K = 0 cases, data_ptr() integers and dtype code
 
 The linear kernels take a prepared call: the weight side (packed weight, scales, bias) checked once
 and resolved to addresses, then called with each input. The registered ops' CPU kernels build one
-per call after their checks; a fastinfer.nn layer keeps the one its last checked call built for as
-long as its buffers stay the same (nn/_base.py). So the eager fast path and the op run the same
-marshalling and cannot drift apart. Inputs reach a prepared call checked: float32 or bfloat16, at
-least 1-D, last dim k.
+per call after their checks; a fastinfer.nn layer keeps the one its last checked call built for
+as long as its buffers stay the same (fastinfer/nn/_base.py). So the eager fast path and the op
+run the same marshalling and cannot drift apart. Inputs reach a prepared call checked: float32 or
+bfloat16, at least 1-D, last dim k.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Every fastinfer op ("fastinfer::..."): its schema and its fake (shape) implementation, which
 torch.compile, torch.export and opcheck run instead of a kernel. The kernels register per device:
-CPU in ops/linear.py and ops/sparse.py, CUDA in ops/cuda.py."""
+CPU in fastinfer/ops/linear.py and fastinfer/ops/sparse.py, CUDA in fastinfer/ops/cuda.py."""
 
 from __future__ import annotations
 

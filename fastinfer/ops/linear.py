@@ -1,8 +1,9 @@
 """Dense int8 ops on the CPU: per-token quantization, K4N16 weight packing, the exact int8 matmul
-and the int8 linear (their CPU kernels and public functions; schemas and fakes in ops/_schema.py).
+and the int8 linear (their CPU kernels and public functions; schemas and fakes in
+fastinfer/ops/_schema.py).
 
 Tensors reach the compiled kernels as data_ptr() integers with sizes and row strides (see
-ops/_prepared.py); the kernels never see torch.
+fastinfer/ops/_prepared.py); the kernels never see torch.
 """
 
 from __future__ import annotations

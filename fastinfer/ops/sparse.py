@@ -1,6 +1,6 @@
 """Sparse ops on the CPU ("fastinfer::sparse_*"): packing to the engine's sparse formats,
 validation, and the kernels behind fastinfer.nn.SparseLinear / SparseInt8Linear (schemas and fakes
-in ops/_schema.py).
+in fastinfer/ops/_schema.py).
 
 Formats (see csrc/cpu/sparse.h): "csr" (unstructured, fp32 or int8 values, uint16 column indices
 up to K = 65536), "2:4" (int8; at most 2 nonzeros in every group of 4 inputs), "block" (int8; 16 x 64
