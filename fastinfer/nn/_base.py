@@ -9,6 +9,7 @@ import weakref
 import torch
 from torch import nn
 
+from fastinfer import _runtime
 from fastinfer.ops._common import DTYPE_CODE, eager_fast_path
 
 
@@ -29,11 +30,16 @@ def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torc
     return None, None
 
 
+def layer_repr(layer: nn.Module, *parts: str) -> str:
+    """extra_repr of a fastinfer linear layer: its sizes and bias, `parts`, the active ISA's kernel."""
+    sizes = f"in_features={layer.in_features}, out_features={layer.out_features}, bias={layer.bias is not None}"
+    return ", ".join((sizes, *parts, f"kernel={_runtime.active_isa()}"))
+
+
 def check_features(in_features: int, out_features: int) -> None:
     for name, v in (("in_features", in_features), ("out_features", out_features)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-
 
 
 def _check_layer_input(layer: nn.Module, x: object) -> None:

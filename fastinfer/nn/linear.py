@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastinfer import _runtime, ops
-from fastinfer.nn._base import _FastForward, apply_keeping_dtypes, check_features, linear_weight_and_bias
+from fastinfer import ops
+from fastinfer.nn._base import _FastForward, apply_keeping_dtypes, check_features, layer_repr, linear_weight_and_bias
 from fastinfer.ops.linear import prepare_int8_linear
 
 
@@ -109,8 +109,4 @@ class Int8Linear(_FastForward, nn.Module):
         return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, weight=int8 per-channel, act=int8 per-token, "
-            f"kernel={_runtime.active_isa()}"
-        )
+        return layer_repr(self, "weight=int8 per-channel", "act=int8 per-token")

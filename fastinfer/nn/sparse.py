@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastinfer import _runtime, ops
-from fastinfer.nn._base import _FastForward, apply_keeping_dtypes, check_features, linear_weight_and_bias
+from fastinfer import ops
+from fastinfer.nn._base import _FastForward, apply_keeping_dtypes, check_features, layer_repr, linear_weight_and_bias
 from fastinfer.nn.linear import Int8Linear
 from fastinfer.ops._common import aligned_empty
 from fastinfer.ops.sparse import formats_for, prepare_sparse_int8_linear, prepare_sparse_linear
@@ -113,10 +113,7 @@ class SparseLinear(_SparseBase):
         return prepare_sparse_linear(self.sparse_weight, self.bias, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format={self.format} fp32, sparsity={self._repr_sparsity()}, kernel={_runtime.active_isa()}"
-        )
+        return layer_repr(self, f"format={self.format} fp32", f"sparsity={self._repr_sparsity()}")
 
 
 class SparseInt8Linear(_SparseBase):
@@ -177,8 +174,4 @@ class SparseInt8Linear(_SparseBase):
         return prepare_sparse_int8_linear(self.sparse_weight, self.weight_scale, self.bias, self.in_features)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"format={self.format} int8, sparsity={self._repr_sparsity()}, act=int8 per-token, "
-            f"kernel={_runtime.active_isa()}"
-        )
+        return layer_repr(self, f"format={self.format} int8", f"sparsity={self._repr_sparsity()}", "act=int8 per-token")
