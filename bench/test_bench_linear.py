@@ -3,7 +3,7 @@
     pytest bench/ --benchmark-only --benchmark-columns=min,median,mean
 
 Each case checks its peer before timing it: float peers by SQNR against fp32 nn.Linear
-(Int8Linear must reach fastinfer._bench.MIN_SQNR_DB), integer peers exactly. The SQNR is stored in
+(Int8Linear must reach fastinfer.bench.ops.MIN_SQNR_DB), integer peers exactly. The SQNR is stored in
 the benchmark's extra_info. For the interleaved, ratio-based report use `fastinfer bench`.
 """
 
@@ -14,25 +14,25 @@ import math
 import pytest
 import torch
 
-from fastinfer import _bench
+from fastinfer.bench import ops as bench_ops
 
 pytestmark = [pytest.mark.benchmark(min_rounds=5, warmup=True, warmup_iterations=2)]
 
 CASES = [
     pytest.param(label, name, id=f"{label}-{name}")
-    for label, (M, _K, _N) in _bench.SHAPES.items()
-    for name in _bench.peer_names(M)
+    for label, (M, _K, _N) in bench_ops.SHAPES.items()
+    for name in bench_ops.peer_names(M)
 ]
 
-_cache: dict[str, _bench.ShapeCase] = {}
+_cache: dict[str, bench_ops.ShapeCase] = {}
 
 
-def _case(label: str) -> _bench.ShapeCase:
+def _case(label: str) -> bench_ops.ShapeCase:
     """Peers of one shape, built once; cases run shape by shape, so only one shape is kept."""
     if label not in _cache:
         _cache.clear()
-        M, K, N = _bench.SHAPES[label]
-        _cache[label] = _bench.build_peers(M, K, N, label=label)
+        M, K, N = bench_ops.SHAPES[label]
+        _cache[label] = bench_ops.build_peers(M, K, N, label=label)
     return _cache[label]
 
 
@@ -47,7 +47,7 @@ def test_linear(benchmark, shape: str, peer_name: str) -> None:
     if "sqnr" in result:
         benchmark.extra_info["sqnr_db"] = round(result["sqnr"], 2) if math.isfinite(result["sqnr"]) else "inf"
         if peer.kind == "ours":
-            assert result["sqnr"] >= _bench.MIN_SQNR_DB, f"{peer_name}: SQNR {result['sqnr']:.1f} dB"
+            assert result["sqnr"] >= bench_ops.MIN_SQNR_DB, f"{peer_name}: SQNR {result['sqnr']:.1f} dB"
         else:
             assert result["sqnr"] > 0, f"{peer_name}: output unrelated to the fp32 reference"
     else:
@@ -59,10 +59,10 @@ def test_linear(benchmark, shape: str, peer_name: str) -> None:
     benchmark.extra_info.update(shape=shape, peer=peer_name, kind=peer.kind, note=peer.note)
     with torch.inference_mode(), peer.context():  # quantized engine / fastinfer ISA for this peer
         # torch's OpenMP threads spin for a while after the previous case; let them go to sleep
-        _bench.settle(peer)
+        bench_ops.settle(peer)
         benchmark(peer.fn)
     stats = benchmark.stats.stats if benchmark.stats is not None else None
     if stats is not None:
         benchmark.extra_info["tops_median"] = round(2.0 * M * N * K / stats.median / 1e12, 4)
-        if M <= _bench.SMALL_M:
+        if M <= bench_ops.SMALL_M:
             benchmark.extra_info["weight_gbps_median"] = round(peer.weight_bytes / stats.median / 1e9, 2)

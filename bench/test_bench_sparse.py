@@ -2,7 +2,7 @@
 
     pytest bench/test_bench_sparse.py --benchmark-only --benchmark-columns=min,median
 
-A reduced grid of fastinfer._bench_sparse (4096 x 4096, M in {1, 16, 512}); every peer is checked
+A reduced grid of fastinfer.bench.sparse (4096 x 4096, M in {1, 16, 512}); every peer is checked
 before it is timed (SparseInt8Linear equal to Int8Linear, float peers within 1e-4 relative; the
 check goes to extra_info). Cases run back to back, not interleaved: for the ratios we quote use
 `fastinfer bench --suite sparse`.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastinfer import _bench_sparse as bs
+from fastinfer.bench import sparse as bs
 
 pytestmark = [pytest.mark.benchmark(min_rounds=5, warmup=True, warmup_iterations=2)]
 

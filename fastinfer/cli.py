@@ -18,14 +18,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     import torch
 
-    from fastinfer import _bench, _bench_sparse
+    from fastinfer.bench import ops as bench_ops, sparse as bench_sparse
 
     try:
-        sparsities = [float(s) for s in args.sparsities.split(",")] if args.sparsities else list(_bench_sparse.SPARSITIES)
-        ms = [int(m) for m in args.ms.split(",")] if args.ms else list(_bench_sparse.MS)
+        sparsities = [float(s) for s in args.sparsities.split(",")] if args.sparsities else list(bench_sparse.SPARSITIES)
+        ms = [int(m) for m in args.ms.split(",")] if args.ms else list(bench_sparse.MS)
         if any(not 0 <= s < 1 for s in sparsities) or any(m < 1 for m in ms):
             raise ValueError("--sparsities must be in [0, 1) and --ms positive")
-        shapes = _bench_sparse.WEIGHT_SHAPES
+        shapes = bench_sparse.WEIGHT_SHAPES
         if args.shapes:  # KxN here
             shapes = []
             for t in args.shapes.split(","):
@@ -36,11 +36,11 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
-    meta = _bench.environment_meta(command=command, dram=False)
-    timing = (3, 0.01, 0.01) if args.quick else _bench_sparse.TIMING
-    rows = _bench_sparse.run(_bench_sparse.default_cases(shapes, sparsities), ms=ms,
+    meta = bench_ops.environment_meta(command=command, dram=False)
+    timing = (3, 0.01, 0.01) if args.quick else bench_sparse.TIMING
+    rows = bench_sparse.run(bench_sparse.default_cases(shapes, sparsities), ms=ms,
                              progress=not args.no_progress, timing=timing)  # fmt: skip
-    text = _bench_sparse.format_markdown(rows, meta)
+    text = bench_sparse.format_markdown(rows, meta)
     print(text, end="")
     if args.output:
         with open(args.output, "w") as f:
@@ -52,11 +52,11 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
 def _cmd_bench_models(args: argparse.Namespace) -> int:
     import torch
 
-    from fastinfer import _bench, _bench_models
+    from fastinfer.bench import models as bench_models, ops as bench_ops
 
     try:
         names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
-        _bench_models.default_cases(names)  # validates the names before any model is built
+        bench_models.default_cases(names)  # validates the names before any model is built
         if args.rounds is not None and args.rounds < 1:
             raise ValueError("--rounds must be >= 1")
     except ValueError as e:
@@ -64,10 +64,10 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
-    meta = _bench.environment_meta(command=command, dram=False, peaks=False)
-    results = _bench_models.run(names, quick=args.quick, rounds=args.rounds, threads=args.threads,
+    meta = bench_ops.environment_meta(command=command, dram=False, peaks=False)
+    results = bench_models.run(names, quick=args.quick, rounds=args.rounds, threads=args.threads,
                                 onnx=not args.no_onnx, progress=not args.no_progress)  # fmt: skip
-    text = _bench_models.format_markdown(results, meta)
+    text = bench_models.format_markdown(results, meta)
     print(text, end="")
     if args.output:
         with open(args.output, "w") as f:
@@ -80,7 +80,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     import fastinfer
-    from fastinfer import _bench
+    from fastinfer.bench import ops as bench_ops
 
     if args.suite == "sparse":
         return _cmd_bench_sparse(args)
@@ -89,9 +89,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     try:
         if args.shapes:
-            shapes = dict(_bench.parse_shape(s) for s in args.shapes.split(",") if s.strip())
+            shapes = dict(bench_ops.parse_shape(s) for s in args.shapes.split(",") if s.strip())
         else:
-            shapes = dict(_bench.SHAPES)
+            shapes = dict(bench_ops.SHAPES)
         if args.isa:
             isas = [i.strip() for i in args.isa.split(",") if i.strip()]
             bad = [i for i in isas if i not in fastinfer.available_isas()]
@@ -101,7 +101,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                     f"{', '.join(fastinfer.available_isas())})"
                 )
         else:
-            isas = _bench.default_isas()
+            isas = bench_ops.default_isas()
         if args.threads is not None and args.threads < 1:
             raise ValueError("--threads must be >= 1")
     except ValueError as e:
@@ -111,18 +111,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # fastinfer follows torch's thread count
     command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
-    meta = _bench.environment_meta(command=command)
-    results = _bench.run(
+    meta = bench_ops.environment_meta(command=command)
+    results = bench_ops.run(
         shapes, isas=isas, progress=not args.no_progress, quick=args.quick,
         rounds=args.rounds, target_s=args.batch_ms / 1e3 if args.batch_ms else None,
     )  # fmt: skip
-    text = _bench.format_markdown(results, meta)
+    text = bench_ops.format_markdown(results, meta)
     if not args.no_interleaved:
-        from fastinfer import _bench_interleaved
+        from fastinfer.bench import interleaved
 
-        shapes_i = [s for s in shapes.values()] if args.shapes else list(_bench_interleaved.SHAPES)
-        rows = _bench_interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=not args.no_progress)
-        text += "\n" + _bench_interleaved.format_markdown(rows)
+        shapes_i = list(shapes.values()) if args.shapes else list(interleaved.SHAPES)
+        rows = interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=not args.no_progress)
+        text += "\n" + interleaved.format_markdown(rows)
     print(text, end="")
     if args.output:
         with open(args.output, "w") as f:

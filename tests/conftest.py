@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import fastinfer
-from fastinfer import _backend
+from fastinfer import _runtime
+from fastinfer._runtime import ISA_NAMES as ALL_ISA_NAMES  # noqa: F401  (for the tests)
 
 ISAS = fastinfer.available_isas()
-ALL_ISA_NAMES = ("ref", "avx2", "avx512_vnni", "amx")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses start here, never in the repo root: a `python -c` there puts the source tree's
 # fastinfer/ (no compiled _C) first on sys.path instead of the installed package.
@@ -35,8 +35,8 @@ SUBPROCESS_CWD = tempfile.mkdtemp(prefix="fastinfer-tests-")
 @pytest.fixture(autouse=True)
 def _restore_fastinfer_state():
     """Every test starts and ends with the session's ISA cap and thread setting."""
-    isa_before = _backend.active_isa()
-    pinned_before = _backend._pinned_threads
+    isa_before = _runtime.active_isa()
+    pinned_before = _runtime._pinned_threads
     torch_threads_before = torch.get_num_threads()
     yield
     if torch.get_num_threads() != torch_threads_before:

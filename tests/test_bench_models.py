@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from fastinfer import _bench_guard, _bench_models, cli
+from fastinfer import cli
+from fastinfer.bench import guard as _bench_guard, models as _bench_models
 
 
 def test_guard_sees_another_process_on_the_cpu():

@@ -1,4 +1,4 @@
-"""The layers' eager fast path (fastinfer.nn._FastCall): used after one fully checked call, equal to
+"""The layers' eager fast path (fastinfer/nn/_base.py, _FastCall): used after one fully checked call, equal to
 the op it bypasses, and dropped as soon as a weight buffer is written, replaced or copied."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from torch import nn
 import fastinfer
 from conftest import ISAS
 from fastinfer import ops
-from fastinfer.nn import _FAST, Int8Linear, SparseInt8Linear, SparseLinear
+from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear
+from fastinfer.nn._base import _FAST
 
 LAYERS = pytest.mark.parametrize("which", [0, 1, 2], ids=["Int8Linear", "SparseInt8Linear", "SparseLinear-ell"])
 
@@ -50,15 +51,16 @@ def test_fast_path_is_used_and_equals_the_op(which):
 
 
 def test_declined_inputs_keep_the_fast_path():
-    """An input the fast path hands to the checked op (bf16 into an fp32 layer, an empty batch) runs
-    the op and leaves the existing fast call in place instead of rebuilding it every call."""
+    """An input the fast call hands to the checked op (one autograd would see) runs the op and leaves
+    the existing fast call in place instead of rebuilding it every call. bf16 into an fp32 layer and
+    an empty batch run the fast call itself: it is the op's own prepared call."""
     layer = _layers()[2]
     layer(torch.randn(2, 96))
     fast = _FAST.get(layer)
-    for x in (torch.randn(3, 96).bfloat16(), torch.randn(0, 96)):
+    for x in (torch.randn(3, 96).bfloat16(), torch.randn(0, 96), torch.randn(3, 96, requires_grad=True)):
         y = layer(x)
         assert _FAST.get(layer) is fast
-        assert y.dtype == x.dtype and torch.equal(y, _slow(layer, x))
+        assert y.dtype == x.dtype and torch.equal(y.detach(), _slow(layer, x.detach()))
 
 
 @LAYERS
@@ -106,28 +108,43 @@ def test_in_place_corruption_of_a_sparse_weight_is_caught_not_run():
 
 @pytest.mark.parametrize("move", ["share_memory", "data", "bias_data"])
 def test_moved_storage_drops_the_fast_path(move):
-    """share_memory_() and `.data =` swap a buffer's storage without a version bump: the fast path
-    must notice (address and size are part of its key), never read the old storage."""
+    """share_memory_() and `.data =` swap a buffer's storage without a version bump (and, here, with
+    the same size): the fast path must notice (the address is part of its key), drop its fast call,
+    rebuild one for the new storage, and never read the old storage."""
     layer = _layers()[1]
     x = torch.randn(2, 96)
     ref = layer(x)
     layer(x)
-    assert _FAST.get(layer) is not None
+    old = _FAST.get(layer)
+    assert old is not None and old.valid_for(layer)
     if move == "share_memory":
-        old = layer.sparse_weight.data_ptr()
+        before = layer.sparse_weight.data_ptr()
         layer.share_memory()
-        assert layer.sparse_weight.data_ptr() != old
-        assert torch.equal(layer(x), ref)
+        assert layer.sparse_weight.data_ptr() != before
     elif move == "data":
-        bad = layer.sparse_weight.clone()
-        bad[0:4] = 0  # the header magic: the full path refuses it
-        layer.sparse_weight.data = bad
-        with pytest.raises(ValueError, match="magic"):
-            layer(x)
+        layer.sparse_weight.data = layer.sparse_weight.clone()  # same bytes, another storage
     else:
-        layer.bias.data = torch.zeros(3)
-        with pytest.raises((TypeError, ValueError)):
-            layer(x)
+        layer.bias.data = torch.full((40,), 7.0)  # same size, other values, another storage
+    assert not old.valid_for(layer)  # versions and sizes are unchanged: only the address tells
+    y = layer(x)
+    rebuilt = _FAST.get(layer)
+    assert rebuilt is not None and rebuilt is not old and rebuilt.valid_for(layer)
+    assert rebuilt.run.weight.data_ptr() == layer.sparse_weight.data_ptr()
+    assert rebuilt.run.bias.data_ptr() == layer.bias.data_ptr()
+    assert torch.equal(y, _slow(layer, x))
+    assert torch.equal(y, ref) == (move != "bias_data")
+
+
+def test_corrupt_storage_swapped_in_is_caught():
+    """A storage swapped in by `.data =` is checked in full before the kernel reads it."""
+    layer = _layers()[1]
+    x = torch.randn(2, 96)
+    layer(x)
+    bad = layer.sparse_weight.clone()
+    bad[0:4] = 0  # the header magic: the full path refuses it
+    layer.sparse_weight.data = bad
+    with pytest.raises(ValueError, match="magic"):
+        layer(x)
 
 
 def test_copies_do_not_share_the_fast_path():

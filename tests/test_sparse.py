@@ -11,8 +11,9 @@ from torch.library import opcheck
 import fastinfer
 from conftest import ISAS, int64_ref, run_python
 from fastinfer import _C, ops
+from fastinfer import SparseRule, sparsify
 from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear
-from fastinfer.sparsify import SparseRule, choose_format, sparsify
+from fastinfer.plan.rules import choose_format
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -560,16 +561,26 @@ def test_dtype_cast_keeps_fp32_buffers():
 # ------------------------------------------------------------------------------------- sparsify
 
 
+@pytest.fixture
+def avx512():
+    """avx512_vnni active for the test (restored after it by conftest), whatever FASTINFER_ISA capped
+    the session to: sparsify's measured rule picks int8 sparse formats (and fp32 ell) only there."""
+    if "avx512_vnni" not in ISAS:
+        pytest.skip("sparsify's sparse int8 choices need avx512_vnni")
+    fastinfer.set_isa("avx512_vnni")
+
+
 def test_choose_format_keeps_int8_dense_without_sparse_kernels():
     w = _i8(64, 256, seed=8, low=1, high=127) * _mask_block(64, 256, 0.3, 1)
     if "avx512_vnni" in ISAS:
+        fastinfer.set_isa("avx512_vnni")
         assert choose_format(w) == "block"
     fastinfer.set_isa("avx2" if "avx2" in ISAS else "ref")
     assert choose_format(w) is None  # panels on avx2/ref are not faster than the dense kernel
 
 
-def test_choose_format_follows_the_zeros():
-    if "avx512_vnni" not in ISAS or not _C.sparse_vbmi_active():
+def test_choose_format_follows_the_zeros(avx512):
+    if not _C.sparse_vbmi_active():
         pytest.skip("the default rule's int8 choices are for avx512_vnni with vbmi")
     rule = SparseRule()
     n, k = 64, 256
@@ -608,7 +619,7 @@ def _prune_(model, layers_masks):
             w.mul_(mask_fn(*w.shape))
 
 
-def test_sparsify_converts_only_what_pays_and_keeps_the_original():
+def test_sparsify_converts_only_what_pays_and_keeps_the_original(avx512):
     m = _net()
     _prune_(m, {0: lambda n, k: _mask_unstructured(n, k, 0.1, 1), 2: lambda n, k: _mask_block(n, k, 0.3, 2)})
     before = [p.clone() for p in m.parameters()]
@@ -628,7 +639,7 @@ def test_sparsify_converts_only_what_pays_and_keeps_the_original():
     assert type(s2[2]) is nn.Linear
 
 
-def test_quantize_after_sparsify_equals_sparsify_after_quantize():
+def test_quantize_after_sparsify_equals_sparsify_after_quantize(avx512):
     m = _net()
     _prune_(m, {
         0: lambda n, k: _mask_nm(n, k, 2, 3),
@@ -829,7 +840,7 @@ def test_validation_cache_cannot_be_fooled():
     assert res.stdout.split()[-1] == "7", res.stdout
 
 
-def test_sparse_layers_in_torch_transformer_encoder():
+def test_sparse_layers_in_torch_transformer_encoder(avx512):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True)
     enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import fastinfer
-from fastinfer._bench_guard import CpuGuard
+from fastinfer.bench.guard import CpuGuard
 
 SHAPES = ((1, 4096, 4096), (128, 768, 3072), (512, 384, 1536))
 OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -1,25 +1,20 @@
-"""fastinfer.sparsify: swap pruned layers for sparse ones, where the sparse kernel is the faster one.
+"""When a layer runs faster sparse, and in which format: thresholds measured on real machines.
 
-The format follows the zeros a layer really has (not how they were made): whole 16 x 64 tiles
--> "block", few enough nonzeros anywhere -> "ell", at most 2 nonzeros in every group of 4 inputs
--> "2:4"; otherwise the layer stays dense. Whether a
-sparse layer beats the dense one depends on the density; the thresholds in SparseRule were measured
-with bench/test_bench_sparse.py on the development machine (see bench/RESULTS.md) and are meant to be
-re-measured, not trusted blindly, on very different CPUs.
+Whether a sparse layer beats the dense one depends on the density; the thresholds in SparseRule were
+measured with bench/test_bench_sparse.py on the development machine (see bench/RESULTS.md) and are
+meant to be re-measured, not trusted blindly, on very different CPUs.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from fastinfer.convert import QuantConfig, swap_layers
-from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear, linear_weight_and_bias
+from fastinfer import _runtime
+from fastinfer._runtime import _C
 
-__all__ = ["SparseRule", "choose_format", "sparsify"]
+__all__ = ["DEFAULT_RULE", "SparseRule", "choose_format"]
 
 
 @dataclass(frozen=True)
@@ -110,62 +105,13 @@ _FP32_ELL_MAX_K = 1 << 20  # the fp32 ell window start is stored in 16 bits (uni
 
 
 def _avx512() -> bool:
-    from fastinfer import _backend
-
-    return _backend.active_isa() in ("avx512_vnni", "amx")
+    return _runtime.isa_at_least("avx512_vnni")
 
 
 def _fast_int8_formats() -> set[str]:
     """int8 formats with a sparse-aware kernel on the active ISA. Elsewhere (avx2, ref) the formats
     run the dense kernel on decompressed panels (exact, but measured 0.1x-1.06x of dense on avx2),
     so sparsify keeps such layers dense."""
-    from fastinfer import _C
-
     if not _avx512():
         return set()
     return {"block", "2:4", "ell"} if _C.sparse_vbmi_active() else {"block"}
-
-
-def sparse_int8_or_dense(layer: Int8Linear, rule: SparseRule = DEFAULT_RULE) -> nn.Module:
-    """SparseInt8Linear in the chosen format, or the dense Int8Linear itself."""
-    fmt = choose_format(layer.weight_int8, rule)
-    return layer if fmt is None else SparseInt8Linear.from_int8linear(layer, fmt)
-
-
-def sparsify(
-    model: nn.Module,
-    *,
-    rule: SparseRule | None = None,
-    skip=(),
-    inplace: bool = False,
-    progress: bool | None = None,
-) -> nn.Module:
-    """Returns `model` with each pruned layer that runs faster sparse replaced: nn.Linear (and
-    transformers Conv1D) -> fastinfer.nn.SparseLinear, Int8Linear -> SparseInt8Linear. Layers whose
-    zeros do not pay (see SparseRule) stay as they are; so do layers matched by `skip` (patterns as
-    in QuantConfig). Outputs are unchanged up to fp32 summation order (SparseLinear) or exactly
-    (SparseInt8Linear vs Int8Linear). The original model is not modified unless inplace=True.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
-    rule = DEFAULT_RULE if rule is None else rule
-    if not isinstance(rule, SparseRule):
-        raise TypeError(f"rule must be a fastinfer.SparseRule, got {type(rule).__name__}")
-    skips = QuantConfig(skip=skip)
-    if not inplace:
-        model = copy.deepcopy(model)
-
-    def convert(mod: nn.Module) -> nn.Module:
-        if isinstance(mod, Int8Linear):
-            return sparse_int8_or_dense(mod, rule)
-        weight, _ = linear_weight_and_bias(mod)
-        with torch.no_grad():
-            fmt = choose_format(weight.detach().float(), rule)
-        return mod if fmt is None else SparseLinear.from_linear(mod, fmt)
-
-    targets = [
-        fqn
-        for fqn, mod in model.named_modules(remove_duplicate=False)
-        if (isinstance(mod, Int8Linear) or linear_weight_and_bias(mod)[0] is not None) and not skips.skips(fqn)
-    ]
-    return swap_layers(model, targets, convert, progress, "fastinfer.sparsify")

@@ -1,6 +1,6 @@
 """Side-by-side benchmark of the sparse layers (`fastinfer bench --suite sparse`).
 
-Same method as fastinfer._bench (peers interleaved round by round in one process, each after its
+Same method as fastinfer.bench.ops (peers interleaved round by round in one process, each after its
 own untimed settle calls, ratios = median over rounds of per-round time ratios). For every weight
 shape, sparsity and pattern, the weights are pruned once with fastinfer.prune (magnitude) and every
 peer multiplies the same pruned weights:
@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 import fastinfer
-from fastinfer import ops
-from fastinfer._bench import Peer, _read_probes, sqnr_db, time_peers
+from fastinfer.bench.ops import Peer, _read_probes, sqnr_db, time_peers
 from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear
 
 WEIGHT_SHAPES = ((4096, 4096), (768, 3072))  # (K, N)

@@ -1,6 +1,6 @@
 """One-shot pruning in plain PyTorch: write zeros into the weights of linear layers.
 
-    from fastinfer.prune import format_report    # (fastinfer.prune itself is the function)
+    from fastinfer.convert import format_report
     pruned = fastinfer.prune(model, 0.5)                       # zero the 50% smallest |W| per layer
     pruned = fastinfer.prune(model, 0.5, pattern="2:4", method="wanda", calibration_data=batches)
     print(format_report(fastinfer.sparsity_report(pruned)))
@@ -15,13 +15,15 @@ import copy
 import math
 import numbers
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fastinfer.convert import QuantConfig, _progress
+from fastinfer.config import skip_patterns
+from fastinfer.convert._select import progress_bar, select, shape_of
+from fastinfer.convert.calibrate import input_norms
 from fastinfer.nn import Int8Linear, linear_weight_and_bias
 
 __all__ = ["LayerSparsity", "format_report", "prune", "sparsity_report"]
@@ -51,7 +53,8 @@ def prune(
     Layers: every nn.Linear (exact type), Hugging Face `Conv1D` (pruned in its [out, in] view) and
     fastinfer.nn.Int8Linear whose qualified name is not matched by `skip` (patterns as in
     `QuantConfig(skip=...)`). A layer registered under several names is pruned once, and is left
-    alone if any of its names is skipped. The model is deep-copied first unless inplace=True.
+    alone if any of its names is skipped (as quantize and sparsify do). The model is deep-copied
+    first unless inplace=True.
 
     sparsity: fraction in [0, 1) per layer; k = round(sparsity * count) entries (or blocks) go.
     pattern: "unstructured": the k lowest scores of the layer (magnitude) or of each output row
@@ -80,21 +83,21 @@ def prune(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     block = _check_block(block)
-    skipper = QuantConfig(skip=skip)
+    skip = skip_patterns(skip, "prune(skip=...)")
     if method == "wanda" and calibration_data is None:
         raise ValueError("method='wanda' needs calibration_data (an iterable of input batches)")
 
     if not inplace:
         model = copy.deepcopy(model)
-    layers = _targets(model, skipper)
+    layers = {t.name: t.module for t in select(model, (Int8Linear,), skip=skip)}
     for name, mod in layers.items():
         _check_layer(name, mod, pattern, nm, block)
 
     norms: dict[str, torch.Tensor] = {}
     if method == "wanda":
-        norms = _input_norms(model, layers, calibration_data)
+        norms = input_norms(model, layers, calibration_data)
 
-    with _progress(len(layers), progress, "fastinfer.prune") as bar:
+    with progress_bar(len(layers), progress, "fastinfer.prune") as bar:
         for name, mod in layers.items():
             _prune_layer(mod, sparsity, pattern, nm, block, norms.get(name))
             bar.update(1)
@@ -148,33 +151,11 @@ def _check_block(block: object) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-def _targets(model: nn.Module, skipper: QuantConfig) -> dict[str, nn.Module]:
-    """First qualified name -> layer, one entry per distinct layer, in named_modules order."""
-    names: dict[int, list[str]] = {}
-    mods: dict[int, nn.Module] = {}
-    for fqn, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(mod, Int8Linear) or linear_weight_and_bias(mod)[0] is not None:
-            names.setdefault(id(mod), []).append(fqn)
-            mods[id(mod)] = mod
-    return {
-        fqns[0]: mods[key]
-        for key, fqns in names.items()
-        if not any(skipper.skips(fqn) for fqn in fqns)
-    }
-
-
-def _shape(mod: nn.Module) -> tuple[int, int]:
-    if isinstance(mod, Int8Linear):
-        return mod.out_features, mod.in_features
-    weight, _ = linear_weight_and_bias(mod)
-    return tuple(weight.shape)
-
-
 def _check_layer(
     name: str, mod: nn.Module, pattern: str, nm: tuple[int, int] | None, block: tuple[int, int] | None
 ) -> None:
     label = name or "<model>"
-    out_f, in_f = _shape(mod)
+    out_f, in_f = shape_of(mod, (Int8Linear,))
     if nm is not None and in_f % nm[1]:
         raise ValueError(
             f"layer {label!r}: pattern {pattern!r} needs in_features divisible by {nm[1]}, "
@@ -191,79 +172,6 @@ def _check_layer(
         finite = bool(torch.isfinite(linear_weight_and_bias(mod)[0].detach()).all())
     if not finite:
         raise ValueError(f"layer {label!r} has NaN or Inf weights; cannot prune it")
-
-
-# ----------------------------------------------------------------------------------- calibration
-
-
-def _input_norms(
-    model: nn.Module, layers: dict[str, nn.Module], calibration_data: Iterable
-) -> dict[str, torch.Tensor]:
-    """name -> ||X_j||_2 (float64 [in_features]) over every token each layer saw, in one pass."""
-    sums: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
-
-    def make_hook(name: str, in_features: int):
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != in_features:
-                return  # the layer itself will complain about such an input
-            x = x.detach().reshape(-1, in_features).to(torch.float64)
-            sq = (x * x).sum(dim=0)
-            sums[name] = sq if sums[name] is None else sums[name] + sq.to(sums[name].device)
-
-        return hook
-
-    if isinstance(calibration_data, (torch.Tensor, Mapping)):
-        calibration_data = (calibration_data,)
-    if not isinstance(calibration_data, Iterable):
-        raise ValueError(
-            "calibration_data must be an iterable of batches, "
-            f"got {type(calibration_data).__name__}"
-        )
-    modes = {mod: mod.training for mod in model.modules()}
-    handles = [
-        mod.register_forward_pre_hook(make_hook(name, _shape(mod)[1]), with_kwargs=True)
-        for name, mod in layers.items()
-    ]
-    batches = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in calibration_data:
-                if isinstance(batch, torch.Tensor):
-                    model(batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                elif isinstance(batch, Mapping):
-                    model(**batch)
-                else:
-                    raise ValueError(
-                        "each calibration batch must be a tensor, a tuple/list or a dict, "
-                        f"got {type(batch).__name__}"
-                    )
-                batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for mod, training in modes.items():
-            mod.training = training
-    if batches == 0:
-        raise ValueError("calibration_data yielded no batches")
-
-    norms = {}
-    for name, sq in sums.items():
-        if sq is None:
-            raise ValueError(
-                f"layer {name or '<model>'!r} was not called during calibration; wanda needs its "
-                "inputs (skip it, or give calibration_data that reaches it)"
-            )
-        norm = sq.sqrt()
-        if not torch.isfinite(norm).all():
-            raise ValueError(
-                f"layer {name or '<model>'!r} saw NaN or Inf inputs during calibration"
-            )
-        norms[name] = norm
-    return norms
 
 
 # --------------------------------------------------------------------------------------- masking

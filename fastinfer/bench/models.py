@@ -18,7 +18,7 @@ worst over the batch; generate: share of generated tokens equal to fp32's, and t
 prompt's last-position logits). Timing goes in rounds,
 every peer once a round in a rotating order; a peer's time is the median over clean rounds, and a
 ratio is the median over rounds of the two times of the same round. A round in which another
-process used the CPU is dropped (fastinfer._bench_guard); with too few clean rounds the case is
+process used the CPU is dropped (fastinfer.bench.guard); with too few clean rounds the case is
 not printed. For the fastinfer peers, a separate pass times our layers with forward hooks: the
 share of the forward spent in them.
 """
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import fastinfer
-from fastinfer._bench_guard import CpuGuard
+from fastinfer.bench.guard import CpuGuard
 
 # (rounds, minimum clean rounds)
 DEFAULT_TIMING = (7, 4)

@@ -1,6 +1,6 @@
 """Side-by-side benchmark of fastinfer's Int8Linear against PyTorch's CPU peers.
 
-Shared by `fastinfer bench` (fastinfer/cli.py) and the pytest-benchmark suite under bench/.
+Shared by `fastinfer bench --suite dense` (fastinfer/cli.py) and the pytest-benchmark suite under bench/.
 
 Method (the machines we run on are shared and noisy, so we quote ratios, never lone times):
   * every peer of a shape runs in the same process on the same input x (fp32 [M, K]) and the same
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 import fastinfer
-from fastinfer import _backend, ops
+from fastinfer import _runtime, ops
+from fastinfer._runtime import _C
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     "1x4096x4096": (1, 4096, 4096),  # decode, one token
@@ -46,7 +47,6 @@ SHAPES: dict[str, tuple[int, int, int]] = {
 SMALL_M = 16  # M <= SMALL_M: bandwidth-bound shapes, quoted in GB/s of weights
 MIN_SQNR_DB = 30.0  # Int8Linear below this aborts the shape
 ENGINES = ("onednn", "x86", "fbgemm")  # torch.backends.quantized engines tried for quantize_dynamic
-FORCED_ISAS = ("avx512_vnni", "avx2")  # besides the detected ISA, when available
 
 # (rounds, seconds per timed batch, seconds of untimed calls before each batch)
 # The settle time must outlast torch's OpenMP spin-wait after the previous peer: 5 ms is not
@@ -71,10 +71,10 @@ def parse_shape(text: str) -> tuple[str, tuple[int, int, int]]:
 
 
 def default_isas() -> list[str]:
-    """Detected ISA first, then the forced ones this CPU can run (each once)."""
-    out = [_backend.detected_isa()]
-    out += [i for i in FORCED_ISAS if i in fastinfer.available_isas() and i not in out]
-    return out
+    """Detected ISA first, then each lower one this CPU can run down to avx2 (ref is the test oracle,
+    not a peer worth timing), highest first."""
+    detected, *lower = reversed(fastinfer.available_isas())
+    return [detected] + [i for i in lower if i != "ref"]
 
 
 def supported_engines() -> list[str]:
@@ -192,7 +192,7 @@ def _read_probes(nbytes: int) -> list[Peer]:
 
 
 def _ours_name(isa_name: str) -> str:
-    kind = "detected" if isa_name == _backend.detected_isa() else "forced"
+    kind = "detected" if isa_name == _runtime.detected_isa() else "forced"
     return f"ours Int8Linear [{isa_name}, {kind}]"
 
 
@@ -537,10 +537,8 @@ def int8_peak_tops(isa_name: str | None = None, seconds: float = 0.05, repeats: 
     """Register-only int8 multiply-add rate of the active (or given) ISA's dot instruction on all of
     fastinfer's threads (vpdpbusd chains for avx512_vnni, vpmaddwd for avx2), in TOPS (2 ops per
     multiply-add). The compute ceiling a large-M GEMM can approach; None for the ref path."""
-    from fastinfer import _C
-
     with isa(isa_name) if isa_name else nullcontext():
-        if _backend.active_isa() == "ref":
+        if _runtime.active_isa() == "ref":
             return None
         iters = 1000
         while True:

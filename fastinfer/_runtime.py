@@ -1,10 +1,14 @@
-"""Loads the compiled module and keeps the ISA choice and thread count in one place."""
+"""What runs here: loads the compiled modules (fastinfer._C at import, fastinfer._C_cuda on first
+use), keeps the ISA cap and the thread count, tunes malloc, and reports it all in info()."""
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
+from importlib.metadata import PackageNotFoundError, version as _pkg_version
 
-import torch
+import torch  # noqa: F401  (loaded first: _C links the libgomp torch already mapped)
 
 try:
     from fastinfer import _C
@@ -14,6 +18,13 @@ except ImportError as e:  # e.g. importing the source tree instead of the instal
         f"({e}); install the package (pip install .) and import it from outside the source tree"
     ) from e
 
+try:
+    __version__ = _pkg_version("fastinfer")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0+unknown"
+
+# The ISA paths by the engine's code (_C.detected_isa() / active_isa()), lowest first: the one list
+# of ISA names in Python (tests import it).
 ISA_NAMES = ("ref", "avx2", "avx512_vnni", "amx")
 _ISA_CODE = {name: i for i, name in enumerate(ISA_NAMES)}
 
@@ -28,6 +39,11 @@ def detected_isa() -> str:
 
 def active_isa() -> str:
     return ISA_NAMES[_C.active_isa()]
+
+
+def isa_at_least(name: str) -> bool:
+    """True when the active ISA is `name` or a higher one."""
+    return _C.active_isa() >= _ISA_CODE[name]
 
 
 def available_isas() -> list[str]:
@@ -118,6 +134,61 @@ def _tune_malloc() -> None:
 def malloc_info() -> dict:
     """Whether fastinfer tuned glibc malloc at import (and why not, where it did not)."""
     return dict(_malloc)
+
+
+@functools.cache
+def cuda_module():
+    """(fastinfer._C_cuda, None), or (None, why it is unavailable). Imported on the first CUDA call
+    only: CPU-only use never loads it."""
+    try:
+        from fastinfer import _C_cuda
+    except ImportError as e:
+        return None, f"fastinfer was built without the CUDA backend ({e})"
+    return _C_cuda, None
+
+
+def cuda_status() -> dict:
+    """What info() reports under "cuda"."""
+    mod, why = cuda_module()
+    if mod is None:
+        return {"built": False, "available": False, "reason": why}
+    n = mod.device_count()
+    usable = n > 0 and torch.cuda.is_available()
+    out = {"built": True, "available": usable, "devices": n, "archs": ["sm_80", "sm_90a", "compute_80 (PTX)"]}
+    if usable:
+        out["device"] = torch.cuda.get_device_name(0)
+    else:
+        out["reason"] = "no usable CUDA device (driver or GPU missing)"
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def info() -> dict:
+    """What this installation can do here: version, ISA (detected and active), CUDA, threads and
+    the OpenMP runtime they run on (one runtime, shared with torch, is what makes models fast)."""
+    return {
+        "version": __version__,
+        "isa_detected": detected_isa(),
+        "isa": active_isa(),
+        "isa_available": available_isas(),
+        "cpu": _cpu_model(),
+        "cpu_flags": _C.cpu_flags(),
+        "cuda": cuda_status(),
+        "num_threads": num_threads(),
+        "openmp": openmp_info(),
+        "malloc": malloc_info(),
+        "torch": torch.__version__,
+    }
 
 
 def _apply_env() -> None:

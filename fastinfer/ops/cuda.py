@@ -1,5 +1,5 @@
-"""CUDA kernels of the dense fastinfer ops, backed by fastinfer._C_cuda (imported lazily: CPU-only
-use never loads it). Registered for the "cuda" dispatch key by fastinfer.ops.
+"""CUDA kernels of the fastinfer ops, backed by fastinfer._C_cuda (loaded by fastinfer._runtime on
+the first CUDA call: CPU-only use never loads it). The sparse ops have no CUDA kernels yet and say so.
 
 GPU weights use the RN128 layout (fastinfer/_cuda_layout.py): a 64-byte header then int8 rows
 [np, kp]. Shapes are known from the op arguments, so no call reads the header back from the device
@@ -8,42 +8,24 @@ GPU weights use the RN128 layout (fastinfer/_cuda_layout.py): a 64-byte header t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastinfer import _cuda_layout as L
+from fastinfer._runtime import cuda_module
+from fastinfer.ops import _schema  # noqa: F401  (the ops these kernels serve)
+from fastinfer.ops._common import (
+    check_float_input,
+    check_int8_2d,
+    check_int8_linear_params,
+    check_int8_matmul_args,
+    register,
+)
 
 _OUT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3}
 
 
-@functools.cache
-def _load():
-    """(module, None) or (None, why it is unavailable)."""
-    try:
-        from fastinfer import _C_cuda
-    except ImportError as e:
-        return None, f"fastinfer was built without the CUDA backend ({e})"
-    return _C_cuda, None
-
-
-def status() -> dict:
-    """What fastinfer.info() reports under "cuda"."""
-    mod, why = _load()
-    if mod is None:
-        return {"built": False, "available": False, "reason": why}
-    n = mod.device_count()
-    usable = n > 0 and torch.cuda.is_available()
-    out = {"built": True, "available": usable, "devices": n, "archs": ["sm_80", "sm_90a", "compute_80 (PTX)"]}
-    if usable:
-        out["device"] = torch.cuda.get_device_name(0)
-    else:
-        out["reason"] = "no usable CUDA device (driver or GPU missing)"
-    return out
-
-
 def _mod(opname: str):
-    mod, why = _load()
+    mod, why = cuda_module()
     if mod is None:
         raise RuntimeError(f"fastinfer.{opname}: CUDA tensors need the CUDA backend: {why}")
     return mod
@@ -82,7 +64,20 @@ def _quantize(mod, x2: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tenso
     return q, scale
 
 
+def _gemm(mod, q, m, kp, packed, n, np_, sa, sw, bias, out, out_dtype):
+    mod.gemm_i8(
+        q.data_ptr(), m, kp, packed.data_ptr() + L.HEADER_BYTES, n, np_,
+        sa.data_ptr() if sa is not None else 0, sw.data_ptr() if sw is not None else 0,
+        bias.data_ptr() if bias is not None else 0, out.data_ptr(), _OUT_CODE[out_dtype], n, _stream(q),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- CUDA kernels
+
+
+@register("quantize_per_token", "cuda")
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_float_input("quantize_per_token", x)
     mod = _mod("quantize_per_token")
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
@@ -95,24 +90,21 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[:, :k].reshape(x.shape).contiguous(), scale.reshape(x.shape[:-1])
 
 
+@register("pack_int8_weight", "cuda")
 def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    check_int8_2d("pack_int8_weight", "w", w)
     return L.pack_rn128(w)
 
 
+@register("unpack_int8_weight", "cuda")
 def unpack_int8_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     np_, kp = _check_rn128("unpack_int8_weight", packed, n, k)
     return packed[L.HEADER_BYTES :].view(torch.int8).view(np_, kp)[:n, :k].clone()
 
 
-def _gemm(mod, q, m, kp, packed, n, np_, sa, sw, bias, out, out_dtype):
-    mod.gemm_i8(
-        q.data_ptr(), m, kp, packed.data_ptr() + L.HEADER_BYTES, n, np_,
-        sa.data_ptr() if sa is not None else 0, sw.data_ptr() if sw is not None else 0,
-        bias.data_ptr() if bias is not None else 0, out.data_ptr(), _OUT_CODE[out_dtype], n, _stream(q),
-    )  # fmt: skip
-
-
+@register("int8_matmul_packed", "cuda")
 def int8_matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    check_int8_2d("int8_matmul", "a", a)
     mod = _mod("int8_matmul")
     _same_device("int8_matmul", a, packed)
     m, k = a.shape
@@ -127,24 +119,43 @@ def int8_matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.T
     return out
 
 
+@register("int8_matmul", "cuda")
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    check_int8_matmul_args(a, w)
     _same_device("int8_matmul", a, w)
     return int8_matmul_packed(a, L.pack_rn128(w), w.shape[0])
 
 
+@register("int8_linear", "cuda")
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    check_float_input("int8_linear", x)
+    n = check_int8_linear_params(packed, w_scale, bias)
     mod = _mod("int8_linear")
     _same_device("int8_linear", x, packed, w_scale, bias)
-    n, k = w_scale.shape[0], x.shape[-1]
+    k = x.shape[-1]
     np_, kp = _check_rn128("int8_linear", packed, n, k)
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     if k == 0:
-        return out.copy_(bias.expand_as(out) if bias is not None else out.zero_())
+        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
     x2 = x.reshape(-1, k).contiguous()
     with torch.cuda.device(x.device):
         q, sa = _quantize(mod, x2, kp)
         _gemm(mod, q, x2.shape[0], kp, packed, n, np_, sa, w_scale.contiguous(),
               bias.contiguous() if bias is not None else None, out, x.dtype)  # fmt: skip
     return out
+
+
+def _refuse_sparse(opname: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            f"fastinfer.{opname}: CUDA tensors are not supported yet (the sparse ops have no CUDA kernels); "
+            "move the inputs and the module to the CPU"
+        )
+
+    return refuse
+
+
+for _op in ("sparse_linear", "sparse_int8_linear", "sparse_int8_matmul"):
+    register(_op, "cuda")(_refuse_sparse(_op))

@@ -1,0 +1,6 @@
+"""The `fastinfer bench` suites: ops.py (Int8Linear and int8_matmul_packed against PyTorch's CPU
+peers, `--suite ops`/`dense`), interleaved.py (each layer right after a torch op, appended to the ops
+suite), sparse.py (the sparse layers against dense and torch CSR, `--suite sparse`) and models.py
+(whole models against bf16, torch.ao, ONNX Runtime and OpenVINO, `--suite models`); guard.py drops
+rounds in which another process used the CPU. The pytest-benchmark files under bench/ at the
+repository root reuse them."""

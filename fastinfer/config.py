@@ -1,0 +1,70 @@
+"""What to convert: the configs of the conversion entry points. They say what, never how (the how
+is in fastinfer/convert/ and fastinfer/plan/)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["QuantConfig", "skip_patterns", "skipped"]
+
+
+def skip_patterns(skip: object, what: str = "QuantConfig.skip") -> tuple[str | re.Pattern, ...]:
+    """`skip` as a tuple of patterns (one pattern, or an iterable of them); TypeError names `what`."""
+    if isinstance(skip, (str, re.Pattern)):
+        skip = (skip,)
+    if not isinstance(skip, Iterable):
+        raise TypeError(f"{what} must be a pattern or a sequence of patterns, got {skip!r}")
+    skip = tuple(skip)
+    for p in skip:
+        if not isinstance(p, (str, re.Pattern)):
+            raise TypeError(f"{what} entries must be str or re.Pattern, got {p!r}")
+    return skip
+
+
+def skipped(patterns: tuple[str | re.Pattern, ...], fqn: str) -> bool:
+    """Whether a pattern matches the qualified name `fqn` or a container above it ("encoder" skips
+    "encoder.0.out"; fnmatch globs and regular expressions match whole names)."""
+    parts = fqn.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    for p in patterns:
+        for name in prefixes:
+            if isinstance(p, re.Pattern) and p.fullmatch(name):
+                return True
+            if isinstance(p, str) and fnmatch.fnmatchcase(name, p):
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `fastinfer.quantize` converts.
+
+    skip: qualified-name patterns (fnmatch globs such as "classifier" or "encoder.*.output.dense",
+        or compiled regular expressions) of layers to leave in float. A pattern that names a
+        container skips everything below it.
+    filter_fn: optional predicate (module, qualified_name) -> bool; False leaves the layer in float.
+    min_features: layers whose in_features or out_features is smaller stay float (tiny layers gain
+        nothing from int8).
+    progress: show a progress bar over the layers (default: only for 50 layers or more).
+
+    A layer registered under several names is converted under all of them (it stays one layer), or
+    left in float when skip or filter_fn keeps any of its names: prune and sparsify agree.
+    """
+
+    skip: tuple[str | re.Pattern, ...] = ()
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    min_features: int = 1
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", skip_patterns(self.skip))
+        if not isinstance(self.min_features, int) or self.min_features < 1:
+            raise ValueError(f"QuantConfig.min_features must be an int >= 1, got {self.min_features!r}")
+
+    def skips(self, fqn: str) -> bool:
+        return skipped(self.skip, fqn)

@@ -1,0 +1,44 @@
+"""Swapping layers: each target replaced by its converted module under every name it has."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from fastinfer.convert._select import Target, progress_bar
+
+
+def swap(model: nn.Module, targets: list[Target], convert: Callable[[nn.Module], nn.Module],
+         progress: bool | None, desc: str) -> nn.Module:  # fmt: skip
+    """Replaces each target by convert(layer), called once per layer and set under each of its names
+    (a layer registered under two names stays one layer), with a progress bar. A target named ""
+    is the model itself: its conversion is returned."""
+    with progress_bar(len(targets), progress, desc) as bar:
+        for target in targets:
+            if target.name == "":
+                return convert(model)
+            new = convert(target.module)
+            for fqn in target.names:
+                parent_name, _, child = fqn.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, new)
+            bar.update(1)
+    route_fused_layers_through_modules(model)
+    return model
+
+
+def _keep_module_path(module, args):
+    """No-op forward pre-hook; its presence is what turns torch's fused fast path off."""
+    return None
+
+
+def route_fused_layers_through_modules(model: nn.Module) -> None:
+    """nn.TransformerEncoderLayer has a fused inference fast path (batch_first, eval, no grad) that
+    reads linear1.weight / linear2.weight and never calls those modules. With int8 layers there it
+    would fail (our layers have no float .weight). torch skips that path when a submodule has a
+    forward hook, so give the swapped layers a no-op pre-hook: the layer then calls our modules."""
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoderLayer):
+            for lin in (mod.linear1, mod.linear2):
+                if type(lin) is not nn.Linear and _keep_module_path not in lin._forward_pre_hooks.values():
+                    lin.register_forward_pre_hook(_keep_module_path)

@@ -1,0 +1,14 @@
+"""Modules that replace float layers. Each is a plain nn.Module whose forward calls fastinfer ops.
+
+    _base.py   the input contract, dtype-keeping _apply, forward() and its eager fast path
+    linear.py  Int8Linear (and quantize_weight_per_channel, the weights it stores)
+    sparse.py  SparseLinear, SparseInt8Linear
+"""
+
+from fastinfer.nn._base import linear_weight_and_bias
+from fastinfer.nn.linear import Int8Linear, quantize_weight_per_channel
+from fastinfer.nn.sparse import SparseInt8Linear, SparseLinear
+
+__all__ = [
+    "Int8Linear", "SparseInt8Linear", "SparseLinear", "linear_weight_and_bias", "quantize_weight_per_channel",
+]  # fmt: skip

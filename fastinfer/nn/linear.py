@@ -1,0 +1,112 @@
+"""Int8Linear: the dense int8 layer, and the per-channel weight quantization it stores."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer import ops
+from fastinfer.nn._base import _FastForward, apply_keeping_dtypes, check_features, layer_repr, linear_weight_and_bias
+from fastinfer.ops.linear import prepare_int8_linear
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: scale = max|w_row| / 127, q = round_half_even(w / scale).
+
+    Returns (q int8 [N, K] in [-127, 127], scale float32 [N]); an all-zero row gets scale 0.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).any(dim=1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"weight has NaN or Inf (rows {bad}...); cannot quantize it")
+    amax = w.abs().amax(dim=1) if w.shape[1] > 0 else w.new_zeros(w.shape[0])
+    scale = amax / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
+class Int8Linear(_FastForward, nn.Module):
+    """y = x @ W^T + b with int8 weights (per output channel) and int8 activations (per token).
+
+    The integer product is exact (int32 accumulation); the error is that of rounding x and W to
+    8 bits. Inputs float32 or bfloat16 with any leading dims [..., in_features]; the output has the
+    input's dtype. Inference only (no autograd through the int8 kernel).
+    """
+
+    packed_weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        check_features(in_features, out_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        zero = torch.zeros((out_features, in_features), dtype=torch.int8)
+        self.register_buffer("packed_weight", ops.pack_int8_weight(zero))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> Int8Linear:
+        """Quantizes the weights of an nn.Linear, or of a Hugging Face `Conv1D` (GPT-2 style,
+        weight stored [in, out]); the float module is left untouched."""
+        weight, bias = linear_weight_and_bias(linear)
+        if weight is None:
+            raise TypeError(
+                f"from_linear expects an nn.Linear (or a transformers Conv1D), got {type(linear).__name__}"
+            )
+        q, scale = quantize_weight_per_channel(weight)
+        mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        mod.set_weight(q.cpu(), scale.cpu())
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
+        mod.train(linear.training)  # swapping a layer must not flip an eval() model to training
+        return mod.to(weight.device) if weight.device.type != "cpu" else mod
+
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Sets int8 weights [out, in] and their per-channel float32 scales [out] (re-packs)."""
+        if q.dtype != torch.int8 or tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight must be int8 [{self.out_features}, {self.in_features}], got {q.dtype} {tuple(q.shape)}"
+            )
+        if tuple(scale.shape) != (self.out_features,):
+            raise ValueError(f"scale must have shape [{self.out_features}], got {tuple(scale.shape)}")
+        dev = self.packed_weight.device  # pack in the layout of the device the layer is on
+        self.packed_weight = ops.pack_int8_weight(q.detach().to(dev))
+        self.weight_scale = scale.detach().to(device=dev, dtype=torch.float32).contiguous()
+
+    def _apply(self, fn, recurse=True):
+        # model.bfloat16() / .half() / .to(dtype) cast every floating buffer. Ours are fp32 by
+        # contract (the kernel's epilogue reads fp32 scales and bias) and a round trip through
+        # bf16 would lose bits, so keep the originals; device moves still apply.
+        before = apply_keeping_dtypes(self, super()._apply, fn, recurse)
+        # A move between CPU and CUDA re-packs: each device's kernels have their own weight layout.
+        old_p, new_p = before["packed_weight"], self._buffers["packed_weight"]
+        if old_p.device.type != new_p.device.type:
+            w = ops.unpack_int8_weight(old_p, self.out_features, self.in_features).cpu()
+            self._buffers["packed_weight"] = ops.pack_int8_weight(w.to(new_p.device))
+        return self
+
+    @property
+    def weight_int8(self) -> torch.Tensor:
+        """The int8 weights [out, in], unpacked from the packed buffer."""
+        return ops.unpack_int8_weight(self.packed_weight, self.out_features, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in]: what this layer effectively multiplies by."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    _WEIGHT = "packed_weight"
+
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias)
+
+    def _prepare(self):
+        return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features)
+
+    def extra_repr(self) -> str:
+        return layer_repr(self, "weight=int8 per-channel", "act=int8 per-token")

@@ -1,0 +1,160 @@
+"""What the fastinfer ops share: argument checks (run by the CPU and CUDA kernels and by the fakes
+alike), the row layout the kernels read, output allocation, and kernel registration."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastinfer._runtime import _C
+
+# Activation and output dtypes of the kernels, as the engine's dtype codes.
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
+
+# Outputs at least this large get their own huge-page mapping (see csrc/cpu/large_buffer.h): a
+# fresh 32 MiB tensor costs ~8 ms of page faults with 4 KiB pages, ~1-2 ms with 2 MiB pages.
+# Such a tensor behaves like any other (views, pickling, share_memory_) except that its storage
+# cannot be resized: resize_() to a larger size, or passing it as out= to an op that must grow it,
+# raises "Trying to resize storage that is not resizable".
+LARGE_OUTPUT_BYTES = 8 << 20
+
+
+def register(opname: str, device: str):
+    """Registers fn as the `device` kernel of fastinfer::opname and keeps it callable from Python."""
+
+    def wrap(fn):
+        torch.library.register_kernel(f"fastinfer::{opname}", device, fn)
+        return fn
+
+    return wrap
+
+
+def eager_fast_path(x: torch.Tensor) -> bool:
+    """Plain eager CPU call with no autograd to record: nothing the dispatcher would add."""
+    return (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and torch._C._get_tracing_state() is None  # torch.jit.trace records dispatcher calls only
+    )
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def check_device(name: str, **tensors: torch.Tensor | None) -> None:
+    """CPU, CUDA (the CUDA kernels say when their backend is missing) and meta tensors only."""
+    for arg, t in tensors.items():
+        if t is not None and t.device.type not in ("cpu", "cuda", "meta"):
+            raise RuntimeError(f"fastinfer.{name}: {arg} is on {t.device}; fastinfer runs on CPU and CUDA tensors")
+
+
+def check_tensor(name: str, arg: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastinfer.{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float_input(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in DTYPE_CODE:
+        raise TypeError(f"fastinfer.{name}: x must be float32 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"fastinfer.{name}: x must have at least 1 dimension [..., K], got a scalar")
+
+
+def check_int8_2d(name: str, arg: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.int8:
+        raise TypeError(f"fastinfer.{name}: {arg} must be int8, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"fastinfer.{name}: {arg} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def check_int8_matmul_args(a: torch.Tensor, w: torch.Tensor) -> None:
+    """int8_matmul's a [M, K] and w [N, K], on any device."""
+    check_int8_2d("int8_matmul", "a", a)
+    check_int8_2d("int8_matmul", "w", w)
+    if a.shape[1] != w.shape[1]:
+        raise ValueError(f"fastinfer.int8_matmul: a is {tuple(a.shape)} and w is {tuple(w.shape)}; K must match")
+
+
+def check_scale_bias(name: str, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """N of an int8 linear's per-channel w_scale [N] (float32) and bias [N] (float32 or None)."""
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
+        raise TypeError(f"fastinfer.{name}: w_scale must be a 1-D float32 tensor [N]")
+    n = w_scale.shape[0]
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
+        raise TypeError(f"fastinfer.{name}: bias must be float32 [{n}], got {bias.dtype} {tuple(bias.shape)}")
+    return n
+
+
+def check_int8_linear_params(packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """N of int8_linear's weight side (packed from pack_int8_weight, w_scale, bias), on any device."""
+    n = check_scale_bias("int8_linear", w_scale, bias)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError("fastinfer.int8_linear: packed must be a 1-D uint8 tensor from pack_int8_weight")
+    return n
+
+
+def has_data(t: torch.Tensor) -> bool:
+    """True for a real CPU tensor whose bytes can be read (not meta, not a FakeTensor)."""
+    if t.device.type != "cpu":
+        return False
+    if type(t) is torch.Tensor:  # the common case, decided without the subclass check below
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t) and (t.numel() == 0 or t.data_ptr() != 0)
+
+
+# ------------------------------------------------------------------------------ layout and outputs
+
+
+def rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(2-D view [rows, K] with unit inner stride, its row stride in elements).
+
+    Copies only when the layout needs it. A single row's stride(0) is meaningless (a [1, K] slice of
+    a transposed tensor may report 1), so one row gets K."""
+    if t.dim() == 2 and t.is_contiguous():  # the common case, without the checks below
+        return t, t.shape[1]
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    n, k = t2.shape
+    if (k > 1 and t2.stride(-1) != 1) or (n > 1 and t2.stride(0) < k):
+        t2 = t2.contiguous()
+    return t2, (t2.stride(0) if n > 1 else k)
+
+
+def aligned_empty(nbytes: int) -> torch.Tensor:
+    """uint8 buffer whose data is 64-byte aligned (the kernels use aligned vector loads).
+
+    torch's CPU allocator aligns to 64 bytes; the check keeps us honest if that ever changes.
+    """
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    if out.data_ptr() % 64 != 0:
+        raise RuntimeError("fastinfer: torch returned a buffer that is not 64-byte aligned")
+    return out
+
+
+def ensure_aligned(packed: torch.Tensor) -> torch.Tensor:
+    """packed itself, or a 64-byte aligned copy of it (a buffer sliced or loaded at an odd address)."""
+    if not has_data(packed) or packed.data_ptr() % 64 == 0:
+        return packed
+    out = aligned_empty(packed.numel())
+    out.copy_(packed)
+    return out
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if nbytes < LARGE_OUTPUT_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    # frombuffer keeps a reference to the LargeBuffer for the tensor's lifetime (unmapped after)
+    return torch.frombuffer(_C.LargeBuffer(nbytes), dtype=dtype, count=numel).view(shape)
+
+
+def packed_nbytes(n, k):
+    """Size in bytes of pack_int8_weight's output for weights [n, k] (works on symbolic sizes)."""
+    np_, kp = (n + 15) // 16 * 16, (k + 63) // 64 * 64
+    return 64 + 4 * np_ + np_ * kp

@@ -1,0 +1,190 @@
+"""Dense int8 ops on the CPU: per-token quantization, K4N16 weight packing, the exact int8 matmul
+and the int8 linear (their CPU kernels and public functions; schemas and fakes in
+fastinfer/ops/_schema.py).
+
+Tensors reach the compiled kernels as data_ptr() integers with sizes and row strides (see
+fastinfer/ops/_prepared.py); the kernels never see torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastinfer import _cuda_layout
+from fastinfer._runtime import _C
+from fastinfer.ops import _prepared, _schema  # noqa: F401  (_schema: the ops these kernels serve)
+from fastinfer.ops._common import (
+    aligned_empty,
+    check_device,
+    check_float_input,
+    check_int8_2d,
+    check_int8_linear_params,
+    check_int8_matmul_args,
+    check_tensor,
+    eager_fast_path,
+    ensure_aligned,
+    has_data,
+    packed_nbytes,
+    register,
+    rows,
+)
+
+
+def packed_shape(name: str, packed: torch.Tensor) -> tuple[int, int]:
+    """(n, k) from the header of a CPU weight packed by pack_int8_weight (ValueError if corrupt)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError(f"fastinfer.{name}: packed must be a 1-D uint8 tensor from pack_int8_weight")
+    if not packed.is_contiguous():
+        raise ValueError(f"fastinfer.{name}: packed must be contiguous")
+    if not has_data(packed):
+        raise ValueError(
+            f"fastinfer.{name}: packed is a {packed.device.type} / fake tensor with no data, so its "
+            "header cannot be read; pass the weight shape (n, k) explicitly"
+        )
+    return _C.packed_shape(packed.data_ptr(), packed.numel())
+
+
+def prepare_int8_linear(
+    packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int
+) -> _prepared.Int8LinearCall:
+    """The checked weight side of int8_linear for inputs [..., k]: what its CPU kernel runs, and
+    what an Int8Linear keeps for its eager calls."""
+    n = check_int8_linear_params(packed, w_scale, bias)
+    packed = ensure_aligned(packed)
+    pn, pk = packed_shape("int8_linear", packed)
+    if pn != n or pk != k:
+        raise ValueError(
+            f"fastinfer.int8_linear: input has K={k} and w_scale N={n}, but the packed weight is [{pn}, {pk}]"
+        )
+    return _prepared.Int8LinearCall(_C.int8_linear, packed, w_scale, bias, n, k)
+
+
+# ------------------------------------------------------------------------------------- CPU kernels
+
+
+@register("quantize_per_token", "cpu")
+def _quantize_per_token_cpu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_float_input("quantize_per_token", x)
+    return _prepared.quantize_per_token(x)
+
+
+@register("pack_int8_weight", "cpu")
+def _pack_cpu(w: torch.Tensor) -> torch.Tensor:
+    check_int8_2d("pack_int8_weight", "w", w)
+    n, k = w.shape
+    w2, ld = rows(w) if n > 0 and k > 0 else (w.contiguous(), k)
+    out = aligned_empty(packed_nbytes(n, k))
+    _C.pack_weight(w2.data_ptr(), n, k, max(ld, k), out.data_ptr(), out.numel())
+    return out
+
+
+@register("unpack_int8_weight", "cpu")
+def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    packed = ensure_aligned(packed)
+    pn, pk = packed_shape("unpack_int8_weight", packed)
+    if (pn, pk) != (n, k):
+        raise ValueError(f"fastinfer.unpack_int8_weight: packed holds [{pn}, {pk}], asked for [{n}, {k}]")
+    w = torch.empty((n, k), dtype=torch.int8)
+    _C.unpack_weight(packed.data_ptr(), packed.numel(), w.data_ptr())
+    return w
+
+
+def _matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    check_int8_2d("int8_matmul", "a", a)
+    packed = ensure_aligned(packed)
+    pn, pk = packed_shape("int8_matmul", packed)
+    if pn != n:
+        raise ValueError(f"fastinfer.int8_matmul: packed weight has N={pn}, expected {n}")
+    if a.shape[1] != pk:
+        raise ValueError(f"fastinfer.int8_matmul: a has K={a.shape[1]} but w has K={pk}")
+    return _prepared.int8_matmul(_C.int8_matmul, a, packed, n)
+
+
+@register("int8_matmul", "cpu")
+def _int8_matmul_cpu(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    check_int8_matmul_args(a, w)
+    return _matmul_packed(a, _pack_cpu(w), w.shape[0])
+
+
+@register("int8_matmul_packed", "cpu")
+def _int8_matmul_packed_cpu(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    return _matmul_packed(a, packed, n)
+
+
+@register("int8_linear", "cpu")
+def _int8_linear_cpu(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    check_float_input("int8_linear", x)
+    return prepare_int8_linear(packed, w_scale, bias, x.shape[-1])(x)
+
+
+# -------------------------------------------------------------------------------------- public API
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of x [..., K] (float32 or bfloat16).
+
+    Returns (q int8 [..., K], scale float32 [...]) with scale = max|row| / 127 and
+    q = round_half_even(x * (127 / max|row|)), so x ~= q * scale. A row of zeros gets scale 0; a row
+    holding NaN or Inf gets scale NaN and q = 0 (so a layer's output row becomes NaN, as in float).
+    A row so tiny that 127 / max|row| overflows float32 (max|row| < 127 / FLT_MAX, about 3.7e-37)
+    counts as a zero row (scale 0, q 0); above that, subnormal scales are kept, never flushed.
+    """
+    x = check_tensor("quantize_per_token", "x", x)
+    check_device("quantize_per_token", x=x)
+    return torch.ops.fastinfer.quantize_per_token(x)
+
+
+def pack_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """Packs int8 weights [N, K] once into the kernels' layout (1-D uint8 with a versioned header)."""
+    w = check_tensor("pack_int8_weight", "w", w)
+    check_device("pack_int8_weight", w=w)
+    return torch.ops.fastinfer.pack_int8_weight(w)
+
+
+def unpack_int8_weight(packed: torch.Tensor, n: int | None = None, k: int | None = None) -> torch.Tensor:
+    """Inverse of pack_int8_weight: the int8 weights [N, K].
+
+    The shape is read from the packed header; a meta or fake tensor has no header to read, so
+    there (n, k) must be given (torch.compile tracing, `torch.device("meta")` construction)."""
+    packed = check_tensor("unpack_int8_weight", "packed", packed)
+    check_device("unpack_int8_weight", packed=packed)
+    if n is None or k is None:
+        if n is not None or k is not None:
+            raise ValueError("fastinfer.unpack_int8_weight: give both n and k, or neither")
+        if packed.device.type == "cuda":
+            _, n, k, _, _ = _cuda_layout.rn128_header(packed)
+        else:
+            n, k = packed_shape("unpack_int8_weight", ensure_aligned(packed))
+    return torch.ops.fastinfer.unpack_int8_weight(packed, n, k)
+
+
+def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int32 [M, N] = a int8 [M, K] @ w int8 [N, K]^T, equal to (a.long() @ w.long().T).int()."""
+    a = check_tensor("int8_matmul", "a", a)
+    w = check_tensor("int8_matmul", "w", w)
+    check_device("int8_matmul", a=a, w=w)
+    return torch.ops.fastinfer.int8_matmul(a, w)
+
+
+def int8_matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """int8_matmul against weights packed once with pack_int8_weight (N given for shape inference)."""
+    a = check_tensor("int8_matmul_packed", "a", a)
+    packed = check_tensor("int8_matmul_packed", "packed", packed)
+    check_device("int8_matmul_packed", a=a, packed=packed)
+    return torch.ops.fastinfer.int8_matmul_packed(a, packed, n)
+
+
+def int8_linear(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dynamic int8 linear: quantize x [..., K] per token, int8 GEMM, fp32 epilogue
+    acc * scale_x[m] * w_scale[n] + bias[n], cast to x.dtype. Returns [..., N]."""
+    x = check_tensor("int8_linear", "x", x)
+    check_device("int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
+    if eager_fast_path(x):
+        # Same kernel function the op registers; skips ~5 us of dispatcher overhead per call,
+        # which is 5% of a 4096x4096 layer at M=1.
+        return _int8_linear_cpu(x, packed, w_scale, bias)
+    return torch.ops.fastinfer.int8_linear(x, packed, w_scale, bias)
