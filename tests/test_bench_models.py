@@ -60,3 +60,47 @@ def test_models_suite_smallest_case(capsys, monkeypatch):
         assert rows["fastinfer"].split("|")[2].strip(), "a clean round must print a time"
     else:
         assert not rows["fastinfer"].split("|")[2].strip(), "a noisy run must not print a time"
+
+
+def test_figures_above_a_measured_limit_are_not_printed():
+    """A figure above what the same run measured the machine can do (490% of the read bandwidth,
+    174% of the int8 ceiling, as a busy machine once printed) is named, never printed as a result."""
+    from fastinfer.bench import ops as bench_ops
+
+    peaks = {"avx512_vnni": 2.2}
+    assert "490% of the read bandwidth" in bench_ops.untrusted({"kind": "ours", "bw_frac": 4.9}, peaks)
+    assert "174% of the measured int8" in bench_ops.untrusted({"kind": "ours", "isa": "avx512_vnni", "tops": 3.828}, peaks)
+    assert bench_ops.untrusted({"kind": "ours", "isa": "avx512_vnni", "tops": 2.0, "bw_frac": 0.99}, peaks) is None
+    assert bench_ops.untrusted({"kind": "float", "tops": 9.0}, peaks) is None  # no int8 ceiling for fp32 peers
+    row = {"shape": "1x8x8", "peer": "ours Int8Linear [avx512_vnni, detected]", "kind": "ours", "isa": "avx512_vnni",
+           "tops": 0.1, "bw_frac": 4.9, "ms_median": 0.001, "ms_min": 0.001, "M": 1, "baseline": True, "ratio": 1.0,
+           "gbps": 900.0, "read_bw_gbps": 180.0, "rounds": 5, "settle_ms": 25.0}  # fmt: skip
+    text = bench_ops.format_markdown([row], {"peak_tops": peaks})
+    assert "NOT TRUSTED" in text and "900.0" not in text and "490%" in text
+
+
+def test_noisy_rounds_are_dropped_from_the_samples():
+    """time_peers with a guard returns only the rounds the guard found clean."""
+    from fastinfer.bench import ops as bench_ops
+
+    class FakeGuard(_bench_guard.CpuGuard):
+        def round(self):  # every second round "saw" another process
+            ctx = super().round()
+            outer = self
+
+            class Ctx:
+                def __enter__(self):
+                    return ctx.__enter__()
+
+                def __exit__(self, *exc):
+                    ctx.__exit__(*exc)
+                    outer.rounds[-1].foreign_frac = 0.5 if len(outer.rounds) % 2 == 0 else 0.0
+
+            return Ctx()
+
+    peer = bench_ops.Peer(name="p", kind="float", fn=lambda: None)
+    guard = FakeGuard()
+    samples = bench_ops.time_peers([peer], rounds=6, target_s=1e-4, settle_s=0.0, guard=guard)
+    assert len(guard.rounds) == 6 and len(samples["p"]) == 3
+    assert guard.verdict(bench_ops.min_clean_rounds(6)) is None
+    assert guard.verdict(4).startswith("NOISY")

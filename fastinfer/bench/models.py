@@ -26,6 +26,7 @@ share of the forward spent in them.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import statistics
@@ -193,9 +194,13 @@ class Peer:
 def _quiet() -> Iterator[None]:
     """torch.ao, the ONNX exporter and NNCF warn about deprecations and tracing on every build."""
     with warnings.catch_warnings():
-        for cat in (DeprecationWarning, FutureWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=cat)
-        yield
+        warnings.simplefilter("ignore")  # TracerWarning is a plain Warning subclass
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # onnxruntime's quantizer logs advice on the root logger
+        try:
+            yield
+        finally:
+            logging.disable(previous)
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -256,7 +261,8 @@ def _onnx_peers(case: Case, threads: int, errors: dict[str, str]) -> list[Peer]:
             torch.onnx.export(wrapped, args, path, input_names=["input_ids", "attention_mask"],
                               output_names=["hidden"], opset_version=17, dynamo=False)  # fmt: skip
         qpath = os.path.join(tmp, "model.int8.onnx")
-        quantize_dynamic(path, qpath, per_channel=True, weight_type=QuantType.QInt8)
+        with _quiet():
+            quantize_dynamic(path, qpath, per_channel=True, weight_type=QuantType.QInt8)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -277,8 +283,6 @@ def _onnx_peers(case: Case, threads: int, errors: dict[str, str]) -> list[Peer]:
         calib = [tuple(c[k].numpy() for k in ("input_ids", "attention_mask")) for c in case.calib] or [
             tuple(feeds.values())
         ]
-        import logging
-
         logging.getLogger("nncf").setLevel(logging.ERROR)
         with _quiet():
             qm = nncf.quantize(ovm, nncf.Dataset(calib), model_type=nncf.ModelType.TRANSFORMER,

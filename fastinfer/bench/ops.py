@@ -35,6 +35,7 @@ from torch import nn
 import fastinfer
 from fastinfer import _runtime, ops
 from fastinfer._runtime import _C
+from fastinfer.bench.guard import CpuGuard
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     "1x4096x4096": (1, 4096, 4096),  # decode, one token
@@ -374,18 +375,46 @@ def time_peers(
     target_s: float,
     settle_s: float = DEFAULT_TIMING[2],
     tick: Callable[[], None] | None = None,
+    guard: CpuGuard | None = None,
 ) -> dict[str, list[float]]:
-    """Per-call seconds of every peer in every round, peers interleaved in a rotating order."""
+    """Per-call seconds of every peer in every round, peers interleaved in a rotating order. With a
+    guard, each round is watched for other processes on the CPU and only clean rounds are returned
+    (the caller asks guard.verdict whether enough remain)."""
     plan = {p.name: calibrate(p, target_s, settle_s) for p in peers}
     samples: dict[str, list[float]] = {p.name: [] for p in peers}
     n = len(peers)
     for r in range(rounds):
         order = peers[r % n :] + peers[: r % n]
-        for p in order:
-            samples[p.name].append(_time_batch(p, plan[p.name], settle_s))
+        with guard.round() if guard is not None else nullcontext():
+            for p in order:
+                samples[p.name].append(_time_batch(p, plan[p.name], settle_s))
         if tick is not None:
             tick()
+    if guard is not None:
+        keep = guard.clean_indices()
+        samples = {k: [v[i] for i in keep] for k, v in samples.items()}
     return samples
+
+
+def min_clean_rounds(rounds: int) -> int:
+    """Clean rounds a figure needs: half of them, at least 3 (or all, when fewer were asked for)."""
+    return min(rounds, max(3, (rounds + 1) // 2))
+
+
+# A figure this far above a limit measured in the same run is an artefact of the machine (a clock
+# that changed speed, another process), not a result: it is reported, never printed as a figure.
+LIMIT_SLACK = 1.05
+
+
+def untrusted(row: dict, peak_tops: dict | None) -> str | None:
+    """Why a row's figures exceed what this machine can do (None when they do not)."""
+    frac = row.get("bw_frac")
+    if row.get("kind") != "bw" and frac is not None and frac > LIMIT_SLACK:
+        return f"{frac * 100:.0f}% of the read bandwidth measured in the same rounds"
+    peak = (peak_tops or {}).get(row.get("isa") or "") or max((peak_tops or {}).values(), default=None)
+    if row.get("kind") in ("ours", "ours-int", "int") and peak and row.get("tops", 0) > peak * LIMIT_SLACK:
+        return f"{row['tops'] / peak * 100:.0f}% of the measured int8 compute ceiling ({peak:.2f} TOPS)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -469,8 +498,13 @@ def _run_shape(label, M, K, N, isas, rounds, target_s, settle_s, bar) -> list[di
     peers = [p for p in case.peers if p.name not in case.errors]
     if bar is not None:
         bar.set_postfix_str(label)
+    guard = CpuGuard()
     with torch.inference_mode():
-        samples = time_peers(peers, rounds, target_s, settle_s, tick=(bar.update if bar is not None else None))
+        samples = time_peers(peers, rounds, target_s, settle_s, tick=(bar.update if bar is not None else None),
+                             guard=guard)  # fmt: skip
+    verdict = guard.verdict(min_clean_rounds(rounds))
+    if verdict:
+        return [{**base, "peer": "NOISY", "kind": "error", "error": verdict}]
 
     ours_name = next(p.name for p in peers if p.kind == "ours")
     ours_t = samples[ours_name]
@@ -626,7 +660,12 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         if r.get("kind") == "error":
-            out.append(f"| {r['shape']} | {r['peer']} | | | | | | | ERROR: {r['error']} |")
+            label = "" if r["peer"] == "NOISY" else "ERROR: "
+            out.append(f"| {r['shape']} | {r['peer']} | | | | | | | {label}{r['error']} |")
+            continue
+        why = untrusted(r, meta.get("peak_tops"))
+        if why:
+            out.append(f"| {r['shape']} | {r['peer']} | | | | | | | NOT TRUSTED, not printed: {why} |")
             continue
         ratio = r.get("ratio")
         ratio_s = "" if ratio is None else ("1.00x (baseline)" if r.get("baseline") else f"{ratio:.2f}x")
@@ -670,11 +709,15 @@ def _summary(results: list[dict], meta: dict) -> list[str]:
     shapes = list(dict.fromkeys(r["shape"] for r in results))
     for s in shapes:
         rows = [r for r in results if r["shape"] == s]
-        if any(r.get("kind") == "error" and r["peer"] == "ABORTED" for r in rows):
-            lines.append(f"- {s}: ABORTED ({rows[0]['error']})")
+        if any(r.get("kind") == "error" and r["peer"] in ("ABORTED", "NOISY") for r in rows):
+            lines.append(f"- {s}: {rows[0]['peer']} ({rows[0]['error']})")
             continue
         ours = next((r for r in rows if r.get("baseline")), None)
         if ours is None:
+            continue
+        bad = [f"{r['peer']}: {why}" for r in rows if (why := untrusted(r, meta.get("peak_tops")))]
+        if bad:
+            lines.append(f"- {s}: figures not trusted ({'; '.join(bad)})")
             continue
         M = ours["M"]
         floats = [r for r in rows if r["kind"] == "float"]
