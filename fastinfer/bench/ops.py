@@ -349,9 +349,9 @@ def _time_batch(peer: Peer, inner: int, settle_s: float) -> float:
     """Seconds per call for `inner` back-to-back calls (context entered once, around the batch).
 
     Before timing, the peer runs untimed for at least `settle_s` (one call at least): a call right
-    after another library's call is slower for a while (torch's OpenMP threads keep spinning for
-    milliseconds after an op and compete with fastinfer's own thread pool, caches hold the other
-    peer's weights), and we time every peer in its own steady state.
+    after another library's call can be slower for a while (another runtime's threads still spinning,
+    caches holding the other peer's weights), and we time every peer in its own steady state. How a
+    layer runs right after a torch op is measured separately (fastinfer/bench/interleaved.py).
     """
     with peer.context():
         _settle(peer.fn, settle_s)
@@ -683,10 +683,9 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
         "- GB/s (M <= 16) = weight bytes per call / time: 1 byte per weight for the int8 peers, 2 for "
         "bf16, 4 for fp32. % read BW is given for the int8-weight rows only: their weights are exactly "
         "as large as the read-bw buffer, which is timed in the same rounds (fastest of the read-bw rows).",
-        "- Every peer is timed in its steady state, after the settle time of its own calls. Right after "
-        "a parallel torch op, fastinfer's calls are slower than shown for ~5-20 ms (torch's OpenMP "
-        "threads keep spinning and compete with fastinfer's own thread pool for the cores); in a "
-        "model, Int8Linear calls sit between torch ops.",
+        "- Every peer is timed in its steady state, after the settle time of its own calls. fastinfer's "
+        "kernels run on torch's own OpenMP team, so a layer right after a torch op runs as fast as "
+        "alone: the interleaved rows below measure it.",
         "- Every peer is timed warm (its weights reused call after call). Where the int8 weights fit in "
         "the L3 cache and the fp32 ones do not, small-M results are partly a cache effect: in a model "
         "with many layers the weights come from DRAM.",
