@@ -15,6 +15,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(args: argparse.Namespace) -> str:
+    return "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
+
+
+def _emit(args: argparse.Namespace, text: str) -> None:
+    """Prints a suite's markdown and, with -o, writes the same text to the file."""
+    print(text, end="")
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"(written to {args.output})", file=sys.stderr)
+
+
 def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     import torch
 
@@ -35,17 +48,12 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
         print(f"fastinfer bench: error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
-    meta = bench_ops.environment_meta(command=command, dram=False)
+    meta = bench_ops.environment_meta(command=_command(args), dram=False)
     timing = (3, 0.01, 0.01) if args.quick else bench_sparse.TIMING
     rows = bench_sparse.run(bench_sparse.default_cases(shapes, sparsities), ms=ms,
                              progress=not args.no_progress, timing=timing)  # fmt: skip
     text = bench_sparse.format_markdown(rows, meta)
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-        print(f"(written to {args.output})", file=sys.stderr)
+    _emit(args, text)
     return 0
 
 
@@ -63,16 +71,11 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
         print(f"fastinfer bench: error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
-    meta = bench_ops.environment_meta(command=command, dram=False, peaks=False)
+    meta = bench_ops.environment_meta(command=_command(args), dram=False, peaks=False)
     results = bench_models.run(names, quick=args.quick, rounds=args.rounds, threads=args.threads,
                                 onnx=not args.no_onnx, progress=not args.no_progress)  # fmt: skip
     text = bench_models.format_markdown(results, meta)
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-        print(f"(written to {args.output})", file=sys.stderr)
+    _emit(args, text)
     return 0
 
 
@@ -110,8 +113,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # fastinfer follows torch's thread count
-    command = "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
-    meta = bench_ops.environment_meta(command=command)
+    meta = bench_ops.environment_meta(command=_command(args))
     results = bench_ops.run(
         shapes, isas=isas, progress=not args.no_progress, quick=args.quick,
         rounds=args.rounds, target_s=args.batch_ms / 1e3 if args.batch_ms else None,
@@ -123,11 +125,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         shapes_i = list(shapes.values()) if args.shapes else list(interleaved.SHAPES)
         rows = interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=not args.no_progress)
         text += "\n" + interleaved.format_markdown(rows)
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
-        print(f"(written to {args.output})", file=sys.stderr)
+    _emit(args, text)
     aborted = [r for r in results if r.get("peer") == "ABORTED"]
     return 1 if aborted else 0
 

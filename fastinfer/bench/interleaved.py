@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import fastinfer
+from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
 
 SHAPES = ((1, 4096, 4096), (128, 768, 3072), (512, 384, 1536))
@@ -66,12 +67,7 @@ def run(shapes=SHAPES, ops: tuple[str, ...] = tuple(OPS), rounds: int = 7, targe
         progress: bool = True) -> list[dict]:  # fmt: skip
     rows: list[dict] = []
     items = [(s, name, layer) for s in shapes for name, layer in layers_for(s[1], s[2]).items()]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items) * len(ops), desc="fastinfer bench interleaved", unit="case", leave=False)
-    try:
+    with progress_bar(len(items) * len(ops), "fastinfer bench interleaved", "case", progress) as bar:
         for (M, K, N), lname, layer in items:
             x = torch.randn(M, K)
             big = torch.randn(M, N)
@@ -113,11 +109,7 @@ def run(shapes=SHAPES, ops: tuple[str, ...] = tuple(OPS), rounds: int = 7, targe
                         ),
                     )
                 rows.append(row)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.update(1)
     return rows
 
 

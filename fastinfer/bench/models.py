@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 import fastinfer
+from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
 
 # (rounds, minimum clean rounds)
@@ -429,23 +430,13 @@ def run(names: list[str] | None = None, quick: bool = False, rounds: int | None 
     engines = torch.backends.quantized.supported_engines
     engine = engine or ("onednn" if "onednn" in engines else "x86" if "x86" in engines else engines[-1])
     builders = default_cases(names)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(builders) * rounds, desc="fastinfer bench models", unit="round", leave=False)
     results = []
-    try:
+    with progress_bar(len(builders) * rounds, "fastinfer bench models", "round", progress) as bar:
         for build in builders:
             case = build()
-            if bar is not None:
-                bar.set_postfix_str(case.name)
-            results.append(run_case(case, rounds, min_clean, threads, engine, onnx,
-                                    tick=(lambda _n: bar.update(1)) if bar is not None else None))  # fmt: skip
+            bar.set_postfix_str(case.name)
+            results.append(run_case(case, rounds, min_clean, threads, engine, onnx, tick=lambda _n: bar.update(1)))
             del case
-    finally:
-        if bar is not None:
-            bar.close()
     return results
 
 

@@ -35,6 +35,7 @@ from torch import nn
 import fastinfer
 from fastinfer import _runtime, ops
 from fastinfer._runtime import _C
+from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
 
 SHAPES: dict[str, tuple[int, int, int]] = {
@@ -453,21 +454,11 @@ def run(
         if name not in fastinfer.available_isas():
             raise ValueError(f"ISA {name!r} is not available here (available: {fastinfer.available_isas()})")
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items) * rounds, desc="fastinfer bench", unit="round", leave=False)
-
     results: list[dict] = []
-    try:
+    with progress_bar(len(items) * rounds, "fastinfer bench", "round", progress) as bar:
         for label, (M, K, N) in items:
-            if bar is not None:
-                bar.set_postfix_str(f"{label}: building peers")
+            bar.set_postfix_str(f"{label}: building peers")
             results += _run_shape(label, M, K, N, isas, rounds, target_s, settle_s, bar)
-    finally:
-        if bar is not None:
-            bar.close()
     return results
 
 
@@ -490,18 +481,15 @@ def _run_shape(label, M, K, N, isas, rounds, target_s, settle_s, bar) -> list[di
             case.errors[p.name] = f"SQNR {checks[p.name]['sqnr']:.1f} dB < {MIN_SQNR_DB} dB"
     ours_bad = [n for n in case.errors if n.startswith("ours Int8Linear")]
     if ours_bad:
-        if bar is not None:
-            bar.update(rounds)
+        bar.update(rounds)
         why = "; ".join(f"{n}: {case.errors[n]}" for n in ours_bad)
         return [{**base, "peer": "ABORTED", "kind": "error", "error": f"not timed: {why}"}]
 
     peers = [p for p in case.peers if p.name not in case.errors]
-    if bar is not None:
-        bar.set_postfix_str(label)
+    bar.set_postfix_str(label)
     guard = CpuGuard()
     with torch.inference_mode():
-        samples = time_peers(peers, rounds, target_s, settle_s, tick=(bar.update if bar is not None else None),
-                             guard=guard)  # fmt: skip
+        samples = time_peers(peers, rounds, target_s, settle_s, tick=bar.update, guard=guard)
     verdict = guard.verdict(min_clean_rounds(rounds))
     if verdict:
         return [{**base, "peer": "NOISY", "kind": "error", "error": verdict}]
@@ -648,7 +636,7 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
         out.append(
             f"- method: all peers of a shape in one process, same fp32 input and nn.Linear weights, "
             f"{rounds} rounds with the peers interleaved (rotating order), each peer's timed batch "
-            f"preceded by >= {settle:g} ms of its own untimed calls; ms = median per-call time "
+            f"preceded by >= {settle or 0:g} ms of its own untimed calls; ms = median per-call time "
             "over rounds; **ours vs peer = median over rounds of t_peer / t_ours** (same round, "
             "> 1 = ours faster), ours = the baseline Int8Linear row (first ISA given; default the detected one). Correctness checked before "
             f"timing (float peers: SQNR vs fp32 nn.Linear, Int8Linear must be >= {MIN_SQNR_DB:.0f} dB; "

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import fastinfer
+from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
 from fastinfer.bench.ops import LIMIT_SLACK, Peer, _read_probes, min_clean_rounds, sqnr_db, time_peers
 from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear
@@ -170,25 +171,15 @@ def run(cases: Iterable[Case] | None = None, ms: Iterable[int] = MS, progress: b
     cases = list(cases) if cases is not None else default_cases()
     ms = list(ms)
     rounds, target_s, settle_s = timing
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(cases) * len(ms), desc="fastinfer bench (sparse)", unit="case", leave=False)
     rows: list[dict] = []
-    try:
+    with progress_bar(len(cases) * len(ms), "fastinfer bench (sparse)", "case", progress) as bar:
         for case in cases:
             with torch.no_grad():
                 layers = _layers(case)
             for M in ms:
-                if bar is not None:
-                    bar.set_postfix_str(f"{case.label} {case.sparsity:.0%} M={M} {case.K}x{case.N}")
+                bar.set_postfix_str(f"{case.label} {case.sparsity:.0%} M={M} {case.K}x{case.N}")
                 rows += _run_one(case, M, layers, rounds, target_s, settle_s)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.update(1)
     return rows
 
 
