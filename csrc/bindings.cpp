@@ -36,13 +36,13 @@ fc::DType dtype(int d) {
 template <class Fn>
 auto int8_linear_binding(Fn fn) {
     return [fn](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t w, int64_t nbytes, uintptr_t sw,
-                uintptr_t bias, uintptr_t out, int out_dt, int64_t ldo) {
+                uintptr_t bias, uintptr_t out, int out_dt, int64_t ldo, int act) {
         const fc::DType d = dtype(dt), od = dtype(out_dt);
         Status st;
         {
             py::gil_scoped_release nogil;
             st = fn(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(w), nbytes, ptr<const float>(sw),
-                    ptr<const float>(bias), ptr<void>(out), od, ldo);
+                    ptr<const float>(bias), ptr<void>(out), od, ldo, act);
         }
         raise_if_error(st);
     };
@@ -166,6 +166,12 @@ PYBIND11_MODULE(_C, m) {
         return bytes;
     });
     m.def("int8_linear", int8_linear_binding(&fc::int8_linear));
+    m.def("apply_activation", [](uintptr_t y, int64_t n, int act) {
+        raise_if_error(fc::apply_activation(ptr<float>(y), n, act));
+    });
+    m.def("erf_f32", [](uintptr_t x, uintptr_t out, int64_t n) {
+        raise_if_error(fc::erf_f32_values(ptr<const float>(x), ptr<float>(out), n));
+    });
 
     // ---- sparse formats and kernels
     m.def("sparse_measure", [](int fmt, uintptr_t w, int64_t n, int64_t k, int64_t ldw) {

@@ -43,7 +43,11 @@ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
 
 // Where the GEMM result goes. kind kI32: out[m,n] = acc (exact, wrapping mod 2^32).
-// kind kF32/kBF16: out[m,n] = acc * sa[m] * sw[n] + bias[n] (bias may be null), computed in fp32.
+// kind kF32/kBF16: out[m,n] = act(acc * sa[m] * sw[n] + bias[n]) (bias may be null), computed in fp32.
+// Activation codes (the entry points reject any other): kActNone, kActGelu (erf GELU, gelu_f32).
+constexpr int kActNone = 0;
+constexpr int kActGelu = 1;
+constexpr bool valid_act(int act) { return act == kActNone || act == kActGelu; }
 struct Epilogue {
     DType kind;
     void* out;
@@ -51,7 +55,27 @@ struct Epilogue {
     const float* sa;
     const float* sw;
     const float* bias;
+    int act = kActNone;  // applied to the fp32 value before the cast (ignored for kI32)
 };
+
+// erf as a rational function, Eigen's generic_fast_erf_float (Eigen/src/SpecialFunctions/
+// SpecialFunctionsImpl.h; MPL2): x clamped to [-4, 4], p = x * P(x^2) (odd, degree 13),
+// q = Q(x^2) (even, degree 8), both Horner with fma, then one IEEE division p / q. Every path (scalar
+// erf_f32, avx2 and avx512 gelu) uses these constants in this order, so results are bit-identical.
+constexpr float kErfAlpha1 = -1.60960333262415e-02f;
+constexpr float kErfAlpha3 = -2.95459980854025e-03f;
+constexpr float kErfAlpha5 = -7.34990630326855e-04f;
+constexpr float kErfAlpha7 = -5.69250639462346e-05f;
+constexpr float kErfAlpha9 = -2.10102402082508e-06f;
+constexpr float kErfAlpha11 = 2.77068142495902e-08f;
+constexpr float kErfAlpha13 = -2.72614225801306e-10f;
+constexpr float kErfBeta0 = -1.42647390514189e-02f;
+constexpr float kErfBeta2 = -7.37332916720468e-03f;
+constexpr float kErfBeta4 = -1.68282697438203e-03f;
+constexpr float kErfBeta6 = -2.13374055278905e-04f;
+constexpr float kErfBeta8 = -1.45660718464996e-05f;
+constexpr float kErfClamp = 4.f;
+constexpr float kSqrtHalf = 0.70710678f;
 
 // Quantized activations handed to a GEMM kernel: int8 rows of kp bytes (zero padded past k).
 // For avx512_vnni the bytes are stored shifted (q + 128 as uint8); the kernel subtracts 128*colsum.
@@ -81,13 +105,41 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
     return uint16_t(u >> 16);
 }
 
-// The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32.
+// The clamp is written as the SIMD min/max behave: _mm*_min_ps(a, b) returns b when a is NaN
+// (a NaN input then gives erf(4); gelu stays NaN through h = 0.5 * NaN).
+inline float erf_f32(float a) {
+    float x = a < kErfClamp ? a : kErfClamp;
+    x = x > -kErfClamp ? x : -kErfClamp;
+    const float x2 = x * x;
+    float p = __builtin_fmaf(x2, kErfAlpha13, kErfAlpha11);
+    p = __builtin_fmaf(x2, p, kErfAlpha9);
+    p = __builtin_fmaf(x2, p, kErfAlpha7);
+    p = __builtin_fmaf(x2, p, kErfAlpha5);
+    p = __builtin_fmaf(x2, p, kErfAlpha3);
+    p = __builtin_fmaf(x2, p, kErfAlpha1);
+    p = x * p;
+    float q = __builtin_fmaf(x2, kErfBeta8, kErfBeta6);
+    q = __builtin_fmaf(x2, q, kErfBeta4);
+    q = __builtin_fmaf(x2, q, kErfBeta2);
+    q = __builtin_fmaf(x2, q, kErfBeta0);
+    return p / q;
+}
+
+// gelu(y) = 0.5 y (1 + erf(y / sqrt 2)), computed as fma(h, erf(y * sqrt(1/2)), h) with h = 0.5 y.
+inline float gelu_f32(float y) {
+    const float h = 0.5f * y;
+    return __builtin_fmaf(h, erf_f32(y * kSqrtHalf), h);
+}
+
+// The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32,
+// then the activation.
 inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
     if (ep.kind == DType::kI32) {
         static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = acc;
         return;
     }
-    const float y = __builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
+    float y = __builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
+    if (ep.act == kActGelu) y = gelu_f32(y);
     if (ep.kind == DType::kF32)
         static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
     else

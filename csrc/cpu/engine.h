@@ -24,11 +24,17 @@ Status quantize_per_token(const void* x, DType dt, int64_t m, int64_t k, int64_t
 Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* packed,
                    int64_t packed_nbytes, int32_t* out, int64_t ldo);
 
-// out [m, n] (dtype out_dt, row stride ldo) = dequant(quant(x) @ W^T) * sw + bias, activation
-// quantization included (quantize_per_token), fp32 epilogue. bias may be null.
+// out [m, n] (dtype out_dt, row stride ldo) = act(dequant(quant(x) @ W^T) * sw + bias), activation
+// quantization included (quantize_per_token), fp32 epilogue. bias may be null. act: kActNone or
+// kActGelu (common.h), applied in fp32 before the cast.
 Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes, const float* sw,
-                   const float* bias, void* out, DType out_dt, int64_t ldo);
+                   const float* bias, void* out, DType out_dt, int64_t ldo, int act);
+
+// y[i] = act(y[i]) for n fp32 values, in place, with the epilogue's scalar code (outputs of a K = 0
+// linear, where no GEMM runs). erf_f32: out[i] = the epilogue's erf(x[i]) (tests).
+Status apply_activation(float* y, int64_t n, int act);
+Status erf_f32_values(const float* x, float* out, int64_t n);
 
 // Machine-limit probes for the benchmarks, run on every thread at once.
 // dot_peak: register-only multiply-adds of the active ISA's int8 dot instruction; returns how many

@@ -29,9 +29,9 @@ Status sparse_linear_f32(const float* x, int64_t m, int64_t k, int64_t ldx, cons
 // out int32 [m, n] = a int8 [m, k] @ W^T, exact mod 2^32 (int8 formats).
 Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uint8_t* buf,
                           int64_t nbytes, int32_t* out, int64_t ldo);
-// Dynamic int8 linear on a sparse int8 weight: same quantization and epilogue as int8_linear.
+// Dynamic int8 linear on a sparse int8 weight: same quantization, epilogue and act as int8_linear.
 Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
                           int64_t nbytes, const float* sw, const float* bias, void* out, DType out_dt,
-                          int64_t ldo);
+                          int64_t ldo, int act);
 
 }  // namespace fastinfer::cpu

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cpu/api/internal.h"
+#include "cpu/engine.h"
 #include "cpu/runtime/threads.h"
 
 namespace fastinfer::cpu {
@@ -12,6 +13,20 @@ Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what) {
     if (m < 0 || k < 0) return Status::invalid(std::string(what) + ": negative size");
     if (m > kMaxDim || k > kMaxDim) return Status::invalid(std::string(what) + ": size too large");
     if (m > 0 && ld < k) return Status::invalid(std::string(what) + ": row stride smaller than K");
+    return Status::ok();
+}
+
+Status apply_activation(float* y, int64_t n, int act) {
+    if (n < 0) return Status::invalid("apply_activation: negative size");
+    if (!valid_act(act)) return Status::invalid("apply_activation: unknown activation code " + std::to_string(act));
+    if (act == kActGelu)
+        for (int64_t i = 0; i < n; ++i) y[i] = gelu_f32(y[i]);
+    return Status::ok();
+}
+
+Status erf_f32_values(const float* x, float* out, int64_t n) {
+    if (n < 0) return Status::invalid("erf_f32: negative size");
+    for (int64_t i = 0; i < n; ++i) out[i] = erf_f32(x[i]);
     return Status::ok();
 }
 

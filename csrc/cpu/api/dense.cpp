@@ -67,11 +67,12 @@ Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uin
 
 Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes_, const float* sw,
-                   const float* bias, void* out, DType out_dt, int64_t ldo) {
+                   const float* bias, void* out, DType out_dt, int64_t ldo, int act) {
     if (dt != DType::kF32 && dt != DType::kBF16)
         return Status::invalid("int8_linear: x must be float32 or bfloat16");
     if (out_dt != DType::kF32 && out_dt != DType::kBF16)
         return Status::invalid("int8_linear: out must be float32 or bfloat16");
+    if (!valid_act(act)) return Status::invalid("int8_linear: unknown activation code " + std::to_string(act));
     PackedW w;
     Status st = check_gemm("int8_linear", m, k, ldx, packed, packed_nbytes_, ldo, &w);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;
@@ -80,7 +81,7 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
     quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, kt.shift_u8);
-    const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
+    const Epilogue ep{out_dt, out, ldo, sa, sw, bias, act};
     run_gemm(kt, Activations{q, m, w.kp}, w, ep);
     return Status::ok();
 }

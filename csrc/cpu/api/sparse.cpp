@@ -211,11 +211,13 @@ Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, co
 
 Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
                           int64_t nbytes, const float* sw, const float* bias, void* out, DType out_dt,
-                          int64_t ldo) {
+                          int64_t ldo, int act) {
     if (dt != DType::kF32 && dt != DType::kBF16)
         return Status::invalid("sparse_int8_linear: x must be float32 or bfloat16");
     if (out_dt != DType::kF32 && out_dt != DType::kBF16)
         return Status::invalid("sparse_int8_linear: out must be float32 or bfloat16");
+    if (!valid_act(act))
+        return Status::invalid("sparse_int8_linear: unknown activation code " + std::to_string(act));
     SparseView w;
     const FormatTraits* f;
     Status st = check_sparse("sparse_int8_linear", m, k, ldx, buf, nbytes, ldo, &w, true, &f);
@@ -225,7 +227,7 @@ Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
     quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, shifted(kt, *f));
-    const Epilogue ep{out_dt, out, ldo, sa, sw, bias};
+    const Epilogue ep{out_dt, out, ldo, sa, sw, bias, act};
     return run_int8(kt, *f, q, m, w, ep);
 }
 

@@ -38,6 +38,27 @@ inline __m128i to_bf16(__m256 y) {
     return _mm256_castsi256_si128(p);
 }
 
+// gelu_f32 on 8 lanes: the same operations in the same order (common.h).
+inline __m256 gelu8(__m256 y) {
+    __m256 x = _mm256_mul_ps(y, _mm256_set1_ps(kSqrtHalf));
+    x = _mm256_min_ps(x, _mm256_set1_ps(kErfClamp));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-kErfClamp));
+    const __m256 x2 = _mm256_mul_ps(x, x);
+    __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(kErfAlpha13), _mm256_set1_ps(kErfAlpha11));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(kErfAlpha9));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(kErfAlpha7));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(kErfAlpha5));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(kErfAlpha3));
+    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(kErfAlpha1));
+    p = _mm256_mul_ps(x, p);
+    __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(kErfBeta8), _mm256_set1_ps(kErfBeta6));
+    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(kErfBeta4));
+    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(kErfBeta2));
+    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(kErfBeta0));
+    const __m256 h = _mm256_mul_ps(_mm256_set1_ps(0.5f), y);
+    return _mm256_fmadd_ps(h, _mm256_div_ps(p, q), h);
+}
+
 // 8 consecutive channels of one row; n0 + 8 <= N.
 inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
     if (ep.kind == DType::kI32) {
@@ -47,6 +68,7 @@ inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
     __m256 s = _mm256_mul_ps(_mm256_set1_ps(ep.sa[m]), _mm256_loadu_ps(ep.sw + n0));
     __m256 b = ep.bias ? _mm256_loadu_ps(ep.bias + n0) : _mm256_setzero_ps();
     __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, b);
+    if (ep.act == kActGelu) y = gelu8(y);
     if (ep.kind == DType::kF32)
         _mm256_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, y);
     else

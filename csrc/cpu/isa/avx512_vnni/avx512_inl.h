@@ -59,6 +59,27 @@ inline __m256i to_bf16(__m512 y) {
     return _mm512_cvtepi32_epi16(r);
 }
 
+// gelu_f32 on 16 lanes: the same operations in the same order (common.h).
+inline __m512 gelu16(__m512 y) {
+    __m512 x = _mm512_mul_ps(y, _mm512_set1_ps(kSqrtHalf));
+    x = _mm512_min_ps(x, _mm512_set1_ps(kErfClamp));
+    x = _mm512_max_ps(x, _mm512_set1_ps(-kErfClamp));
+    const __m512 x2 = _mm512_mul_ps(x, x);
+    __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(kErfAlpha13), _mm512_set1_ps(kErfAlpha11));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(kErfAlpha9));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(kErfAlpha7));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(kErfAlpha5));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(kErfAlpha3));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(kErfAlpha1));
+    p = _mm512_mul_ps(x, p);
+    __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(kErfBeta8), _mm512_set1_ps(kErfBeta6));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(kErfBeta4));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(kErfBeta2));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(kErfBeta0));
+    const __m512 h = _mm512_mul_ps(_mm512_set1_ps(0.5f), y);
+    return _mm512_fmadd_ps(h, _mm512_div_ps(p, q), h);
+}
+
 // Stores 16 channels [n0, n0 + 16) of one row (those < n): exact int32, or the fp32 epilogue.
 // colsum (64-byte aligned at n0) removes the +128 shift of the activations; null when unshifted.
 inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epilogue& ep, int64_t m,
@@ -72,6 +93,7 @@ inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epil
     __m512 s = _mm512_mul_ps(_mm512_set1_ps(ep.sa[m]), _mm512_maskz_loadu_ps(mk, ep.sw + n0));
     __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
     __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
+    if (ep.act == kActGelu) y = gelu16(y);
     if (ep.kind == DType::kF32)
         _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, mk, y);
     else
