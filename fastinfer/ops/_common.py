@@ -12,6 +12,28 @@ from fastinfer._runtime import _C
 # Activation and output dtypes of the kernels, as the engine's dtype codes.
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
+# Activations the int8 linear kernels can fuse into their fp32 epilogue, as the engine's codes
+# (csrc/cpu/common.h): "gelu" is the erf GELU (Eigen's fp32 erf approximation, within 4e-7).
+ACTIVATION_CODE = {None: 0, "gelu": 1}
+ACTIVATION_NAME = {code: name for name, code in ACTIVATION_CODE.items()}
+
+
+def activation_code(name: str, activation: object) -> int:
+    """The engine code of an activation name (None or "gelu"); ValueError for anything else."""
+    if isinstance(activation, str) or activation is None:
+        code = ACTIVATION_CODE.get(activation)
+        if code is not None:
+            return code
+    raise ValueError(f"fastinfer.{name}: activation must be None or 'gelu', got {activation!r}")
+
+
+def activation_name(name: str, act: int) -> str | None:
+    """Inverse of activation_code for an op's int act argument; ValueError for an unknown code."""
+    if act not in ACTIVATION_NAME:
+        raise ValueError(f"fastinfer.{name}: unknown activation code {act} (0 none, 1 gelu)")
+    return ACTIVATION_NAME[act]
+
+
 # Outputs at least this large get their own huge-page mapping (see csrc/cpu/large_buffer.h): a
 # fresh 32 MiB tensor costs ~8 ms of page faults with 4 KiB pages, ~1-2 ms with 2 MiB pages.
 # Such a tensor behaves like any other (views, pickling, share_memory_) except that its storage

@@ -24,16 +24,17 @@ def _ptr(t: torch.Tensor | None) -> int:
 class Int8LinearCall:
     """y [..., n] = kernel(x [..., k]) for _C.int8_linear and _C.sparse_int8_linear (one signature):
     per-token int8 quantization of x, exact int32 accumulation, fp32 epilogue
-    acc * sa[m] * w_scale[n] + bias[n], output in x's dtype.
+    act(acc * sa[m] * w_scale[n] + bias[n]), output in x's dtype.
 
     weight: the checked, 64-byte aligned packed buffer (K4N16 or sparse); w_scale float32 [n];
-    bias float32 [n] or None. The call holds every tensor whose address it passes."""
+    bias float32 [n] or None; act: the checked activation code (ACTIVATION_CODE, 0 none).
+    The call holds every tensor whose address it passes."""
 
-    __slots__ = ("kernel", "weight", "w_scale", "bias", "n", "k", "_ptrs")
+    __slots__ = ("kernel", "weight", "w_scale", "bias", "n", "k", "act", "_ptrs")
 
     def __init__(self, kernel, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 n: int, k: int) -> None:  # fmt: skip
-        self.kernel, self.weight, self.n, self.k = kernel, weight, n, k
+                 n: int, k: int, act: int = 0) -> None:  # fmt: skip
+        self.kernel, self.weight, self.n, self.k, self.act = kernel, weight, n, k, act
         self.w_scale = w_scale.contiguous()
         self.bias = bias.contiguous() if bias is not None else None
         self._ptrs = (weight.data_ptr(), weight.numel(), self.w_scale.data_ptr(), _ptr(self.bias))
@@ -43,12 +44,18 @@ class Int8LinearCall:
         out = new_output((*x.shape[:-1], n), x.dtype)
         if out.numel() == 0:
             return out
-        if k == 0:
-            return out.copy_(self.bias.expand_as(out)) if self.bias is not None else out.zero_()
+        if k == 0:  # y = act(bias), or act(0) = 0 (gelu and none alike)
+            if self.bias is None:
+                return out.zero_()
+            y = self.bias
+            if self.act:
+                y = y.clone()
+                _C.apply_activation(y.data_ptr(), n, self.act)
+            return out.copy_(y.expand_as(out))
         x2, ld = rows(x)
         code = DTYPE_CODE[x.dtype]
         w, w_nbytes, s, b = self._ptrs
-        self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n)
+        self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n, self.act)
         return out
 
 

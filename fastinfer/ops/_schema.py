@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from fastinfer.ops._common import (
+    activation_name,
     check_float_input,
     check_int8_2d,
     check_int8_linear_params,
@@ -21,12 +22,13 @@ torch.library.define("fastinfer::unpack_int8_weight", "(Tensor packed, int n, in
 torch.library.define("fastinfer::int8_matmul", "(Tensor a, Tensor w) -> Tensor")
 torch.library.define("fastinfer::int8_matmul_packed", "(Tensor a, Tensor packed, int n) -> Tensor")
 torch.library.define(
-    "fastinfer::int8_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias) -> Tensor"
+    "fastinfer::int8_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor"
 )
 # sparse (the packed weight is pack_sparse's buffer, any format)
 torch.library.define("fastinfer::sparse_linear", "(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor")
 torch.library.define(
-    "fastinfer::sparse_int8_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias) -> Tensor"
+    "fastinfer::sparse_int8_linear",
+    "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor",
 )
 torch.library.define("fastinfer::sparse_int8_matmul", "(Tensor a, Tensor packed, int n) -> Tensor")
 
@@ -63,8 +65,9 @@ def _int8_matmul_packed_fake(a, packed, n):
 
 
 @torch.library.register_fake("fastinfer::int8_linear")
-def _int8_linear_fake(x, packed, w_scale, bias):
+def _int8_linear_fake(x, packed, w_scale, bias, act=0):
     check_float_input("int8_linear", x)
+    activation_name("int8_linear", act)
     n = check_int8_linear_params(packed, w_scale, bias)
     return x.new_empty((*x.shape[:-1], n))
 
@@ -76,8 +79,9 @@ def _sparse_linear_fake(x, packed, bias, n):
 
 
 @torch.library.register_fake("fastinfer::sparse_int8_linear")
-def _sparse_int8_linear_fake(x, packed, w_scale, bias):
+def _sparse_int8_linear_fake(x, packed, w_scale, bias, act=0):
     check_float_input("sparse_int8_linear", x)
+    activation_name("sparse_int8_linear", act)
     n = check_scale_bias("sparse_int8_linear", w_scale, bias)
     return x.new_empty((*x.shape[:-1], n))
 

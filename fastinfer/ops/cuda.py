@@ -127,8 +127,15 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @register("int8_linear", "cuda")
-def int8_linear(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0
+) -> torch.Tensor:
     check_float_input("int8_linear", x)
+    if act != 0:
+        raise RuntimeError(
+            "fastinfer.int8_linear: a fused activation is not implemented on CUDA yet (CPU only); "
+            "build the layer without activation= (or quantize with QuantConfig(fuse_activations=False))"
+        )
     n = check_int8_linear_params(packed, w_scale, bias)
     mod = _mod("int8_linear")
     _same_device("int8_linear", x, packed, w_scale, bias)

@@ -19,6 +19,8 @@ import torch
 from fastinfer._runtime import _C
 from fastinfer.ops import _prepared, _schema  # noqa: F401  (_schema: the ops these kernels serve)
 from fastinfer.ops._common import (
+    activation_code,
+    activation_name,
     aligned_empty,
     check_device,
     check_float_input,
@@ -183,16 +185,18 @@ def prepare_sparse_linear(
 
 
 def prepare_sparse_int8_linear(
-    packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int
+    packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int, act: int = 0
 ) -> _prepared.Int8LinearCall:
-    """The checked weight side of sparse_int8_linear for inputs [..., k] (see prepare_sparse_linear)."""
+    """The checked weight side of sparse_int8_linear for inputs [..., k] and activation code act
+    (see prepare_sparse_linear)."""
     n = check_scale_bias("sparse_int8_linear", w_scale, bias)
+    activation_name("sparse_int8_linear", act)
     packed, pn, pk = _check_int8_packed("sparse_int8_linear", packed)
     if pn != n or pk != k:
         raise ValueError(
             f"fastinfer.sparse_int8_linear: input has K={k} and w_scale N={n}, but the weight is [{pn}, {pk}]"
         )
-    return _prepared.Int8LinearCall(_C.sparse_int8_linear, packed, w_scale, bias, n, k)
+    return _prepared.Int8LinearCall(_C.sparse_int8_linear, packed, w_scale, bias, n, k, act)
 
 
 # ------------------------------------------------------------------------------------- CPU kernels
@@ -206,10 +210,10 @@ def _sparse_linear_cpu(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor
 
 @register("sparse_int8_linear", "cpu")
 def _sparse_int8_linear_cpu(
-    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0
 ) -> torch.Tensor:
     check_float_input("sparse_int8_linear", x)
-    return prepare_sparse_int8_linear(packed, w_scale, bias, x.shape[-1])(x)
+    return prepare_sparse_int8_linear(packed, w_scale, bias, x.shape[-1], act)(x)
 
 
 @register("sparse_int8_matmul", "cpu")
@@ -239,15 +243,21 @@ def sparse_linear(
 
 
 def sparse_int8_linear(
-    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> torch.Tensor:
     """int8_linear with a packed sparse int8 weight: same per-token quantization, exact int32
-    accumulation over the stored nonzeros, same fp32 epilogue (equal to the dense Int8Linear bit for bit)."""
+    accumulation over the stored nonzeros, same fp32 epilogue and activation (None or "gelu";
+    equal to the dense Int8Linear bit for bit)."""
     x = check_tensor("sparse_int8_linear", "x", x)
+    act = activation_code("sparse_int8_linear", activation)
     check_device("sparse_int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
     if eager_fast_path(x):
-        return _sparse_int8_linear_cpu(x, packed, w_scale, bias)
-    return torch.ops.fastinfer.sparse_int8_linear(x, packed, w_scale, bias)
+        return _sparse_int8_linear_cpu(x, packed, w_scale, bias, act)
+    return torch.ops.fastinfer.sparse_int8_linear(x, packed, w_scale, bias, act)
 
 
 def sparse_int8_matmul(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
