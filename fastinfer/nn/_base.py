@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastinfer import _runtime
-from fastinfer.ops._common import DTYPE_CODE, eager_fast_path
+from fastinfer.ops._common import ACTIVATION_CODE, DTYPE_CODE, activation_code, eager_fast_path
 
 
 def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -142,6 +142,31 @@ class _FastForward:
         if fast is None and not traced and eager_fast_path(x) and _FastCall.usable(self):
             _FAST[self] = _FastCall(self, self._prepare())  # the checks above passed
         return y
+
+
+class _FusedActivation:
+    """The activation an int8 linear layer fuses into its epilogue: None or "gelu" (erf GELU). A
+    plain attribute, not a tensor (deepcopy and pickle keep it; the state_dict holds tensors only);
+    setting it checks the name and drops the layer's prepared fast call."""
+
+    _activation: str | None = None
+
+    @property
+    def activation(self) -> str | None:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        activation_code(type(self).__name__, value)
+        self._activation = value
+        _FAST.pop(self, None)
+
+    def _act_code(self) -> int:
+        return ACTIVATION_CODE[self._activation]
+
+    def _act_repr(self) -> tuple[str, ...]:
+        """The activation's part of extra_repr: nothing when there is none."""
+        return () if self._activation is None else (f"activation={self._activation}",)
 
 
 def apply_keeping_dtypes(module: nn.Module, apply, fn, recurse) -> dict[str, torch.Tensor]:

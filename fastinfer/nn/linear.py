@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from fastinfer import ops
-from fastinfer.nn._base import _FastForward, apply_keeping_dtypes, check_features, layer_repr, linear_weight_and_bias
+from fastinfer.nn._base import (
+    _FastForward,
+    _FusedActivation,
+    apply_keeping_dtypes,
+    check_features,
+    layer_repr,
+    linear_weight_and_bias,
+)
 from fastinfer.ops.linear import prepare_int8_linear
 
 
@@ -28,39 +35,43 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     return q, scale.contiguous()
 
 
-class Int8Linear(_FastForward, nn.Module):
+class Int8Linear(_FusedActivation, _FastForward, nn.Module):
     """y = x @ W^T + b with int8 weights (per output channel) and int8 activations (per token).
 
     The integer product is exact (int32 accumulation); the error is that of rounding x and W to
     8 bits. Inputs float32 or bfloat16 with any leading dims [..., in_features]; the output has the
     input's dtype. Inference only (no autograd through the int8 kernel).
+
+    activation: None, or "gelu" to return gelu(y) (erf GELU, fused into the kernel's fp32 epilogue).
     """
 
     packed_weight: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None) -> None:
         super().__init__()
         check_features(in_features, out_features)
         self.in_features = in_features
         self.out_features = out_features
+        self.activation = activation
         zero = torch.zeros((out_features, in_features), dtype=torch.int8)
         self.register_buffer("packed_weight", ops.pack_int8_weight(zero))
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> Int8Linear:
+    def from_linear(cls, linear: nn.Module, activation: str | None = None) -> Int8Linear:
         """Quantizes the weights of an nn.Linear, or of a Hugging Face `Conv1D` (GPT-2 style,
-        weight stored [in, out]); the float module is left untouched."""
+        weight stored [in, out]); the float module is left untouched. activation: fused after
+        the linear (None or "gelu")."""
         weight, bias = linear_weight_and_bias(linear)
         if weight is None:
             raise TypeError(
                 f"from_linear expects an nn.Linear (or a transformers Conv1D), got {type(linear).__name__}"
             )
         q, scale = quantize_weight_per_channel(weight)
-        mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
+        mod = cls(weight.shape[1], weight.shape[0], bias=bias is not None, activation=activation)
         mod.set_weight(q.cpu(), scale.cpu())
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
@@ -103,10 +114,10 @@ class Int8Linear(_FastForward, nn.Module):
     _WEIGHT = "packed_weight"
 
     def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias)
+        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias, self.activation)
 
     def _prepare(self):
-        return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features)
+        return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features, self._act_code())
 
     def extra_repr(self) -> str:
-        return layer_repr(self, "weight=int8 per-channel", "act=int8 per-token")
+        return layer_repr(self, "weight=int8 per-channel", "act=int8 per-token", *self._act_repr())

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from fastinfer import ops
-from fastinfer.nn._base import _FastForward, apply_keeping_dtypes, check_features, layer_repr, linear_weight_and_bias
+from fastinfer.nn._base import (
+    _FastForward,
+    _FusedActivation,
+    apply_keeping_dtypes,
+    check_features,
+    layer_repr,
+    linear_weight_and_bias,
+)
 from fastinfer.nn.linear import Int8Linear
 from fastinfer.ops._common import aligned_empty
 from fastinfer.ops.sparse import formats_for, prepare_sparse_int8_linear, prepare_sparse_linear
@@ -116,18 +123,21 @@ class SparseLinear(_SparseBase):
         return layer_repr(self, f"format={self.format} fp32", f"sparsity={self._repr_sparsity()}")
 
 
-class SparseInt8Linear(_SparseBase):
+class SparseInt8Linear(_FusedActivation, _SparseBase):
     """Int8Linear with a pruned int8 weight in a sparse format (any of ops.SPARSE_FORMATS): the same
-    per-channel weight scales, per-token activation quantization and fp32 epilogue, and exactly the
-    same output as the dense Int8Linear of the same weights. Built with from_int8linear / from_linear."""
+    per-channel weight scales, per-token activation quantization, fp32 epilogue and fused activation
+    (None or "gelu"), and exactly the same output as the dense Int8Linear of the same weights. Built
+    with from_int8linear / from_linear."""
 
     _weight_dtype = torch.int8  # what sparse_weight must hold
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, format: str = "csr") -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, format: str = "csr",
+                 activation: str | None = None) -> None:  # fmt: skip
         super().__init__()
         check_features(in_features, out_features)
         self.in_features = in_features
         self.out_features = out_features
+        self.activation = activation
         zero = torch.zeros((out_features, in_features), dtype=torch.int8)
         self.register_buffer("sparse_weight", ops.pack_sparse(zero, format))
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32))
@@ -135,10 +145,11 @@ class SparseInt8Linear(_SparseBase):
 
     @classmethod
     def from_int8linear(cls, layer: Int8Linear, format: str = "csr") -> SparseInt8Linear:
-        """The same layer with its int8 weight in `format` (its zeros skipped)."""
+        """The same layer (fused activation included) with its int8 weight in `format` (its zeros skipped)."""
         if not isinstance(layer, Int8Linear):
             raise TypeError(f"from_int8linear expects an Int8Linear, got {type(layer).__name__}")
-        mod = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, format=format)
+        mod = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, format=format,
+                  activation=layer.activation)  # fmt: skip
         mod.sparse_weight = ops.pack_sparse(layer.weight_int8, format)
         mod.weight_scale = layer.weight_scale.detach().clone()
         if layer.bias is not None:
@@ -147,9 +158,9 @@ class SparseInt8Linear(_SparseBase):
         return mod
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, format: str = "csr") -> SparseInt8Linear:
+    def from_linear(cls, linear: nn.Module, format: str = "csr", activation: str | None = None) -> SparseInt8Linear:
         """Quantizes like Int8Linear.from_linear (zeros stay zero), then stores the weight sparse."""
-        return cls.from_int8linear(Int8Linear.from_linear(linear), format)
+        return cls.from_int8linear(Int8Linear.from_linear(linear, activation=activation), format)
 
     @property
     def weight_int8(self) -> torch.Tensor:
@@ -157,7 +168,7 @@ class SparseInt8Linear(_SparseBase):
         return ops.unpack_sparse(self.sparse_weight)
 
     def to_int8linear(self) -> Int8Linear:
-        dense = Int8Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense = Int8Linear(self.in_features, self.out_features, bias=self.bias is not None, activation=self.activation)
         dense.set_weight(self.weight_int8, self.weight_scale.clone())
         if self.bias is not None:
             dense.bias.copy_(self.bias)
@@ -168,10 +179,15 @@ class SparseInt8Linear(_SparseBase):
         return self.weight_int8.float() * self.weight_scale[:, None]
 
     def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias)
+        return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias, self.activation)
 
     def _prepare(self):  # validation cached by the op just run
-        return prepare_sparse_int8_linear(self.sparse_weight, self.weight_scale, self.bias, self.in_features)
+        return prepare_sparse_int8_linear(
+            self.sparse_weight, self.weight_scale, self.bias, self.in_features, self._act_code()
+        )
 
     def extra_repr(self) -> str:
-        return layer_repr(self, f"format={self.format} int8", f"sparsity={self._repr_sparsity()}", "act=int8 per-token")
+        return layer_repr(
+            self, f"format={self.format} int8", f"sparsity={self._repr_sparsity()}", "act=int8 per-token",
+            *self._act_repr(),
+        )  # fmt: skip
