@@ -51,6 +51,11 @@ class QuantConfig:
     min_features: layers whose in_features or out_features is smaller stay float (tiny layers gain
         nothing from int8).
     progress: show a progress bar over the layers (default: only for 50 layers or more).
+    fuse_activations: fuse an erf GELU that directly follows a converted layer into that layer's
+        kernel (Int8Linear(activation="gelu")), replacing the GELU module by nn.Identity: the
+        `intermediate_act_fn` after a `dense` child (BERT-style MLPs) and a GELU right after the
+        linear layer in an nn.Sequential. The fused GELU's erf is an fp32 approximation within
+        4e-7 (3.7e-7 measured) of the exact one. False keeps every activation module as it is.
 
     A layer registered under several names is converted under all of them (it stays one layer), or
     left in float when skip or filter_fn keeps any of its names: prune and sparsify agree.
@@ -60,9 +65,12 @@ class QuantConfig:
     filter_fn: Callable[[nn.Module, str], bool] | None = None
     min_features: int = 1
     progress: bool | None = None
+    fuse_activations: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip", skip_patterns(self.skip))
+        if not isinstance(self.fuse_activations, bool):
+            raise TypeError(f"QuantConfig.fuse_activations must be a bool, got {self.fuse_activations!r}")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"QuantConfig.min_features must be an int >= 1, got {self.min_features!r}")
 

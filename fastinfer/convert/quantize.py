@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 
 from torch import nn
+from torch.nn import functional as F
 
 from fastinfer.config import QuantConfig
-from fastinfer.convert._select import select
+from fastinfer.convert._select import Target, select
 from fastinfer.convert._swap import swap
 from fastinfer.convert.sparsify import sparse_int8_or_dense
 from fastinfer.nn import Int8Linear, SparseLinear, quantize_weight_per_channel
@@ -24,6 +25,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     linear layers too and are converted the same way. Subclasses of nn.Linear are left alone: they
     may change forward() in ways a swap would lose.
 
+    With config.fuse_activations (the default), an erf GELU that only post-processes a converted
+    layer (BERT-style `intermediate_act_fn` after `dense`, or the next module of an nn.Sequential)
+    is fused into that layer (activation="gelu") and replaced by nn.Identity. A layer that stays
+    float (skipped) or is registered under several names is never fused.
+
     The original model is not modified unless inplace=True. The result is a plain nn.Module: same
     inputs, same outputs (within int8 rounding), usable with torch.compile.
     """
@@ -37,15 +43,59 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         model = copy.deepcopy(model)
     targets = select(model, (SparseLinear,), skip=config.skip, filter_fn=config.filter_fn,
                      min_features=config.min_features)  # fmt: skip
-    return swap(model, targets, _to_int8, config.progress, "fastinfer.quantize")
+    fused = _gelu_fusions(model, targets) if config.fuse_activations else {}
+
+    def convert(mod: nn.Module) -> nn.Module:
+        return _to_int8(mod, "gelu" if id(mod) in fused else None)
+
+    model = swap(model, targets, convert, config.progress, "fastinfer.quantize")
+    for parent, name in fused.values():  # the GELU now runs inside the layer before it
+        identity = nn.Identity()
+        identity.train(parent._modules[name].training)
+        setattr(parent, name, identity)
+    return model
 
 
-def _to_int8(mod: nn.Module) -> nn.Module:
+def is_erf_gelu(mod: object) -> bool:
+    """Whether mod is an erf GELU module: torch's nn.GELU(approximate="none"), or transformers'
+    GELUActivation (BERT's "gelu"; its tanh / "new" / quick / fast relatives are other classes)."""
+    if type(mod) is nn.GELU:
+        return mod.approximate == "none"
+    if type(mod).__name__ == "GELUActivation" and type(mod).__module__.startswith("transformers."):
+        act = getattr(mod, "act", None)
+        return act is F.gelu or getattr(act, "__name__", None) == "_gelu_python"
+    return False
+
+
+def _gelu_fusions(model: nn.Module, targets: list[Target]) -> dict[int, tuple[nn.Module, str]]:
+    """id(layer) -> (its parent, the parent's child name of the erf GELU that follows it) for each
+    target whose output only feeds that GELU: the `dense` child of a module whose
+    `intermediate_act_fn` is the GELU (HF BertIntermediate and its copies), or a layer of an
+    nn.Sequential followed by the GELU. A target registered under several names is left alone (its
+    other users would get the GELU too), as is one that is the model itself."""
+    fused: dict[int, tuple[nn.Module, str]] = {}
+    for target in targets:
+        if len(target.names) != 1 or target.name == "":
+            continue
+        parent_name, _, child = target.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if isinstance(parent, nn.Sequential):
+            keys = list(parent._modules)
+            i = keys.index(child)
+            if i + 1 < len(keys) and is_erf_gelu(parent._modules[keys[i + 1]]):
+                fused[id(target.module)] = (parent, keys[i + 1])
+        elif child == "dense" and is_erf_gelu(parent._modules.get("intermediate_act_fn")):
+            fused[id(target.module)] = (parent, "intermediate_act_fn")
+    return fused
+
+
+def _to_int8(mod: nn.Module, activation: str | None = None) -> nn.Module:
     """Int8Linear for a float linear layer; for a SparseLinear, the same quantization of its weights
-    (zeros stay zero) stored in the int8 sparse format sparsify() would pick, or dense if none pays."""
+    (zeros stay zero) stored in the int8 sparse format sparsify() would pick, or dense if none pays.
+    activation: fused after the layer (None or "gelu")."""
     if not isinstance(mod, SparseLinear):
-        return Int8Linear.from_linear(mod)
-    dense = Int8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        return Int8Linear.from_linear(mod, activation=activation)
+    dense = Int8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, activation=activation)
     dense.set_weight(*quantize_weight_per_channel(mod.dense_weight()))
     if mod.bias is not None:
         dense.bias.copy_(mod.bias)
