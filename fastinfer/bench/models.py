@@ -8,7 +8,8 @@ installed), then every peer of it in one process:
   fp32                 the model as given
   bf16                 model.bfloat16()
   torch.ao dynamic     quantize_dynamic(model, {nn.Linear}, qint8) on the named engine
-  fastinfer            fastinfer.quantize(model)             (fp32 in/out)
+  fastinfer            fastinfer.quantize(model)             (fp32 in/out; GELU fused where it follows a layer)
+  fastinfer unfused    the same with QuantConfig(fuse_activations=False), where anything was fused
   fastinfer bf16       fastinfer.quantize(model.bfloat16())  (bf16 in/out)
   onnxruntime int8     exported to ONNX, quantize_dynamic(per_channel=True)   (if installed)
   openvino int8        ov.convert_model + nncf.quantize (static, calibrated)  (if installed)
@@ -323,6 +324,11 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
         errors[f"torch.ao dynamic [{engine}]"] = f"{type(e).__name__}: {e}"
     ours = fastinfer.quantize(m)
     peers.append(_torch_peer("fastinfer", ours, case, ours=ours))
+    fused = [n for n, mod in ours.named_modules() if getattr(mod, "activation", None)]
+    if fused:  # the same model without the fused GELU epilogue, to show what fusion buys
+        plain = fastinfer.quantize(m, fastinfer.QuantConfig(fuse_activations=False))
+        peers.append(_torch_peer("fastinfer, GELU not fused", plain, case, ours=plain,
+                                 note=f"QuantConfig(fuse_activations=False); fused: {len(fused)} layers"))  # fmt: skip
     ours_bf = fastinfer.quantize(copy.deepcopy(m).bfloat16())
     peers.append(_torch_peer("fastinfer bf16", ours_bf, case, ours=ours_bf, note="quantize(model.bfloat16())"))
     if onnx:
