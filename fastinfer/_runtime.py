@@ -126,9 +126,11 @@ def _tune_malloc() -> None:
         _malloc = {"tuned": False, "reason": f"left to the process's own settings ({', '.join(own)})"}
     else:
         why = _C.tune_malloc(MALLOC_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-        _malloc = {"tuned": not why, "reason": why or "FASTINFER_MALLOC_TUNE=0 turns it off"}
-        if not why:
-            _malloc.update(trim_threshold=MALLOC_TRIM_THRESHOLD, mmap_threshold=MALLOC_MMAP_THRESHOLD)
+        if why:
+            _malloc = {"tuned": False, "reason": why}
+        else:  # "reason" says why it is not tuned; a tuned process says how to turn it off
+            _malloc = {"tuned": True, "trim_threshold": MALLOC_TRIM_THRESHOLD,
+                       "mmap_threshold": MALLOC_MMAP_THRESHOLD, "opt_out": "FASTINFER_MALLOC_TUNE=0"}  # fmt: skip
 
 
 def malloc_info() -> dict:

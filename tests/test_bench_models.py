@@ -72,6 +72,8 @@ def test_figures_above_a_measured_limit_are_not_printed():
     assert "174% of the measured int8" in bench_ops.untrusted({"kind": "ours", "isa": "avx512_vnni", "tops": 3.828}, peaks)
     assert bench_ops.untrusted({"kind": "ours", "isa": "avx512_vnni", "tops": 2.0, "bw_frac": 0.99}, peaks) is None
     assert bench_ops.untrusted({"kind": "float", "tops": 9.0}, peaks) is None  # no int8 ceiling for fp32 peers
+    # an ISA whose probe gave nothing (None) is ignored, not compared with
+    assert "174%" in bench_ops.untrusted({"kind": "int", "isa": None, "tops": 3.828}, {"avx2": None, **peaks})
     row = {"shape": "1x8x8", "peer": "ours Int8Linear [avx512_vnni, detected]", "kind": "ours", "isa": "avx512_vnni",
            "tops": 0.1, "bw_frac": 4.9, "ms_median": 0.001, "ms_min": 0.001, "M": 1, "baseline": True, "ratio": 1.0,
            "gbps": 900.0, "read_bw_gbps": 180.0, "rounds": 5, "settle_ms": 25.0}  # fmt: skip

@@ -412,7 +412,8 @@ def untrusted(row: dict, peak_tops: dict | None) -> str | None:
     frac = row.get("bw_frac")
     if row.get("kind") != "bw" and frac is not None and frac > LIMIT_SLACK:
         return f"{frac * 100:.0f}% of the read bandwidth measured in the same rounds"
-    peak = (peak_tops or {}).get(row.get("isa") or "") or max((peak_tops or {}).values(), default=None)
+    peaks = {k: v for k, v in (peak_tops or {}).items() if v}  # an ISA without a probe has None
+    peak = peaks.get(row.get("isa") or "") or max(peaks.values(), default=None)
     if row.get("kind") in ("ours", "ours-int", "int") and peak and row.get("tops", 0) > peak * LIMIT_SLACK:
         return f"{row['tops'] / peak * 100:.0f}% of the measured int8 compute ceiling ({peak:.2f} TOPS)"
     return None
