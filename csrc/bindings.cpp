@@ -108,8 +108,10 @@ PYBIND11_MODULE(_C, m) {
         return d;
     });
     m.def("packed_nbytes", [](int64_t n, int64_t k) {
+        int64_t nbytes = 0;
         if (n < 0 || k < 0) throw py::value_error("negative size");
-        return fc::packed_nbytes(n, k);
+        if (!fc::checked_packed_nbytes(n, k, &nbytes)) throw py::value_error("size too large");
+        return nbytes;
     });
 
     m.def("pack_weight", [](uintptr_t w, int64_t n, int64_t k, int64_t ldw, uintptr_t out, int64_t nbytes) {
@@ -124,6 +126,14 @@ PYBIND11_MODULE(_C, m) {
         fc::PackedW v;
         raise_if_error(fc::view_packed(ptr<const uint8_t>(buf), nbytes, &v));
         return py::make_tuple(v.n, v.k);
+    });
+    m.def("validate_packed", [](uintptr_t buf, int64_t nbytes) {
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::validate_packed(ptr<const uint8_t>(buf), nbytes);
+        }
+        raise_if_error(st);
     });
     m.def("unpack_weight", [](uintptr_t buf, int64_t nbytes, uintptr_t w) {
         Status st;
@@ -204,6 +214,16 @@ PYBIND11_MODULE(_C, m) {
         fc::SparseView v;
         raise_if_error(fc::sparse_view(ptr<const uint8_t>(buf), nbytes, &v));
         return py::make_tuple(int(v.fmt), v.n, v.k, v.nnz);
+    });
+    m.def("sparse_count_nonzero", [](uintptr_t buf, int64_t nbytes) {
+        Status st;
+        int64_t count = 0;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::sparse_count_nonzero(ptr<const uint8_t>(buf), nbytes, &count);
+        }
+        raise_if_error(st);
+        return count;
     });
     m.def("sparse_unpack", [](uintptr_t buf, int64_t nbytes, uintptr_t w) {
         Status st;

@@ -14,7 +14,7 @@ from fastinfer.nn._base import (
     layer_repr,
     linear_weight_and_bias,
 )
-from fastinfer.ops.linear import prepare_int8_linear
+from fastinfer.ops.linear import check_packed, prepare_int8_linear
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +89,26 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         dev = self.packed_weight.device  # pack in the layout of the device the layer is on
         self.packed_weight = ops.pack_int8_weight(q.detach().to(dev))
         self.weight_scale = scale.detach().to(device=dev, dtype=torch.float32).contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        # A packed weight from a file is checked in full (header, padding, column sums) before it is
+        # taken: a tampered one is an error naming the key, never a layer whose results differ by ISA.
+        key = prefix + "packed_weight"
+        incoming = state_dict.get(key)
+        if incoming is not None and self.packed_weight.device.type == "cpu":
+            try:
+                _, *shape = check_packed("load_state_dict", incoming.detach().cpu().contiguous(), force=True)
+            except (TypeError, ValueError) as e:
+                error_msgs.append(f"{key}: not a valid fastinfer packed int8 weight ({e})")
+                return
+            if shape != [self.out_features, self.in_features]:
+                error_msgs.append(
+                    f"{key}: holds an int8 {list(shape)} weight, this layer is [{self.out_features}, {self.in_features}]"
+                )
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         # model.bfloat16() / .half() / .to(dtype) cast every floating buffer. Ours are fp32 by

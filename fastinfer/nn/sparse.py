@@ -66,7 +66,7 @@ class _SparseBase(_FastForward, nn.Module):
     def sparsity_stats(self) -> tuple[int, int]:
         """(nonzero weights, all weights) of the layer."""
         numel = self.out_features * self.in_features
-        return int(torch.count_nonzero(ops.unpack_sparse(self.sparse_weight))), numel
+        return ops.sparse_nonzeros(self.sparse_weight), numel
 
     def _repr_sparsity(self) -> str:
         nnz, numel = self.sparsity_stats()

@@ -18,6 +18,7 @@ from fastinfer.ops.linear import (
     pack_int8_weight,
     quantize_per_token,
     unpack_int8_weight,
+    validate_int8_weight,
 )
 from fastinfer.ops.sparse import (
     FORMATS as SPARSE_FORMATS,
@@ -26,6 +27,7 @@ from fastinfer.ops.sparse import (
     sparse_int8_linear,
     sparse_int8_matmul,
     sparse_linear,
+    sparse_nonzeros,
     sparse_validate,
     unpack_sparse,
 )
@@ -33,5 +35,6 @@ from fastinfer.ops.sparse import (
 __all__ = [
     "LARGE_OUTPUT_BYTES", "SPARSE_FORMATS", "int8_linear", "int8_matmul", "int8_matmul_packed", "pack_int8_weight",
     "pack_sparse", "packed_nbytes", "quantize_per_token", "sparse_info", "sparse_int8_linear", "sparse_int8_matmul",
-    "sparse_linear", "sparse_validate", "unpack_int8_weight", "unpack_sparse",
+    "sparse_linear", "sparse_nonzeros", "sparse_validate", "unpack_int8_weight", "unpack_sparse",
+    "validate_int8_weight",
 ]  # fmt: skip

@@ -4,6 +4,7 @@ alike), the row layout the kernels read, output allocation, and kernel registrat
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -158,15 +159,6 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
     return out
 
 
-def ensure_aligned(packed: torch.Tensor) -> torch.Tensor:
-    """packed itself, or a 64-byte aligned copy of it (a buffer sliced or loaded at an odd address)."""
-    if not has_data(packed) or packed.data_ptr() % 64 == 0:
-        return packed
-    out = aligned_empty(packed.numel())
-    out.copy_(packed)
-    return out
-
-
 def new_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
@@ -180,3 +172,54 @@ def packed_nbytes(n, k):
     """Size in bytes of pack_int8_weight's output for weights [n, k] (works on symbolic sizes)."""
     np_, kp = (n + 15) // 16 * 16, (k + 63) // 64 * 64
     return 64 + 4 * np_ + np_ * kp
+
+
+class ValidatedBuffers:
+    """Tensors whose bytes passed a kernel format's full O(bytes) validation, so an op validates a
+    packed weight once per tensor version, not once per call.
+
+    id(tensor) -> (weak reference to it, (address, size, version) when it was checked). A hit needs
+    the same live tensor object with the same version: an in-place write through torch bumps the
+    version, and a new tensor at a reused address is a different object. Writes that bypass torch's
+    version counter (through .numpy(), .data or raw pointers) are not seen: call the format's
+    validate function (ops.validate_int8_weight, ops.sparse_validate) after those. Inference
+    tensors have no version counter: they are validated on every call (the pack functions return
+    normal tensors even under inference_mode for that reason)."""
+
+    MAX = 16384
+
+    def __init__(self) -> None:
+        self._valid: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
+
+    @staticmethod
+    def _version(t: torch.Tensor) -> int | None:
+        try:
+            return t._version
+        except RuntimeError:  # inference tensors do not track versions
+            return None
+
+    def known(self, t: torch.Tensor) -> bool:
+        ver = self._version(t)
+        entry = self._valid.get(id(t))
+        return ver is not None and entry is not None and entry[0]() is t and entry[1] == (t.data_ptr(), t.numel(), ver)
+
+    def remember(self, t: torch.Tensor) -> None:
+        ver = self._version(t)
+        if ver is None:
+            return
+        if len(self._valid) >= self.MAX:
+            self._valid.clear()
+        self._valid[id(t)] = (weakref.ref(t), (t.data_ptr(), t.numel(), ver))
+
+    def checked(self, packed: torch.Tensor, validate, force: bool = False) -> torch.Tensor:
+        """packed (contiguous, with data), or a 64-byte aligned copy of it, after validate(ptr, nbytes)
+        passed on it now or on this version before."""
+        use = packed
+        if packed.data_ptr() % 64 != 0:  # the kernels want 64-byte alignment: a per-call copy
+            with torch.inference_mode(False):
+                use = aligned_empty(packed.numel())
+            use.copy_(packed)
+        if force or not self.known(packed):
+            validate(use.data_ptr(), use.numel())
+            self.remember(packed)
+        return use

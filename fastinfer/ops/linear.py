@@ -24,16 +24,19 @@ from fastinfer.ops._common import (
     check_int8_matmul_args,
     check_tensor,
     eager_fast_path,
-    ensure_aligned,
     has_data,
-    packed_nbytes,
     register,
     rows,
+    ValidatedBuffers,
 )
 
+_VALID = ValidatedBuffers()  # packed weights that passed _C.validate_packed (see ValidatedBuffers)
 
-def packed_shape(name: str, packed: torch.Tensor) -> tuple[int, int]:
-    """(n, k) from the header of a CPU weight packed by pack_int8_weight (ValueError if corrupt)."""
+
+def check_packed(name: str, packed: torch.Tensor, force: bool = False) -> tuple[torch.Tensor, int, int]:
+    """(the validated, 64-byte aligned buffer (packed itself or a copy), n, k) of a CPU weight packed
+    by pack_int8_weight. Validation is O(bytes), once per tensor version: a tampered buffer (column
+    sums, padding, header) raises ValueError instead of giving ISA-dependent results."""
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError(f"fastinfer.{name}: packed must be a 1-D uint8 tensor from pack_int8_weight")
     if not packed.is_contiguous():
@@ -43,7 +46,19 @@ def packed_shape(name: str, packed: torch.Tensor) -> tuple[int, int]:
             f"fastinfer.{name}: packed is a {packed.device.type} / fake tensor with no data, so its "
             "header cannot be read; pass the weight shape (n, k) explicitly"
         )
-    return _C.packed_shape(packed.data_ptr(), packed.numel())
+    use = _VALID.checked(packed, _C.validate_packed, force)
+    return (use, *_C.packed_shape(use.data_ptr(), use.numel()))
+
+
+def validate_int8_weight(packed: torch.Tensor) -> None:
+    """Full check of a packed int8 weight (header, padding bytes, column sums); ValueError if corrupt.
+    The ops run it once per tensor version by themselves; call it after writing into the buffer by
+    a way torch's version counter does not see (.numpy(), raw pointers)."""
+    packed = check_tensor("validate_int8_weight", "packed", packed)
+    check_device("validate_int8_weight", packed=packed)
+    if packed.device.type != "cpu":
+        raise ValueError("fastinfer.validate_int8_weight: validates CPU packed weights (a CUDA weight is packed on the device)")
+    check_packed("validate_int8_weight", packed, force=True)
 
 
 def prepare_int8_linear(
@@ -53,8 +68,7 @@ def prepare_int8_linear(
     CPU kernel runs, and what an Int8Linear keeps for its eager calls."""
     n = check_int8_linear_params(packed, w_scale, bias)
     activation_name("int8_linear", act)
-    packed = ensure_aligned(packed)
-    pn, pk = packed_shape("int8_linear", packed)
+    packed, pn, pk = check_packed("int8_linear", packed)
     if pn != n or pk != k:
         raise ValueError(
             f"fastinfer.int8_linear: input has K={k} and w_scale N={n}, but the packed weight is [{pn}, {pk}]"
@@ -76,15 +90,16 @@ def _pack_cpu(w: torch.Tensor) -> torch.Tensor:
     check_int8_2d("pack_int8_weight", "w", w)
     n, k = w.shape
     w2, ld = rows(w) if n > 0 and k > 0 else (w.contiguous(), k)
-    out = aligned_empty(packed_nbytes(n, k))
+    with torch.inference_mode(False):  # a normal tensor: its version counter guards the validation cache
+        out = aligned_empty(_C.packed_nbytes(n, k))
     _C.pack_weight(w2.data_ptr(), n, k, max(ld, k), out.data_ptr(), out.numel())
+    _VALID.remember(out)
     return out
 
 
 @register("unpack_int8_weight", "cpu")
 def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    packed = ensure_aligned(packed)
-    pn, pk = packed_shape("unpack_int8_weight", packed)
+    packed, pn, pk = check_packed("unpack_int8_weight", packed)
     if (pn, pk) != (n, k):
         raise ValueError(f"fastinfer.unpack_int8_weight: packed holds [{pn}, {pk}], asked for [{n}, {k}]")
     w = torch.empty((n, k), dtype=torch.int8)
@@ -94,8 +109,7 @@ def _unpack_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 def _matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     check_int8_2d("int8_matmul", "a", a)
-    packed = ensure_aligned(packed)
-    pn, pk = packed_shape("int8_matmul", packed)
+    packed, pn, pk = check_packed("int8_matmul", packed)
     if pn != n:
         raise ValueError(f"fastinfer.int8_matmul: packed weight has N={pn}, expected {n}")
     if a.shape[1] != pk:
@@ -159,7 +173,7 @@ def unpack_int8_weight(packed: torch.Tensor, n: int | None = None, k: int | None
         if packed.device.type == "cuda":
             _, n, k, _, _ = _cuda_layout.rn128_header(packed)
         else:
-            n, k = packed_shape("unpack_int8_weight", ensure_aligned(packed))
+            _, n, k = check_packed("unpack_int8_weight", packed)
     return torch.ops.fastinfer.unpack_int8_weight(packed, n, k)
 
 

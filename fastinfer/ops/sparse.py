@@ -12,8 +12,6 @@ step in a 64-input window, gathered with vpermi2ps).
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from fastinfer._runtime import _C
@@ -29,6 +27,7 @@ from fastinfer.ops._common import (
     eager_fast_path,
     has_data,
     register,
+    ValidatedBuffers,
 )
 
 # The formats: name -> {weight dtype: the engine's format code (the packed header's)}. A new format
@@ -75,7 +74,7 @@ def pack_sparse(w: torch.Tensor, format: str = "csr") -> torch.Tensor:
     with torch.inference_mode(False):  # a normal tensor: its version counter guards the validation cache
         out = aligned_empty(nbytes)
     _C.sparse_pack(code, w2.data_ptr(), n, k, k, out.data_ptr(), nbytes)
-    _remember_valid(out)
+    _VALID.remember(out)
     return out
 
 
@@ -93,6 +92,13 @@ def sparse_info(packed: torch.Tensor) -> dict:
     return {"format": fmt, "dtype": dtype, "n": n, "k": k, "nnz": nnz, "nbytes": packed.numel()}
 
 
+def sparse_nonzeros(packed: torch.Tensor) -> int:
+    """How many weights of a packed sparse weight are nonzero, counted without expanding it to the
+    dense [N, K] (memory O(K))."""
+    packed = check_packed("sparse_nonzeros", packed)
+    return _C.sparse_count_nonzero(packed.data_ptr(), packed.numel())
+
+
 def unpack_sparse(packed: torch.Tensor) -> torch.Tensor:
     """The dense weight [N, K] (float32 or int8) a packed sparse weight holds."""
     packed = check_packed("unpack_sparse", packed)
@@ -102,36 +108,7 @@ def unpack_sparse(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Tensors whose bytes passed the O(nnz) validation: id(tensor) -> (weak reference to that tensor,
-# (address, size, version) when it was checked). A hit needs the same live tensor object with the
-# same version: any in-place write through torch bumps the version, and a new tensor at a reused
-# address is a different object. Writes that bypass torch's version counter (through .numpy(),
-# .data or raw pointers) are not seen: call fastinfer.ops.sparse_validate(packed) after those.
-# Inference tensors have no version counter: they are validated on every call.
-_VALID: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
-_VALID_MAX = 16384
-
-
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors do not track versions
-        return None
-
-
-def _is_known_valid(t: torch.Tensor) -> bool:
-    ver = _version(t)
-    entry = _VALID.get(id(t))
-    return ver is not None and entry is not None and entry[0]() is t and entry[1] == (t.data_ptr(), t.numel(), ver)
-
-
-def _remember_valid(t: torch.Tensor) -> None:
-    ver = _version(t)
-    if ver is None:
-        return
-    if len(_VALID) >= _VALID_MAX:
-        _VALID.clear()
-    _VALID[id(t)] = (weakref.ref(t), (t.data_ptr(), t.numel(), ver))
+_VALID = ValidatedBuffers()  # sparse buffers that passed _C.sparse_validate (see ValidatedBuffers)
 
 
 def sparse_validate(packed: torch.Tensor) -> None:
@@ -149,15 +126,7 @@ def check_packed(name: str, packed: torch.Tensor, force: bool = False) -> torch.
         raise ValueError(f"fastinfer.{name}: packed must be contiguous")
     if not has_data(packed):
         raise ValueError(f"fastinfer.{name}: packed has no data (meta or fake tensor)")
-    source, use = packed, packed
-    if packed.data_ptr() % 64 != 0:  # the kernels want 64-byte alignment: a per-call copy
-        with torch.inference_mode(False):
-            use = aligned_empty(packed.numel())
-        use.copy_(packed)
-    if force or not _is_known_valid(source):
-        _C.sparse_validate(use.data_ptr(), use.numel())
-        _remember_valid(source)
-    return use
+    return _VALID.checked(packed, _C.sparse_validate, force)
 
 
 def _check_int8_packed(name: str, packed: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -13,6 +13,9 @@ Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what) {
     if (m < 0 || k < 0) return Status::invalid(std::string(what) + ": negative size");
     if (m > kMaxDim || k > kMaxDim) return Status::invalid(std::string(what) + ": size too large");
     if (m > 0 && ld < k) return Status::invalid(std::string(what) + ": row stride smaller than K");
+    int64_t span;  // elements from the first to the last one read: must be addressable
+    if (m > 0 && (__builtin_mul_overflow(m - 1, ld, &span) || span > kMaxDim * 256))
+        return Status::invalid(std::string(what) + ": rows times row stride too large");
     return Status::ok();
 }
 

@@ -5,6 +5,9 @@
 #pragma once
 
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>  // _mm_getcsr / _mm_setcsr (SSE: baseline x86-64)
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -25,6 +28,42 @@ bool in_forked_child();
 std::string openmp_library();
 std::string openmp_libraries_loaded();
 
+// The caller's floating-point mode (MXCSR: flush-to-zero, denormals-are-zero, rounding), carried
+// into every worker of a loop for as long as the loop runs and the worker's own mode put back after
+// (the workers are torch's: its later parallel ops must not inherit ours). Without it a process
+// that set torch.set_flush_denormal(True) got results that depended on the thread count: the
+// caller flushed subnormals, the workers did not.
+class FpMode {
+   public:
+#if defined(__x86_64__) || defined(__i386__)
+    FpMode() : csr_(_mm_getcsr() & ~0x3Fu) {}  // without the sticky exception flags
+    // In a worker: adopt the caller's mode until the scope ends.
+    class Scope {
+       public:
+        explicit Scope(const FpMode& m) : saved_(_mm_getcsr()), changed_((saved_ & ~0x3Fu) != m.csr_) {
+            if (changed_) _mm_setcsr(m.csr_);
+        }
+        ~Scope() {
+            if (changed_) _mm_setcsr(saved_);
+        }
+        Scope(const Scope&) = delete;
+        Scope& operator=(const Scope&) = delete;
+
+       private:
+        unsigned saved_;
+        bool changed_;
+    };
+
+   private:
+    unsigned csr_;
+#else
+    class Scope {
+       public:
+        explicit Scope(const FpMode&) {}
+    };
+#endif
+};
+
 // Runs fn(task) once for every task in [0, ntasks) on up to num_threads() threads, the caller
 // included. Tasks are claimed in order from one counter, so which thread runs a task never
 // changes what it computes. Inside another parallel region (or with one thread or one task) the
@@ -38,8 +77,10 @@ void parallel_for(int64_t ntasks, F&& fn) {
         return;
     }
     std::atomic<int64_t> next{0};
+    const FpMode mode;
 #pragma omp parallel num_threads(nt)
     {
+        const FpMode::Scope fp(mode);
         for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < ntasks;) fn(t);
     }
 }
@@ -52,8 +93,12 @@ void parallel_threads(int nt, F&& fn) {
         fn(0, 1);
         return;
     }
+    const FpMode mode;
 #pragma omp parallel num_threads(nt)
-    fn(omp_get_thread_num(), omp_get_num_threads());
+    {
+        const FpMode::Scope fp(mode);
+        fn(omp_get_thread_num(), omp_get_num_threads());
+    }
 }
 
 }  // namespace fastinfer::cpu

@@ -105,7 +105,7 @@ void panel(const SparseView& v, int64_t nb, int8_t* out) {
 
 const FormatTraits kBlockTraits = {
     SparseFormat::kBlockI8, /*int8=*/true, /*reads_version1=*/true, SparseRun::kPanels, &KernelTable::block_i8,
-    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel,
+    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel, /*count_nonzero=*/nullptr,
 };
 
 }  // namespace fastinfer::cpu

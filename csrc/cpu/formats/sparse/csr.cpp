@@ -98,15 +98,23 @@ void unpack(const SparseView& v, void* w) {
         }
 }
 
+int64_t count_nonzero(const SparseView& v) {
+    int64_t c = 0;
+    for (int64_t j = v.rowptr[0]; j < v.rowptr[v.n]; ++j)
+        c += v.fmt == SparseFormat::kCsrF32 ? static_cast<const float*>(v.values)[j] != 0.f
+                                            : static_cast<const int8_t*>(v.values)[j] != 0;
+    return c;
+}
+
 }  // namespace
 
 const FormatTraits kCsrF32Traits = {
     SparseFormat::kCsrF32, /*int8=*/false, /*reads_version1=*/true, SparseRun::kCsrF32, /*kernel=*/nullptr,
-    plan, layout, header_ok, pack, view, validate, unpack, /*panel=*/nullptr,
+    plan, layout, header_ok, pack, view, validate, unpack, /*panel=*/nullptr, count_nonzero,
 };
 const FormatTraits kCsrI8Traits = {
     SparseFormat::kCsrI8, /*int8=*/true, /*reads_version1=*/true, SparseRun::kCsrI8, /*kernel=*/nullptr,
-    plan, layout, header_ok, pack, view, validate, unpack, /*panel=*/nullptr,
+    plan, layout, header_ok, pack, view, validate, unpack, /*panel=*/nullptr, count_nonzero,
 };
 
 }  // namespace fastinfer::cpu

@@ -213,6 +213,13 @@ void unpack_f32(const SparseView& v, void* w) {
         for_each_ell_f32(v, nb, [&](int j, int64_t col, float val) { out[(nb * kNBlock + j) * v.k + col] = val; });
 }
 
+int64_t count_nonzero_f32(const SparseView& v) {
+    int64_t c = 0;
+    for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
+        for_each_ell_f32(v, nb, [&](int, int64_t, float val) { c += val != 0.f; });
+    return c;
+}
+
 void panel_i8(const SparseView& v, int64_t nb, int8_t* out) {
     for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
         const uint8_t* st = v.steps + t * kEllStep;
@@ -230,11 +237,11 @@ void panel_i8(const SparseView& v, int64_t nb, int8_t* out) {
 
 const FormatTraits kEllI8Traits = {
     SparseFormat::kEllI8, /*int8=*/true, /*reads_version1=*/false, SparseRun::kPanels, &KernelTable::ell_i8,
-    plan, layout, header_ok, pack_i8, view, validate_i8, /*unpack=*/nullptr, panel_i8,
+    plan, layout, header_ok, pack_i8, view, validate_i8, /*unpack=*/nullptr, panel_i8, /*count_nonzero=*/nullptr,
 };
 const FormatTraits kEllF32Traits = {
     SparseFormat::kEllF32, /*int8=*/false, /*reads_version1=*/false, SparseRun::kEllF32, /*kernel=*/nullptr,
-    plan, layout, header_ok, pack_f32, view, validate_f32, unpack_f32, /*panel=*/nullptr,
+    plan, layout, header_ok, pack_f32, view, validate_f32, unpack_f32, /*panel=*/nullptr, count_nonzero_f32,
 };
 
 }  // namespace fastinfer::cpu

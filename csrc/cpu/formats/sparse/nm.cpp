@@ -110,7 +110,7 @@ void panel(const SparseView& v, int64_t nb, int8_t* out) {
 
 const FormatTraits kNm24Traits = {
     SparseFormat::kNm24I8, /*int8=*/true, /*reads_version1=*/false, SparseRun::kPanels, &KernelTable::nm24_i8,
-    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel,
+    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel, /*count_nonzero=*/nullptr,
 };
 
 }  // namespace fastinfer::cpu

@@ -38,6 +38,9 @@ struct FormatTraits {
     void (*unpack)(const SparseView& v, void* w) = nullptr;
     // kPanels: the nonzeros of 16-channel block nb into its zeroed K4N16 panel (16 * kp bytes).
     void (*panel)(const SparseView& v, int64_t nb, int8_t* out) = nullptr;
+    // Nonzero weights of a validated view from its stored values (the formats with unpack); null:
+    // counted one decompressed panel at a time.
+    int64_t (*count_nonzero)(const SparseView& v) = nullptr;
 };
 
 // The traits of format code fmt (a header's format field), null when there is no such format.
