@@ -212,6 +212,34 @@ def trained_digits_mlp():
     return model.eval(), x_tr, x_te, y_te
 
 
+def sparse_int8(fmt: str, n: int, k: int, density: float, seed: int) -> torch.Tensor:
+    """int8 [n, k] in [-127, 127] with the zero pattern fmt stores: 2:4 groups, 16 x 64 tiles, or any."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    if fmt == "2:4":
+        kk = (k + 3) // 4 * 4
+        keep = torch.rand(n, kk // 4, 4, generator=g).argsort(-1) < 2
+        return w * keep.reshape(n, kk)[:, :k]
+    if fmt == "block":
+        tiles = torch.rand((n + 15) // 16, (k + 63) // 64, generator=g) < density
+        return w * tiles.repeat_interleave(16, 0)[:n].repeat_interleave(64, 1)[:, :k]
+    return w * (torch.rand(n, k, generator=g) < density)
+
+
+def kernel_variants() -> list[tuple[str, bool]]:
+    """Every kernel table this CPU can run: (ISA, VBMI sparse kernels allowed). ref first."""
+    out = [(isa, True) for isa in ISAS]
+    if "avx512_vnni" in ISAS and _runtime._C.cpu_flags()["avx512_vbmi"]:
+        out.append(("avx512_vnni", False))  # VNNI without VBMI (Cascade Lake): the panel fallback
+    return out
+
+
+def use_variant(isa: str, vbmi: bool) -> None:
+    """Makes (isa, vbmi) of kernel_variants() the active kernel table."""
+    fastinfer.set_isa(isa)
+    _runtime._C.set_sparse_vbmi(vbmi)
+
+
 def subprocess_env(env: dict | None = None) -> dict:
     """os.environ without FASTINFER_ISA (a test's own setting must not leak), plus env."""
     full_env = {k: v for k, v in os.environ.items() if k != "FASTINFER_ISA"}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import fastinfer
-from conftest import ISAS, assert_same, int64_ref
+from conftest import ISAS, assert_same, int64_ref, kernel_variants, sparse_int8, use_variant
 from fastinfer import _C, ops
 
 FORMATS_I8 = ("csr", "2:4", "block", "ell")
@@ -26,33 +26,6 @@ FORMATS_F32 = ("csr", "ell")
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _sparse_int8(fmt: str, n: int, k: int, density: float, seed: int) -> torch.Tensor:
-    """int8 [n, k] in [-127, 127] with the zero pattern fmt stores: 2:4 groups, 16 x 64 tiles, or any."""
-    g = _gen(seed)
-    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    if fmt == "2:4":
-        kk = (k + 3) // 4 * 4
-        keep = torch.rand(n, kk // 4, 4, generator=g).argsort(-1) < 2
-        return w * keep.reshape(n, kk)[:, :k]
-    if fmt == "block":
-        tiles = torch.rand((n + 15) // 16, (k + 63) // 64, generator=g) < density
-        return w * tiles.repeat_interleave(16, 0)[:n].repeat_interleave(64, 1)[:, :k]
-    return w * (torch.rand(n, k, generator=g) < density)
-
-
-def _variants() -> list[tuple[str, bool]]:
-    """Every kernel table this CPU can run: (ISA, VBMI sparse kernels allowed). ref first."""
-    out = [(isa, True) for isa in ISAS]
-    if "avx512_vnni" in ISAS and _C.cpu_flags()["avx512_vbmi"]:
-        out.append(("avx512_vnni", False))  # VNNI without VBMI (Cascade Lake): the panel fallback
-    return out
-
-
-def _use(isa: str, vbmi: bool) -> None:
-    fastinfer.set_isa(isa)
-    _C.set_sparse_vbmi(vbmi)
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +46,7 @@ SHAPES = [(1, 64, 16), (7, 130, 37), (70, 257, 50), (3, 1000, 100)]
 
 def _int8_results(fmt: str, m: int, k: int, n: int, density: float, seed: int) -> tuple[dict, tuple]:
     """Each (ISA, VBMI) table's (matmul, linear fp32, linear bf16) results, and the dense ref oracle's."""
-    w = _sparse_int8(fmt, n, k, density, seed)
+    w = sparse_int8(fmt, n, k, density, seed)
     g = _gen(seed + 1)
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
     x = torch.randn(m, k, generator=g) * 3
@@ -83,14 +56,14 @@ def _int8_results(fmt: str, m: int, k: int, n: int, density: float, seed: int) -
     bias = torch.randn(n, generator=g)
     p = ops.pack_sparse(w, fmt)
     out = {}
-    for isa, vbmi in _variants():
-        _use(isa, vbmi)
+    for isa, vbmi in kernel_variants():
+        use_variant(isa, vbmi)
         out[(isa, vbmi)] = (
             ops.sparse_int8_matmul(a, p, n),
             ops.sparse_int8_linear(x, p, w_scale, bias),
             ops.sparse_int8_linear(x.bfloat16(), p, w_scale, None),
         )
-    _use("ref", True)
+    use_variant("ref", True)
     dense = ops.pack_int8_weight(w)
     oracle = (int64_ref(a, w), ops.int8_linear(x, dense, w_scale, bias), ops.int8_linear(x.bfloat16(), dense, w_scale))
     return out, oracle
@@ -119,8 +92,8 @@ def test_every_fp32_format_per_isa_deterministic_and_close(fmt, m, k, n):
     bias = torch.randn(n, generator=g)
     p = ops.pack_sparse(w, fmt)
     want = x.double() @ w.double().T + bias.double()
-    for isa, vbmi in _variants():
-        _use(isa, vbmi)
+    for isa, vbmi in kernel_variants():
+        use_variant(isa, vbmi)
         y = ops.sparse_linear(x, p, bias, n)
         assert_same(ops.sparse_linear(x, p, bias, n), y, f"{fmt} isa={isa} vbmi={vbmi}: repeat")
         torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
@@ -142,7 +115,7 @@ def _concurrent_problems():
     w_scale = torch.rand(n, generator=g) / 100
     bias = torch.randn(n, generator=g)
     for fmt in ("block", "2:4", "ell", "csr"):
-        w = _sparse_int8(fmt, n, k, 0.3, seed=len(probs))
+        w = sparse_int8(fmt, n, k, 0.3, seed=len(probs))
         p = ops.pack_sparse(w, fmt)
         probs.append((f"sparse_int8_linear {fmt}", lambda p=p: ops.sparse_int8_linear(x, p, w_scale, bias)))
         probs.append((f"sparse_int8_matmul {fmt}", lambda p=p: ops.sparse_int8_matmul(a, p, n)))
@@ -157,13 +130,13 @@ def _concurrent_problems():
     allowed = []
     for _name, call in probs:
         seen = []
-        for isa, vbmi in _variants():
-            _use(isa, vbmi)
+        for isa, vbmi in kernel_variants():
+            use_variant(isa, vbmi)
             y = call()
             if not any(torch.equal(y, s) for s in seen):
                 seen.append(y)
         allowed.append(seen)
-    _use(ISAS[-1], True)
+    use_variant(ISAS[-1], True)
     return probs, allowed
 
 
@@ -172,10 +145,10 @@ def test_concurrent_set_isa_never_mixes_isas_in_one_call():
     many times; the kernels release the GIL, so the flips land inside the calls. Before the kernel
     table, sparse_int8_linear read the ISA twice (quantize for one ISA, multiply with another's
     kernels: 2:4, block and ell results off by 128 * column sums)."""
-    if len(_variants()) < 2:
+    if len(kernel_variants()) < 2:
         pytest.skip("needs at least two ISAs")
     probs, allowed = _concurrent_problems()
-    variants = _variants()
+    variants = kernel_variants()
     stop = threading.Event()
     flips = [0]
     errors: list[str] = []

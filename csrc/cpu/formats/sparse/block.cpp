@@ -90,8 +90,12 @@ Status validate(const SparseView& v) {
             if (v.tilek[t] < 0 || v.tilek[t] >= v.kp / kTileK) return Status::invalid("sparse weight: tile index out of range");
             if (!order.next(nb, v.tilek[t])) return Status::invalid("sparse weight: tiles of a block repeat or are out of order");
             const int8_t* tile = v.tiles + t * kNBlock * kTileK;
-            for (int64_t i = 0; i < kNBlock * kTileK; ++i)  // K4N16: byte i is channel (i / 4) % 16
-                colsum[size_t(nb * kNBlock + (i / 4) % kNBlock)] += uint32_t(int32_t(tile[i]));
+            for (int64_t i = 0; i < kNBlock * kTileK; ++i) {  // K4N16: byte i is channel (i / 4) % 16, k i / 64 * 4 + i % 4
+                if (tile[i] == 0) continue;
+                const int64_t r = nb * kNBlock + (i / 4) % kNBlock, c = v.tilek[t] * kTileK + i / 64 * 4 + i % 4;
+                if (r >= v.n || c >= v.k) return Status::invalid("sparse weight: a value in the padding (channel >= N or k >= K)");
+                colsum[size_t(r)] += uint32_t(int32_t(tile[i]));
+            }
         }
     return check_colsum(v, colsum);
 }

@@ -17,6 +17,10 @@ bool nonzero(const T* w, int64_t ldw, int64_t r, int64_t c) {
 // colsum[r] = sum of int8 row r of w (mod 2^32, like the kernels' int32 accumulation); 0 for r >= n.
 void fill_colsum(const int8_t* w, int64_t n, int64_t k, int64_t ldw, int64_t np, int32_t* colsum);
 
+// A stored fp32 weight must be finite: sparse_pack refuses NaN and Inf, so a buffer holding one
+// was not written by it (and the kernels' sums would depend on the order of their adds).
+inline bool finite_f32(float v) { return v - v == 0.f; }
+
 // Pointers [0, count] of a pointer section never decrease (checked before anything walks them).
 Status check_monotonic(const int64_t* ptr, int64_t count, const char* what);
 

@@ -81,6 +81,8 @@ Status validate(const SparseView& v) {
             const int64_t c = csr_col(v, j);
             if (c < 0 || c >= v.k) return Status::invalid("sparse weight: column index out of range");
             if (!order.next(r, c)) return Status::invalid("sparse weight: columns of a row repeat or are out of order");
+            if (v.fmt == SparseFormat::kCsrF32 && !finite_f32(static_cast<const float*>(v.values)[j]))
+                return Status::invalid("sparse weight: a stored value is NaN or Inf");
         }
     return Status::ok();
 }

@@ -177,6 +177,7 @@ Status validate_i8(const SparseView& v) {
                 const int8_t val = int8_t(st8[64 + b]);
                 if (val == 0) continue;  // padding
                 const int64_t r = nb * kNBlock + b / 4, col = base + (st8[b] & 127);
+                if (r >= v.n || col >= v.k) return Status::invalid("sparse weight: a value in the padding (channel >= N or k >= K)");
                 if (!order.next(r, col)) return Status::invalid("sparse weight: ell columns of a channel repeat or are out of order");
                 colsum[size_t(r)] += uint32_t(int32_t(val));
             }
@@ -201,6 +202,9 @@ Status validate_f32(const SparseView& v) {
                 const int64_t r = nb * kNBlock + j, col = base + (st8[64 + j] & 63);
                 if (col >= v.k || r >= v.n) return Status::invalid("sparse weight: ell index out of range");
                 if (!order.next(r, col)) return Status::invalid("sparse weight: ell columns of a channel repeat or are out of order");
+                float val;
+                std::memcpy(&val, st8 + 4 * j, 4);
+                if (!finite_f32(val)) return Status::invalid("sparse weight: a stored value is NaN or Inf");
             }
         }
     return Status::ok();

@@ -87,8 +87,14 @@ Status validate(const SparseView& v) {
         for (int b = 0; b < kNm24Meta; ++b)
             if ((meta[b] & 3) == (meta[b] >> 2 & 3) || (meta[b] >> 4 & 3) == (meta[b] >> 6))
                 return Status::invalid("sparse weight: corrupt 2:4 positions");
-        const int64_t nb = t / (v.kp / kNm24StepK);
-        for (int slot = 0; slot < 64; ++slot) colsum[size_t(nb * kNBlock + slot / 4)] += uint32_t(int32_t(vals[slot]));
+        const int64_t nb = t / (v.kp / kNm24StepK), s = t % (v.kp / kNm24StepK);
+        for (int slot = 0; slot < 64; ++slot) {
+            if (vals[slot] == 0) continue;
+            const int64_t r = nb * kNBlock + slot / 4;
+            const int64_t c = s * kNm24StepK + 4 * (slot % 4 / 2) + (meta[slot / 4] >> (2 * (slot % 4)) & 3);
+            if (r >= v.n || c >= v.k) return Status::invalid("sparse weight: a value in the padding (channel >= N or k >= K)");
+            colsum[size_t(r)] += uint32_t(int32_t(vals[slot]));
+        }
     }
     return check_colsum(v, colsum);
 }
