@@ -302,6 +302,8 @@ def run_atheris(seconds: float, seed: int) -> None:
     result raises AssertionError, which atheris reports with the input that caused it."""
     import atheris
 
+    with atheris.instrument_imports(include=["fastinfer"]):  # coverage of the Python checks
+        import fastinfer  # noqa: F401
     seeds = _seeds()
     oracle = Oracle()
     counts = dict.fromkeys(OUTCOMES, 0)

@@ -4,6 +4,7 @@ run goes on; the oracle can tell a wrong result)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -38,6 +39,17 @@ def test_long_fuzz_run():
     res = fb.fuzz(seconds=float(os.environ.get("FASTINFER_FUZZ_SECONDS", "300")), seed=1, batch_size=500)
     print(f"fuzz: {res['tried']} mutations in {res['seconds']} s: {res['counts']}")
     _assert_clean(res)
+
+
+@pytest.mark.slow
+def test_atheris_run():
+    pytest.importorskip("atheris")
+    r = fb.subprocess.run([sys.executable, fb.__file__, "--atheris", "--seconds", "120"], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads(r.stdout.strip().splitlines()[-1])["counts"]
+    print(f"atheris: {counts}")
+    assert counts["wrong"] == counts["other_error"] == 0 and counts["raised"] > 0 and counts["correct"] > 0
 
 
 def test_a_crash_in_a_child_is_caught_and_the_run_goes_on(monkeypatch):
