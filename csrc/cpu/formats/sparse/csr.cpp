@@ -89,6 +89,7 @@ Status validate(const SparseView& v) {
 
 void unpack(const SparseView& v, void* w) {
     const size_t es = v.fmt == SparseFormat::kCsrF32 ? 4 : 1;
+    if (v.n * v.k == 0) return;  // w may be null then (an empty tensor's data), and memset(nullptr) is UB
     std::memset(w, 0, size_t(v.n * v.k) * es);
     for (int64_t r = 0; r < v.n; ++r)
         for (int64_t j = v.rowptr[r]; j < v.rowptr[r + 1]; ++j) {

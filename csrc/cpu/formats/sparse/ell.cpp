@@ -212,6 +212,7 @@ Status validate_f32(const SparseView& v) {
 
 void unpack_f32(const SparseView& v, void* w) {
     auto* out = static_cast<float*>(w);
+    if (v.n * v.k == 0) return;  // out may be null then (an empty tensor's data), and memset(nullptr) is UB
     std::memset(out, 0, size_t(v.n * v.k) * 4);
     for (int64_t nb = 0; nb < v.np / kNBlock; ++nb)
         for_each_ell_f32(v, nb, [&](int j, int64_t col, float val) { out[(nb * kNBlock + j) * v.k + col] = val; });

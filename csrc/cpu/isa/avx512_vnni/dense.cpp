@@ -115,6 +115,19 @@ void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0
 }  // namespace fastinfer::cpu::avx512_vnni
 
 namespace fastinfer::cpu::avx512_vnni {
+namespace {
+
+// The 16 int32 lanes summed in int64. Not _mm512_reduce_add_epi32: GCC's ends in a scalar int add,
+// signed overflow (UB, reported by UBSan) once a probe's checksum passes 2^31.
+int64_t sum_lanes_i64(__m512i v) {
+    alignas(64) int32_t l[16];
+    _mm512_store_si512(l, v);
+    int64_t r = 0;
+    for (int32_t x : l) r += x;
+    return r;
+}
+
+}  // namespace
 
 // Ceiling probe: 24 independent vpdpbusd chains on registers (no memory). Returns a checksum so the
 // loop is not optimized away; it performs iters * 24 * 64 multiply-adds.
@@ -127,7 +140,7 @@ int64_t dot_peak(int64_t iters) {
     }
     __m512i s = acc[0];
     _Pragma("GCC unroll 32") for (int i = 1; i < 24; ++i) s = _mm512_add_epi32(s, acc[i]);
-    return _mm512_reduce_add_epi32(s);
+    return sum_lanes_i64(s);
 }
 
 // Read-bandwidth probe: sums n bytes (n a multiple of 256, p 64-byte aligned) as int32 lanes, in
@@ -141,7 +154,7 @@ int64_t read_sum(const uint8_t* p, int64_t n) {
         s2 = _mm512_add_epi32(s2, _mm512_load_si512(p + 2 * q + i));
         s3 = _mm512_add_epi32(s3, _mm512_load_si512(p + 3 * q + i));
     }
-    return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
+    return sum_lanes_i64(_mm512_add_epi32(_mm512_add_epi32(s0, s1), _mm512_add_epi32(s2, s3)));
 }
 
 }  // namespace fastinfer::cpu::avx512_vnni
