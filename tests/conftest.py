@@ -27,6 +27,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocesses start here, never in the repo root: a `python -c` there puts the source tree's
 # fastinfer/ (no compiled _C) first on sys.path instead of the installed package.
 SUBPROCESS_CWD = tempfile.mkdtemp(prefix="fastinfer-tests-")
+# .ci/sanitize sets FASTINFER_SANITIZER=1: the extension is built with ASan + UBSan and libasan is
+# preloaded. The few tests that ASan's own runtime defeats (it replaces glibc malloc, its SEGV
+# handler turns a signal into a report) skip on it.
+UNDER_SANITIZER = os.environ.get("FASTINFER_SANITIZER") == "1"
 
 
 # ----------------------------------------------------------------------------------------- fixtures
