@@ -11,6 +11,16 @@
 namespace fastinfer::cpu {
 namespace {
 
+// Sum of the 16 int32 lanes mod 2^32, in vector adds (which wrap). Not _mm512_reduce_add_epi32:
+// GCC's ends in a scalar int add, signed overflow (UB) where a sum passes int32 (K beyond 2^17).
+inline int32_t reduce_add_wrap_epi32(__m512i v) {
+    const __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s4);
+}
+
 inline __m512 load_x16(const void* x, DType dt, int64_t off, __mmask16 mk) {
     if (dt == DType::kF32) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + off);
     __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(x) + off);

@@ -81,7 +81,7 @@ void csr_i8_gather(const SparseView& w, const int32_t* q32, int64_t ldq, int64_t
                 acc[i] = _mm512_add_epi32(acc[i], _mm512_madd_epi16(xv, v));
             }
         }
-        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) store_one(_mm512_reduce_add_epi32(acc[i]), ep, m0 + i, n);
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) store_one(reduce_add_wrap_epi32(acc[i]), ep, m0 + i, n);
     }
 }
 
