@@ -158,6 +158,23 @@ def test_validation_runs_once_per_tensor_version(monkeypatch):
     assert len(calls) == 3
 
 
+def test_a_write_during_validation_leaves_the_buffer_untrusted():
+    """The cache keeps the state taken before the check: a write that lands while the check runs
+    (another thread; the check releases the GIL) makes the entry stale, never trusted."""
+    cache = ops.linear._VALID
+    _, p = _packed(20, 60)
+    q = p.clone()
+
+    def validate_then_write(ptr, nbytes):
+        _C.validate_packed(ptr, nbytes)
+        q[HEADER] ^= 1  # after the bytes were checked, before the result is recorded
+
+    cache.checked(q, validate_then_write)
+    assert not cache.known(q)
+    with pytest.raises(ValueError, match="column sum"):
+        ops.int8_linear(torch.randn(1, 60), q, torch.ones(20))
+
+
 def test_write_behind_torchs_back_is_found_by_validate_int8_weight():
     """Writes through .numpy() do not bump the version: the documented remedy is the explicit check."""
     _, p = _packed(20, 60)
@@ -269,7 +286,7 @@ def test_row_span_overflow_is_an_error_not_a_read():
     assert "raised quantize_per_token: rows times row stride too large" in r.stdout
 
 
-# ------------------------------------------------------------ 4. sparse buffers bounded in expansion
+# --------------------------------------------------- 4. a sparse buffer cannot make us expand it
 
 
 def _tiny_csr_declaring(n: int, k: int) -> torch.Tensor:
@@ -284,21 +301,28 @@ def _tiny_csr_declaring(n: int, k: int) -> torch.Tensor:
     return p
 
 
-def test_tiny_sparse_buffer_cannot_declare_a_huge_weight():
-    """Before: a 256-byte csr buffer declaring [1, 2^28] passed validation, and unpack_sparse,
-    sparsity_stats and the layer's repr allocated and zeroed 1 GiB (k = 2^31: 8 GiB)."""
+def test_tiny_sparse_buffer_cannot_make_us_allocate_a_huge_weight(monkeypatch):
+    """Before: a 256-byte csr buffer declaring [1, 2^28] made unpack_sparse, sparsity_stats and the
+    layer's repr allocate and zero 1 GiB (k = 2^31: 8 GiB). It is a valid buffer (one nonzero), so
+    it validates; what it can no longer do is expand: counting reads the stored values only, a layer
+    refuses a shape other than its own, and unpack_sparse refuses past max(2^26, 4096 x its bytes)."""
     p = _tiny_csr_declaring(1, 2**28)
     assert p.numel() <= 256
-    for call in (ops.sparse_validate, ops.unpack_sparse, ops.sparse_info, ops.sparse_nonzeros):
-        with pytest.raises(ValueError, match=r"declares \[1, 268435456\].*at most max\(2\^26, 4096 x"):
-            call(p)
+    ops.sparse_validate(p)
+    assert ops.sparse_info(p)["k"] == 2**28
+    assert ops.sparse_nonzeros(p) == 1
+    with pytest.raises(ValueError, match=r"declares \[1, 268435456\].*at most max\(2\^26, 4096 x its bytes\)"):
+        ops.unpack_sparse(p)
     layer = fnn.SparseLinear(4096, 1)
-    with pytest.raises(RuntimeError, match="sparse_weight: not a valid fastinfer sparse weight"):
+    with pytest.raises(RuntimeError, match=r"sparse_weight: holds a torch.float32 \[1, 268435456\] weight"):
         layer.load_state_dict({"sparse_weight": p, "bias": torch.zeros(1)})
+    layer._buffers["sparse_weight"] = p  # set behind load_state_dict's back: the repr still does not expand it
+    monkeypatch.setattr(ops, "unpack_sparse", lambda *a, **k: pytest.fail("repr must not densify"))
+    assert "100.0%" in repr(layer)
 
 
-def test_bound_leaves_small_weights_of_any_sparsity_alone():
-    """Up to 2^26 weights any buffer is fine: a [1, 2^20] csr of one nonzero is 256 bytes."""
+def test_unpack_bound_leaves_small_weights_of_any_sparsity_alone():
+    """Up to 2^26 weights any buffer unpacks: a [1, 2^20] csr of one nonzero is 256 bytes."""
     w = torch.zeros(1, 2**20)
     w[0, 12345] = -2.0
     p = ops.pack_sparse(w, "csr")
@@ -307,15 +331,19 @@ def test_bound_leaves_small_weights_of_any_sparsity_alone():
     assert torch.equal(ops.unpack_sparse(p), w)
 
 
-def test_pack_sparse_refuses_what_validation_would_refuse():
-    """Every buffer pack_sparse writes passes validation: past 2^26 weights it refuses a matrix that
-    would be more than 4096 weights a stored byte (an all-zero one here)."""
-    w = torch.zeros(1, 2**26 + 64, dtype=torch.int8)
-    with pytest.raises(ValueError, match="too sparse for a sparse buffer"):
-        ops.pack_sparse(w, "csr")
-    w[0, ::2048] = 1  # 32,769 nonzeros: ~160 KB stored, ~420 weights a byte
-    p = ops.pack_sparse(w, "csr")
-    assert ops.sparse_nonzeros(p) == 32769
+def test_large_sparse_layers_of_any_sparsity_still_build():
+    """The bound is on unpacking a buffer one is handed, not on buffers: an all-zero placeholder of a
+    wide layer (~4.5 bytes a channel) packs, loads and unpacks through its layer."""
+    layer = fnn.SparseInt8Linear(32768, 4096, format="block")  # 2^27 weights in ~20 KB
+    assert layer.sparse_weight.numel() < 64 * 1024
+    assert layer.sparsity_stats() == (0, 2**27)
+    with pytest.raises(ValueError, match="pass bounded=False"):
+        ops.unpack_sparse(layer.sparse_weight)
+    assert layer.weight_int8.shape == (4096, 32768)  # the layer vouches for its own shape
+    fresh = fnn.SparseInt8Linear(32768, 4096, format="block")
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 32768)
+    assert torch.equal(fresh(x), layer(x))
 
 
 @pytest.mark.parametrize("fmt,dtype", [("csr", torch.float32), ("ell", torch.float32), ("csr", torch.int8),

@@ -21,9 +21,8 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
 Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v);
 // Full check of a buffer (pointers monotonic, indices in range, masks well formed): O(nnz).
 Status sparse_validate(const uint8_t* buf, int64_t nbytes);
-// Nonzero weights of a buffer (validated first) in O(K) memory, never the dense [n, k]: a layer's
-// repr and sparsity stats must not expand a buffer. Time O(nnz) for csr and fp32 ell, O(n * k) for
-// the panel formats (bounded by the expansion limit of header.h).
+// Nonzero weights of a buffer (validated first), read from the stored values: O(stored bytes) time,
+// no memory, never the dense [n, k] (a layer's repr and sparsity stats must not expand a buffer).
 Status sparse_count_nonzero(const uint8_t* buf, int64_t nbytes, int64_t* count);
 // Dense [n, k] (fp32 for kCsrF32, int8 otherwise), contiguous.
 Status sparse_unpack(const uint8_t* buf, int64_t nbytes, void* w);

@@ -72,11 +72,16 @@ class _FastCall:
 
     __slots__ = ("key", "run", "k")
 
-    def __init__(self, layer: nn.Module, run) -> None:
+    def __init__(self, layer: nn.Module, run, key: tuple) -> None:
+        self.key, self.run, self.k = key, run, layer.in_features
+
+    @staticmethod
+    def snapshot(layer: nn.Module) -> tuple:
+        """The buffers' state, taken before the checked call whose checks the fast call relies on (a
+        write during that call then makes the fast call stale, never trusted)."""
         bufs = layer._buffers
-        self.key = tuple((name, t, None if t is None else (t._version, t.data_ptr(), t.numel()))
-                         for name in _FastCall.names(layer) for t in (bufs[name],))  # fmt: skip
-        self.run, self.k = run, layer.in_features
+        return tuple((name, t, None if t is None else (t._version, t.data_ptr(), t.numel()))
+                     for name in _FastCall.names(layer) for t in (bufs[name],))  # fmt: skip
 
     @staticmethod
     def names(layer: nn.Module) -> tuple[str, ...]:
@@ -138,9 +143,11 @@ class _FastForward:
         else:
             fast = None
         _check_layer_input(self, x)
+        build = fast is None and not traced and eager_fast_path(x) and _FastCall.usable(self)
+        key = _FastCall.snapshot(self) if build else None
         y = self._op(x)
-        if fast is None and not traced and eager_fast_path(x) and _FastCall.usable(self):
-            _FAST[self] = _FastCall(self, self._prepare())  # the checks above passed
+        if build:
+            _FAST[self] = _FastCall(self, self._prepare(), key)  # the checks above passed
         return y
 
 

@@ -14,7 +14,7 @@ from fastinfer.nn._base import (
     layer_repr,
     linear_weight_and_bias,
 )
-from fastinfer.ops.linear import check_packed, prepare_int8_linear
+from fastinfer.ops.linear import check_packed, prepare_int8_linear, remember_valid
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +96,10 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         # taken: a tampered one is an error naming the key, never a layer whose results differ by ISA.
         key = prefix + "packed_weight"
         incoming = state_dict.get(key)
-        if incoming is not None and self.packed_weight.device.type == "cpu":
+        checked = False
+        # a CPU weight from a file, also into a layer built on meta (load_state_dict(assign=True));
+        # a CUDA layer's weight is another layout (its kernels read no sums and zero their padding)
+        if incoming is not None and incoming.device.type == "cpu" and self.packed_weight.device.type != "cuda":
             try:
                 _, *shape = check_packed("load_state_dict", incoming.detach().cpu().contiguous(), force=True)
             except (TypeError, ValueError) as e:
@@ -107,8 +110,11 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
                     f"{key}: holds an int8 {list(shape)} weight, this layer is [{self.out_features}, {self.in_features}]"
                 )
                 return
+            checked = True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
+        if checked and not error_msgs:  # the buffer now holds the bytes just checked: no second check
+            remember_valid(self._buffers["packed_weight"])
 
     def _apply(self, fn, recurse=True):
         # model.bfloat16() / .half() / .to(dtype) cast every floating buffer. Ours are fp32 by

@@ -111,7 +111,7 @@ class SparseLinear(_SparseBase):
 
     def dense_weight(self) -> torch.Tensor:
         """float32 [out, in] with the zeros in place."""
-        return ops.unpack_sparse(self.sparse_weight)
+        return ops.unpack_sparse(self.sparse_weight, bounded=False)  # the layer's own shape (checked at load)
 
     def _op(self, x: torch.Tensor) -> torch.Tensor:
         return ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
@@ -165,7 +165,7 @@ class SparseInt8Linear(_FusedActivation, _SparseBase):
     @property
     def weight_int8(self) -> torch.Tensor:
         """int8 [out, in] with the zeros in place."""
-        return ops.unpack_sparse(self.sparse_weight)
+        return ops.unpack_sparse(self.sparse_weight, bounded=False)  # the layer's own shape (checked at load)
 
     def to_int8linear(self) -> Int8Linear:
         dense = Int8Linear(self.in_features, self.out_features, bias=self.bias is not None, activation=self.activation)

@@ -178,11 +178,14 @@ class ValidatedBuffers:
     """Tensors whose bytes passed a kernel format's full O(bytes) validation, so an op validates a
     packed weight once per tensor version, not once per call.
 
-    id(tensor) -> (weak reference to it, (address, size, version) when it was checked). A hit needs
-    the same live tensor object with the same version: an in-place write through torch bumps the
-    version, and a new tensor at a reused address is a different object. Writes that bypass torch's
-    version counter (through .numpy(), .data or raw pointers) are not seen: call the format's
-    validate function (ops.validate_int8_weight, ops.sparse_validate) after those. Inference
+    id(tensor) -> (weak reference to it, (address, size, storage bytes, version) just before it was
+    checked). A hit needs the same live tensor object in the same state: an in-place write through
+    torch bumps the version, a new tensor at a reused address is a different object, a resized
+    storage has another size. Writes that bypass torch's version counter are not seen: through
+    .numpy(), .data, DLPack, untyped_storage() item writes, tensors set_() on the same storage,
+    another process's writes to shared memory or a file mapped with torch.load(mmap=True) changed
+    underneath, raw pointers. Call the format's validate function (ops.validate_int8_weight,
+    ops.sparse_validate) after those. Inference
     tensors have no version counter: they are validated on every call (the pack functions return
     normal tensors even under inference_mode for that reason)."""
 
@@ -199,21 +202,27 @@ class ValidatedBuffers:
             return None
 
     def known(self, t: torch.Tensor) -> bool:
-        ver = self._version(t)
         entry = self._valid.get(id(t))
-        return ver is not None and entry is not None and entry[0]() is t and entry[1] == (t.data_ptr(), t.numel(), ver)
+        return entry is not None and entry[0]() is t and entry[1] == self._state(t)
 
-    def remember(self, t: torch.Tensor) -> None:
+    def _state(self, t: torch.Tensor) -> tuple[int, int, int, int] | None:
         ver = self._version(t)
-        if ver is None:
+        return None if ver is None else (t.data_ptr(), t.numel(), t.untyped_storage().nbytes(), ver)
+
+    def remember(self, t: torch.Tensor, state: tuple[int, int, int, int] | None = None) -> None:
+        """Marks t valid as it is now, or as it was when state = _state(t) was taken (before the
+        check: a write during the check then makes the entry stale instead of trusted)."""
+        state = self._state(t) if state is None else state
+        if state is None:
             return
         if len(self._valid) >= self.MAX:
             self._valid.clear()
-        self._valid[id(t)] = (weakref.ref(t), (t.data_ptr(), t.numel(), ver))
+        self._valid[id(t)] = (weakref.ref(t), state)
 
     def checked(self, packed: torch.Tensor, validate, force: bool = False) -> torch.Tensor:
         """packed (contiguous, with data), or a 64-byte aligned copy of it, after validate(ptr, nbytes)
         passed on it now or on this version before."""
+        state = self._state(packed)  # before the copy and the check (see remember)
         use = packed
         if packed.data_ptr() % 64 != 0:  # the kernels want 64-byte alignment: a per-call copy
             with torch.inference_mode(False):
@@ -221,5 +230,5 @@ class ValidatedBuffers:
             use.copy_(packed)
         if force or not self.known(packed):
             validate(use.data_ptr(), use.numel())
-            self.remember(packed)
+            self.remember(packed, state)
         return use

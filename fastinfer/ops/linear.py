@@ -50,6 +50,13 @@ def check_packed(name: str, packed: torch.Tensor, force: bool = False) -> tuple[
     return (use, *_C.packed_shape(use.data_ptr(), use.numel()))
 
 
+def remember_valid(packed: torch.Tensor) -> None:
+    """Marks a CPU packed weight as validated in its present state (a layer that just copied checked
+    bytes into its buffer)."""
+    if packed.device.type == "cpu" and has_data(packed):
+        _VALID.remember(packed)
+
+
 def validate_int8_weight(packed: torch.Tensor) -> None:
     """Full check of a packed int8 weight (header, padding bytes, column sums); ValueError if corrupt.
     The ops run it once per tensor version by themselves; call it after writing into the buffer by

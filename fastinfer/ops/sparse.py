@@ -99,10 +99,29 @@ def sparse_nonzeros(packed: torch.Tensor) -> int:
     return _C.sparse_count_nonzero(packed.data_ptr(), packed.numel())
 
 
-def unpack_sparse(packed: torch.Tensor) -> torch.Tensor:
-    """The dense weight [N, K] (float32 or int8) a packed sparse weight holds."""
+# How many weights (padded to 16 x 64) unpack_sparse allocates for a buffer it is given: a valid
+# buffer may declare a shape far larger than itself (an all-zero [n, k] csr is ~8n bytes), so a
+# 256-byte file could otherwise ask for gigabytes. Real pruned layers sit far inside (a 99.9%-sparse
+# 4096 x 4096 csr: ~130 weights a stored byte); a layer unpacking its own weight, whose shape
+# load_state_dict checked against the layer's, is not bounded.
+UNPACK_FREE_WEIGHTS = 1 << 26
+UNPACK_WEIGHTS_PER_BYTE = 4096
+
+
+def unpack_sparse(packed: torch.Tensor, *, bounded: bool = True) -> torch.Tensor:
+    """The dense weight [N, K] (float32 or int8) a packed sparse weight holds.
+
+    bounded: refuse (ValueError, before allocating) a buffer whose padded dense size passes
+    max(2^26, 4096 x its bytes) weights; pass False for a buffer whose shape you trust."""
     packed = check_packed("unpack_sparse", packed)
     _, dtype, n, k, _ = _header(packed)
+    padded = (n + 15) // 16 * 16 * ((k + 63) // 64 * 64)
+    if bounded and padded > max(UNPACK_FREE_WEIGHTS, UNPACK_WEIGHTS_PER_BYTE * packed.numel()):
+        raise ValueError(
+            f"fastinfer.unpack_sparse: the buffer declares [{n}, {k}] ({padded} padded weights) in "
+            f"{packed.numel()} bytes; unpack allocates at most max(2^26, {UNPACK_WEIGHTS_PER_BYTE} x its bytes) "
+            "weights for a buffer it is given (pass bounded=False if you trust its shape)"
+        )
     out = torch.empty((n, k), dtype=dtype)
     _C.sparse_unpack(packed.data_ptr(), packed.numel(), out.data_ptr())
     return out

@@ -13,19 +13,6 @@ using namespace detail;
 
 namespace {
 
-// The expansion bound of header.h: n * k (<= kMaxSparseElems) against the buffer's size.
-bool within_expansion(int64_t n, int64_t k, int64_t nbytes) {
-    const int64_t elems = n * k;
-    return elems <= kSparseFreeElems || elems / kSparseMaxExpansion <= nbytes;
-}
-
-std::string expansion_message(const char* what, int64_t n, int64_t k, int64_t nbytes) {
-    return std::string(what) + ": declares [" + std::to_string(n) + ", " + std::to_string(k) + "] = " +
-           std::to_string(n * k) + " weights in " + std::to_string(nbytes) +
-           " bytes; a sparse buffer may hold at most max(2^26, " + std::to_string(kSparseMaxExpansion) +
-           " x its size in bytes) weights";
-}
-
 // The header for (fmt, w): the shared fields, then the format's; fails when w does not fit it.
 Status plan(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_t ldw, SparseHeader* h,
             const FormatTraits** traits) {
@@ -63,9 +50,6 @@ Status sparse_measure(SparseFormat fmt, const void* w, int64_t n, int64_t k, int
     Status st = plan(fmt, w, n, k, ldw, &h, &f);
     if (!st.is_ok()) return st;
     *nbytes = layout_of(*f, h).total;
-    if (!within_expansion(n, k, *nbytes))
-        return Status::invalid(expansion_message("sparse_pack: W is too sparse for a sparse buffer", n, k, *nbytes) +
-                               "; store it dense");
     return Status::ok();
 }
 
@@ -77,8 +61,6 @@ Status sparse_pack(SparseFormat fmt, const void* w, int64_t n, int64_t k, int64_
     if (!st.is_ok()) return st;
     const SparseLayout l = layout_of(*f, h);
     if (nbytes != l.total) return Status::invalid("sparse_pack: output buffer has the wrong size");
-    if (!within_expansion(n, k, nbytes))
-        return Status::invalid(expansion_message("sparse_pack: W is too sparse for a sparse buffer", n, k, nbytes));
     if (reinterpret_cast<uintptr_t>(out) % 64 != 0)
         return Status::invalid("sparse_pack: output buffer must be 64-byte aligned");
     std::memset(out, 0, size_t(nbytes));
@@ -106,7 +88,6 @@ Status sparse_view(const uint8_t* buf, int64_t nbytes, SparseView* v) {
         return Status::invalid("sparse weight: inconsistent header");
     const SparseLayout l = layout_of(*f, h);
     if (l.total != nbytes) return Status::invalid("sparse weight: header and buffer size disagree");
-    if (!within_expansion(h.n, h.k, nbytes)) return Status::invalid(expansion_message("sparse weight", h.n, h.k, nbytes));
     v->fmt = f->fmt;
     v->n = h.n;
     v->k = h.k;
@@ -131,19 +112,7 @@ Status sparse_count_nonzero(const uint8_t* buf, int64_t nbytes, int64_t* count) 
     if (!st.is_ok()) return st;
     const FormatTraits& f = *format_traits(uint32_t(v.fmt));
     if (!(st = f.validate(v)).is_ok()) return st;
-    int64_t c = 0;
-    if (f.count_nonzero) {
-        c = f.count_nonzero(v);
-    } else {  // the kPanels formats: one 16-channel panel at a time
-        Scratch panel_buf;
-        int8_t* p = reinterpret_cast<int8_t*>(panel_buf.get(size_t(kNBlock * v.kp)));
-        if (!p) return Status::runtime("out of memory");
-        for (int64_t nb = 0; nb < v.np / kNBlock; ++nb) {
-            decompress_panel(v, nb, p);
-            for (int64_t i = 0; i < kNBlock * v.kp; ++i) c += p[i] != 0;
-        }
-    }
-    *count = c;
+    *count = f.count_nonzero(v);
     return Status::ok();
 }
 

@@ -25,17 +25,17 @@ Status pack_weight(const int8_t* w, int64_t n, int64_t k, int64_t ldw, uint8_t* 
     int8_t* data = reinterpret_cast<int8_t*>(out + sizeof(h) + 4 * h.np);
     std::memset(data, 0, size_t(h.np * h.kp));
     for (int64_t r = 0; r < h.np; ++r) {
-        int32_t s = 0;
+        uint32_t s = 0;  // mod 2^32, as the kernels accumulate (no signed overflow for K past 2^24)
         if (r < n) {
             int8_t* blk = data + (r / kNBlock) * kNBlock * h.kp;
             const int64_t j = r % kNBlock;
             for (int64_t c = 0; c < k; ++c) {
                 const int8_t v = w[r * ldw + c];
                 blk[(c / 4) * 64 + j * 4 + (c % 4)] = v;
-                s += v;
+                s += uint32_t(int32_t(v));
             }
         }
-        colsum[r] = s;
+        colsum[r] = int32_t(s);
     }
     return Status::ok();
 }

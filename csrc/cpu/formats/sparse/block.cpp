@@ -100,6 +100,12 @@ Status validate(const SparseView& v) {
     return check_colsum(v, colsum);
 }
 
+int64_t count_nonzero(const SparseView& v) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < v.tileptr[v.np / kNBlock] * kNBlock * kTileK; ++i) c += v.tiles[i] != 0;
+    return c;
+}
+
 void panel(const SparseView& v, int64_t nb, int8_t* out) {
     for (int64_t t = v.tileptr[nb]; t < v.tileptr[nb + 1]; ++t)
         std::memcpy(out + v.tilek[t] * kTileK * kNBlock, v.tiles + t * kNBlock * kTileK, size_t(kNBlock * kTileK));
@@ -109,7 +115,7 @@ void panel(const SparseView& v, int64_t nb, int8_t* out) {
 
 const FormatTraits kBlockTraits = {
     SparseFormat::kBlockI8, /*int8=*/true, /*reads_version1=*/true, SparseRun::kPanels, &KernelTable::block_i8,
-    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel, /*count_nonzero=*/nullptr,
+    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel, count_nonzero,
 };
 
 }  // namespace fastinfer::cpu

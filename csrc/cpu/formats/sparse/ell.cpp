@@ -225,6 +225,13 @@ int64_t count_nonzero_f32(const SparseView& v) {
     return c;
 }
 
+int64_t count_nonzero_i8(const SparseView& v) {
+    int64_t c = 0;
+    for (int64_t t = 0; t < v.stepptr[v.np / kNBlock]; ++t)
+        for (int b = 0; b < 64; ++b) c += v.steps[t * kEllStep + 64 + b] != 0;
+    return c;
+}
+
 void panel_i8(const SparseView& v, int64_t nb, int8_t* out) {
     for (int64_t t = v.stepptr[nb]; t < v.stepptr[nb + 1]; ++t) {
         const uint8_t* st = v.steps + t * kEllStep;
@@ -242,7 +249,7 @@ void panel_i8(const SparseView& v, int64_t nb, int8_t* out) {
 
 const FormatTraits kEllI8Traits = {
     SparseFormat::kEllI8, /*int8=*/true, /*reads_version1=*/false, SparseRun::kPanels, &KernelTable::ell_i8,
-    plan, layout, header_ok, pack_i8, view, validate_i8, /*unpack=*/nullptr, panel_i8, /*count_nonzero=*/nullptr,
+    plan, layout, header_ok, pack_i8, view, validate_i8, /*unpack=*/nullptr, panel_i8, count_nonzero_i8,
 };
 const FormatTraits kEllF32Traits = {
     SparseFormat::kEllF32, /*int8=*/false, /*reads_version1=*/false, SparseRun::kEllF32, /*kernel=*/nullptr,

@@ -19,13 +19,11 @@ constexpr uint32_t kSparseMagic = 0x53384946u;  // "FI8S"
 constexpr uint32_t kSparseVersion = 2;  // 2: ell with sliding windows, 2:4 with positions (v1 buffers of these are rejected)
 constexpr int64_t kMaxSparseDim = int64_t(1) << 31;
 constexpr int64_t kMaxSparseElems = int64_t(1) << 40;  // n * k: every section size stays far from overflow
-// How far a buffer may expand: n * k at most max(kSparseFreeElems, kSparseMaxExpansion * bytes).
-// Without a bound a 128-byte csr buffer could declare [1, 2^31] and make unpack allocate 8 GiB. Real
-// pruned layers sit far inside it (a 99.9%-sparse 4096 x 4096 csr layer: ~130 dense elements per
-// stored byte; an all-zero one k / 8); sparse_pack refuses a matrix beyond it, so every buffer it
-// writes passes.
-constexpr int64_t kSparseFreeElems = int64_t(1) << 26;
-constexpr int64_t kSparseMaxExpansion = 4096;
+// A valid buffer may declare a dense shape far larger than itself (an all-zero [n, k] csr layer is
+// ~8n bytes). Nothing here allocates by the declared shape: sparse_count_nonzero reads the stored
+// values only, and the dense [n, k] of sparse_unpack is allocated (and bounded) by the caller
+// (fastinfer.ops.unpack_sparse: at most max(2^26, 4096 x the buffer's bytes) padded weights unless
+// the caller vouches for the shape, as a layer does for its own).
 
 struct SparseHeader {
     uint32_t magic;

@@ -99,6 +99,15 @@ Status validate(const SparseView& v) {
     return check_colsum(v, colsum);
 }
 
+int64_t count_nonzero(const SparseView& v) {
+    int64_t c = 0;
+    for (int64_t t = 0; t < (v.np / kNBlock) * (v.kp / kNm24StepK); ++t) {
+        const auto* vals = reinterpret_cast<const int8_t*>(v.panels + t * kNm24Step + kNm24Meta);
+        for (int slot = 0; slot < 64; ++slot) c += vals[slot] != 0;
+    }
+    return c;
+}
+
 void panel(const SparseView& v, int64_t nb, int8_t* out) {
     const uint8_t* blk = v.panels + nb * nm24_block_bytes(v.kp);
     for (int64_t s = 0; s < v.kp / kNm24StepK; ++s) {
@@ -116,7 +125,7 @@ void panel(const SparseView& v, int64_t nb, int8_t* out) {
 
 const FormatTraits kNm24Traits = {
     SparseFormat::kNm24I8, /*int8=*/true, /*reads_version1=*/false, SparseRun::kPanels, &KernelTable::nm24_i8,
-    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel, /*count_nonzero=*/nullptr,
+    plan, layout, header_ok, pack, view, validate, /*unpack=*/nullptr, panel, count_nonzero,
 };
 
 }  // namespace fastinfer::cpu

@@ -38,8 +38,8 @@ struct FormatTraits {
     void (*unpack)(const SparseView& v, void* w) = nullptr;
     // kPanels: the nonzeros of 16-channel block nb into its zeroed K4N16 panel (16 * kp bytes).
     void (*panel)(const SparseView& v, int64_t nb, int8_t* out) = nullptr;
-    // Nonzero weights of a validated view from its stored values (the formats with unpack); null:
-    // counted one decompressed panel at a time.
+    // Nonzero weights of a validated view, read from its stored values only: O(stored bytes), no
+    // memory (validation guarantees every stored nonzero is one weight inside [n, k]).
     int64_t (*count_nonzero)(const SparseView& v) = nullptr;
 };
 
