@@ -185,14 +185,14 @@ class ValidatedBuffers:
     .numpy(), .data, DLPack, untyped_storage() item writes, tensors set_() on the same storage,
     another process's writes to shared memory or a file mapped with torch.load(mmap=True) changed
     underneath, raw pointers. Call the format's validate function (ops.validate_int8_weight,
-    ops.sparse_validate) after those. Inference
-    tensors have no version counter: they are validated on every call (the pack functions return
-    normal tensors even under inference_mode for that reason)."""
+    ops.sparse_validate) after those. Inference tensors have no version counter: they are validated
+    on every call (the pack functions return normal tensors even under inference_mode for that
+    reason)."""
 
     MAX = 16384
 
     def __init__(self) -> None:
-        self._valid: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
+        self._valid: dict[int, tuple[weakref.ref, tuple[int, int, int, int]]] = {}
 
     @staticmethod
     def _version(t: torch.Tensor) -> int | None:

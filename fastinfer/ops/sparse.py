@@ -93,8 +93,8 @@ def sparse_info(packed: torch.Tensor) -> dict:
 
 
 def sparse_nonzeros(packed: torch.Tensor) -> int:
-    """How many weights of a packed sparse weight are nonzero, counted without expanding it to the
-    dense [N, K] (memory O(K))."""
+    """How many weights of a packed sparse weight are nonzero, counted from its stored values (time
+    O(stored bytes), no memory): never the dense [N, K]."""
     packed = check_packed("sparse_nonzeros", packed)
     return _C.sparse_count_nonzero(packed.data_ptr(), packed.numel())
 
