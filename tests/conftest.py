@@ -122,8 +122,13 @@ def _round_fraction_to_f32(v: Fraction) -> np.float32:
     return best[1]
 
 
+# Round to nearest fp32 gives Inf at or above this magnitude: FLT_MAX plus half an ulp (FLT_MAX's
+# significand is odd, so the tie goes to Inf).
+F32_OVERFLOW = Fraction(2**128 - 2**103)
+
+
 def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Elementwise fused multiply-add of float32 tensors (one rounding), computed exactly.
+    """Elementwise fp32 a * b + c with one rounding, computed exactly; a result past FLT_MAX is Inf.
 
     Python 3.11 has no math.fma and torch has no fused elementwise op, so this goes through exact
     rationals; keep the tensors small (a few thousand elements).
@@ -134,9 +139,14 @@ def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     for idx in np.ndindex(a.shape):
         x, y, z = float(an[idx]), float(bn[idx]), float(cn[idx])
         if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
-            out[idx] = np.float32(x * y + z)  # NaN / Inf propagate as in IEEE fma
+            out[idx] = np.float32(x * y + z)  # NaN / Inf propagate as in IEEE fma (no overflow: |x*y| < 2^256)
             continue
-        out[idx] = _round_fraction_to_f32(Fraction(x) * Fraction(y) + Fraction(z))
+        v = Fraction(x) * Fraction(y) + Fraction(z)
+        if abs(v) >= F32_OVERFLOW:
+            out[idx] = np.float32(math.copysign(math.inf, v))
+        else:
+            with np.errstate(over="ignore"):  # float(v) just above FLT_MAX: the search picks FLT_MAX
+                out[idx] = _round_fraction_to_f32(v)
     return torch.from_numpy(out)
 
 

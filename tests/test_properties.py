@@ -30,9 +30,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from fractions import Fraction
 
-import numpy as np
 import pytest
 import torch
 
@@ -42,7 +40,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
 
 import fastinfer  # noqa: E402
-from conftest import ISAS, _round_fraction_to_f32, assert_same, int64_ref, ref_quantize_per_token  # noqa: E402
+from conftest import ISAS, assert_same, fma_f32, int64_ref, ref_quantize_per_token  # noqa: E402
 from fastinfer import _runtime, ops  # noqa: E402
 from fastinfer._runtime import _C  # noqa: E402
 
@@ -556,33 +554,6 @@ def build_linear_weights(c: LinearCase, g: torch.Generator, fmt: str | None = No
     elif c.bias == "large":
         bias = torch.randn(n, generator=g) * 1e30
     return w, scale, bias
-
-
-# Round to nearest fp32 gives Inf at or above this magnitude: FLT_MAX plus half an ulp (FLT_MAX's
-# significand is odd, so the tie goes to Inf).
-F32_OVERFLOW = Fraction(2**128 - 2**103)
-
-
-def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Elementwise fp32 a * b + c with one rounding, exactly (Python rationals), overflowing to Inf.
-
-    conftest.fma_f32 with the overflow case added: there a result beyond FLT_MAX raises numpy's
-    overflow warning (an error in this suite) and would round to FLT_MAX instead of Inf."""
-    a, b, c = torch.broadcast_tensors(a.float(), b.float(), c.float())
-    out = np.empty(a.shape, dtype=np.float32)
-    an, bn, cn = a.numpy(), b.numpy(), c.numpy()
-    for idx in np.ndindex(a.shape):
-        x, y, z = float(an[idx]), float(bn[idx]), float(cn[idx])
-        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
-            out[idx] = np.float32(x * y + z)  # NaN / Inf propagate as in IEEE fma (no overflow: |x*y| < 2^256)
-            continue
-        v = Fraction(x) * Fraction(y) + Fraction(z)
-        if abs(v) >= F32_OVERFLOW:
-            out[idx] = np.float32(math.copysign(math.inf, v))
-        else:
-            with np.errstate(over="ignore"):  # float(v) just above FLT_MAX: the search picks FLT_MAX
-                out[idx] = _round_fraction_to_f32(v)
-    return torch.from_numpy(out)
 
 
 def reference_linear(x, w, scale, bias, activation) -> torch.Tensor:
