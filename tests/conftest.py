@@ -21,6 +21,7 @@ import torch
 import fastinfer
 from fastinfer import _runtime
 from fastinfer._runtime import ISA_NAMES as ALL_ISA_NAMES  # noqa: F401  (for the tests)
+from fuzz_buffers import sparse_int8_weight
 
 ISAS = fastinfer.available_isas()
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,16 +229,7 @@ def trained_digits_mlp():
 
 def sparse_int8(fmt: str, n: int, k: int, density: float, seed: int) -> torch.Tensor:
     """int8 [n, k] in [-127, 127] with the zero pattern fmt stores: 2:4 groups, 16 x 64 tiles, or any."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    if fmt == "2:4":
-        kk = (k + 3) // 4 * 4
-        keep = torch.rand(n, kk // 4, 4, generator=g).argsort(-1) < 2
-        return w * keep.reshape(n, kk)[:, :k]
-    if fmt == "block":
-        tiles = torch.rand((n + 15) // 16, (k + 63) // 64, generator=g) < density
-        return w * tiles.repeat_interleave(16, 0)[:n].repeat_interleave(64, 1)[:, :k]
-    return w * (torch.rand(n, k, generator=g) < density)
+    return sparse_int8_weight(fmt, n, k, density, torch.Generator().manual_seed(seed))
 
 
 def kernel_variants() -> list[tuple[str, bool]]:

@@ -38,6 +38,22 @@ INTERESTING = (0, 1, -1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 255, 256, 2**15, 2
 # ------------------------------------------------------------------------------ the seed buffers
 
 
+def sparse_int8_weight(fmt: str, n: int, k: int, density: float, g) -> "torch.Tensor":  # noqa: F821
+    """int8 [n, k] in [-127, 127] with the zero pattern fmt stores: 2:4 groups, 16 x 64 tiles, or any
+    (drawn from the torch.Generator g; tests/conftest.py's sparse_int8 is this with a seed)."""
+    import torch
+
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    if fmt == "2:4":
+        kk = (k + 3) // 4 * 4
+        keep = torch.rand(n, kk // 4, 4, generator=g).argsort(-1) < 2
+        return w * keep.reshape(n, kk)[:, :k]
+    if fmt == "block":
+        tiles = torch.rand((n + 15) // 16, (k + 63) // 64, generator=g) < density
+        return w * tiles.repeat_interleave(16, 0)[:n].repeat_interleave(64, 1)[:, :k]
+    return w * (torch.rand(n, k, generator=g) < density)
+
+
 def _seeds():
     """target -> list of (description, packed buffer as bytes): what pack_int8_weight / pack_sparse
     write for a few shapes (odd N and K, one block, K past 64-byte and 65,536-index boundaries)."""
@@ -47,16 +63,8 @@ def _seeds():
 
     g = torch.Generator().manual_seed(1234)
 
-    def int8(n, k, density, pattern=None):
-        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-        if pattern == "2:4":
-            kk = (k + 3) // 4 * 4
-            keep = torch.rand(n, kk // 4, 4, generator=g).argsort(-1) < 2
-            return w * keep.reshape(n, kk)[:, :k]
-        if pattern == "block":
-            tiles = torch.rand((n + 15) // 16, (k + 63) // 64, generator=g) < density
-            return w * tiles.repeat_interleave(16, 0)[:n].repeat_interleave(64, 1)[:, :k]
-        return w * (torch.rand(n, k, generator=g) < density)
+    def int8(n, k, density, pattern="csr"):
+        return sparse_int8_weight(pattern, n, k, density, g)
 
     def f32(n, k, density):
         return torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < density)
