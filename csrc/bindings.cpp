@@ -1,6 +1,7 @@
 // pybind11 shim: raw addresses and sizes in, Status -> Python exception out, GIL released around
 // every kernel. No torch headers: fastinfer.ops hands us data_ptr() integers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 
@@ -60,6 +61,12 @@ auto int8_matmul_binding(Fn fn) {
         }
         raise_if_error(st);
     };
+}
+
+// (n, h, w, c, cout, kh, kw, sh, sw, ph, pw, dh, dw, groups, oh, ow)
+fc::Conv2dShape conv_shape(const std::vector<int64_t>& v) {
+    if (v.size() != 16) throw py::value_error("conv shape: 16 sizes expected");
+    return fc::Conv2dShape{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
 }
 
 }  // namespace
@@ -176,6 +183,19 @@ PYBIND11_MODULE(_C, m) {
         return bytes;
     });
     m.def("int8_linear", int8_linear_binding(&fc::int8_linear));
+    m.def("conv2d_is_depthwise", [](std::vector<int64_t> shape) { return fc::conv2d_is_depthwise(conv_shape(shape)); });
+    m.def("int8_conv2d", [](uintptr_t x, int dt, std::vector<int64_t> shape, uintptr_t w, int64_t nbytes, uintptr_t sw,
+                            uintptr_t bias, uintptr_t out, int out_dt, int act) {
+        const fc::DType d = dtype(dt), od = dtype(out_dt);
+        const fc::Conv2dShape s = conv_shape(shape);
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::int8_conv2d(ptr<const void>(x), d, s, ptr<const uint8_t>(w), nbytes, ptr<const float>(sw),
+                                 ptr<const float>(bias), ptr<void>(out), od, act);
+        }
+        raise_if_error(st);
+    });
     m.def("apply_activation", [](uintptr_t y, int64_t n, int act) {
         raise_if_error(fc::apply_activation(ptr<float>(y), n, act));
     });

@@ -44,10 +44,16 @@ Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
 
 // Where the GEMM result goes. kind kI32: out[m,n] = acc (exact, wrapping mod 2^32).
 // kind kF32/kBF16: out[m,n] = act(acc * sa[m] * sw[n] + bias[n]) (bias may be null), computed in fp32.
-// Activation codes (the entry points reject any other): kActNone, kActGelu (erf GELU, gelu_f32).
+// Activation codes (the entry points reject any other): kActNone, kActGelu (erf GELU, gelu_f32),
+// kActRelu, kActRelu6, kActSilu (x * sigmoid(x), exp_f32), kActHardswish (x * relu6(x + 3) / 6).
+// NaN stays NaN through every one of them.
 constexpr int kActNone = 0;
 constexpr int kActGelu = 1;
-constexpr bool valid_act(int act) { return act == kActNone || act == kActGelu; }
+constexpr int kActRelu = 2;
+constexpr int kActRelu6 = 3;
+constexpr int kActSilu = 4;
+constexpr int kActHardswish = 5;
+constexpr bool valid_act(int act) { return act >= kActNone && act <= kActHardswish; }
 struct Epilogue {
     DType kind;
     void* out;
@@ -56,6 +62,9 @@ struct Epilogue {
     const float* sw;
     const float* bias;
     int act = kActNone;  // applied to the fp32 value before the cast (ignored for kI32)
+    // Non-null: acc += 128 * colsum_add[n] (mod 2^32) first. Activations stored as q - 128 (u8 data
+    // q in [0, 255] held in the int8 range, int8_conv2d's u8 mode) give sum(q * w) exactly.
+    const int32_t* colsum_add = nullptr;
 };
 
 // erf as a rational function, Eigen's generic_fast_erf_float (Eigen/src/SpecialFunctions/
@@ -76,6 +85,20 @@ constexpr float kErfBeta6 = -2.13374055278905e-04f;
 constexpr float kErfBeta8 = -1.45660718464996e-05f;
 constexpr float kErfClamp = 4.f;
 constexpr float kSqrtHalf = 0.70710678f;
+
+// exp as Cephes expf (range reduction by ln 2 in two parts, degree-5 polynomial), x clamped to
+// [kExpLo, kExpHi] so that 2^n stays a normal float; the same operations on every path.
+constexpr float kExpHi = 88.3762626647949f;
+constexpr float kExpLo = -87.3365478515625f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP0 = 1.9875691500e-4f;
+constexpr float kExpP1 = 1.3981999507e-3f;
+constexpr float kExpP2 = 8.3334519073e-3f;
+constexpr float kExpP3 = 4.1665795894e-2f;
+constexpr float kExpP4 = 1.6666665459e-1f;
+constexpr float kExpP5 = 5.0000001201e-1f;
 
 // Quantized activations handed to a GEMM kernel: int8 rows of kp bytes (zero padded past k).
 // For avx512_vnni the bytes are stored shifted (q + 128 as uint8); the kernel subtracts 128*colsum.
@@ -131,15 +154,49 @@ inline float gelu_f32(float y) {
     return __builtin_fmaf(h, erf_f32(y * kSqrtHalf), h);
 }
 
+// min/max as _mm*_min_ps(a, b) / _mm*_max_ps(a, b) behave: b when either is NaN.
+inline float simd_min(float a, float b) { return a < b ? a : b; }
+inline float simd_max(float a, float b) { return a > b ? a : b; }
+
+inline float exp_f32(float x) {
+    x = simd_max(simd_min(x, kExpHi), kExpLo);  // NaN -> kExpHi (the SIMD clamp); callers keep NaN
+    const float n = __builtin_nearbyintf(x * kLog2e);
+    float r = __builtin_fmaf(n, -kLn2Hi, x);
+    r = __builtin_fmaf(n, -kLn2Lo, r);
+    float p = __builtin_fmaf(kExpP0, r, kExpP1);
+    p = __builtin_fmaf(p, r, kExpP2);
+    p = __builtin_fmaf(p, r, kExpP3);
+    p = __builtin_fmaf(p, r, kExpP4);
+    p = __builtin_fmaf(p, r, kExpP5);
+    float y = __builtin_fmaf(p, r * r, r);
+    y = y + 1.f;
+    const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+    float two_n;
+    __builtin_memcpy(&two_n, &bits, 4);
+    return y * two_n;
+}
+
+// The fused activation of one fp32 value (valid_act codes); the SIMD act8/act16 do the same.
+inline float act_f32(float y, int act) {
+    switch (act) {
+        case kActGelu: return gelu_f32(y);
+        case kActRelu: return simd_max(0.f, y);
+        case kActRelu6: return simd_min(6.f, simd_max(0.f, y));
+        case kActSilu: return y / (1.f + exp_f32(-y));
+        case kActHardswish: return y * simd_min(simd_max(y + 3.f, 0.f), 6.f) / 6.f;
+        default: return y;
+    }
+}
+
 // The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32,
 // then the activation.
 inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
+    if (ep.colsum_add) acc = int32_t(uint32_t(acc) + (uint32_t(ep.colsum_add[n]) << 7));
     if (ep.kind == DType::kI32) {
         static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = acc;
         return;
     }
-    float y = __builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
-    if (ep.act == kActGelu) y = gelu_f32(y);
+    const float y = act_f32(__builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f), ep.act);
     if (ep.kind == DType::kF32)
         static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
     else

@@ -25,11 +25,26 @@ Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uin
                    int64_t packed_nbytes, int32_t* out, int64_t ldo);
 
 // out [m, n] (dtype out_dt, row stride ldo) = act(dequant(quant(x) @ W^T) * sw + bias), activation
-// quantization included (quantize_per_token), fp32 epilogue. bias may be null. act: kActNone or
-// kActGelu (common.h), applied in fp32 before the cast.
+// quantization included (quantize_per_token), fp32 epilogue. bias may be null. act: a valid_act
+// code (common.h), applied in fp32 before the cast.
 Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes, const float* sw,
                    const float* bias, void* out, DType out_dt, int64_t ldo, int act);
+
+// A 2-D convolution over NHWC data: input [n, h, w, c], output [n, oh, ow, cout]; padding ph/pw
+// at the top/left (the bottom/right padding is whatever oh/ow imply: asymmetric "same" padding).
+struct Conv2dShape {
+    int64_t n, h, w, c, cout, kh, kw, sh, sw, ph, pw, dh, dw, groups, oh, ow;
+};
+// Whether int8_conv2d runs s on its depthwise kernel (weight: int8 [kh * kw][c]); otherwise the
+// weight is one pack_weight buffer per group of W_g [cout/groups, kh * kw * c/groups], k ordered
+// (ky, kx, channel), concatenated.
+bool conv2d_is_depthwise(const Conv2dShape& s);
+// out (out_dt, NHWC) = act(conv(x, W) * sa * sw + bias): x (fp32/bf16, NHWC, contiguous) quantized
+// per sample (int8 max/127, or uint8 max/255 when the whole input is >= 0), exact int32 sums, the
+// fp32 epilogue of int8_linear. A sample with NaN/Inf gives NaN outputs. bias may be null.
+Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t* weight, int64_t weight_nbytes,
+                   const float* sw, const float* bias, void* out, DType out_dt, int act);
 
 // y[i] = act(y[i]) for n fp32 values, in place, with the epilogue's scalar code (outputs of a K = 0
 // linear, where no GEMM runs). erf_f32: out[i] = the epilogue's erf(x[i]) (tests).

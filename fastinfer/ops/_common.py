@@ -15,23 +15,26 @@ DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 # Activations the int8 linear kernels can fuse into their fp32 epilogue, as the engine's codes
 # (csrc/cpu/common.h): "gelu" is the erf GELU (Eigen's fp32 erf approximation, within 4e-7).
-ACTIVATION_CODE = {None: 0, "gelu": 1}
+ACTIVATION_CODE = {None: 0, "gelu": 1, "relu": 2, "relu6": 3, "silu": 4, "hardswish": 5}
 ACTIVATION_NAME = {code: name for name, code in ACTIVATION_CODE.items()}
 
 
 def activation_code(name: str, activation: object) -> int:
-    """The engine code of an activation name (None or "gelu"); ValueError for anything else."""
+    """The engine code of an activation name (None, "gelu", "relu", "relu6", "silu", "hardswish");
+    ValueError for anything else."""
     if isinstance(activation, str) or activation is None:
         code = ACTIVATION_CODE.get(activation)
         if code is not None:
             return code
-    raise ValueError(f"fastinfer.{name}: activation must be None or 'gelu', got {activation!r}")
+    names = ", ".join(repr(a) for a in ACTIVATION_CODE if a is not None)
+    raise ValueError(f"fastinfer.{name}: activation must be None or one of {names}, got {activation!r}")
 
 
 def activation_name(name: str, act: int) -> str | None:
     """Inverse of activation_code for an op's int act argument; ValueError for an unknown code."""
     if act not in ACTIVATION_NAME:
-        raise ValueError(f"fastinfer.{name}: unknown activation code {act} (0 none, 1 gelu)")
+        codes = ", ".join(f"{c} {n}" for n, c in ACTIVATION_CODE.items())
+        raise ValueError(f"fastinfer.{name}: unknown activation code {act} ({codes})")
     return ACTIVATION_NAME[act]
 
 

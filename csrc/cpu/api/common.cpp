@@ -22,8 +22,7 @@ Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what) {
 Status apply_activation(float* y, int64_t n, int act) {
     if (n < 0) return Status::invalid("apply_activation: negative size");
     if (!valid_act(act)) return Status::invalid("apply_activation: unknown activation code " + std::to_string(act));
-    if (act == kActGelu)
-        for (int64_t i = 0; i < n; ++i) y[i] = gelu_f32(y[i]);
+    for (int64_t i = 0; act != kActNone && i < n; ++i) y[i] = act_f32(y[i], act);
     return Status::ok();
 }
 

@@ -37,6 +37,9 @@ Tables fill_tables() {
     t.csr = {ref::csr_f32, ref::csr_i8, 0, false};
     t.panel = decompress_panel;  // one portable decompress for every ISA
     t.ell_f32 = ref::ell_f32;
+    t.range = ref::range;
+    t.quantize_scaled = ref::quantize_scaled;
+    t.depthwise = ref::depthwise;
     s.level[kRefLevel] = t;
 
     const Isa isa = detected_isa();
@@ -59,6 +62,9 @@ Tables fill_tables() {
     t.csr = {avx512_vnni::csr_f32, avx512_vnni::csr_i8, 5, true};
     t.block_i8 = avx512_vnni::block_gemm;
     t.ell_f32 = avx512_vnni::ell_f32;
+    t.range = avx512_vnni::range;
+    t.quantize_scaled = avx512_vnni::quantize_scaled;
+    t.depthwise = avx512_vnni::depthwise;
     t.dot_peak = avx512_vnni::dot_peak;
     t.dot_peak_macs = 24 * 64;
     t.read_sum = avx512_vnni::read_sum;

@@ -54,9 +54,31 @@ using EllF32Kernel = void(const SparseView& w, const float* xp, int64_t ldp, int
 // nbytes (a multiple of 256, 64-byte aligned) summed as int32 lanes.
 using DotPeakKernel = int64_t(int64_t iters);
 using ReadSumKernel = int64_t(const uint8_t* p, int64_t nbytes);
-// Convolution paths (FBGEMM's ConvFastPath: each takes a (thread, nthreads) slice): none built yet.
-struct ConvArgs;
-using ConvKernel = void(const ConvArgs& args, int64_t thread, int64_t nthreads);
+// Convolution (int8_conv2d, api/conv.cpp). Inputs are quantized per sample: range over n values
+// (max |x|, whether every one is >= 0, whether every one is finite), then
+// q[r][i] = byte(clamp(round(x[r][i] * inv), lo, hi)) ^ flip for rows r < rows, i < k (x row stride
+// ldx, q row stride ldq), and q[r][k..kp) = flip (the quantized zero).
+struct ValueRange {
+    float amax = 0.f;
+    bool nonneg = true;
+    bool finite = true;
+};
+using RangeKernel = ValueRange(const void* x, DType dt, int64_t n);
+using QuantizeScaledKernel = void(const void* x, DType dt, int64_t rows, int64_t k, int64_t ldx, float inv,
+                                  int lo, int hi, uint8_t flip, uint8_t* q, int64_t ldq, int64_t kp);
+// Depthwise (groups = channels = output channels), NHWC: output pixel (img, oy, ox), channel c:
+// acc = sum over the taps inside the image of x[img][iy][ix][c] * w32[tap][c], then the epilogue
+// with m = the pixel's index (sa per pixel). x holds int8 values, or uint8 when u8.
+struct DepthwiseArgs {
+    const uint8_t* x;
+    bool u8;
+    int64_t h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
+    const int32_t* w32;  // [kh * kw][cp] int32, cp = round_up(c, 16), zero past c
+    int64_t cp;
+    Epilogue ep;  // rows = pixels, ldo = c
+};
+// Output rows [r0, r1): row r is image r / oh, oy = r % oh (every ox of it).
+using DepthwiseKernel = void(const DepthwiseArgs& a, int64_t r0, int64_t r1);
 
 // The CSR kernels of one ISA and the activation layout they read (the entry points build it).
 struct CsrKernels {
@@ -78,7 +100,10 @@ struct KernelTable {
     GemmKernel* gemm = nullptr;
     bool shift_u8 = false;
     GemmKernel* amx_gemm = nullptr;  // AMX tiles (tdpbssd): not built yet, null on every CPU
-    ConvKernel* conv = nullptr;      // not built yet
+    // Convolution: the general and 1x1 paths run on gemm; depthwise has its own kernel.
+    RangeKernel* range = nullptr;
+    QuantizeScaledKernel* quantize_scaled = nullptr;
+    DepthwiseKernel* depthwise = nullptr;
 
     // Sparse. A null int8 format kernel runs the format's blocks through panel + gemm (exact, not faster).
     CsrKernels csr;

@@ -59,8 +59,45 @@ inline __m256 gelu8(__m256 y) {
     return _mm256_fmadd_ps(h, _mm256_div_ps(p, q), h);
 }
 
+// exp_f32 on 8 lanes (common.h): the same operations in the same order.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(kExpHi)), _mm256_set1_ps(kExpLo));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_CUR_DIRECTION);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Hi), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-kLn2Lo), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kExpP0), r, _mm256_set1_ps(kExpP1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpP5));
+    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    y = _mm256_add_ps(y, _mm256_set1_ps(1.f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+// act_f32 on 8 lanes (common.h).
+inline __m256 act8(__m256 y, int act) {
+    const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+    switch (act) {
+        case kActGelu: return gelu8(y);
+        case kActRelu: return _mm256_max_ps(zero, y);
+        case kActRelu6: return _mm256_min_ps(six, _mm256_max_ps(zero, y));
+        case kActSilu:
+            return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(zero, y))));
+        case kActHardswish: {
+            const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(y, _mm256_set1_ps(3.f)), zero), six);
+            return _mm256_div_ps(_mm256_mul_ps(y, t), six);
+        }
+        default: return y;
+    }
+}
+
 // 8 consecutive channels of one row; n0 + 8 <= N.
 inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
+    if (ep.colsum_add)
+        acc = _mm256_add_epi32(
+            acc, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ep.colsum_add + n0)), 7));
     if (ep.kind == DType::kI32) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int32_t*>(ep.out) + m * ep.ldo + n0), acc);
         return;
@@ -68,7 +105,7 @@ inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
     __m256 s = _mm256_mul_ps(_mm256_set1_ps(ep.sa[m]), _mm256_loadu_ps(ep.sw + n0));
     __m256 b = ep.bias ? _mm256_loadu_ps(ep.bias + n0) : _mm256_setzero_ps();
     __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, b);
-    if (ep.act == kActGelu) y = gelu8(y);
+    y = act8(y, ep.act);
     if (ep.kind == DType::kF32)
         _mm256_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, y);
     else

@@ -90,12 +90,48 @@ inline __m512 gelu16(__m512 y) {
     return _mm512_fmadd_ps(h, _mm512_div_ps(p, q), h);
 }
 
+// exp_f32 on 16 lanes (common.h): the same operations in the same order.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(kExpHi)), _mm512_set1_ps(kExpLo));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_CUR_DIRECTION);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpP0), r, _mm512_set1_ps(kExpP1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    y = _mm512_add_ps(y, _mm512_set1_ps(1.f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+}
+
+// act_f32 on 16 lanes (common.h).
+inline __m512 act16(__m512 y, int act) {
+    const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f);
+    switch (act) {
+        case kActGelu: return gelu16(y);
+        case kActRelu: return _mm512_max_ps(zero, y);
+        case kActRelu6: return _mm512_min_ps(six, _mm512_max_ps(zero, y));
+        case kActSilu:
+            return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(zero, y))));
+        case kActHardswish: {
+            const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(3.f)), zero), six);
+            return _mm512_div_ps(_mm512_mul_ps(y, t), six);
+        }
+        default: return y;
+    }
+}
+
 // Stores 16 channels [n0, n0 + 16) of one row (those < n): exact int32, or the fp32 epilogue.
 // colsum (64-byte aligned at n0) removes the +128 shift of the activations; null when unshifted.
 inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epilogue& ep, int64_t m,
                        int64_t n0) {
     const __mmask16 mk = tail_mask(n - n0);
     if (colsum) acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_load_si512(colsum + n0), 7));
+    if (ep.colsum_add)
+        acc = _mm512_add_epi32(acc, _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, ep.colsum_add + n0), 7));
     if (ep.kind == DType::kI32) {
         _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + m * ep.ldo + n0, mk, acc);
         return;
@@ -103,7 +139,7 @@ inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epil
     __m512 s = _mm512_mul_ps(_mm512_set1_ps(ep.sa[m]), _mm512_maskz_loadu_ps(mk, ep.sw + n0));
     __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
     __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
-    if (ep.act == kActGelu) y = gelu16(y);
+    y = act16(y, ep.act);
     if (ep.kind == DType::kF32)
         _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, mk, y);
     else

@@ -15,5 +15,8 @@ CsrF32Kernel csr_f32;  // x gathered by column index for few rows; xt (transpose
 CsrI8Kernel csr_i8;    // widened dwords
 SparseGemmKernel block_gemm;
 EllF32Kernel ell_f32;
+RangeKernel range;
+QuantizeScaledKernel quantize_scaled;
+DepthwiseKernel depthwise;
 
 }  // namespace fastinfer::cpu::avx512_vnni

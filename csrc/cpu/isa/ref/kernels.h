@@ -11,5 +11,8 @@ GemmKernel gemm;
 CsrF32Kernel csr_f32;  // reads x, never xt
 CsrI8Kernel csr_i8;    // int8 rows
 EllF32Kernel ell_f32;
+RangeKernel range;
+QuantizeScaledKernel quantize_scaled;
+DepthwiseKernel depthwise;
 
 }  // namespace fastinfer::cpu::ref

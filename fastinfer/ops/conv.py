@@ -1,0 +1,216 @@
+"""int8 Conv2d on the CPU: the weight layout of each path (pack_conv_weight) and the int8_conv2d
+op (schema and fake with the others' style, here because the op is conv's alone).
+
+Paths (chosen in csrc/cpu/api/conv.cpp, FBGEMM's ConvFastPath idea): depthwise (groups = in =
+out channels) on its own kernel, weight int8 [kh * kw, channels]; everything else as (implicit)
+GEMM on NHWC int8 data, the weight one pack_int8_weight buffer per group of the [out/groups,
+kh * kw * in/groups] matrix with k ordered (ky, kx, channel). Activations are quantized with one
+scale per sample (int8 max/127, or uint8 max/255 when the whole input is >= 0, as after a ReLU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastinfer._runtime import _C
+from fastinfer.ops._common import (
+    DTYPE_CODE,
+    ValidatedBuffers,
+    activation_name,
+    check_device,
+    check_tensor,
+    has_data,
+    new_output,
+    register,
+)
+from fastinfer.ops.linear import pack_int8_weight
+
+__all__ = ["conv2d_output_size", "int8_conv2d", "is_depthwise", "pack_conv_weight", "unpack_conv_weight"]
+
+torch.library.define(
+    "fastinfer::int8_conv2d",
+    "(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int[] kernel_size, int[] stride, int[] padding, "
+    "int[] dilation, int groups, int act=0) -> Tensor",
+)
+
+_VALID = ValidatedBuffers()  # packed conv weights whose every group passed _C.validate_packed
+
+
+def is_depthwise(in_channels: int, out_channels: int, groups: int) -> bool:
+    """Whether the conv runs on the depthwise kernel (one filter per channel, no channel mixing)."""
+    return groups > 1 and groups == in_channels == out_channels
+
+
+def _pair(name: str, v: object, minimum: int) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if not isinstance(v, Sequence) or len(v) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        raise TypeError(f"fastinfer.int8_conv2d: {name} must be an int or two ints, got {v!r}")
+    if min(v) < minimum:
+        raise ValueError(f"fastinfer.int8_conv2d: {name} must be >= {minimum}, got {tuple(v)}")
+    return int(v[0]), int(v[1])
+
+
+def _padding4(padding: object) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) from an int, (h, w) or (top, left, bottom, right)."""
+    if isinstance(padding, Sequence) and len(padding) == 4:
+        p = tuple(padding)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p):
+            raise ValueError(f"fastinfer.int8_conv2d: padding must be non-negative ints, got {p!r}")
+        return p  # type: ignore[return-value]
+    ph, pw = _pair("padding", padding, 0)
+    return ph, pw, ph, pw
+
+
+def conv2d_output_size(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """(oh, ow) of a convolution; padding is (top, left, bottom, right)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    pt, pl, pb, pr = padding
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+def pack_conv_weight(q: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """The kernel layout of an int8 conv weight q [out, in/groups, kh, kw] (CPU): int8
+    [kh * kw * channels] for a depthwise conv, else a uint8 buffer of one pack_int8_weight per group."""
+    q = check_tensor("pack_conv_weight", "q", q)
+    if q.dtype != torch.int8 or q.dim() != 4:
+        raise TypeError(f"fastinfer.pack_conv_weight: q must be int8 [out, in/groups, kh, kw], got {q.dtype} {tuple(q.shape)}")
+    if not isinstance(groups, int) or groups < 1 or q.shape[0] % groups:
+        raise ValueError(f"fastinfer.pack_conv_weight: groups={groups!r} must be >= 1 and divide out={q.shape[0]}")
+    cout, cg, kh, kw = q.shape
+    q = q.detach().cpu()
+    with torch.inference_mode(False):  # version-tracked (see ValidatedBuffers)
+        if is_depthwise(cg * groups, cout, groups):
+            return q.reshape(cout, kh * kw).t().contiguous().reshape(-1).clone()
+        coutg = cout // groups
+        parts = [pack_int8_weight(q[g * coutg:(g + 1) * coutg].permute(0, 2, 3, 1).reshape(coutg, kh * kw * cg))
+                 for g in range(groups)]  # fmt: skip
+        return parts[0] if groups == 1 else torch.cat(parts)
+
+
+def unpack_conv_weight(packed: torch.Tensor, out_channels: int, in_per_group: int, kernel_size, groups: int) -> torch.Tensor:
+    """Inverse of pack_conv_weight: int8 [out, in/groups, kh, kw]."""
+    from fastinfer.ops.linear import unpack_int8_weight
+
+    kh, kw = kernel_size
+    if is_depthwise(in_per_group * groups, out_channels, groups):
+        return packed.view(torch.int8).reshape(kh * kw, out_channels).t().reshape(out_channels, 1, kh, kw).clone()
+    coutg = out_channels // groups
+    blob = packed.numel() // groups
+    parts = [unpack_int8_weight(packed[g * blob:(g + 1) * blob], coutg, kh * kw * in_per_group)
+             .reshape(coutg, kh, kw, in_per_group).permute(0, 3, 1, 2) for g in range(groups)]  # fmt: skip
+    return torch.cat(parts).contiguous()
+
+
+def _validate_groups(groups: int):
+    def validate(ptr: int, nbytes: int) -> None:
+        blob = nbytes // groups
+        if blob * groups != nbytes:
+            raise ValueError("fastinfer.int8_conv2d: weight size is not a multiple of groups")
+        for g in range(groups):
+            _C.validate_packed(ptr + g * blob, blob)
+
+    return validate
+
+
+def _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act):
+    """Checks shared by the CPU kernel and the fake; returns the output size [n, out, oh, ow]."""
+    name = "int8_conv2d"
+    for arg, t in (("x", x), ("weight", weight), ("w_scale", w_scale)):
+        check_tensor(name, arg, t)
+    check_device(name, x=x, weight=weight, w_scale=w_scale, bias=bias)
+    if x.dtype not in DTYPE_CODE:
+        raise TypeError(f"fastinfer.{name}: x must be float32 or bfloat16, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"fastinfer.{name}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
+        raise TypeError(f"fastinfer.{name}: w_scale must be a 1-D float32 tensor [out_channels]")
+    cout = w_scale.shape[0]
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (cout,)):
+        raise TypeError(f"fastinfer.{name}: bias must be float32 [{cout}], got {bias.dtype} {tuple(bias.shape)}")
+    activation_name(name, act)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"fastinfer.{name}: groups must be an int >= 1, got {groups!r}")
+    n, c, h, w = x.shape
+    if c % groups or cout % groups:
+        raise ValueError(f"fastinfer.{name}: groups={groups} must divide in_channels={c} and out_channels={cout}")
+    k, s, d, p = _pair("kernel_size", kernel_size, 1), _pair("stride", stride, 1), _pair("dilation", dilation, 1), _padding4(padding)
+    oh, ow = conv2d_output_size(h, w, k, s, p, d)
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"fastinfer.{name}: input {h}x{w} (padded {h + p[0] + p[2]}x{w + p[1] + p[3]}) is smaller than the "
+            f"dilated kernel {d[0] * (k[0] - 1) + 1}x{d[1] * (k[1] - 1) + 1}"
+        )
+    dw = is_depthwise(c, cout, groups)
+    want = torch.int8 if dw else torch.uint8
+    if weight.dtype != want or weight.dim() != 1:
+        raise TypeError(
+            f"fastinfer.{name}: weight must be the 1-D {want} buffer of pack_conv_weight for this conv "
+            f"({'depthwise' if dw else f'{groups} group(s)'}), got {weight.dtype} {tuple(weight.shape)}"
+        )
+    return (n, cout, oh, ow), k, s, p, d, dw
+
+
+@torch.library.register_fake("fastinfer::int8_conv2d")
+def _int8_conv2d_fake(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0):
+    shape, *_ = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The input's memory format, which the output keeps: channels_last when x is (and not also
+    plain contiguous, as a 1x1 image or one channel can be)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape) -> torch.Tensor:
+    """The marshalling of _C.int8_conv2d on checked arguments (weight validated, aligned)."""
+    n, cout, oh, ow = shape
+    fmt = _memory_format(x)
+    out = new_output((n, oh, ow, cout), x.dtype).permute(0, 3, 1, 2)  # NHWC storage, NCHW sizes
+    if out.numel() == 0:
+        return out.contiguous(memory_format=fmt)
+    xn = x.contiguous(memory_format=torch.channels_last)
+    c, h, w = x.shape[1:]
+    code = DTYPE_CODE[x.dtype]
+    _C.int8_conv2d(xn.data_ptr(), code, [n, h, w, c, cout, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], groups, oh, ow],
+                   weight.data_ptr(), weight.numel(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                   out.data_ptr(), code, act)  # fmt: skip
+    return out if fmt == torch.channels_last else out.contiguous()
+
+
+def checked_weight(weight: torch.Tensor, depthwise: bool, groups: int) -> torch.Tensor:
+    """The weight, validated (once per version) and 64-byte aligned."""
+    if not has_data(weight):
+        raise ValueError("fastinfer.int8_conv2d: weight has no data (meta or fake tensor)")
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    if depthwise:  # any int8 values are a valid depthwise weight; the kernel checks its size
+        return weight
+    return _VALID.checked(weight, _validate_groups(groups))
+
+
+@register("int8_conv2d", "CPU")
+def _int8_conv2d_cpu(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0):
+    shape, k, s, p, d, dw = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
+    weight = checked_weight(weight, dw, groups)
+    return run_conv2d(x, weight, w_scale.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d,
+                      groups, act, shape)  # fmt: skip
+
+
+def int8_conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                kernel_size, stride=1, padding=0, dilation=1, groups: int = 1, activation: str | None = None) -> torch.Tensor:  # fmt: skip
+    """y = act(conv2d(x, W) * w_scale + bias) with W int8 (pack_conv_weight's layout) and x (float32 /
+    bfloat16, NCHW or channels_last) quantized per sample; the output has x's dtype and memory format.
+    padding: an int, (h, w) or (top, left, bottom, right)."""
+    from fastinfer.ops._common import activation_code
+
+    act = activation_code("int8_conv2d", activation)
+    p = _padding4(padding)
+    return torch.ops.fastinfer.int8_conv2d(x, weight, w_scale, bias, list(_pair("kernel_size", kernel_size, 1)),
+                                           list(_pair("stride", stride, 1)), list(p),
+                                           list(_pair("dilation", dilation, 1)), groups, act)  # fmt: skip
