@@ -1,7 +1,8 @@
 """fastinfer: exact int8 inference kernels for PyTorch models.
 
     import fastinfer
-    qmodel = fastinfer.quantize(model)      # nn.Linear -> fastinfer.nn.Int8Linear
+    qmodel = fastinfer.quantize(model)      # nn.Linear -> Int8Linear, nn.Conv2d -> Int8Conv2d
+    print(fastinfer.conversion_report(qmodel))
     pruned = fastinfer.prune(model, 0.5, pattern="2:4", method="wanda", calibration_data=batches)
     fast = fastinfer.sparsify(fastinfer.quantize(pruned))   # -> SparseInt8Linear where it pays
 """
@@ -12,9 +13,10 @@ from fastinfer._runtime import __version__, available_isas, info, set_isa, set_n
 from fastinfer import nn, ops
 from fastinfer.config import QuantConfig
 from fastinfer.convert import LayerSparsity, prune, quantize, sparsify, sparsity_report
+from fastinfer.convert.report import ConversionReport, conversion_report
 from fastinfer.plan import SparseRule
 
 __all__ = [
-    "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "info", "nn", "ops",
+    "ConversionReport", "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "conversion_report", "info", "nn", "ops",
     "prune", "quantize", "set_isa", "set_num_threads", "sparsify", "sparsity_report",
 ]  # fmt: skip

@@ -35,6 +35,87 @@ def shape_of(module: nn.Module, also: tuple[type, ...] = ()) -> tuple[int, int] 
     return None if weight is None else tuple(weight.shape)
 
 
+def conv_shape_of(module: nn.Module) -> tuple[int, int] | None:
+    """(out_channels, in_channels) of a float nn.Conv2d that Int8Conv2d can replace: nn.Conv2d itself
+    or a subclass that keeps its forward (e.g. one that only sets padding="same" in __init__), with
+    zero padding; None for anything else (float_reason says why)."""
+    if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+            and type(module)._conv_forward is nn.Conv2d._conv_forward and module.padding_mode == "zeros"
+            and not isinstance(module, nn.modules.lazy.LazyModuleMixin)):  # fmt: skip
+        return module.out_channels, module.in_channels
+    return None
+
+
+def float_reason(module: nn.Module, convs: bool) -> str | None:
+    """Why a layer of a kind fastinfer converts stays float by its nature (None: not such a layer)."""
+    name = type(module).__name__
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"{name} not initialized yet (run one batch through the model first)"
+    if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+        if name == "NonDynamicallyQuantizableLinear":
+            return "out_proj of nn.MultiheadAttention (its forward reads the weight directly)"
+        return f"subclass {name} of nn.Linear (its forward may differ from nn.Linear's)"
+    if isinstance(module, nn.Conv2d):
+        if not convs:
+            return None
+        if type(module).forward is not nn.Conv2d.forward or type(module)._conv_forward is not nn.Conv2d._conv_forward:
+            return f"subclass {name} of nn.Conv2d with its own forward"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (the int8 conv pads with zeros only)"
+    if convs and isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return f"no int8 {name} kernel"
+    return None
+
+
+@dataclass(frozen=True)
+class LeftFloat:
+    names: tuple[str, ...]
+    module: nn.Module
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+def scan(
+    model: nn.Module,
+    also: tuple[type, ...] = (),
+    *,
+    convs: bool = False,
+    skip: tuple[str | re.Pattern, ...] = (),
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    min_features: int = 1,
+) -> tuple[list[Target], list[LeftFloat]]:
+    """select()'s targets (with float nn.Conv2d layers too when convs), and every other layer of a
+    convertible kind with the reason it stays float."""
+    names: dict[int, list[str]] = {}
+    layers: dict[int, tuple[nn.Module, tuple[int, int] | None]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) not in layers:
+            shape = shape_of(mod, also)
+            if shape is None and convs:
+                shape = conv_shape_of(mod)
+            if shape is None and float_reason(mod, convs) is None:
+                continue
+            layers[id(mod)] = (mod, shape)
+        names.setdefault(id(mod), []).append(fqn)
+    targets, left = [], []
+    for key, fqns in names.items():
+        mod, shape = layers[key]
+        if shape is None:
+            left.append(LeftFloat(tuple(fqns), mod, float_reason(mod, convs)))
+        elif any(skipped(skip, fqn) for fqn in fqns):
+            left.append(LeftFloat(tuple(fqns), mod, "skipped by QuantConfig.skip"))
+        elif min(shape) < min_features:
+            left.append(LeftFloat(tuple(fqns), mod, f"smaller than QuantConfig.min_features={min_features}"))
+        elif filter_fn is not None and not all(filter_fn(mod, fqn) for fqn in fqns):
+            left.append(LeftFloat(tuple(fqns), mod, "filter_fn returned False"))
+        else:
+            targets.append(Target(tuple(fqns), mod))
+    return targets, left
+
+
 def select(
     model: nn.Module,
     also: tuple[type, ...] = (),
@@ -51,24 +132,7 @@ def select(
     for any of its names: a layer shared under two names is one decision, so every entry point
     converts it under both names (it stays one layer) or under neither.
     """
-    names: dict[int, list[str]] = {}
-    layers: dict[int, tuple[nn.Module, tuple[int, int]]] = {}
-    for fqn, mod in model.named_modules(remove_duplicate=False):
-        if id(mod) not in layers:
-            shape = shape_of(mod, also)
-            if shape is None:
-                continue
-            layers[id(mod)] = (mod, shape)
-        names.setdefault(id(mod), []).append(fqn)
-    targets = []
-    for key, fqns in names.items():
-        mod, shape = layers[key]
-        if any(skipped(skip, fqn) for fqn in fqns) or min(shape) < min_features:
-            continue
-        if filter_fn is not None and not all(filter_fn(mod, fqn) for fqn in fqns):
-            continue
-        targets.append(Target(tuple(fqns), mod))
-    return targets
+    return scan(model, also, skip=skip, filter_fn=filter_fn, min_features=min_features)[0]
 
 
 def progress_bar(total: int, enabled: bool | None, desc: str):

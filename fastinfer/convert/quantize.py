@@ -1,4 +1,4 @@
-"""fastinfer.quantize: float linear layers (and SparseLinear) -> int8 layers."""
+"""fastinfer.quantize: float linear layers (and SparseLinear) and nn.Conv2d -> int8 layers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastinfer.config import QuantConfig
-from fastinfer.convert._select import Target, select
+from fastinfer.convert._select import Target, scan
 from fastinfer.convert._swap import swap
+from fastinfer.convert.fuse import ConvFusion, conv_fusions
+from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
-from fastinfer.nn import Int8Linear, SparseLinear, quantize_weight_per_channel
+from fastinfer.nn import Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
 
 __all__ = ["quantize"]
 
@@ -24,6 +26,18 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     Hugging Face `Conv1D` layers (GPT-2 and relatives store linear weights as [in, out]) are
     linear layers too and are converted the same way. Subclasses of nn.Linear are left alone: they
     may change forward() in ways a swap would lose.
+
+    nn.Conv2d layers with zero padding become Int8Conv2d, and so do subclasses that keep
+    nn.Conv2d's forward (one that only fixes padding="same" in __init__, say); a subclass with its
+    own forward (e.g. one that pads by the input's size first) stays float. A BatchNorm2d (eval
+    mode) that only post-processes a conv is folded into its weights and replaced by nn.Identity;
+    with fuse_activations, a ReLU / ReLU6 / SiLU / Hardswish module after it (or after its
+    BatchNorm2d) is fused into the conv's epilogue and replaced too. "Only post-processes" is known
+    from an nn.Sequential's order or from a torch.fx trace of the model (ResNet / MobileNet blocks).
+
+    fastinfer.conversion_report(result) lists every layer of a convertible kind: what it became,
+    the fusions made, or why it stayed float; a one-line summary is logged to the "fastinfer"
+    logger (stderr by default).
 
     With config.fuse_activations (the default), an erf GELU that only post-processes a converted
     layer (BERT-style `intermediate_act_fn` after `dense`, or the next module of an nn.Sequential)
@@ -41,19 +55,45 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         raise TypeError(f"config must be a fastinfer.QuantConfig, got {type(config).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    targets = select(model, (SparseLinear,), skip=config.skip, filter_fn=config.filter_fn,
-                     min_features=config.min_features)  # fmt: skip
-    fused = _gelu_fusions(model, targets) if config.fuse_activations else {}
+    targets, left = scan(model, (SparseLinear,), convs=True, skip=config.skip, filter_fn=config.filter_fn,
+                         min_features=config.min_features)  # fmt: skip
+    convs = {id(t.module): t.module for t in targets if isinstance(t.module, nn.Conv2d)}
+    linears = [t for t in targets if id(t.module) not in convs]
+    fused = _gelu_fusions(model, linears) if config.fuse_activations else {}
+    shared = {id(t.module) for t in targets if len(t.names) > 1}
+    cfused = conv_fusions(model, convs, shared)
+    if not config.fuse_activations:  # BatchNorm folding stays: it does not change what the model computes
+        cfused = {k: ConvFusion(bn=f.bn) for k, f in cfused.items() if f.bn}
+    rows: dict[int, LayerConversion] = {}
 
     def convert(mod: nn.Module) -> nn.Module:
-        return _to_int8(mod, "gelu" if id(mod) in fused else None)
+        if id(mod) in convs:
+            f = cfused.get(id(mod), ConvFusion())
+            new = Int8Conv2d.from_conv(mod, bn=f.module("bn"), activation=f.act_name if f.act else None)
+            detail = f.describe()
+        else:
+            new = _to_int8(mod, "gelu" if id(mod) in fused else None)
+            detail = "gelu fused" if id(mod) in fused else ""
+        rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
+        return new
 
-    model = swap(model, targets, convert, config.progress, "fastinfer.quantize")
-    for parent, name in fused.values():  # the GELU now runs inside the layer before it
+    report = ConversionReport("fastinfer.quantize")
+    order = {id(t.module): t for t in targets} | {id(x.module): x for x in left}
+    result = swap(model, targets, convert, config.progress, "fastinfer.quantize")
+    slots = list(fused.values())
+    slots += [slot for f in cfused.values() for slot in (f.bn, f.act) if slot is not None]
+    for parent, name in slots:  # what now runs inside the layer before it
         identity = nn.Identity()
         identity.train(parent._modules[name].training)
         setattr(parent, name, identity)
-    return model
+    for key, item in order.items():
+        if key in rows:
+            kind, now, detail = rows[key]
+            report.append(LayerConversion(item.name, kind, now, detail))
+        else:
+            report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
+    attach(result, report)
+    return result
 
 
 def is_erf_gelu(mod: object) -> bool:

@@ -214,3 +214,37 @@ def int8_conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bi
     return torch.ops.fastinfer.int8_conv2d(x, weight, w_scale, bias, list(_pair("kernel_size", kernel_size, 1)),
                                            list(_pair("stride", stride, 1)), list(p),
                                            list(_pair("dilation", dilation, 1)), groups, act)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- autograd
+# The gradient with respect to x, through the dequantized weight (the straight-through view of the
+# activation rounding); none for the weight side (int8 buffers, not parameters). A fused activation
+# other than relu / relu6 has no gradient here: a clear error at backward, never a silent None.
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act = inputs
+    ctx.save_for_backward(weight, w_scale, output if act in (2, 3) else None)
+    ctx.meta = (tuple(x.shape), x.dtype, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups, act)
+
+
+def _backward(ctx, grad):
+    weight, w_scale, out = ctx.saved_tensors
+    (n, c, h, w), dtype, k, s, p, d, groups, act = ctx.meta
+    if act not in (0, 2, 3):
+        raise RuntimeError(
+            f"fastinfer.int8_conv2d: no gradient through the fused {activation_name('int8_conv2d', act)} activation; "
+            "convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
+        )
+    if act == 2:
+        grad = grad * (out > 0)
+    elif act == 3:
+        grad = grad * ((out > 0) & (out < 6))
+    cout = w_scale.shape[0]
+    wf = unpack_conv_weight(weight, cout, c // groups, k, groups).float() * w_scale[:, None, None, None]
+    pt, pl, pb, pr = p
+    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad.float(), s, 0, d, groups)
+    return gx[:, :, pt:pt + h, pl:pl + w].to(dtype), None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastinfer::int8_conv2d", _backward, setup_context=_setup_context)

@@ -1,0 +1,134 @@
+"""Convert-time fusions of a conv with what follows it: BatchNorm2d folded into the conv's weights,
+then ReLU / ReLU6 / SiLU / Hardswish fused into its epilogue. A fusion is made only where the
+model's own forward cannot tell: the modules that follow are replaced by nn.Identity, so each must
+be called exactly once, on the conv's (or the BatchNorm's) output and nothing else.
+
+Two ways of knowing that: the children of an nn.Sequential (called in order by construction), and a
+torch.fx trace of the model (any module: ResNet and MobileNet blocks with their own forward). A
+model fx cannot trace is searched for nn.Sequential chains only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["ConvFusion", "activation_name", "conv_fusions"]
+
+_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+
+
+def activation_name(mod: object) -> str | None:
+    """The fused-epilogue name of an activation module (exact types only), else None."""
+    name = _ACT_MODULES.get(type(mod))
+    if name is not None:
+        return name
+    if type(mod) is nn.Hardtanh and mod.min_val == 0.0 and mod.max_val == 6.0:
+        return "relu6"
+    return None
+
+
+@dataclass
+class ConvFusion:
+    """What follows one conv: a BatchNorm2d to fold and/or an activation to fuse, each as
+    (parent module, child name) so it can be replaced by nn.Identity."""
+
+    bn: tuple[nn.Module, str] | None = None
+    act: tuple[nn.Module, str] | None = None
+    act_name: str | None = None
+
+    def module(self, which: str) -> nn.Module | None:
+        slot = getattr(self, which)
+        return None if slot is None else slot[0]._modules[slot[1]]
+
+    def describe(self) -> str:
+        parts = (["BatchNorm2d folded"] if self.bn else []) + ([f"{self.act_name} fused"] if self.act else [])
+        return " + ".join(parts)
+
+
+def _foldable_bn(mod: object, channels: int) -> bool:
+    return (
+        type(mod) is nn.BatchNorm2d
+        and not mod.training
+        and mod.track_running_stats
+        and mod.running_mean is not None
+        and mod.num_features == channels
+    )
+
+
+def _parent_slot(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    parent, _, child = fqn.rpartition(".")
+    return model.get_submodule(parent), child
+
+
+def conv_fusions(model: nn.Module, convs: dict[int, nn.Module], shared: set[int]) -> dict[int, ConvFusion]:
+    """id(conv) -> its fusion, for the convs to convert (`convs`: id -> module). Modules in `shared`
+    (registered under several names) never take part."""
+    found = _fx_fusions(model, convs, shared)
+    if found is None:
+        found = {}
+    _sequential_fusions(model, convs, shared, found)
+    return {k: v for k, v in found.items() if v.bn or v.act}
+
+
+def _sequential_fusions(model, convs, shared, found) -> None:
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential) or id(parent) in shared:
+            continue
+        keys = list(parent._modules)
+        for i, key in enumerate(keys):
+            conv = parent._modules[key]
+            if conv is None or id(conv) not in convs or id(conv) in shared or id(conv) in found:
+                continue
+            fusion = ConvFusion()
+            j = i + 1
+            if j < len(keys) and _foldable_bn(parent._modules[keys[j]], conv.out_channels) and id(parent._modules[keys[j]]) not in shared:
+                fusion.bn = (parent, keys[j])
+                j += 1
+            if j < len(keys) and activation_name(parent._modules[keys[j]]) and id(parent._modules[keys[j]]) not in shared:
+                fusion.act = (parent, keys[j])
+                fusion.act_name = activation_name(parent._modules[keys[j]])
+            found[id(conv)] = fusion
+
+
+def _fx_fusions(model, convs, shared) -> dict[int, ConvFusion] | None:
+    import torch.fx
+
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 (any model fx cannot trace: fall back to nn.Sequential chains)
+        return None
+    calls: dict[int, int] = {}  # id(module) -> how many call_module nodes call it
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = model.get_submodule(node.target)
+            calls[id(mod)] = calls.get(id(mod), 0) + 1
+
+    def only_user(node):
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def module_of(node):
+        return model.get_submodule(node.target) if node is not None and node.op == "call_module" else None
+
+    found: dict[int, ConvFusion] = {}
+    for node in gm.graph.nodes:
+        conv = module_of(node)
+        if conv is None or id(conv) not in convs or id(conv) in shared or calls.get(id(conv)) != 1:
+            continue
+        fusion = ConvFusion()
+        nxt = only_user(node)
+        mod = module_of(nxt)
+        if (mod is not None and _foldable_bn(mod, conv.out_channels) and calls.get(id(mod)) == 1
+                and id(mod) not in shared and nxt.args[0] is node and len(nxt.args) == 1 and not nxt.kwargs):  # fmt: skip
+            fusion.bn = _parent_slot(model, nxt.target)
+            node, nxt = nxt, only_user(nxt)
+            mod = module_of(nxt)
+        if (mod is not None and activation_name(mod) and calls.get(id(mod)) == 1 and id(mod) not in shared
+                and nxt.args[0] is node and len(nxt.args) == 1 and not nxt.kwargs):  # fmt: skip
+            fusion.act = _parent_slot(model, nxt.target)
+            fusion.act_name = activation_name(mod)
+        found[id(conv)] = fusion
+    return found
+

@@ -1,0 +1,212 @@
+"""Int8Conv2d: the int8 convolution layer (fastinfer/ops/conv.py) and the conversion of a float
+nn.Conv2d, with an optional BatchNorm2d folded in and an activation fused into the epilogue."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinfer import _runtime
+from fastinfer.nn._base import apply_keeping_dtypes
+from fastinfer.nn.linear import quantize_weight_per_channel
+from fastinfer.ops import conv as _conv
+from fastinfer.ops._common import ACTIVATION_CODE, DTYPE_CODE, activation_code, eager_fast_path
+
+__all__ = ["Int8Conv2d", "conv_padding", "fold_batchnorm"]
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) zero padding of a float conv, "same" and "valid" included ("same"
+    puts the odd pixel at the bottom/right, as torch does)."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return 0, 0, 0, 0
+        th, tw = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+        return th // 2, tw // 2, th - th // 2, tw - tw // 2
+    ph, pw = conv.padding
+    return ph, pw, ph, pw
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of conv followed by bn in eval mode, as one conv: w * g / sqrt(var + eps) per
+    output channel, (b - mean) * g / sqrt(var + eps) + beta. Computed in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_batchnorm: the BatchNorm2d tracks no running statistics (track_running_stats=False)")
+    w = weight.detach().double()
+    var, mean = bn.running_var.detach().double(), bn.running_mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    k = gamma / torch.sqrt(var + bn.eps)
+    b = bias.detach().double() if bias is not None else torch.zeros_like(var)
+    return (w * k[:, None, None, None]).float(), ((b - mean) * k + beta).float()
+
+
+class Int8Conv2d(nn.Module):
+    """y = act(conv2d(x, W) + b) with int8 weights (per output channel) and int8 activations (one
+    scale per sample; uint8 when the input is non-negative, e.g. after a ReLU).
+
+    The integer part is exact (int32 sums, the same result on every ISA); the error is that of
+    rounding x and W to 8 bits. Inputs float32 or bfloat16, [N, C, H, W] or unbatched [C, H, W], in
+    NCHW or channels_last; the output keeps the input's dtype and memory format. Zero padding only
+    (any amount, asymmetric included), any kernel size, stride, dilation and groups. The state_dict
+    holds the portable form (weight_int8 [out, in/groups, kh, kw], weight_scale, bias); the kernel
+    layout is a cache built from it. Gradients flow to the input (through the dequantized weight)
+    for activation None, "relu" and "relu6".
+
+    activation: None, "relu", "relu6", "silu", "hardswish" or "gelu", fused into the epilogue.
+    """
+
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, activation: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Int8Conv2d: {name} must be a positive int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Int8Conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _conv._pair("kernel_size", kernel_size, 1)
+        self.stride = _conv._pair("stride", stride, 1)
+        self.dilation = _conv._pair("dilation", dilation, 1)
+        self.padding = _conv._padding4(padding)
+        self.activation = activation
+        kh, kw = self.kernel_size
+        self.register_buffer("weight_int8", torch.zeros((out_channels, in_channels // groups, kh, kw), dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.zeros(out_channels, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32) if bias else None)
+        self._packed: tuple | None = None
+
+    # ---------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, activation: str | None = None) -> Int8Conv2d:
+        """Quantizes a float nn.Conv2d (zero padding), with bn (eval statistics) folded in first when
+        given; the float modules are left untouched."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Int8Conv2d supports zero padding only, this conv has padding_mode={conv.padding_mode!r}")
+        weight, bias = conv.weight, conv.bias
+        if bn is not None:
+            if bn.num_features != conv.out_channels:
+                raise ValueError(f"fold: BatchNorm2d({bn.num_features}) after a conv with {conv.out_channels} outputs")
+            weight, bias = fold_batchnorm(weight, bias, bn)
+        q, scale = quantize_weight_per_channel(weight.detach().float().reshape(conv.out_channels, -1))
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv_padding(conv),
+                  conv.dilation, conv.groups, bias=bias is not None, activation=activation)  # fmt: skip
+        mod.set_weight(q.reshape(conv.weight.shape), scale)
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
+        mod.train(conv.training)
+        return mod
+
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Sets int8 weights [out, in/groups, kh, kw] and their per-channel float32 scales [out]."""
+        shape = tuple(self.weight_int8.shape)
+        if q.dtype != torch.int8 or tuple(q.shape) != shape:
+            raise ValueError(f"weight must be int8 {list(shape)}, got {q.dtype} {list(q.shape)}")
+        if tuple(scale.shape) != (self.out_channels,):
+            raise ValueError(f"scale must have shape [{self.out_channels}], got {list(scale.shape)}")
+        if not torch.isfinite(scale).all() or (scale < 0).any():
+            raise ValueError("scale must be finite and >= 0")
+        self.weight_int8 = q.detach().cpu().contiguous().clone()
+        self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous().clone()
+        self._packed = None
+
+    @property
+    def activation(self) -> str | None:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        activation_code(type(self).__name__, value)
+        self._activation = value
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """float32 [out, in/groups, kh, kw]: what this layer effectively convolves with."""
+        return self.weight_int8.float() * self.weight_scale[:, None, None, None]
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_dtypes(self, super()._apply, fn, recurse)  # fp32 scales and bias stay fp32
+        self._packed = None
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        key = prefix + "weight_int8"
+        incoming = state_dict.get(key)
+        if incoming is not None and (incoming.dtype != torch.int8 or incoming.shape != self.weight_int8.shape):
+            error_msgs.append(f"{key}: holds {incoming.dtype} {list(incoming.shape)}, this layer needs int8 "
+                              f"{list(self.weight_int8.shape)}")  # fmt: skip
+            return
+        scale = state_dict.get(prefix + "weight_scale")
+        if scale is not None and scale.is_floating_point() and not (torch.isfinite(scale).all() and (scale >= 0).all()):
+            error_msgs.append(f"{prefix}weight_scale: scales must be finite and >= 0")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+        self._packed = None
+
+    # ----------------------------------------------------------------------------------- forward
+
+    def _kernel_weight(self) -> torch.Tensor:
+        """The kernel layout of weight_int8, rebuilt when the buffer changed (a new tensor, or an
+        in-place write: its version)."""
+        w = self.weight_int8
+        key = (id(w), w._version, w.data_ptr())
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, _conv.pack_conv_weight(w, self.groups))
+        return self._packed[1]
+
+    def _check_input(self, x: object) -> torch.Tensor:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} expects [N, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"{name}({self.in_channels} -> {self.out_channels}) got input of shape {tuple(x.shape)}: "
+                             f"{x.shape[-3]} channels, expected {self.in_channels}")  # fmt: skip
+        if x.dtype not in DTYPE_CODE:
+            raise TypeError(f"{name} supports float32 and bfloat16 inputs, got {x.dtype}")
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{name} runs on the CPU; got an input on {x.device} (no CUDA conv kernel yet)")
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        weight = self._kernel_weight()
+        act = ACTIVATION_CODE[self._activation]
+        if eager_fast_path(x):
+            # the op's own checks and kernel, without the dispatcher (our packed cache is trusted: built
+            # here from weight_int8; its headers are still checked by the kernel)
+            shape, k, s, p, d, dw = _conv._check_args(x, weight, self.weight_scale, self.bias, self.kernel_size,
+                                                      self.stride, self.padding, self.dilation, self.groups, act)  # fmt: skip
+            y = _conv.run_conv2d(x, weight, self.weight_scale, self.bias, k, s, p, d, self.groups, act, shape)
+        else:
+            y = torch.ops.fastinfer.int8_conv2d(x, weight, self.weight_scale, self.bias, list(self.kernel_size),
+                                                list(self.stride), list(self.padding), list(self.dilation),
+                                                self.groups, act)  # fmt: skip
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        pt, pl, pb, pr = self.padding
+        pad = f"({pt}, {pl})" if (pt, pl) == (pb, pr) else f"(top={pt}, left={pl}, bottom={pb}, right={pr})"
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}",
+                 f"padding={pad}"]  # fmt: skip
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}" + (" (depthwise)" if _conv.is_depthwise(self.in_channels, self.out_channels, self.groups) else ""))
+        parts.append(f"bias={self.bias is not None}")
+        if self._activation is not None:
+            parts.append(f"activation={self._activation}")
+        parts.append(f"weight=int8 per-channel, act=int8 per-sample, kernel={_runtime.active_isa()}")
+        return ", ".join(parts)
