@@ -196,6 +196,18 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(st);
     });
+    m.def("depthwise_conv2d_f32", [](uintptr_t x, int dt, std::vector<int64_t> shape, uintptr_t w, int64_t w_elems,
+                                     uintptr_t bias, uintptr_t out, int out_dt, int act) {
+        const fc::DType d = dtype(dt), od = dtype(out_dt);
+        const fc::Conv2dShape s = conv_shape(shape);
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::depthwise_conv2d_f32(ptr<const void>(x), d, s, ptr<const float>(w), w_elems, ptr<const float>(bias),
+                                          ptr<void>(out), od, act);
+        }
+        raise_if_error(st);
+    });
     m.def("apply_activation", [](uintptr_t y, int64_t n, int act) {
         raise_if_error(fc::apply_activation(ptr<float>(y), n, act));
     });

@@ -56,6 +56,12 @@ class QuantConfig:
         `intermediate_act_fn` after a `dense` child (BERT-style MLPs) and a GELU right after the
         linear layer in an nn.Sequential. The fused GELU's erf is an fp32 approximation within
         4e-7 (3.7e-7 measured) of the exact one. False keeps every activation module as it is.
+        Convs fuse ReLU / ReLU6 / SiLU / Hardswish the same way (a BatchNorm2d between them is
+        folded into the conv whatever this says).
+    depthwise: what depthwise convs (groups = in = out channels) become: "float" (the default)
+        fastinfer.nn.DepthwiseConv2d, fp32 on fastinfer's fused NHWC kernel (memory-bound layers:
+        int8 would only add a quantization pass, and fp32 keeps them exact); "int8" Int8Conv2d
+        (one activation scale per sample).
 
     A layer registered under several names is converted under all of them (it stays one layer), or
     left in float when skip or filter_fn keeps any of its names: prune and sparsify agree.
@@ -66,8 +72,11 @@ class QuantConfig:
     min_features: int = 1
     progress: bool | None = None
     fuse_activations: bool = True
+    depthwise: str = "float"
 
     def __post_init__(self) -> None:
+        if self.depthwise not in ("float", "int8"):
+            raise ValueError(f"QuantConfig.depthwise must be 'float' or 'int8', got {self.depthwise!r}")
         object.__setattr__(self, "skip", skip_patterns(self.skip))
         if not isinstance(self.fuse_activations, bool):
             raise TypeError(f"QuantConfig.fuse_activations must be a bool, got {self.fuse_activations!r}")

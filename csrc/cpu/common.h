@@ -62,9 +62,11 @@ struct Epilogue {
     const float* sw;
     const float* bias;
     int act = kActNone;  // applied to the fp32 value before the cast (ignored for kI32)
-    // Non-null: acc += 128 * colsum_add[n] (mod 2^32) first. Activations stored as q - 128 (u8 data
-    // q in [0, 255] held in the int8 range, int8_conv2d's u8 mode) give sum(q * w) exactly.
+    // Non-null: acc += 128 * colsum_add[n] (mod 2^32) first, in every row, or with u8_rows only in
+    // the rows m where u8_rows[m] != 0. Activations stored as q - 128 (uint8 data q in [0, 255] held
+    // in the int8 range: int8_conv2d's rows that are all >= 0) then give sum(q * w) exactly.
     const int32_t* colsum_add = nullptr;
+    const uint8_t* u8_rows = nullptr;
 };
 
 // erf as a rational function, Eigen's generic_fast_erf_float (Eigen/src/SpecialFunctions/
@@ -191,7 +193,8 @@ inline float act_f32(float y, int act) {
 // The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32,
 // then the activation.
 inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
-    if (ep.colsum_add) acc = int32_t(uint32_t(acc) + (uint32_t(ep.colsum_add[n]) << 7));
+    if (ep.colsum_add && (!ep.u8_rows || ep.u8_rows[m]))
+        acc = int32_t(uint32_t(acc) + (uint32_t(ep.colsum_add[n]) << 7));
     if (ep.kind == DType::kI32) {
         static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = acc;
         return;

@@ -41,10 +41,16 @@ struct Conv2dShape {
 // (ky, kx, channel), concatenated.
 bool conv2d_is_depthwise(const Conv2dShape& s);
 // out (out_dt, NHWC) = act(conv(x, W) * sa * sw + bias): x (fp32/bf16, NHWC, contiguous) quantized
-// per sample (int8 max/127, or uint8 max/255 when the whole input is >= 0), exact int32 sums, the
-// fp32 epilogue of int8_linear. A sample with NaN/Inf gives NaN outputs. bias may be null.
+// per im2col row (= output pixel; depthwise: per sample, uint8 max/255 when the whole input is >= 0),
+// exact int32 sums, the fp32 epilogue of int8_linear. NaN/Inf in the values a row reads gives NaN
+// outputs for it (depthwise: for the sample). bias may be null.
 Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t* weight, int64_t weight_nbytes,
                    const float* sw, const float* bias, void* out, DType out_dt, int act);
+
+// out (out_dt, NHWC) = act(depthwise_conv(x, wf) + bias) in fp32: wf [kh * kw][round_up(c, 16)]
+// (zero padded), fma over the taps in (ky, kx) order from 0, then + bias; bias may be null.
+Status depthwise_conv2d_f32(const void* x, DType dt, const Conv2dShape& s, const float* wf, int64_t w_elems,
+                            const float* bias, void* out, DType out_dt, int act);
 
 // y[i] = act(y[i]) for n fp32 values, in place, with the epilogue's scalar code (outputs of a K = 0
 // linear, where no GEMM runs). erf_f32: out[i] = the epilogue's erf(x[i]) (tests).

@@ -179,10 +179,17 @@ def _init(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def settle_batchnorm(model: nn.Module, size: int = 224, batches: int = 3, batch: int = 8, seed: int = 0) -> nn.Module:
-    """Runs random images through the model in train mode (BatchNorm momentum None: a plain average)
-    so every BatchNorm holds the statistics of its real input, then returns it in eval mode; a
-    random-weight model then keeps unit-scale activations through every block, as a trained one does."""
+def settle_batchnorm(model: nn.Module, size: int = 224, batches: int = 3, batch: int = 8, seed: int = 0,
+                     residual_scale: float = 0.5) -> nn.Module:  # fmt: skip
+    """Gives a random-weight model the activation statistics of a trained one, and returns it in eval
+    mode: random images run through it in train mode (BatchNorm momentum None: a plain average) so
+    every BatchNorm holds the mean and variance of its real input (torchvision's bare init keeps
+    mean 0 / var 1, under which MobileNetV2's logits shrink to ~1e-10); then the last BatchNorm of
+    every residual branch has its scale multiplied by residual_scale. At 1.0 each block adds a
+    unit-variance branch to the stream and the random net turns chaotic (a 1% change of the input
+    changes the logits by tens of percent: int8 SQNR 6-20 dB); trained nets keep their branches a
+    fraction of the stream (zero-init-residual training starts them at 0). Measured at 64x64 with
+    fastinfer.quantize: residual_scale 0.5 gives 25-33 dB, 0.3 gives 30-36 dB."""
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in bns:
@@ -193,7 +200,14 @@ def settle_batchnorm(model: nn.Module, size: int = 224, batches: int = 3, batch:
         model(torch.randn(batch, 3, size, size, generator=g))
     for m in bns:
         m.momentum = 0.1
-        # a trained net's BatchNorm scales and shifts are not all 1 and 0
-        m.weight.uniform_(0.5, 1.5, generator=g)
-        m.bias.uniform_(-0.25, 0.25, generator=g)
+    for m in model.modules():
+        last = None
+        if isinstance(m, Bottleneck):
+            last = m.bn3
+        elif isinstance(m, BasicBlock):
+            last = m.bn2
+        elif isinstance(m, InvertedResidual) and m.use_res_connect:
+            last = m.conv[-1]
+        if last is not None:
+            last.weight.mul_(residual_scale)
     return model.eval()

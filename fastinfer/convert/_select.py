@@ -30,6 +30,8 @@ def shape_of(module: nn.Module, also: tuple[type, ...] = ()) -> tuple[int, int] 
     """(out_features, in_features) of a float linear layer (nn.Linear itself, Hugging Face Conv1D)
     or of an instance of a type in `also` (fastinfer layers); None for any other module."""
     if also and isinstance(module, also):
+        if hasattr(module, "out_channels"):  # a fastinfer conv layer
+            return module.out_channels, module.in_channels
         return module.out_features, module.in_features
     weight, _ = linear_weight_and_bias(module)
     return None if weight is None else tuple(weight.shape)

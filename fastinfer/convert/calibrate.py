@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fastinfer.convert._select import shape_of
-from fastinfer.nn import Int8Linear
+from fastinfer.nn import Int8Conv2d, Int8Linear
 
 
 def observe_inputs(
@@ -21,18 +21,27 @@ def observe_inputs(
 ) -> None:
     """Runs every batch of calibration_data through the model once (eval mode, no grad; each module's
     training flag restored after) and calls observe(name, x) with each input a named layer gets, as
-    a detached [tokens, in_features] view. A batch is called as model(batch) for a tensor,
+    a detached [tokens, in_features] view (a conv's [N, C, H, W] input as [pixels, C] rows). A batch is called as model(batch) for a tensor,
     model(*batch) for a tuple/list, model(**batch) for a mapping; a lone tensor or mapping is one
     batch. ValueError for data that is not batches, or that yields none."""
 
-    def make_hook(name: str, in_features: int):
+    def make_hook(name: str, in_features: int, conv: bool):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(iter(kwargs.values()), None)
+            if conv:
+                if isinstance(x, torch.Tensor) and x.dim() in (3, 4) and x.shape[-3] == in_features:
+                    observe(name, x.detach().movedim(-3, -1).reshape(-1, in_features))
+                return
             if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] != in_features:
                 return  # the layer itself will complain about such an input
             observe(name, x.detach().reshape(-1, in_features))
 
         return hook
+
+    def hook_for(name: str, mod: nn.Module):
+        if isinstance(mod, (nn.Conv2d, Int8Conv2d)):
+            return make_hook(name, mod.in_channels, True)
+        return make_hook(name, shape_of(mod, (Int8Linear,))[1], False)
 
     if isinstance(calibration_data, (torch.Tensor, Mapping)):
         calibration_data = (calibration_data,)
@@ -43,7 +52,7 @@ def observe_inputs(
         )
     modes = {mod: mod.training for mod in model.modules()}
     handles = [
-        mod.register_forward_pre_hook(make_hook(name, shape_of(mod, (Int8Linear,))[1]), with_kwargs=True)
+        mod.register_forward_pre_hook(hook_for(name, mod), with_kwargs=True)
         for name, mod in layers.items()
     ]
     batches = 0
@@ -75,7 +84,8 @@ def observe_inputs(
 def input_norms(
     model: nn.Module, layers: Mapping[str, nn.Module], calibration_data: Iterable
 ) -> dict[str, torch.Tensor]:
-    """name -> ||X_j||_2 (float64 [in_features]) over every token each layer saw, in one pass (wanda)."""
+    """name -> ||X_j||_2 (float64 [in_features]) over every token each layer saw, in one pass (wanda);
+    for a conv, per input channel over every pixel."""
     sums: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
 
     def add(name: str, x: torch.Tensor) -> None:

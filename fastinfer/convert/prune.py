@@ -22,9 +22,12 @@ import torch
 from torch import nn
 
 from fastinfer.config import skip_patterns
-from fastinfer.convert._select import progress_bar, select, shape_of
+import warnings
+
+from fastinfer.convert._select import progress_bar, scan, shape_of
 from fastinfer.convert.calibrate import input_norms
-from fastinfer.nn import Int8Linear, linear_weight_and_bias
+from fastinfer.nn import Int8Conv2d, Int8Linear, linear_weight_and_bias
+from fastinfer.ops.conv import is_depthwise
 
 __all__ = ["LayerSparsity", "format_report", "prune", "sparsity_report"]
 
@@ -50,9 +53,13 @@ def prune(
 ) -> nn.Module:
     """Returns `model` with a fraction `sparsity` of each linear layer's weights set to zero.
 
-    Layers: every nn.Linear (exact type), Hugging Face `Conv1D` (pruned in its [out, in] view) and
-    fastinfer.nn.Int8Linear whose qualified name is not matched by `skip` (patterns as in
-    `QuantConfig(skip=...)`). A layer registered under several names is pruned once, and is left
+    Layers: every nn.Linear (exact type), Hugging Face `Conv1D` (pruned in its [out, in] view),
+    fastinfer.nn.Int8Linear, nn.Conv2d (the layers quantize() converts) and Int8Conv2d whose
+    qualified name is not matched by `skip` (patterns as in `QuantConfig(skip=...)`). A conv is
+    pruned in its [out, kh * kw * in/groups] view with k ordered (ky, kx, channel), the order its
+    int8 kernel reads: an N:M group is M consecutive channels of one tap. Depthwise convs are left
+    alone (a few weights per channel, and fp32 after quantize()); so is, with a warning, a conv
+    whose view the pattern does not divide (a stem conv of 3 channels and "2:4"). A layer registered under several names is pruned once, and is left
     alone if any of its names is skipped (as quantize and sparsify do). The model is deep-copied
     first unless inplace=True.
 
@@ -66,7 +73,8 @@ def prune(
         full register tile: 3.0x dense at 75% and M=512 against 1.8x-2.3x with 16 x 64 blocks,
         bench/RESULTS.md), else 16 x 64.
     method: "magnitude" scores |W| (an Int8Linear's |W| is |int8| * its row scale); "wanda" scores
-        |W_ij| * ||X_j||_2, the L2 norm of input feature j over every calibration token.
+        |W_ij| * ||X_j||_2, the L2 norm of input feature j over every calibration token (for a
+        conv, of input channel j over every pixel; grouped convs are scored by magnitude).
     calibration_data: for wanda, an iterable of batches run through the model once (eval mode, no
         grad): a tensor is called as model(batch), a tuple/list as model(*batch), a mapping as
         model(**batch). A lone tensor or mapping is taken as one batch.
@@ -89,7 +97,16 @@ def prune(
 
     if not inplace:
         model = copy.deepcopy(model)
-    layers = {t.name: t.module for t in select(model, (Int8Linear,), skip=skip)}
+    targets, _ = scan(model, (Int8Linear,), convs=True, skip=skip)
+    targets += [t for t in scan(model, (Int8Conv2d,), skip=skip)[0] if isinstance(t.module, Int8Conv2d)]
+    layers = {t.name: t.module for t in targets
+              if not (_is_conv(t.module) and is_depthwise(t.module.in_channels, t.module.out_channels, t.module.groups))}
+    unfit = [name for name, mod in layers.items() if _is_conv(mod) and not _fits(mod, pattern, nm, block)]
+    if unfit:
+        warnings.warn(f"prune: pattern {pattern!r} does not divide the weights of {len(unfit)} conv(s), left dense: "
+                      + ", ".join(unfit[:5]) + (" ..." if len(unfit) > 5 else ""), stacklevel=2)  # fmt: skip
+        for name in unfit:
+            del layers[name]
     for name, mod in layers.items():
         _check_layer(name, mod, pattern, nm, block)
 
@@ -151,11 +168,43 @@ def _check_block(block: object) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
+def _is_conv(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.Conv2d, Int8Conv2d))
+
+
+def _view_shape(mod: nn.Module) -> tuple[int, int]:
+    """[out, in] of the weight view a layer is pruned in."""
+    if _is_conv(mod):
+        kh, kw = mod.kernel_size
+        return mod.out_channels, kh * kw * mod.in_channels // mod.groups
+    return shape_of(mod, (Int8Linear,))
+
+
+def _fits(mod: nn.Module, pattern: str, nm, block) -> bool:
+    out_f, in_f = _view_shape(mod)
+    if nm is not None:
+        return in_f % nm[1] == 0
+    if pattern == "block":
+        r, c = _layer_block(block, out_f)
+        return out_f % r == 0 and in_f % c == 0
+    return True
+
+
+def _conv_view(w: torch.Tensor) -> torch.Tensor:
+    """[out, in/g, kh, kw] -> [out, kh * kw * in/g] with k ordered (ky, kx, channel) (a copy)."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _conv_unview(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out, cg, kh, kw = shape
+    return mask.reshape(out, kh, kw, cg).permute(0, 3, 1, 2)
+
+
 def _check_layer(
     name: str, mod: nn.Module, pattern: str, nm: tuple[int, int] | None, block: tuple[int, int] | None
 ) -> None:
     label = name or "<model>"
-    out_f, in_f = shape_of(mod, (Int8Linear,))
+    out_f, in_f = _view_shape(mod)
     if nm is not None and in_f % nm[1]:
         raise ValueError(
             f"layer {label!r}: pattern {pattern!r} needs in_features divisible by {nm[1]}, "
@@ -166,8 +215,10 @@ def _check_layer(
         raise ValueError(
             f"layer {label!r}: weight [{out_f}, {in_f}] does not split into blocks of {block}"
         )
-    if isinstance(mod, Int8Linear):
+    if isinstance(mod, (Int8Linear, Int8Conv2d)):
         finite = bool(torch.isfinite(mod.weight_scale).all())
+    elif isinstance(mod, nn.Conv2d):
+        finite = bool(torch.isfinite(mod.weight.detach()).all())
     else:
         finite = bool(torch.isfinite(linear_weight_and_bias(mod)[0].detach()).all())
     if not finite:
@@ -222,6 +273,20 @@ def _prune_layer(
     block: tuple[int, int] | None,
     norm: torch.Tensor | None,
 ) -> None:
+    if _is_conv(mod):
+        kh, kw = mod.kernel_size
+        if norm is not None:  # per input channel -> per (ky, kx, channel) column of the view
+            norm = norm.repeat(kh * kw) if mod.groups == 1 else None
+        if isinstance(mod, Int8Conv2d):
+            q = mod.weight_int8.clone()
+            absw = _conv_view(q).to(torch.float64).abs() * mod.weight_scale.to(torch.float64)[:, None]
+            q[_conv_unview(_prune_mask(absw, norm, sparsity, pattern, nm, block), q.shape)] = 0
+            mod.set_weight(q, mod.weight_scale.clone())
+        else:
+            w = mod.weight
+            mask = _prune_mask(_conv_view(w.detach()).abs().to(torch.float64), norm, sparsity, pattern, nm, block)
+            w.masked_fill_(_conv_unview(mask, w.shape).to(w.device), 0)
+        return
     if isinstance(mod, Int8Linear):
         q = mod.weight_int8.clone()
         absw = q.to(torch.float64).abs() * mod.weight_scale.to(torch.float64)[:, None]
@@ -264,6 +329,10 @@ def _stats(mod: nn.Module) -> tuple[int, int, int, int] | None:
     if isinstance(mod, Int8Linear):
         q = mod.weight_int8
         return mod.out_features, mod.in_features, int(torch.count_nonzero(q)), q.numel()
+    if isinstance(mod, (Int8Conv2d, nn.Conv2d)):
+        w = mod.weight_int8 if isinstance(mod, Int8Conv2d) else mod.weight.detach()
+        out_f, in_f = _view_shape(mod)
+        return out_f, in_f, int(torch.count_nonzero(w)), w.numel()
     weight, _ = linear_weight_and_bias(mod)
     if weight is None:
         return None
@@ -272,8 +341,9 @@ def _stats(mod: nn.Module) -> tuple[int, int, int, int] | None:
 
 
 def sparsity_report(model: nn.Module) -> list[LayerSparsity]:
-    """One row per linear-like layer (nn.Linear, Hugging Face Conv1D, Int8Linear, and any module
-    with a `sparsity_stats() -> (nonzeros, numel)` method), in named_modules order (a shared layer
+    """One row per linear-like layer (nn.Linear, Hugging Face Conv1D, Int8Linear, nn.Conv2d and
+    Int8Conv2d in their [out, kh * kw * in/groups] view, and any module with a
+    `sparsity_stats() -> (nonzeros, numel)` method), in named_modules order (a shared layer
     once, under its first name)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsity_report expects an nn.Module, got {type(model).__name__}")

@@ -13,7 +13,8 @@ from fastinfer.convert._swap import swap
 from fastinfer.convert.fuse import ConvFusion, conv_fusions
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
-from fastinfer.nn import Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
+from fastinfer.nn import DepthwiseConv2d, Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
+from fastinfer.ops.conv import is_depthwise
 
 __all__ = ["quantize"]
 
@@ -27,7 +28,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     linear layers too and are converted the same way. Subclasses of nn.Linear are left alone: they
     may change forward() in ways a swap would lose.
 
-    nn.Conv2d layers with zero padding become Int8Conv2d, and so do subclasses that keep
+    nn.Conv2d layers with zero padding become Int8Conv2d (depthwise ones DepthwiseConv2d, fp32:
+    see QuantConfig.depthwise), and so do subclasses that keep
     nn.Conv2d's forward (one that only fixes padding="same" in __init__, say); a subclass with its
     own forward (e.g. one that pads by the input's size first) stays float. A BatchNorm2d (eval
     mode) that only post-processes a conv is folded into its weights and replaced by nn.Identity;
@@ -69,8 +71,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     def convert(mod: nn.Module) -> nn.Module:
         if id(mod) in convs:
             f = cfused.get(id(mod), ConvFusion())
-            new = Int8Conv2d.from_conv(mod, bn=f.module("bn"), activation=f.act_name if f.act else None)
+            kw = dict(bn=f.module("bn"), activation=f.act_name if f.act else None)
             detail = f.describe()
+            if config.depthwise == "float" and is_depthwise(mod.in_channels, mod.out_channels, mod.groups):
+                new = DepthwiseConv2d.from_conv(mod, **kw)
+                detail = "; ".join(filter(None, ("depthwise: fp32 kernel", detail)))
+            else:
+                new = Int8Conv2d.from_conv(mod, **kw)
         else:
             new = _to_int8(mod, "gelu" if id(mod) in fused else None)
             detail = "gelu fused" if id(mod) in fused else ""

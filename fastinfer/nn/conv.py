@@ -12,7 +12,7 @@ from fastinfer.nn.linear import quantize_weight_per_channel
 from fastinfer.ops import conv as _conv
 from fastinfer.ops._common import ACTIVATION_CODE, DTYPE_CODE, activation_code, eager_fast_path
 
-__all__ = ["Int8Conv2d", "conv_padding", "fold_batchnorm"]
+__all__ = ["DepthwiseConv2d", "Int8Conv2d", "conv_padding", "fold_batchnorm"]
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -42,11 +42,12 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batch
 
 
 class Int8Conv2d(nn.Module):
-    """y = act(conv2d(x, W) + b) with int8 weights (per output channel) and int8 activations (one
-    scale per sample; uint8 when the input is non-negative, e.g. after a ReLU).
+    """y = act(conv2d(x, W) + b) with int8 weights (per output channel) and int8 activations.
 
-    The integer part is exact (int32 sums, the same result on every ISA); the error is that of
-    rounding x and W to 8 bits. Inputs float32 or bfloat16, [N, C, H, W] or unbatched [C, H, W], in
+    Each output pixel's im2col row (its taps x channels) is quantized with its own scale, so the
+    integer part is exact (int32 sums, the same result on every ISA) and the error is that of
+    rounding x and W to 8 bits; a depthwise conv (groups = channels) mixes pixels within a channel
+    and gets one scale per sample. Inputs float32 or bfloat16, [N, C, H, W] or unbatched [C, H, W], in
     NCHW or channels_last; the output keeps the input's dtype and memory format. Zero padding only
     (any amount, asymmetric included), any kernel size, stride, dilation and groups. The state_dict
     holds the portable form (weight_int8 [out, in/groups, kh, kw], weight_scale, bias); the kernel
@@ -197,16 +198,104 @@ class Int8Conv2d(nn.Module):
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
-        pt, pl, pb, pr = self.padding
-        pad = f"({pt}, {pl})" if (pt, pl) == (pb, pr) else f"(top={pt}, left={pl}, bottom={pb}, right={pr})"
-        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}",
-                 f"padding={pad}"]  # fmt: skip
-        if self.dilation != (1, 1):
-            parts.append(f"dilation={self.dilation}")
-        if self.groups != 1:
-            parts.append(f"groups={self.groups}" + (" (depthwise)" if _conv.is_depthwise(self.in_channels, self.out_channels, self.groups) else ""))
-        parts.append(f"bias={self.bias is not None}")
-        if self._activation is not None:
-            parts.append(f"activation={self._activation}")
-        parts.append(f"weight=int8 per-channel, act=int8 per-sample, kernel={_runtime.active_isa()}")
-        return ", ".join(parts)
+        return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (
+            " (depthwise: per-sample)" if _conv.is_depthwise(self.in_channels, self.out_channels, self.groups) else ""))
+
+
+def _conv_repr(layer: nn.Module, what: str) -> str:
+    pt, pl, pb, pr = layer.padding
+    pad = f"({pt}, {pl})" if (pt, pl) == (pb, pr) else f"(top={pt}, left={pl}, bottom={pb}, right={pr})"
+    parts = [f"{layer.in_channels}, {layer.out_channels}, kernel_size={layer.kernel_size}, stride={layer.stride}",
+             f"padding={pad}"]  # fmt: skip
+    if layer.dilation != (1, 1):
+        parts.append(f"dilation={layer.dilation}")
+    if layer.groups != 1:
+        parts.append(f"groups={layer.groups}")
+    parts.append(f"bias={layer.bias is not None}")
+    if layer._activation is not None:
+        parts.append(f"activation={layer._activation}")
+    parts.append(f"{what}, kernel={_runtime.active_isa()}")
+    return ", ".join(parts)
+
+
+class DepthwiseConv2d(nn.Module):
+    """A depthwise nn.Conv2d (groups = in = out channels) in fp32 on fastinfer's NHWC kernel, with
+    a BatchNorm2d folded in and an activation fused into it: what fastinfer.quantize() puts in place
+    of depthwise convs. Their few multiply-adds per byte make them memory-bound, so int8 would only
+    add a quantization pass; this layer reads the input once and writes the output once (torch runs
+    conv, BatchNorm and activation as three passes). Exact fp32 arithmetic (fma over the taps in
+    order), the same on every ISA. Inputs float32 or bfloat16, NCHW or channels_last; the output
+    keeps the input's dtype and memory format. Gradients flow to the input for activation None,
+    "relu" and "relu6". State: weight (float32 [c, 1, kh, kw]) and bias."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True,
+                 activation: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f"DepthwiseConv2d: channels must be a positive int, got {channels!r}")
+        self.in_channels = self.out_channels = self.groups = channels
+        self.kernel_size = _conv._pair("kernel_size", kernel_size, 1)
+        self.stride = _conv._pair("stride", stride, 1)
+        self.dilation = _conv._pair("dilation", dilation, 1)
+        self.padding = _conv._padding4(padding)
+        self.activation = activation
+        self.register_buffer("weight", torch.zeros((channels, 1, *self.kernel_size), dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(channels, dtype=torch.float32) if bias else None)
+        self._packed: tuple | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, activation: str | None = None) -> DepthwiseConv2d:
+        if not isinstance(conv, nn.Conv2d) or not _conv.is_depthwise(conv.in_channels, conv.out_channels, conv.groups):
+            raise TypeError("DepthwiseConv2d.from_conv expects a depthwise nn.Conv2d (groups = in = out channels)")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"DepthwiseConv2d supports zero padding only, this conv has padding_mode={conv.padding_mode!r}")
+        weight, bias = conv.weight.detach().float(), conv.bias
+        if bn is not None:
+            weight, bias = fold_batchnorm(weight, bias, bn)
+        if not torch.isfinite(weight).all():
+            raise ValueError("DepthwiseConv2d.from_conv: the weight has NaN or Inf")
+        mod = cls(conv.in_channels, conv.kernel_size, conv.stride, conv_padding(conv), conv.dilation,
+                  bias=bias is not None, activation=activation)  # fmt: skip
+        with torch.no_grad():
+            mod.weight.copy_(weight)
+            if bias is not None:
+                mod.bias.copy_(bias.detach().float())
+        mod.train(conv.training)
+        return mod
+
+    activation = Int8Conv2d.activation
+    _check_input = Int8Conv2d._check_input
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_dtypes(self, super()._apply, fn, recurse)
+        self._packed = None
+        return self
+
+    def _kernel_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (id(w), w._version, w.data_ptr())
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, _conv.pack_depthwise_weight(w))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        weight = self._kernel_weight()
+        act = ACTIVATION_CODE[self._activation]
+        if eager_fast_path(x):
+            shape, k, s, p, d = _conv._check_dw_args(x, weight, self.bias, self.kernel_size, self.stride,
+                                                     self.padding, self.dilation, act)  # fmt: skip
+            y = _conv.run_depthwise(x, weight, self.bias, k, s, p, d, act, shape)
+        else:
+            y = torch.ops.fastinfer.depthwise_conv2d(x, weight, self.bias, list(self.kernel_size), list(self.stride),
+                                                     list(self.padding), list(self.dilation), act)  # fmt: skip
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return _conv_repr(self, "weight=fp32 (depthwise kernel)")

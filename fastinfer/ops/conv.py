@@ -1,11 +1,13 @@
 """int8 Conv2d on the CPU: the weight layout of each path (pack_conv_weight) and the int8_conv2d
 op (schema and fake with the others' style, here because the op is conv's alone).
 
-Paths (chosen in csrc/cpu/api/conv.cpp, FBGEMM's ConvFastPath idea): depthwise (groups = in =
-out channels) on its own kernel, weight int8 [kh * kw, channels]; everything else as (implicit)
-GEMM on NHWC int8 data, the weight one pack_int8_weight buffer per group of the [out/groups,
-kh * kw * in/groups] matrix with k ordered (ky, kx, channel). Activations are quantized with one
-scale per sample (int8 max/127, or uint8 max/255 when the whole input is >= 0, as after a ReLU).
+Paths (chosen in csrc/cpu/api/conv.cpp, FBGEMM's ConvFastPath idea): everything but depthwise
+as implicit GEMM on NHWC data, each im2col row (one output pixel, one group) gathered from the
+float input and quantized with its own scale, the weight one pack_int8_weight buffer per group of
+the [out/groups, kh * kw * in/groups] matrix with k ordered (ky, kx, channel); depthwise (groups =
+in = out channels) on its own int8 kernel with one scale per sample (uint8 max/255 when the whole
+input is >= 0), weight int8 [kh * kw, channels]. depthwise_conv2d: the same depthwise convolution
+in fp32 (what quantize() uses: memory-bound, so int8 has nothing to gain there).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from fastinfer.ops._common import (
 )
 from fastinfer.ops.linear import pack_int8_weight
 
-__all__ = ["conv2d_output_size", "int8_conv2d", "is_depthwise", "pack_conv_weight", "unpack_conv_weight"]
+__all__ = ["conv2d_output_size", "int8_conv2d", "is_depthwise", "pack_conv_weight", "pack_depthwise_weight",
+           "unpack_conv_weight"]
 
 torch.library.define(
     "fastinfer::int8_conv2d",
@@ -248,3 +251,104 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fastinfer::int8_conv2d", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------- depthwise in fp32
+
+torch.library.define(
+    "fastinfer::depthwise_conv2d",
+    "(Tensor x, Tensor weight, Tensor? bias, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+    "int act=0) -> Tensor",
+)
+
+
+def pack_depthwise_weight(w: torch.Tensor) -> torch.Tensor:
+    """The fp32 depthwise kernel's layout of a float weight [c, 1, kh, kw]: float32
+    [kh * kw, round_up(c, 16)], zero padded."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 4 or w.shape[1] != 1 or not w.is_floating_point():
+        raise TypeError(f"fastinfer.pack_depthwise_weight: w must be a float [channels, 1, kh, kw] tensor, got {getattr(w, 'shape', w)}")
+    c, _, kh, kw = w.shape
+    cp = (c + 15) // 16 * 16
+    with torch.inference_mode(False):
+        out = torch.zeros((kh * kw, cp), dtype=torch.float32)
+        out[:, :c] = w.detach().float().cpu().reshape(c, kh * kw).t()
+    return out
+
+
+def _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act):
+    name = "depthwise_conv2d"
+    check_tensor(name, "x", x)
+    check_tensor(name, "weight", weight)
+    check_device(name, x=x, weight=weight, bias=bias)
+    if x.dtype not in DTYPE_CODE:
+        raise TypeError(f"fastinfer.{name}: x must be float32 or bfloat16, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"fastinfer.{name}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    k, s, d, p = _pair("kernel_size", kernel_size, 1), _pair("stride", stride, 1), _pair("dilation", dilation, 1), _padding4(padding)
+    cp = (c + 15) // 16 * 16
+    if weight.dtype != torch.float32 or tuple(weight.shape) != (k[0] * k[1], cp):
+        raise TypeError(f"fastinfer.{name}: weight must be pack_depthwise_weight's float32 [{k[0] * k[1]}, {cp}], "
+                        f"got {weight.dtype} {tuple(weight.shape)}")  # fmt: skip
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (c,)):
+        raise TypeError(f"fastinfer.{name}: bias must be float32 [{c}], got {bias.dtype} {tuple(bias.shape)}")
+    activation_name(name, act)
+    oh, ow = conv2d_output_size(h, w, k, s, p, d)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"fastinfer.{name}: input {h}x{w} is smaller than the dilated kernel")
+    return (n, c, oh, ow), k, s, p, d
+
+
+@torch.library.register_fake("fastinfer::depthwise_conv2d")
+def _depthwise_fake(x, weight, bias, kernel_size, stride, padding, dilation, act=0):
+    shape, *_ = _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
+    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+
+
+def run_depthwise(x, weight, bias, k, s, p, d, act, shape) -> torch.Tensor:
+    """The marshalling of _C.depthwise_conv2d_f32 on checked arguments."""
+    n, c, oh, ow = shape
+    fmt = _memory_format(x)
+    out = new_output((n, oh, ow, c), x.dtype).permute(0, 3, 1, 2)
+    if out.numel() == 0:
+        return out.contiguous(memory_format=fmt)
+    xn = x.contiguous(memory_format=torch.channels_last)
+    h, w = x.shape[2:]
+    code = DTYPE_CODE[x.dtype]
+    _C.depthwise_conv2d_f32(xn.data_ptr(), code, [n, h, w, c, c, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], c, oh, ow],
+                            weight.data_ptr(), weight.numel(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+                            code, act)  # fmt: skip
+    return out if fmt == torch.channels_last else out.contiguous()
+
+
+@register("depthwise_conv2d", "CPU")
+def _depthwise_cpu(x, weight, bias, kernel_size, stride, padding, dilation, act=0):
+    shape, k, s, p, d = _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
+    return run_depthwise(x, weight.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d, act, shape)
+
+
+def _dw_setup_context(ctx, inputs, output):
+    x, weight, bias, kernel_size, stride, padding, dilation, act = inputs
+    ctx.save_for_backward(weight, output if act in (2, 3) else None)
+    ctx.meta = (tuple(x.shape), x.dtype, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), act)
+
+
+def _dw_backward(ctx, grad):
+    weight, out = ctx.saved_tensors
+    (n, c, h, w), dtype, k, s, p, d, act = ctx.meta
+    if act not in (0, 2, 3):
+        raise RuntimeError(
+            f"fastinfer.depthwise_conv2d: no gradient through the fused {activation_name('depthwise_conv2d', act)} "
+            "activation; convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
+        )
+    if act == 2:
+        grad = grad * (out > 0)
+    elif act == 3:
+        grad = grad * ((out > 0) & (out < 6))
+    wf = weight[:, :c].t().reshape(c, 1, k[0], k[1])
+    pt, pl, pb, pr = p
+    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad.float(), s, 0, d, c)
+    return gx[:, :, pt:pt + h, pl:pl + w].to(dtype), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastinfer::depthwise_conv2d", _dw_backward, setup_context=_dw_setup_context)

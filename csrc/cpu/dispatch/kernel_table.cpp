@@ -40,6 +40,8 @@ Tables fill_tables() {
     t.range = ref::range;
     t.quantize_scaled = ref::quantize_scaled;
     t.depthwise = ref::depthwise;
+    t.depthwise_f32 = ref::depthwise_f32;
+    t.gather_quantize = ref::gather_quantize;
     s.level[kRefLevel] = t;
 
     const Isa isa = detected_isa();
@@ -65,6 +67,8 @@ Tables fill_tables() {
     t.range = avx512_vnni::range;
     t.quantize_scaled = avx512_vnni::quantize_scaled;
     t.depthwise = avx512_vnni::depthwise;
+    t.depthwise_f32 = avx512_vnni::depthwise_f32;
+    t.gather_quantize = avx512_vnni::gather_quantize;
     t.dot_peak = avx512_vnni::dot_peak;
     t.dot_peak_macs = 24 * 64;
     t.read_sum = avx512_vnni::read_sum;

@@ -54,10 +54,42 @@ using EllF32Kernel = void(const SparseView& w, const float* xp, int64_t ldp, int
 // nbytes (a multiple of 256, 64-byte aligned) summed as int32 lanes.
 using DotPeakKernel = int64_t(int64_t iters);
 using ReadSumKernel = int64_t(const uint8_t* p, int64_t nbytes);
-// Convolution (int8_conv2d, api/conv.cpp). Inputs are quantized per sample: range over n values
-// (max |x|, whether every one is >= 0, whether every one is finite), then
-// q[r][i] = byte(clamp(round(x[r][i] * inv), lo, hi)) ^ flip for rows r < rows, i < k (x row stride
-// ldx, q row stride ldq), and q[r][k..kp) = flip (the quantized zero).
+// Convolution (api/conv.cpp). Geometry of an NHWC conv input and output (padding top/left).
+struct ConvGeom {
+    const void* x;  // [n][h][w][c], fp32 or bf16
+    DType dt;
+    int64_t h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
+};
+// int8 conv rows: for output pixels [m0, m1) (m = (img * oh + oy) * ow + ox), the im2col row of
+// group g (channels [g * cg, (g + 1) * cg), k ordered (ky, kx, channel), taps outside the image
+// zero) quantized with its own scale (one scale per row is exact: a row is one GEMM row), rows of kp
+// bytes in tile, zero padded past kh * kw * cg; i = m - m0:
+//   a row with a negative value: sa[i] = max|row| / 127, q = round(v * 127 / max) in [-127, 127],
+//     stored q ^ flip, u8[i] = 0;
+//   a row of values >= 0 (after a ReLU): sa[i] = max / 255, q = round(v * 255 / max) in [0, 255],
+//     stored (q - 128) ^ flip, u8[i] = 1 (the epilogue adds the 128 * colsum back: u8_rows);
+//   NaN/Inf: sa[i] = NaN; zero or too small: sa[i] = 0; both q = 0, u8[i] = 0.
+// Rounding as quantize_rows: v * inv rounded in the current mode, then clamped.
+using GatherQuantizeKernel = void(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, int64_t m1,
+                                  uint8_t flip, uint8_t* tile, int64_t kp, float* sa, uint8_t* u8);
+// Depthwise (groups = channels = output channels), NHWC, output pixels of rows [r0, r1) (row r is
+// image r / oh, oy = r % oh, every ox). Over the taps inside the image in (ky, kx) order:
+//   int8: acc = sum x[..][c] * w32[tap][c] (x int8, or uint8 when u8), then the epilogue with
+//         m = the pixel (sa per pixel);
+//   fp32: acc = fma(x, wf[tap][c], acc) from 0, then out = act(acc + bias[c]) (x fp32/bf16).
+struct DepthwiseArgs {
+    ConvGeom g;
+    const uint8_t* xq;  // int8 path: the quantized input
+    bool u8;
+    const int32_t* w32;  // int8 path: [kh * kw][cp] int32, cp = round_up(c, 16), zero past c
+    const float* wf;     // fp32 path: [kh * kw][cp]
+    int64_t cp;
+    Epilogue ep;  // rows = pixels, ldo = c; fp32 path: kind, out, bias, act
+};
+using DepthwiseKernel = void(const DepthwiseArgs& a, int64_t r0, int64_t r1);
+// Per-sample quantization (the int8 depthwise path): range over n values (max |x|, whether every
+// one is >= 0, whether every one is finite), then q[r][i] = byte(clamp(round(x[r][i] * inv), lo,
+// hi)) ^ flip for rows r < rows, i < k (x row stride ldx, q row stride ldq), q[r][k..kp) = flip.
 struct ValueRange {
     float amax = 0.f;
     bool nonneg = true;
@@ -66,19 +98,6 @@ struct ValueRange {
 using RangeKernel = ValueRange(const void* x, DType dt, int64_t n);
 using QuantizeScaledKernel = void(const void* x, DType dt, int64_t rows, int64_t k, int64_t ldx, float inv,
                                   int lo, int hi, uint8_t flip, uint8_t* q, int64_t ldq, int64_t kp);
-// Depthwise (groups = channels = output channels), NHWC: output pixel (img, oy, ox), channel c:
-// acc = sum over the taps inside the image of x[img][iy][ix][c] * w32[tap][c], then the epilogue
-// with m = the pixel's index (sa per pixel). x holds int8 values, or uint8 when u8.
-struct DepthwiseArgs {
-    const uint8_t* x;
-    bool u8;
-    int64_t h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
-    const int32_t* w32;  // [kh * kw][cp] int32, cp = round_up(c, 16), zero past c
-    int64_t cp;
-    Epilogue ep;  // rows = pixels, ldo = c
-};
-// Output rows [r0, r1): row r is image r / oh, oy = r % oh (every ox of it).
-using DepthwiseKernel = void(const DepthwiseArgs& a, int64_t r0, int64_t r1);
 
 // The CSR kernels of one ISA and the activation layout they read (the entry points build it).
 struct CsrKernels {
@@ -100,10 +119,12 @@ struct KernelTable {
     GemmKernel* gemm = nullptr;
     bool shift_u8 = false;
     GemmKernel* amx_gemm = nullptr;  // AMX tiles (tdpbssd): not built yet, null on every CPU
-    // Convolution: the general and 1x1 paths run on gemm; depthwise has its own kernel.
+    // Convolution: every int8 path but depthwise gathers + quantizes rows and runs gemm on them.
+    GatherQuantizeKernel* gather_quantize = nullptr;
+    DepthwiseKernel* depthwise = nullptr;      // int8
+    DepthwiseKernel* depthwise_f32 = nullptr;  // fp32
     RangeKernel* range = nullptr;
     QuantizeScaledKernel* quantize_scaled = nullptr;
-    DepthwiseKernel* depthwise = nullptr;
 
     // Sparse. A null int8 format kernel runs the format's blocks through panel + gemm (exact, not faster).
     CsrKernels csr;

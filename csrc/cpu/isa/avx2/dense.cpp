@@ -95,7 +95,7 @@ inline __m256 act8(__m256 y, int act) {
 
 // 8 consecutive channels of one row; n0 + 8 <= N.
 inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
-    if (ep.colsum_add)
+    if (ep.colsum_add && (!ep.u8_rows || ep.u8_rows[m]))
         acc = _mm256_add_epi32(
             acc, _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ep.colsum_add + n0)), 7));
     if (ep.kind == DType::kI32) {

@@ -130,7 +130,7 @@ inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epil
                        int64_t n0) {
     const __mmask16 mk = tail_mask(n - n0);
     if (colsum) acc = _mm512_sub_epi32(acc, _mm512_slli_epi32(_mm512_load_si512(colsum + n0), 7));
-    if (ep.colsum_add)
+    if (ep.colsum_add && (!ep.u8_rows || ep.u8_rows[m]))
         acc = _mm512_add_epi32(acc, _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, ep.colsum_add + n0), 7));
     if (ep.kind == DType::kI32) {
         _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + m * ep.ldo + n0, mk, acc);

@@ -1,6 +1,7 @@
-// AVX-512 kernels for int8_conv2d: the per-sample range and quantization of an input (the same
-// rounding as ref: x * inv rounded in the current mode, clamped), and the depthwise convolution
-// (16 channels per zmm, up to 4 zmm per pass over the taps; exact int32 sums).
+// AVX-512 kernels of the convolution paths (api/conv.cpp): the gather + per-row quantization of
+// int8 conv rows (quantize_rows' rounding: x * inv rounded in the current mode, clamped), the int8
+// and fp32 depthwise convolutions (16 channels per zmm, up to 4 zmm per pass over the taps), and
+// the per-sample range and quantization of the int8 depthwise path.
 #include <immintrin.h>
 
 #include <cstring>
@@ -11,7 +12,7 @@
 namespace fastinfer::cpu::avx512_vnni {
 namespace {
 
-// [lo, hi) of the taps k with 0 <= base + k * d < size.
+// [lo, hi) of the taps t with 0 <= base + t * d < size.
 inline void tap_range(int64_t base, int64_t d, int64_t taps, int64_t size, int64_t* lo, int64_t* hi) {
     int64_t a = 0, b = taps;
     while (a < b && base + a * d < 0) ++a;
@@ -20,21 +21,23 @@ inline void tap_range(int64_t base, int64_t d, int64_t taps, int64_t size, int64
     *hi = b;
 }
 
+inline size_t elt(DType dt) { return dt == DType::kF32 ? 4 : 2; }
+
 template <int NB, bool U8>
 void dw_pixel(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0) {
+    const ConvGeom& g = a.g;
     __m512i acc[NB];
     _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_si512();
-    const __mmask16 last = tail_mask(a.c - (c0 + (NB - 1) * 16));
+    const __mmask16 last = tail_mask(g.c - (c0 + (NB - 1) * 16));
     int64_t ky0, ky1, kx0, kx1;
-    tap_range(oy * a.sh - a.ph, a.dh, a.kh, a.h, &ky0, &ky1);
-    tap_range(ox * a.sw - a.pw, a.dw, a.kw, a.w, &kx0, &kx1);
+    tap_range(oy * g.sh - g.ph, g.dh, g.kh, g.h, &ky0, &ky1);
+    tap_range(ox * g.sw - g.pw, g.dw, g.kw, g.w, &kx0, &kx1);
     for (int64_t ky = ky0; ky < ky1; ++ky) {
-        const int64_t iy = oy * a.sh - a.ph + ky * a.dh;
-        const uint8_t* xrow = a.x + (img * a.h + iy) * a.w * a.c + c0;
-        const int32_t* wrow = a.w32 + ky * a.kw * a.cp + c0;
+        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+        const uint8_t* xrow = a.xq + (img * g.h + iy) * g.w * g.c + c0;
+        const int32_t* wrow = a.w32 + ky * g.kw * a.cp + c0;
         for (int64_t kx = kx0; kx < kx1; ++kx) {
-            const int64_t ix = ox * a.sw - a.pw + kx * a.dw;
-            const uint8_t* xp = xrow + ix * a.c;
+            const uint8_t* xp = xrow + (ox * g.sw - g.pw + kx * g.dw) * g.c;
             const int32_t* wp = wrow + kx * a.cp;
             _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) {
                 const __m128i b = j == NB - 1 ? _mm_maskz_loadu_epi8(last, xp + 16 * j)
@@ -44,28 +47,120 @@ void dw_pixel(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox, int64
             }
         }
     }
-    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) store_cols(acc[j], a.c, nullptr, a.ep, m, c0 + 16 * j);
+    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) store_cols(acc[j], g.c, nullptr, a.ep, m, c0 + 16 * j);
 }
 
-template <bool U8>
-void dw_rows(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t img = r / a.oh, oy = r % a.oh;
-        for (int64_t ox = 0; ox < a.ow; ++ox) {
-            const int64_t m = r * a.ow + ox;
-            for (int64_t c0 = 0; c0 < a.c; c0 += 64) {
-                switch ((std::min<int64_t>(64, a.c - c0) + 15) / 16) {
-                    case 4: dw_pixel<4, U8>(a, img, oy, ox, m, c0); break;
-                    case 3: dw_pixel<3, U8>(a, img, oy, ox, m, c0); break;
-                    case 2: dw_pixel<2, U8>(a, img, oy, ox, m, c0); break;
-                    default: dw_pixel<1, U8>(a, img, oy, ox, m, c0); break;
-                }
-            }
+template <int NB>
+void dwf_pixel(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0) {
+    const ConvGeom& g = a.g;
+    const Epilogue& ep = a.ep;
+    __m512 acc[NB];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_ps();
+    __mmask16 mk[NB];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) mk[j] = tail_mask(g.c - (c0 + 16 * j));
+    int64_t ky0, ky1, kx0, kx1;
+    tap_range(oy * g.sh - g.ph, g.dh, g.kh, g.h, &ky0, &ky1);
+    tap_range(ox * g.sw - g.pw, g.dw, g.kw, g.w, &kx0, &kx1);
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+        const int64_t xrow = (img * g.h + iy) * g.w * g.c + c0;
+        const float* wrow = a.wf + ky * g.kw * a.cp + c0;
+        for (int64_t kx = kx0; kx < kx1; ++kx) {
+            const int64_t xo = xrow + (ox * g.sw - g.pw + kx * g.dw) * g.c;
+            const float* wp = wrow + kx * a.cp;
+            _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j)
+                acc[j] = _mm512_fmadd_ps(load_x16(g.x, g.dt, xo + 16 * j, mk[j]), _mm512_load_ps(wp + 16 * j), acc[j]);
         }
+    }
+    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) {
+        const int64_t c = c0 + 16 * j;
+        const __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk[j], ep.bias + c) : _mm512_setzero_ps();
+        const __m512 y = act16(_mm512_add_ps(acc[j], b), ep.act);
+        if (ep.kind == DType::kF32)
+            _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + c, mk[j], y);
+        else
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + c, mk[j], to_bf16(y));
+    }
+}
+
+template <class Pixel>
+void dw_rows(const DepthwiseArgs& a, int64_t r0, int64_t r1, Pixel&& pixel) {
+    const ConvGeom& g = a.g;
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t img = r / g.oh, oy = r % g.oh;
+        for (int64_t ox = 0; ox < g.ow; ++ox)
+            for (int64_t c0 = 0; c0 < g.c; c0 += 64)
+                pixel(img, oy, ox, r * g.ow + ox, c0, (std::min<int64_t>(64, g.c - c0) + 15) / 16);
     }
 }
 
 }  // namespace
+
+void gather_quantize(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, int64_t m1, uint8_t flip,
+                     uint8_t* tile, int64_t kp, float* sa, uint8_t* u8) {
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 inf = _mm512_set1_ps(__builtin_inff());
+    const int64_t pix = g.oh * g.ow, k = g.kh * g.kw * cg;
+    const uint8_t* x = static_cast<const uint8_t*>(g.x);
+    const size_t e = elt(g.dt);
+    for (int64_t m = m0; m < m1; ++m) {
+        const int64_t img = m / pix, oy = m % pix / g.ow, ox = m % g.ow;
+        uint8_t* row = tile + (m - m0) * kp;
+        int64_t ky0, ky1, kx0, kx1;
+        tap_range(oy * g.sh - g.ph, g.dh, g.kh, g.h, &ky0, &ky1);
+        tap_range(ox * g.sw - g.pw, g.dw, g.kw, g.w, &kx0, &kx1);
+        auto src = [&](int64_t ky, int64_t kx) {  // channel 0 of the group at tap (ky, kx)
+            const int64_t iy = oy * g.sh - g.ph + ky * g.dh, ix = ox * g.sw - g.pw + kx * g.dw;
+            return x + size_t(((img * g.h + iy) * g.w + ix) * g.c + group * cg) * e;
+        };
+        __m512 vmax = _mm512_setzero_ps();
+        __mmask16 bad = 0, neg = 0;
+        for (int64_t ky = ky0; ky < ky1; ++ky)
+            for (int64_t kx = kx0; kx < kx1; ++kx) {
+                const void* p = src(ky, kx);
+                for (int64_t c = 0; c < cg; c += 16) {
+                    const __mmask16 mk = tail_mask(cg - c);
+                    const __m512 x16 = load_x16(p, g.dt, c, mk);
+                    neg |= _mm512_mask_cmp_ps_mask(mk, x16, _mm512_setzero_ps(), _CMP_LT_OQ);
+                    const __m512 v = _mm512_and_ps(x16, abs_mask);
+                    bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // Inf or NaN
+                    vmax = _mm512_max_ps(vmax, v);
+                }
+            }
+        const bool nonneg = neg == 0;
+        const float amax = _mm512_reduce_max_ps(vmax);
+        const float qmax = nonneg ? 255.f : 127.f;
+        const float inv = qmax / amax;
+        u8[m - m0] = 0;
+        if (bad || amax == 0.f || !(inv < __builtin_inff())) {
+            sa[m - m0] = bad ? __builtin_nanf("") : 0.f;
+            std::memset(row, flip, size_t(kp));
+            continue;
+        }
+        sa[m - m0] = amax / qmax;
+        u8[m - m0] = nonneg;
+        const uint8_t f = nonneg ? uint8_t(flip ^ 0x80) : flip;  // u8: q - 128 = q ^ 0x80 as int8
+        const __m512i lo = _mm512_set1_epi32(nonneg ? 0 : -127), hi = _mm512_set1_epi32(nonneg ? 255 : 127);
+        const __m128i vflip = _mm_set1_epi8(char(f));
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (int64_t ky = 0; ky < g.kh; ++ky)
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+                uint8_t* dst = row + (ky * g.kw + kx) * cg;
+                if (ky < ky0 || ky >= ky1 || kx < kx0 || kx >= kx1) {
+                    std::memset(dst, f, size_t(cg));
+                    continue;
+                }
+                const void* p = src(ky, kx);
+                for (int64_t c = 0; c < cg; c += 16) {
+                    const __mmask16 mk = tail_mask(cg - c);
+                    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(p, g.dt, c, mk), vinv));
+                    r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+                    _mm_mask_storeu_epi8(dst + c, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(r), vflip));
+                }
+            }
+        std::memset(row + k, f, size_t(kp - k));
+    }
+}
 
 ValueRange range(const void* x, DType dt, int64_t n) {
     const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
@@ -106,10 +201,36 @@ void quantize_scaled(const void* x, DType dt, int64_t rows, int64_t k, int64_t l
 }
 
 void depthwise(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
-    if (a.u8)
-        dw_rows<true>(a, r0, r1);
-    else
-        dw_rows<false>(a, r0, r1);
+    auto pixel = [&](int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0, int64_t nb) {
+        if (a.u8) {
+            switch (nb) {
+                case 4: dw_pixel<4, true>(a, img, oy, ox, m, c0); break;
+                case 3: dw_pixel<3, true>(a, img, oy, ox, m, c0); break;
+                case 2: dw_pixel<2, true>(a, img, oy, ox, m, c0); break;
+                default: dw_pixel<1, true>(a, img, oy, ox, m, c0); break;
+            }
+        } else {
+            switch (nb) {
+                case 4: dw_pixel<4, false>(a, img, oy, ox, m, c0); break;
+                case 3: dw_pixel<3, false>(a, img, oy, ox, m, c0); break;
+                case 2: dw_pixel<2, false>(a, img, oy, ox, m, c0); break;
+                default: dw_pixel<1, false>(a, img, oy, ox, m, c0); break;
+            }
+        }
+    };
+    dw_rows(a, r0, r1, pixel);
+}
+
+void depthwise_f32(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
+    auto pixel = [&](int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0, int64_t nb) {
+        switch (nb) {
+            case 4: dwf_pixel<4>(a, img, oy, ox, m, c0); break;
+            case 3: dwf_pixel<3>(a, img, oy, ox, m, c0); break;
+            case 2: dwf_pixel<2>(a, img, oy, ox, m, c0); break;
+            default: dwf_pixel<1>(a, img, oy, ox, m, c0); break;
+        }
+    };
+    dw_rows(a, r0, r1, pixel);
 }
 
 }  // namespace fastinfer::cpu::avx512_vnni

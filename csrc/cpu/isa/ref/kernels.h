@@ -14,5 +14,7 @@ EllF32Kernel ell_f32;
 RangeKernel range;
 QuantizeScaledKernel quantize_scaled;
 DepthwiseKernel depthwise;
+DepthwiseKernel depthwise_f32;
+GatherQuantizeKernel gather_quantize;
 
 }  // namespace fastinfer::cpu::ref
