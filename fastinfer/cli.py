@@ -82,6 +82,31 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_conv(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinfer.bench import conv as bench_conv, ops as bench_ops
+
+    try:
+        layers = bench_conv.select([n.strip() for n in args.convs.split(",") if n.strip()] if args.convs else None)
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else list(bench_conv.BATCHES)
+        if any(b < 1 for b in batches):
+            raise ValueError("--batches must be positive")
+        if args.rounds is not None and args.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+    except ValueError as e:
+        print(f"fastinfer bench: error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    meta = bench_ops.environment_meta(command=_command(args), dram=False)  # peaks: the int8 ceiling
+    rows = bench_conv.run(layers, batches, quick=args.quick, rounds=args.rounds,
+                          target_s=args.batch_ms / 1e3 if args.batch_ms else None, progress=not args.no_progress)  # fmt: skip
+    _emit(args, bench_conv.format_markdown(rows, meta))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -92,6 +117,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_sparse(args)
     if args.suite == "models":
         return _cmd_bench_models(args)
+    if args.suite == "conv":
+        return _cmd_bench_conv(args)
 
     try:
         if args.shapes:
@@ -160,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "resnet50-b1, ...; image = every image case; default: all)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=224,
                    help="--suite models: image side of the image cases (default 224; smaller for a quick look)")
+    p.add_argument("--convs", help="--suite conv: comma-separated layers or prefixes (mbv2, lite0, r50, "
+                   "mbv2-dw3x3-144-s2, r50-stem-7x7, ...; default: all)")  # fmt: skip
+    p.add_argument("--batches", help="--suite conv: comma-separated batch sizes (default 16,1)")
     p.add_argument("--no-interleaved", action="store_true",
                    help="--suite ops: skip the rows that time each layer right after a torch op")
     p.add_argument("--no-onnx", action="store_true", help="--suite models: skip the ONNX Runtime and OpenVINO peers")
