@@ -67,15 +67,43 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
         bench_models.default_cases(names)  # validates the names before any model is built
         if args.rounds is not None and args.rounds < 1:
             raise ValueError("--rounds must be >= 1")
+        if args.image_size < 32:
+            raise ValueError("--image-size must be >= 32 (the image models downsample 32x)")
     except ValueError as e:
         print(f"fastinfer bench: error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     meta = bench_ops.environment_meta(command=_command(args), dram=False, peaks=False)
     results = bench_models.run(names, quick=args.quick, rounds=args.rounds, threads=args.threads,
-                                onnx=not args.no_onnx, progress=not args.no_progress)  # fmt: skip
+                                onnx=not args.no_onnx, progress=not args.no_progress,
+                                image_size=args.image_size)  # fmt: skip
     text = bench_models.format_markdown(results, meta)
     _emit(args, text)
+    return 0
+
+
+def _cmd_bench_conv(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinfer.bench import conv as bench_conv, ops as bench_ops
+
+    try:
+        layers = bench_conv.select([n.strip() for n in args.convs.split(",") if n.strip()] if args.convs else None)
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else list(bench_conv.BATCHES)
+        if any(b < 1 for b in batches):
+            raise ValueError("--batches must be positive")
+        if args.rounds is not None and args.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+    except ValueError as e:
+        print(f"fastinfer bench: error: {e}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    meta = bench_ops.environment_meta(command=_command(args), dram=False)  # peaks: the int8 ceiling
+    rows = bench_conv.run(layers, batches, quick=args.quick, rounds=args.rounds,
+                          target_s=args.batch_ms / 1e3 if args.batch_ms else None, progress=not args.no_progress)  # fmt: skip
+    _emit(args, bench_conv.format_markdown(rows, meta))
     return 0
 
 
@@ -89,6 +117,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_sparse(args)
     if args.suite == "models":
         return _cmd_bench_models(args)
+    if args.suite == "conv":
+        return _cmd_bench_conv(args)
 
     try:
         if args.shapes:
@@ -146,13 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
         "times, TOPS, ratios and (for small M) weight bandwidth.",
     )
     p.add_argument(
-        "--suite", choices=("dense", "ops", "sparse", "models"), default="dense",
+        "--suite", choices=("dense", "ops", "sparse", "models", "conv"), default="dense",
         help="dense (= ops): Int8Linear vs PyTorch peers (default); sparse: sparse layers vs dense and "
-        "torch CSR; models: whole models (MiniLM, BERT-base, GPT-2 generate) vs bf16, torch.ao, "
-        "ONNX Runtime and OpenVINO int8",
+        "torch CSR; models: whole models (MiniLM, BERT-base, GPT-2 generate; MobileNetV2, ResNet-50/18, "
+        "EfficientNet-Lite0) vs bf16, torch.ao, ONNX Runtime and OpenVINO; conv: single conv layers "
+        "of those image models, Int8Conv2d vs fp32/bf16 channels_last nn.Conv2d",
     )  # fmt: skip
     p.add_argument("--models", help="--suite models: comma-separated cases or prefixes (minilm, bert-base, "
-                   "gpt2-generate, minilm-32x16, ...; default: all)")  # fmt: skip
+                   "gpt2-generate, mobilenet_v2, resnet50, efficientnet_lite0, resnet18, minilm-32x16, "
+                   "resnet50-b1, ...; image = every image case; default: all)")  # fmt: skip
+    p.add_argument("--image-size", type=int, default=224,
+                   help="--suite models: image side of the image cases (default 224; smaller for a quick look)")
+    p.add_argument("--convs", help="--suite conv: comma-separated layers or prefixes (mbv2, lite0, r50, "
+                   "mbv2-dw3x3-144-s2, r50-stem-7x7, ...; default: all)")  # fmt: skip
+    p.add_argument("--batches", help="--suite conv: comma-separated batch sizes (default 16,1)")
     p.add_argument("--no-interleaved", action="store_true",
                    help="--suite ops: skip the rows that time each layer right after a torch op")
     p.add_argument("--no-onnx", action="store_true", help="--suite models: skip the ONNX Runtime and OpenVINO peers")

@@ -1,5 +1,6 @@
-"""`fastinfer bench --suite models` on the smallest case, and the guard that keeps a busy machine's
-figures out of the report."""
+"""`fastinfer bench --suite models` on the smallest case (and an image case on small images),
+`--suite conv` on its smallest layer, and the guard that keeps a busy machine's figures out of the
+report."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from fastinfer import cli
 from fastinfer.bench import guard as _bench_guard, models as _bench_models
@@ -106,3 +108,84 @@ def test_noisy_rounds_are_dropped_from_the_samples():
     assert len(guard.rounds) == 6 and len(samples["p"]) == 3
     assert guard.verdict(bench_ops.min_clean_rounds(6)) is None
     assert guard.verdict(4).startswith("NOISY")
+
+
+# ------------------------------------------------------------------------------ image cases, conv suite
+
+
+@pytest.fixture
+def every_round_clean(monkeypatch):
+    """Figures are printed whatever else the machine runs (what the tables hold is checked here;
+    dropping busy rounds is test_guard_sees_another_process_on_the_cpu's business)."""
+    monkeypatch.setattr(_bench_guard.CpuGuard, "clean", lambda self, i: True)
+
+
+def test_image_cases_are_selected_by_key_or_prefix():
+    assert len(_bench_models.default_cases(["mobilenet", "resnet50"])) == 4  # b16 and b1 of each
+    assert len(_bench_models.default_cases(["mobilenet_v2-b1"])) == 1  # a full key: not b16 too
+    assert len(_bench_models.default_cases(["image"])) == len(_bench_models.IMAGE_CASES)
+    with pytest.raises(ValueError, match="unknown model case"):
+        _bench_models.default_cases(["resnet-9000"])
+
+
+def test_image_case_every_peer(every_round_clean):
+    """A small CNN on 32x32 images, one round, every peer this environment has: torch fp32/bf16
+    channels_last, fastinfer (fp32 and bf16), and OpenVINO / ONNX Runtime where installed (a peer
+    that fails is reported, not fatal). Fidelity columns are filled, "vs best peer" compares with a
+    peer that is not ours, and the markdown holds the image table."""
+    case = _bench_models.image_case("small_cnn", batch=4, size=32, calib_images=8)
+    assert case.kind == "image" and case.inputs["x"].is_contiguous(memory_format=torch.channels_last)
+    res = _bench_models.run_case(case, rounds=1, min_clean=1, threads=1, engine=torch.backends.quantized.engine)
+    rows = {r["peer"]: r for r in res["rows"]}
+    for peer in ("fp32 channels_last", "bf16 channels_last", "fastinfer", "fastinfer bf16"):
+        assert peer in rows, (peer, res["errors"])
+    for peer in ("openvino fp32", "openvino int8", "onnxruntime int8"):
+        assert peer in rows or peer in res["errors"], peer
+    assert "torch.ao dynamic" in res["errors"]  # not measured on convs, and said so
+    ours = rows["fastinfer"]
+    assert ours["cos_mean"] > 0.9 and 0.0 <= ours["top1"] <= 1.0 and ours["sqnr_db"] > 5.0, ours
+    assert "Int8Conv2d" in ours["note"] and ours["layer_share"] is not None
+    assert rows["fp32 channels_last"]["top1"] == 1.0
+    assert res["best_peer"] in rows and not res["best_peer"].startswith("fastinfer")
+    assert ours["ms"] > 0 and ours["vs best peer"] > 0 and ours["vs fp32"] > 0
+    text = _bench_models.format_markdown([res])
+    assert "## small CNN b4 32x32" in text and "| peer | ms / batch | img/s | vs fp32 | vs best peer |" in text
+    assert "RANDOM weights" in text and f"best peer (fastest that is not fastinfer's): {res['best_peer']}" in text
+
+
+def test_models_suite_image_case_cli(capsys):
+    """`--suite models --models mobilenet_v2-b1 --image-size 32`: the real MobileNetV2 on small
+    images through the command line, one round, torch and fastinfer peers only."""
+    rc = cli.main(["bench", "--suite", "models", "--models", "mobilenet_v2-b1", "--image-size", "32", "--rounds", "1",
+                   "--no-onnx", "--no-progress", "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "## MobileNetV2 b1 32x32" in text and "MobileNetV2 b16" not in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for peer in ("fp32 channels_last", "bf16 channels_last", "fastinfer", "fastinfer bf16"):
+        assert peer in rows, (peer, text)
+    assert "52 Int8Conv2d" in rows["fastinfer"]
+    assert cli.main(["bench", "--suite", "models", "--image-size", "8"]) == 2
+
+
+def test_conv_suite_tiny(capsys, every_round_clean):
+    """`--suite conv` on the smallest named layer at batch 1, and a tiny depthwise layer of our own:
+    the three peers, their SQNR check, int8 TOPS against the measured ceiling, the summary line."""
+    from fastinfer.bench import conv as bench_conv
+
+    rc = cli.main(["bench", "--suite", "conv", "--convs", "r50-3x3-512", "--batches", "1", "--quick", "--rounds", "2",
+                   "--batch-ms", "1", "--no-progress", "--threads", "1"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "int8 compute ceiling" in text
+    for peer in ("fp32 channels_last", "bf16 channels_last", "ours Int8Conv2d"):
+        assert f"| ResNet-50 3x3 512->512 at 7x7 | 1 | >= 0 | 7x7 | 0.116 | {peer} |" in text, (peer, text)
+    assert "SQNR" in text and "ERROR" not in text and "- ResNet-50 3x3 512->512 at 7x7, batch 1: ours" in text
+
+    tiny = bench_conv.ConvLayer("tiny-dw", "tiny depthwise 5x5, stride 2", 16, 16, 5, 2, 16, 9, relu_input=True)
+    rows = bench_conv.run([tiny], batches=[2], rounds=2, target_s=1e-3, progress=False)
+    ours = next(r for r in rows if r["peer"] == "ours Int8Conv2d")
+    assert ours["out"] == 5 and ours["tops"] > 0 and ours["vs fp32"] > 0 and ours["check"].startswith("SQNR")
+    assert float(ours["check"].split()[1]) > 25.0, ours["check"]
+    assert cli.main(["bench", "--suite", "conv", "--convs", "vgg"]) == 2
+    assert "unknown conv layer" in capsys.readouterr().err

@@ -14,11 +14,35 @@ installed), then every peer of it in one process:
   onnxruntime int8     exported to ONNX, quantize_dynamic(per_channel=True)   (if installed)
   openvino int8        ov.convert_model + nncf.quantize (static, calibrated)  (if installed)
 
+Image cases (kind "image": MobileNetV2, ResNet-50, ResNet-18, EfficientNet-Lite0-shaped from
+fastinfer.bench.cnn, built locally with RANDOM weights and BatchNorm statistics settled on random
+images; batch 16 and 1 at 224x224, random images with a fixed seed) have their own peers, each fed
+the same images:
+
+  fp32 channels_last   model.to(memory_format=torch.channels_last), channels_last input (torch's
+                       fastest fp32 setup on CPU)
+  bf16 channels_last   the same, .bfloat16(), bf16 input
+  fastinfer            fastinfer.quantize(channels_last model): Int8Conv2d with BatchNorm folded and
+                       ReLU/ReLU6 fused, fp32 channels_last input
+  fastinfer bf16       fastinfer.quantize(channels_last model.bfloat16()), bf16 input
+  openvino fp32        ov.convert_model, compiled for CPU with INFERENCE_PRECISION_HINT f32
+  openvino int8        the same converted model through nncf.quantize (static, calibrated)
+  onnxruntime int8     ONNX export, quant_pre_process, quantize_static QDQ (uint8 activations,
+                       per-channel int8 weights, MinMax calibration)
+  (torch.ao is not measured on image cases: quantize_dynamic converts nn.Linear only, so the
+  convs, nearly all of the work, would stay fp32.)
+
+Both static-quantization peers calibrate on random images (a different seed from the timed ones).
+OpenVINO and ONNX Runtime take the images NCHW-contiguous (their own layout choice is theirs).
+
 Fidelity is checked first (encoders: cosine of the mask-mean-pooled embedding vs fp32, mean and
 worst over the batch; generate: share of generated tokens equal to fp32's, and the cosine of the
-prompt's last-position logits). Timing goes in rounds,
+prompt's last-position logits; images: cosine of the logits, mean and worst over the batch, top-1
+agreement with fp32 and the SQNR of the logits; on random weights these say how close a peer stays
+to fp32, not how accurate a trained model would be). Timing goes in rounds,
 every peer once a round in a rotating order; a peer's time is the median over clean rounds, and a
-ratio is the median over rounds of the two times of the same round. A round in which another
+ratio is the median over rounds of the two times of the same round; for image cases "vs best
+peer" compares with the fastest peer that is not fastinfer's. A round in which another
 process used the CPU is dropped (fastinfer.bench.guard); with too few clean rounds the case is
 not printed. For the fastinfer peers, a separate pass times our layers with forward hooks: the
 share of the forward spent in them.
@@ -26,7 +50,9 @@ share of the forward spent in them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import math
 import os
@@ -43,6 +69,7 @@ import torch
 from torch import nn
 
 import fastinfer
+from fastinfer.bench import cnn
 from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
 
@@ -57,9 +84,9 @@ QUICK_TIMING = (3, 2)
 @dataclass
 class Case:
     name: str  # e.g. "MiniLM-L6 (real weights) 32x16"
-    kind: str  # "encoder" or "generate"
+    kind: str  # "encoder", "generate" or "image"
     model: nn.Module
-    inputs: dict[str, torch.Tensor]  # encoder: input_ids, attention_mask; generate: input_ids
+    inputs: dict[str, torch.Tensor]  # encoder: input_ids, attention_mask; generate: input_ids; image: x
     new_tokens: int = 0
     note: str = ""
     calib: list[dict[str, torch.Tensor]] = field(default_factory=list)  # static-quant peers
@@ -128,10 +155,45 @@ def _bert(hidden: int, layers: int, heads: int, inter: int, seed: int) -> nn.Mod
 
 ENCODER_SHAPES = ((32, 16), (8, 128))  # (batch, tokens)
 GENERATE_BATCHES = (1, 8)
+# (architecture in fastinfer.bench.cnn, batch); case keys "mobilenet_v2-b16", ...
+IMAGE_CASES = (("mobilenet_v2", 16), ("resnet50", 16), ("efficientnet_lite0", 16), ("resnet18", 16),
+               ("mobilenet_v2", 1), ("resnet50", 1))  # fmt: skip
+IMAGE_SIZE = 224
+CALIB_IMAGES = 32  # random images for the static-quantization peers (in batches of the case's batch)
+IMAGE_ARCHS: dict[str, tuple[str, Callable[[], nn.Module]]] = {
+    "mobilenet_v2": ("MobileNetV2", cnn.mobilenet_v2),
+    "resnet50": ("ResNet-50", cnn.resnet50),
+    "resnet18": ("ResNet-18", cnn.resnet18),
+    "efficientnet_lite0": ("EfficientNet-Lite0-shaped", cnn.efficientnet_lite0),
+    "small_cnn": ("small CNN", lambda: cnn.small_cnn(num_classes=10, channels=3)),  # tests: cheap
+}
 
 
-def default_cases(names: list[str] | None = None) -> list[Callable[[], Case]]:
-    """Builders (called lazily, one at a time, so only one model is in memory) for the suite."""
+def _images(batch: int, size: int, seed: int) -> torch.Tensor:
+    """Random images (unit normal, about what a normalized photo holds), channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+
+
+def image_case(arch: str, batch: int, size: int = IMAGE_SIZE, calib_images: int = CALIB_IMAGES) -> Case:
+    """One image case: cnn.<arch>() with weights from seed 0, BatchNorm settled on random images
+    of `size` (eval mode), `batch` random images as input and `calib_images` others to calibrate."""
+    title, build = IMAGE_ARCHS[arch]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build()
+    cnn.settle_batchnorm(model, size=size)
+    n_calib = max(1, math.ceil(calib_images / batch))
+    return Case(f"{title} b{batch} {size}x{size}", "image", model, {"x": _images(batch, size, seed=0)},
+                calib=[{"x": _images(batch, size, seed=1000 + i)} for i in range(n_calib)],
+                note=f"built locally (RANDOM weights, BatchNorm settled on random images): fidelity is closeness "
+                     f"to fp32 on random images, not accuracy; {n_calib * batch} calibration images")  # fmt: skip
+
+
+def default_cases(names: list[str] | None = None, image_size: int = IMAGE_SIZE) -> list[Callable[[], Case]]:
+    """Builders (called lazily, one at a time, so only one model is in memory) for the suite.
+    `names` are case keys or prefixes of them ("minilm", "resnet50", "mobilenet_v2-b1", ...);
+    "image" stands for every image case."""
     builders: list[tuple[str, Callable[[], Case]]] = []
 
     def minilm(b: int, s: int) -> Case:
@@ -167,16 +229,21 @@ def default_cases(names: list[str] | None = None) -> list[Callable[[], Case]]:
         builders.append((f"bert-base-{b}x{s}", lambda b=b, s=s: bert_base(b, s)))
     for b in GENERATE_BATCHES:
         builders.append((f"gpt2-generate-b{b}", lambda b=b: gpt2(b)))
+    for arch, b in IMAGE_CASES:
+        builders.append((f"{arch}-b{b}", lambda arch=arch, b=b: image_case(arch, b, image_size)))
     if names:
+        image_keys = [f"{arch}-b{b}" for arch, b in IMAGE_CASES]
+        names = [k for n in names for k in (image_keys if n == "image" else [n])]
         known = {n for n, _ in builders}
         bad = [n for n in names if not any(k.startswith(n) for k in known)]
         if bad:
             raise ValueError(f"unknown model case(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        builders = [(n, f) for n, f in builders if any(n.startswith(x) for x in names)]
+        # a full key selects that case alone ("mobilenet_v2-b1" is not "mobilenet_v2-b16"), else a prefix
+        builders = [(n, f) for n, f in builders if any(n == x or (x not in known and n.startswith(x)) for x in names)]
     return [f for _, f in builders]
 
 
-CASE_NAMES = ("minilm", "bert-base", "gpt2-generate")
+CASE_NAMES = ("minilm", "bert-base", "gpt2-generate", "mobilenet_v2", "resnet50", "efficientnet_lite0", "resnet18", "image")
 
 
 # ------------------------------------------------------------------------------------------- peers
@@ -305,7 +372,149 @@ def _onnx_peers(case: Case, threads: int, errors: dict[str, str]) -> list[Peer]:
     return peers
 
 
+@contextmanager
+def _no_stdout() -> Iterator[None]:
+    """NNCF draws its progress bars on stdout, where the report goes."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _report_note(q: nn.Module) -> str:
+    """What fastinfer.quantize did, from its conversion report: "52 Int8Conv2d, 1 Int8Linear; ..."."""
+    try:
+        rep = fastinfer.conversion_report(q)
+    except (TypeError, ValueError):
+        return ""
+    counts: dict[str, int] = {}
+    for r in rep.converted:
+        counts[r.result] = counts.get(r.result, 0) + 1
+    folded = sum("BatchNorm2d folded" in r.detail for r in rep.converted)
+    fused = sum(" fused" in r.detail for r in rep.converted)
+    note = ", ".join(f"{n} {k}" for k, n in counts.items()) or "nothing converted"
+    note += f"; {folded} BatchNorm2d folded, {fused} activations fused; {len(rep.left_float)} layers left float"
+    return note
+
+
+def _logits(y: Any) -> torch.Tensor:
+    return (torch.from_numpy(y.copy()) if not isinstance(y, torch.Tensor) else y).float()
+
+
+def _image_peers(case: Case, threads: int, onnx: bool) -> tuple[list[Peer], dict[str, str]]:
+    errors: dict[str, str] = {}
+    x = case.inputs["x"]  # channels_last fp32
+    m_cl = copy.deepcopy(case.model).to(memory_format=torch.channels_last)
+    m_bf = copy.deepcopy(m_cl).bfloat16()
+    x_bf = x.bfloat16()
+    peers = [Peer("fp32 channels_last", lambda: m_cl(x), _logits, note="model and input channels_last"),
+             Peer("bf16 channels_last", lambda: m_bf(x_bf), _logits, note="model.bfloat16(), bf16 channels_last input")]  # fmt: skip
+    for name, model, inp, what in (("fastinfer", m_cl, x, "fp32 channels_last input"),
+                                   ("fastinfer bf16", m_bf, x_bf, "quantize(model.bfloat16()), bf16 input")):  # fmt: skip
+        try:
+            with _quiet():
+                q = fastinfer.quantize(model, fastinfer.QuantConfig(progress=False))
+            peers.append(Peer(name, lambda q=q, inp=inp: q(inp), _logits, ours=q, note=f"{what}; {_report_note(q)}"))
+        except Exception as e:
+            errors[name] = _err(e)
+    errors["torch.ao dynamic"] = "not measured: quantize_dynamic converts nn.Linear only, the convs would stay fp32"
+    if onnx:
+        peers += _image_onnx_peers(case, threads, errors)
+    return peers, errors
+
+
+def _image_onnx_peers(case: Case, threads: int, errors: dict[str, str]) -> list[Peer]:
+    """OpenVINO fp32 and int8 (nncf static) and ONNX Runtime int8 (static QDQ) of the fp32 model."""
+    peers: list[Peer] = []
+    x_np = case.inputs["x"].contiguous().numpy()  # NCHW: what an exported graph takes
+    calib = [c["x"].contiguous().numpy() for c in case.calib] or [x_np]
+    model = case.model
+    try:
+        with _quiet():
+            import nncf
+            import openvino as ov
+
+            with torch.no_grad():
+                ovm = ov.convert_model(model, example_input=torch.from_numpy(x_np))
+        core = ov.Core()
+
+        def ov_peer(name: str, m: Any, config: dict, note: str) -> Peer:
+            compiled = core.compile_model(m, "CPU", config)
+            req = compiled.create_infer_request()
+            out = compiled.output(0)
+            return Peer(name, lambda: req.infer([x_np], share_inputs=True)[out], _logits, note=note)
+
+        try:
+            peers.append(ov_peer("openvino fp32", ovm, {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"},
+                                 f"openvino {ov.__version__}, INFERENCE_PRECISION_HINT f32"))  # fmt: skip
+        except Exception as e:
+            errors["openvino fp32"] = _err(e)
+        try:
+            logging.getLogger("nncf").setLevel(logging.ERROR)
+            with _quiet(), _no_stdout():
+                qm = nncf.quantize(ovm, nncf.Dataset(calib), subset_size=len(calib) * calib[0].shape[0])
+            peers.append(ov_peer("openvino int8", qm, {"INFERENCE_NUM_THREADS": threads},
+                                 f"openvino {ov.__version__}, nncf {nncf.__version__} static ({len(calib) * calib[0].shape[0]} images)"))  # fmt: skip
+        except Exception as e:
+            errors["openvino int8"] = _err(e)
+    except ImportError:
+        errors["openvino fp32"] = errors["openvino int8"] = "not installed (pip install 'fastinfer[peers]')"
+    except Exception as e:  # the conversion failed: neither OpenVINO peer exists
+        errors["openvino fp32"] = errors["openvino int8"] = _err(e)
+    tmp = tempfile.mkdtemp(prefix="fastinfer-bench-")
+    try:
+        with _quiet():
+            import onnxruntime as ort
+            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        ort.set_default_logger_severity(3)  # the quantizer's sessions warn about every unused initializer
+        path = os.path.join(tmp, "model.onnx")
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(model, (torch.from_numpy(x_np),), path, input_names=["input"], output_names=["logits"],
+                              opset_version=17, dynamo=False)  # fmt: skip
+        pre = os.path.join(tmp, "model.pre.onnx")
+        note = f"onnxruntime {ort.__version__}, quantize_static QDQ u8 act / s8 per-channel weights"
+        try:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            with _quiet():
+                quant_pre_process(path, pre)
+        except Exception as e:  # the quantizer works on the plain export too
+            pre = path
+            note += f" (quant_pre_process failed: {type(e).__name__})"
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter(calib)
+
+            def get_next(self):
+                c = next(self.it, None)
+                return None if c is None else {"input": c}
+
+        qpath = os.path.join(tmp, "model.int8.onnx")
+        with _quiet():
+            quantize_static(pre, qpath, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(qpath, so, providers=["CPUExecutionProvider"])
+        feeds = {"input": x_np}
+        peers.append(Peer("onnxruntime int8", lambda: sess.run(None, feeds)[0], _logits,
+                          note=f"{note}, {len(calib) * calib[0].shape[0]} calibration images"))  # fmt: skip
+    except ImportError:
+        errors["onnxruntime int8"] = "not installed (pip install 'fastinfer[peers]')"
+    except Exception as e:
+        errors["onnxruntime int8"] = _err(e)
+    return peers
+
+
 def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tuple[list[Peer], dict[str, str]]:
+    if case.kind == "image":
+        return _image_peers(case, threads, onnx)
     errors: dict[str, str] = {}
     m = case.model
     peers = [_torch_peer("fp32", m, case)]
@@ -344,13 +553,24 @@ def _cos(y: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
 
 
+def _sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    err = (y.double() - ref).pow(2).sum().item()
+    if err == 0.0:
+        return math.inf
+    return 10.0 * math.log10(ref.pow(2).sum().item() / err) if math.isfinite(err) else -math.inf
+
+
 def _fidelity(case: Case, y: torch.Tensor, ref: torch.Tensor) -> dict:
     if case.kind == "encoder":
         return _cos(y, ref)
+    if case.kind == "image":  # logits [batch, classes]
+        return {**_cos(y, ref), "top1": float((y.argmax(-1) == ref.argmax(-1)).float().mean()),
+                "sqnr_db": _sqnr_db(y.float(), ref.float())}  # fmt: skip
     return {"token_match": float((y == ref).float().mean())}
 
 
-_OUR_LAYERS = ("Int8Linear", "SparseInt8Linear", "SparseLinear")
+_OUR_LAYERS = ("Int8Linear", "SparseInt8Linear", "SparseLinear", "Int8Conv2d")
 
 
 def layer_share(peer: Peer, repeats: int = 3) -> float | None:
@@ -381,8 +601,9 @@ def layer_share(peer: Peer, repeats: int = 3) -> float | None:
 def run_case(case: Case, rounds: int, min_clean: int, threads: int, engine: str, onnx: bool = True,
              tick: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Peers of one case: fidelity, interleaved timing, layer share. Returns a result dict."""
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference mode: Int8Conv2d's weight cache reads its buffers' versions
         peers, errors = build_peers(case, threads, engine, onnx)
+    with torch.inference_mode():
         outs = {}
         for p in list(peers):
             try:
@@ -390,7 +611,7 @@ def run_case(case: Case, rounds: int, min_clean: int, threads: int, engine: str,
             except Exception as e:
                 errors[p.name] = f"{type(e).__name__}: {str(e)[:200]}"
                 peers.remove(p)
-        ref = outs["fp32"]
+        ref = outs[peers[0].name]  # fp32 (channels_last for image cases)
         fid = {p.name: _fidelity(case, outs[p.name], ref) for p in peers}
         if case.kind == "generate":  # generated tokens of a random-weight model say little alone
             ref_logits = peers[0].logits()
@@ -414,28 +635,39 @@ def run_case(case: Case, rounds: int, min_clean: int, threads: int, engine: str,
     clean = guard.clean_indices()
     verdict = guard.verdict(min_clean)
     rows = []
+    # image cases: ratios vs fp32 channels_last and vs the fastest peer that is not ours
+    bases = {"fp32": "fp32", "bf16 model.bfloat16()": "bf16 model.bfloat16()", "fastinfer": "fastinfer"}
+    best = None
+    if case.kind == "image":
+        bases = {"fp32": peers[0].name, "fastinfer": "fastinfer"}
+        others = [p.name for p in peers if not p.name.startswith("fastinfer")]
+        if clean and verdict is None:
+            best = min(others, key=lambda n: statistics.median(samples[n][i] for i in clean))
+            bases["best peer"] = best
     for p in peers:
         ts = [samples[p.name][i] for i in clean]
         row = {"peer": p.name, "note": p.note, **fid[p.name], "layer_share": shares.get(p.name)}
         if ts and verdict is None:
             row["ms"] = statistics.median(ts) * 1e3
-            for base in ("fp32", "bf16 model.bfloat16()", "fastinfer"):
+            for key, base in bases.items():
                 if base in samples:
-                    row[f"vs {base}"] = statistics.median(samples[base][i] / samples[p.name][i] for i in clean)
+                    row[f"vs {key}"] = statistics.median(samples[base][i] / samples[p.name][i] for i in clean)
         rows.append(row)
     return {"case": case.name, "kind": case.kind, "note": case.note, "rows": rows, "errors": errors,
-            "verdict": verdict, "clean_rounds": len(clean), "rounds": rounds,
+            "verdict": verdict, "clean_rounds": len(clean), "rounds": rounds, "best_peer": best,
+            "batch": case.inputs["x"].shape[0] if case.kind == "image" else None,
             "worst_foreign": guard.worst()}  # fmt: skip
 
 
 def run(names: list[str] | None = None, quick: bool = False, rounds: int | None = None, threads: int = 2,
-        engine: str | None = None, onnx: bool = True, progress: bool = True) -> list[dict]:  # fmt: skip
+        engine: str | None = None, onnx: bool = True, progress: bool = True,
+        image_size: int = IMAGE_SIZE) -> list[dict]:  # fmt: skip
     d_rounds, d_min = QUICK_TIMING if quick else DEFAULT_TIMING
     rounds = rounds or d_rounds
     min_clean = min(d_min, rounds)
     engines = torch.backends.quantized.supported_engines
     engine = engine or ("onednn" if "onednn" in engines else "x86" if "x86" in engines else engines[-1])
-    builders = default_cases(names)
+    builders = default_cases(names, image_size)
     results = []
     with progress_bar(len(builders) * rounds, "fastinfer bench models", "round", progress) as bar:
         for build in builders:
@@ -470,6 +702,13 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
         "equal to fp32's and worst cosine of the prompt's last-position logits. ours% = share of the "
         "forward inside fastinfer layers (hook-timed pass)."
     )
+    if any(r["kind"] == "image" for r in results):
+        out.append(
+            "- image cases: models with RANDOM weights (BatchNorm settled on random images), random input "
+            "images; fidelity vs fp32 channels_last: cosine of the logits (mean / worst over the batch), "
+            "top-1 = share of the batch whose top class equals fp32's, SQNR of the logits in dB. **vs best "
+            "peer** compares with the fastest peer that is not fastinfer's (named under each table)."
+        )
     out.append("")
     for res in results:
         out.append(f"## {res['case']}")
@@ -480,6 +719,9 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
         if res["verdict"]:
             out.append(f"**{res['verdict']}**")
             out.append("")
+        if res["kind"] == "image":
+            out += _image_table(res)
+            continue
         enc = res["kind"] == "encoder"
         fid_h = "cos mean | cos worst" if enc else "tokens = fp32 | logits cos worst"
         out.append(f"| peer | ms | vs fp32 | vs bf16 | vs fastinfer | {fid_h} | ours% | note |")
@@ -499,4 +741,26 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
     return "\n".join(out) + "\n"
 
 
-__all__ = ["CASE_NAMES", "default_cases", "format_markdown", "run", "run_case"]
+def _image_table(res: dict) -> list[str]:
+    out = ["| peer | ms / batch | img/s | vs fp32 | vs best peer | vs fastinfer | cos mean | cos worst | top-1 = fp32 "
+           "| SQNR dB | ours% | note |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    batch = res.get("batch") or 1
+    for r in res["rows"]:
+        ms, share = r.get("ms"), r.get("layer_share")
+        out.append(
+            f"| {r['peer']} | {_f(ms, '.2f')} | {_f(batch * 1e3 / ms if ms else None, '.1f')} "
+            f"| {_f(r.get('vs fp32'), '.2f', 'x')} | {_f(r.get('vs best peer'), '.2f', 'x')} "
+            f"| {_f(r.get('vs fastinfer'), '.2f', 'x')} | {_f(r.get('cos_mean'), '.4f')} | {_f(r.get('cos_min'), '.4f')} "
+            f"| {_f(r.get('top1'), '.3f')} | {_f(r.get('sqnr_db'), '.1f')} "
+            f"| {_f(share * 100 if share is not None else None, '.0f', '%')} | {r.get('note', '')} |"
+        )
+    for name, err in res["errors"].items():
+        out.append(f"| {name} | | | | | | | | | | | {err} |")
+    out.append("")
+    if res.get("best_peer"):
+        out += [f"best peer (fastest that is not fastinfer's): {res['best_peer']}", ""]
+    return out
+
+
+__all__ = ["CASE_NAMES", "IMAGE_CASES", "default_cases", "format_markdown", "image_case", "run", "run_case"]
