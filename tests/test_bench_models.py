@@ -164,7 +164,7 @@ def test_models_suite_image_case_cli(capsys):
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     for peer in ("fp32 channels_last", "bf16 channels_last", "fastinfer", "fastinfer bf16"):
         assert peer in rows, (peer, text)
-    assert "52 Int8Conv2d" in rows["fastinfer"]
+    assert "35 Int8Conv2d, 17 DepthwiseConv2d" in rows["fastinfer"]
     assert cli.main(["bench", "--suite", "models", "--image-size", "8"]) == 2
 
 

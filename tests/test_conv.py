@@ -325,3 +325,16 @@ def test_gradient_reaches_the_input(depthwise):
     silu = Int8Conv2d.from_conv(nn.Conv2d(c, 4, 3), activation="silu")
     with pytest.raises(RuntimeError, match="fuse_activations=False"):
         silu(torch.randn(1, c, 5, 5, requires_grad=True)).sum().backward()
+
+
+def test_layers_built_and_run_under_inference_mode():
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    dwc = nn.Conv2d(8, 8, 3, padding=1, groups=8).eval()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.inference_mode():
+        a, b = Int8Conv2d.from_conv(conv), DepthwiseConv2d.from_conv(dwc)
+        ya, yb = a(x), b(x)
+        q = fastinfer.quantize(nn.Sequential(conv, nn.ReLU(), dwc))
+        yq = q(x)
+    assert torch.equal(ya, Int8Conv2d.from_conv(conv)(x)) and torch.equal(yb, DepthwiseConv2d.from_conv(dwc)(x))
+    assert torch.equal(yq, q(x))

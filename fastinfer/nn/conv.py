@@ -76,9 +76,10 @@ class Int8Conv2d(nn.Module):
         self.padding = _conv._padding4(padding)
         self.activation = activation
         kh, kw = self.kernel_size
-        self.register_buffer("weight_int8", torch.zeros((out_channels, in_channels // groups, kh, kw), dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.zeros(out_channels, dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32) if bias else None)
+        with torch.inference_mode(False):  # version-tracked buffers even when built under inference_mode
+            self.register_buffer("weight_int8", torch.zeros((out_channels, in_channels // groups, kh, kw), dtype=torch.int8))
+            self.register_buffer("weight_scale", torch.zeros(out_channels, dtype=torch.float32))
+            self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32) if bias else None)
         self._packed: tuple | None = None
 
     # ---------------------------------------------------------------------------------- building
@@ -114,8 +115,9 @@ class Int8Conv2d(nn.Module):
             raise ValueError(f"scale must have shape [{self.out_channels}], got {list(scale.shape)}")
         if not torch.isfinite(scale).all() or (scale < 0).any():
             raise ValueError("scale must be finite and >= 0")
-        self.weight_int8 = q.detach().cpu().contiguous().clone()
-        self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous().clone()
+        with torch.inference_mode(False):
+            self.weight_int8 = q.detach().cpu().contiguous().clone()
+            self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous().clone()
         self._packed = None
 
     @property
@@ -157,11 +159,7 @@ class Int8Conv2d(nn.Module):
     def _kernel_weight(self) -> torch.Tensor:
         """The kernel layout of weight_int8, rebuilt when the buffer changed (a new tensor, or an
         in-place write: its version)."""
-        w = self.weight_int8
-        key = (id(w), w._version, w.data_ptr())
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, _conv.pack_conv_weight(w, self.groups))
-        return self._packed[1]
+        return _cached_layout(self, self.weight_int8, lambda w: _conv.pack_conv_weight(w, self.groups))
 
     def _check_input(self, x: object) -> torch.Tensor:
         name = type(self).__name__
@@ -200,6 +198,19 @@ class Int8Conv2d(nn.Module):
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (
             " (depthwise: per-sample)" if _conv.is_depthwise(self.in_channels, self.out_channels, self.groups) else ""))
+
+
+def _cached_layout(layer: nn.Module, w: torch.Tensor, pack) -> torch.Tensor:
+    """pack(w), kept on the layer while w is the same tensor at the same version and address. An
+    inference tensor (a layer moved or loaded under torch.inference_mode) has no version counter:
+    its layout is rebuilt on every call."""
+    try:
+        key = (id(w), w._version, w.data_ptr())
+    except RuntimeError:
+        return pack(w)
+    if layer._packed is None or layer._packed[0] != key:
+        layer._packed = (key, pack(w))
+    return layer._packed[1]
 
 
 def _conv_repr(layer: nn.Module, what: str) -> str:
@@ -242,8 +253,9 @@ class DepthwiseConv2d(nn.Module):
         self.dilation = _conv._pair("dilation", dilation, 1)
         self.padding = _conv._padding4(padding)
         self.activation = activation
-        self.register_buffer("weight", torch.zeros((channels, 1, *self.kernel_size), dtype=torch.float32))
-        self.register_buffer("bias", torch.zeros(channels, dtype=torch.float32) if bias else None)
+        with torch.inference_mode(False):
+            self.register_buffer("weight", torch.zeros((channels, 1, *self.kernel_size), dtype=torch.float32))
+            self.register_buffer("bias", torch.zeros(channels, dtype=torch.float32) if bias else None)
         self._packed: tuple | None = None
 
     @classmethod
@@ -275,11 +287,7 @@ class DepthwiseConv2d(nn.Module):
         return self
 
     def _kernel_weight(self) -> torch.Tensor:
-        w = self.weight
-        key = (id(w), w._version, w.data_ptr())
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, _conv.pack_depthwise_weight(w))
-        return self._packed[1]
+        return _cached_layout(self, self.weight, _conv.pack_depthwise_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x)
