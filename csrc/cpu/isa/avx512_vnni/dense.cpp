@@ -69,8 +69,13 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
     const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
     const __m512 inf = _mm512_set1_ps(__builtin_inff());
     const uint8_t bias = shift_u8 ? 0x80 : 0;
+    const size_t elt = dt == DType::kF32 ? 4 : 2;
     for (int64_t m = m0; m < m1; ++m) {
         const int64_t row = m * ldx;
+        if (m + 4 < m1) {  // rows stream from memory (a conv's pixels, a long batch of tokens): prefetch ahead
+            const char* next = static_cast<const char*>(x) + size_t(row + 4 * ldx) * elt;
+            for (size_t off = 0; off < size_t(k) * elt && off < 4096; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+        }
         __m512 vmax = _mm512_setzero_ps();
         __mmask16 bad = 0;
         for (int64_t i = 0; i < k; i += 16) {
