@@ -338,3 +338,28 @@ def test_layers_built_and_run_under_inference_mode():
         yq = q(x)
     assert torch.equal(ya, Int8Conv2d.from_conv(conv)(x)) and torch.equal(yb, DepthwiseConv2d.from_conv(dwc)(x))
     assert torch.equal(yq, q(x))
+
+
+def test_state_dict_round_trip_and_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16)).eval()
+    q = fastinfer.quantize(model)
+    x = torch.randn(2, 8, 7, 7)
+    want = q(x)
+    sd = q.state_dict()
+    assert sd["0.weight_int8"].dtype == torch.int8 and sd["3.weight"].dtype == torch.float32  # portable forms
+    fresh = fastinfer.quantize(copy.deepcopy(model))
+    with torch.no_grad():
+        fresh[0].weight_int8.zero_()
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), want)
+    bad = dict(sd)
+    bad["0.weight_int8"] = sd["0.weight_int8"][:, :4].contiguous()
+    with pytest.raises(RuntimeError, match="weight_int8"):
+        fresh.load_state_dict(bad)
+    bad = dict(sd)
+    bad["0.weight_scale"] = torch.full_like(sd["0.weight_scale"], float("nan"))
+    with pytest.raises(RuntimeError, match="finite"):
+        fresh.load_state_dict(bad)
+    compiled = torch.compile(q, fullgraph=True)
+    assert torch.equal(compiled(x), want)

@@ -118,10 +118,10 @@ def test_conversion_report_says_what_stayed_float_and_why(caplog):
     assert "own forward" in rows["1"].detail and rows["1"].result == "float"
     assert "padding_mode='reflect'" in rows["2"].detail
     assert rows["3"].detail == "skipped by QuantConfig.skip"
-    assert "no int8 Conv1d kernel" in rows["5"].detail
+    assert rows["5"].result == "Int8Conv1d"
     assert "not initialized" in rows["7"].detail
-    assert len(rep.converted) == 1 and len(rep.left_float) == 5
-    assert "1 layers converted" in rep.summary() and "5 left in float" in rep.summary()
+    assert len(rep.converted) == 2 and len(rep.left_float) == 4
+    assert "2 layers converted" in rep.summary() and "4 left in float" in rep.summary()
     assert "OwnForward" in str(rep)
     x = torch.randn(1, 3, 9, 9)
     torch.testing.assert_close(q[0](x), model[0](x).detach(), rtol=0.05, atol=0.05 * model[0](x).abs().max().item())
@@ -260,3 +260,20 @@ def test_linear_layers_still_convert_beside_convs():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(1), nn.Linear(8 * 6 * 6, 10)).eval()
     q = fastinfer.quantize(model)
     assert isinstance(q[0], Int8Conv2d) and isinstance(q[2], Int8Linear)
+
+
+@pytest.mark.parametrize("padding", [0, 2, "same"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv1d_through_the_conv2d_kernels(padding, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 12, 4, stride=1 if padding == "same" else 2, padding=padding, dilation=2, groups=groups).eval()
+    q = fastinfer.quantize(nn.Sequential(conv))[0]
+    assert isinstance(q, fastinfer.nn.Int8Conv1d)
+    x = torch.randn(3, 8, 37)
+    ref = conv(x).detach()
+    y = q(x)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=0.05, atol=0.03 * ref.abs().max().item())
+    assert torch.equal(q(x[0]), y[0])  # unbatched [C, L]
+    with pytest.raises(ValueError, match=r"\[N, C, L\]"):
+        q(torch.randn(2, 8, 5, 5))

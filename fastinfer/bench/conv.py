@@ -108,8 +108,17 @@ def _peers(layer: ConvLayer, batch: int, seed: int = 0) -> tuple[list[bench_ops.
         ours = fastinfer.nn.Int8Conv2d.from_conv(conv_cl).eval()
         peers.append(bench_ops.Peer(name="ours Int8Conv2d", kind="ours", fn=lambda: ours(x), isa=_runtime.active_isa(),
                                     note="fp32 channels_last in/out, input quantization included"))  # fmt: skip
+        peers.append(bench_ops.Peer(name="ours Int8Conv2d bf16", kind="ours", fn=lambda: ours(x_bf), isa=_runtime.active_isa(),
+                                    note="bf16 channels_last in/out"))  # fmt: skip
     except Exception as e:  # reported, the torch peers still run
         errors["ours Int8Conv2d"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if layer.groups > 1 and layer.groups == layer.cin:
+        try:  # what fastinfer.quantize() puts in place of a depthwise conv
+            dwl = fastinfer.nn.DepthwiseConv2d.from_conv(conv_cl).eval()
+            peers.append(bench_ops.Peer(name="ours DepthwiseConv2d", kind="ours", fn=lambda: dwl(x), isa=_runtime.active_isa(),
+                                        note="fp32 kernel (quantize()'s choice for depthwise), fp32 in/out"))  # fmt: skip
+        except Exception as e:
+            errors["ours DepthwiseConv2d"] = f"{type(e).__name__}: {str(e)[:200]}"
     return peers, errors
 
 
@@ -213,14 +222,16 @@ def format_markdown(rows: list[dict], meta: dict | None = None) -> str:
         if why:
             out.append(f"{head} | | | | | NOT TRUSTED, not printed: {why} |")
             continue
-        peak = peaks.get(r.get("isa") or "") if r["kind"] == "ours" else None
+        int8 = r["kind"] == "ours" and "DepthwiseConv2d" not in r["peer"]  # DepthwiseConv2d runs fp32
+        peak = peaks.get(r.get("isa") or "") if int8 else None
         frac = r["tops"] / peak if peak else None
         out.append(f"{head} {r['ms']:.3f} | {_f(r.get('vs fp32'), '.2f', 'x')} | {_f(r.get('vs bf16'), '.2f', 'x')} "
                    f"| {r['tops']:.3f} | {_f(frac * 100 if frac is not None else None, '.0f', '%')} | {r['check']} |")  # fmt: skip
         if r["kind"] == "ours":
             others = [o for o in rows if o["layer"] == r["layer"] and o["batch"] == r["batch"] and o["kind"] == "float"]
             best = min(others, key=lambda o: o["ms"], default=None)
-            line = f"- {r['title']}, batch {r['batch']}: ours {r['ms']:.3f} ms, {r['tops']:.2f} int8 TOPS"
+            what = r["peer"].removeprefix("ours ")
+            line = f"- {r['title']}, batch {r['batch']}, {what}: {r['ms']:.3f} ms, {r['tops']:.2f} {'int8' if int8 else 'fp32'} TOPS"
             if frac is not None:
                 line += f" = {frac * 100:.0f}% of the {r['isa']} ceiling"
             if best is not None:

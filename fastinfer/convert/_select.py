@@ -37,6 +37,16 @@ def shape_of(module: nn.Module, also: tuple[type, ...] = ()) -> tuple[int, int] 
     return None if weight is None else tuple(weight.shape)
 
 
+def conv1d_shape_of(module: nn.Module) -> tuple[int, int] | None:
+    """(out_channels, in_channels) of an nn.Conv1d (or a subclass keeping its forward) that
+    Int8Conv1d can replace, else None."""
+    if (isinstance(module, nn.Conv1d) and type(module).forward is nn.Conv1d.forward
+            and type(module)._conv_forward is nn.Conv1d._conv_forward and module.padding_mode == "zeros"
+            and not isinstance(module, nn.modules.lazy.LazyModuleMixin)):  # fmt: skip
+        return module.out_channels, module.in_channels
+    return None
+
+
 def conv_shape_of(module: nn.Module) -> tuple[int, int] | None:
     """(out_channels, in_channels) of a float nn.Conv2d that Int8Conv2d can replace: nn.Conv2d itself
     or a subclass that keeps its forward (e.g. one that only sets padding="same" in __init__), with
@@ -64,7 +74,12 @@ def float_reason(module: nn.Module, convs: bool) -> str | None:
             return f"subclass {name} of nn.Conv2d with its own forward"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (the int8 conv pads with zeros only)"
-    if convs and isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    if isinstance(module, nn.Conv1d) and convs:
+        if type(module).forward is not nn.Conv1d.forward or type(module)._conv_forward is not nn.Conv1d._conv_forward:
+            return f"subclass {name} of nn.Conv1d with its own forward"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (the int8 conv pads with zeros only)"
+    if convs and isinstance(module, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return f"no int8 {name} kernel"
     return None
 
@@ -97,7 +112,7 @@ def scan(
         if id(mod) not in layers:
             shape = shape_of(mod, also)
             if shape is None and convs:
-                shape = conv_shape_of(mod)
+                shape = conv_shape_of(mod) or conv1d_shape_of(mod)
             if shape is None and float_reason(mod, convs) is None:
                 continue
             layers[id(mod)] = (mod, shape)

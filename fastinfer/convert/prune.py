@@ -97,7 +97,7 @@ def prune(
 
     if not inplace:
         model = copy.deepcopy(model)
-    targets, _ = scan(model, (Int8Linear,), convs=True, skip=skip)
+    targets = [t for t in scan(model, (Int8Linear,), convs=True, skip=skip)[0] if not isinstance(t.module, nn.Conv1d)]
     targets += [t for t in scan(model, (Int8Conv2d,), skip=skip)[0] if isinstance(t.module, Int8Conv2d)]
     layers = {t.name: t.module for t in targets
               if not (_is_conv(t.module) and is_depthwise(t.module.in_channels, t.module.out_channels, t.module.groups))}

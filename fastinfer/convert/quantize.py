@@ -13,7 +13,7 @@ from fastinfer.convert._swap import swap
 from fastinfer.convert.fuse import ConvFusion, conv_fusions
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
-from fastinfer.nn import DepthwiseConv2d, Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
+from fastinfer.nn import DepthwiseConv2d, Int8Conv1d, Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
 from fastinfer.ops.conv import is_depthwise
 
 __all__ = ["quantize"]
@@ -29,7 +29,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     may change forward() in ways a swap would lose.
 
     nn.Conv2d layers with zero padding become Int8Conv2d (depthwise ones DepthwiseConv2d, fp32:
-    see QuantConfig.depthwise), and so do subclasses that keep
+    see QuantConfig.depthwise), nn.Conv1d ones Int8Conv1d (no fusions), and so do subclasses that keep
     nn.Conv2d's forward (one that only fixes padding="same" in __init__, say); a subclass with its
     own forward (e.g. one that pads by the input's size first) stays float. A BatchNorm2d (eval
     mode) that only post-processes a conv is folded into its weights and replaced by nn.Identity;
@@ -60,7 +60,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     targets, left = scan(model, (SparseLinear,), convs=True, skip=config.skip, filter_fn=config.filter_fn,
                          min_features=config.min_features)  # fmt: skip
     convs = {id(t.module): t.module for t in targets if isinstance(t.module, nn.Conv2d)}
-    linears = [t for t in targets if id(t.module) not in convs]
+    convs1d = {id(t.module) for t in targets if isinstance(t.module, nn.Conv1d)}
+    linears = [t for t in targets if id(t.module) not in convs and id(t.module) not in convs1d]
     fused = _gelu_fusions(model, linears) if config.fuse_activations else {}
     shared = {id(t.module) for t in targets if len(t.names) > 1}
     cfused = conv_fusions(model, convs, shared)
@@ -69,7 +70,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     rows: dict[int, LayerConversion] = {}
 
     def convert(mod: nn.Module) -> nn.Module:
-        if id(mod) in convs:
+        if id(mod) in convs1d:
+            new, detail = Int8Conv1d.from_conv(mod), ""
+        elif id(mod) in convs:
             f = cfused.get(id(mod), ConvFusion())
             kw = dict(bn=f.module("bn"), activation=f.act_name if f.act else None)
             detail = f.describe()

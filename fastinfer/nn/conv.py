@@ -12,7 +12,7 @@ from fastinfer.nn.linear import quantize_weight_per_channel
 from fastinfer.ops import conv as _conv
 from fastinfer.ops._common import ACTIVATION_CODE, DTYPE_CODE, activation_code, eager_fast_path
 
-__all__ = ["DepthwiseConv2d", "Int8Conv2d", "conv_padding", "fold_batchnorm"]
+__all__ = ["DepthwiseConv2d", "Int8Conv1d", "Int8Conv2d", "conv_padding", "fold_batchnorm"]
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -203,7 +203,10 @@ class Int8Conv2d(nn.Module):
 def _cached_layout(layer: nn.Module, w: torch.Tensor, pack) -> torch.Tensor:
     """pack(w), kept on the layer while w is the same tensor at the same version and address. An
     inference tensor (a layer moved or loaded under torch.inference_mode) has no version counter:
-    its layout is rebuilt on every call."""
+    its layout is rebuilt on every call. Under torch.compile the layout built by the last eager
+    call is used as a constant (run the model once eagerly first, or it is packed inside the graph)."""
+    if torch.compiler.is_compiling():
+        return layer._packed[1] if layer._packed is not None else pack(w)
     try:
         key = (id(w), w._version, w.data_ptr())
     except RuntimeError:
@@ -307,3 +310,59 @@ class DepthwiseConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=fp32 (depthwise kernel)")
+
+
+class Int8Conv1d(nn.Module):
+    """nn.Conv1d in int8 (audio and sequence models): the same kernels as Int8Conv2d on a [N, C, 1,
+    L] view, so the same numerics (each output position's im2col row quantized on its own; a
+    depthwise Conv1d gets one scale per sample). Inputs [N, C, L] or unbatched [C, L]."""
+
+    def __init__(self, conv2d: Int8Conv2d) -> None:
+        super().__init__()
+        self.conv2d = conv2d
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv1d, activation: str | None = None) -> Int8Conv1d:
+        if not isinstance(conv, nn.Conv1d):
+            raise TypeError(f"Int8Conv1d.from_conv expects an nn.Conv1d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"Int8Conv1d supports zero padding only, this conv has padding_mode={conv.padding_mode!r}")
+        if isinstance(conv.padding, str):
+            if conv.padding == "valid":
+                pad = (0, 0)
+            else:
+                total = conv.dilation[0] * (conv.kernel_size[0] - 1)
+                pad = (total // 2, total - total // 2)
+        else:
+            pad = (conv.padding[0], conv.padding[0])
+        c2 = nn.Conv2d(conv.in_channels, conv.out_channels, (1, conv.kernel_size[0]), (1, conv.stride[0]), 0,
+                       (1, conv.dilation[0]), conv.groups, bias=conv.bias is not None)  # fmt: skip
+        with torch.no_grad():
+            c2.weight.copy_(conv.weight.detach().unsqueeze(2))
+            if conv.bias is not None:
+                c2.bias.copy_(conv.bias.detach())
+        inner = Int8Conv2d.from_conv(c2, activation=activation)
+        inner.padding = (0, pad[0], 0, pad[1])
+        mod = cls(inner)
+        mod.train(conv.training)
+        return mod
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv2d.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv2d.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Int8Conv1d expects [N, C, L] or [C, L] input, got {shape}")
+        return self.conv2d(x.unsqueeze(-2)).squeeze(-2)
+
+    def extra_repr(self) -> str:
+        k, s, d, (_, pl, _, pr) = self.conv2d.kernel_size[1], self.conv2d.stride[1], self.conv2d.dilation[1], self.conv2d.padding
+        act = f", activation={self.conv2d.activation}" if self.conv2d.activation else ""
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={k}, stride={s}, padding=({pl}, {pr}), "
+                f"dilation={d}, groups={self.conv2d.groups}{act}, weight=int8 per-channel, act=int8 per-position")  # fmt: skip

@@ -50,36 +50,49 @@ void dw_pixel(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox, int64
     _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) store_cols(acc[j], g.c, nullptr, a.ep, m, c0 + 16 * j);
 }
 
-template <int NB>
-void dwf_pixel(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0) {
+// fp32 depthwise over a strip of up to S output pixels (ox0 ..) of one row and NB blocks of 16
+// channels: each tap's weights are loaded once for the strip (per pixel the kernel was load-bound:
+// two loads per fma). Per output element the same fma order as ref: taps (ky, kx) in order, those
+// outside the image skipped.
+template <int S, int NB>
+void dwf_strip(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox0, int64_t nx, int64_t c0) {
     const ConvGeom& g = a.g;
     const Epilogue& ep = a.ep;
-    __m512 acc[NB];
-    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) acc[j] = _mm512_setzero_ps();
+    __m512 acc[S][NB];
+    _Pragma("GCC unroll 8") for (int i = 0; i < S; ++i)
+        _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
     __mmask16 mk[NB];
-    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) mk[j] = tail_mask(g.c - (c0 + 16 * j));
-    int64_t ky0, ky1, kx0, kx1;
+    _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j) mk[j] = tail_mask(g.c - (c0 + 16 * j));
+    int64_t ky0, ky1;
     tap_range(oy * g.sh - g.ph, g.dh, g.kh, g.h, &ky0, &ky1);
-    tap_range(ox * g.sw - g.pw, g.dw, g.kw, g.w, &kx0, &kx1);
     for (int64_t ky = ky0; ky < ky1; ++ky) {
         const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
         const int64_t xrow = (img * g.h + iy) * g.w * g.c + c0;
-        const float* wrow = a.wf + ky * g.kw * a.cp + c0;
-        for (int64_t kx = kx0; kx < kx1; ++kx) {
-            const int64_t xo = xrow + (ox * g.sw - g.pw + kx * g.dw) * g.c;
-            const float* wp = wrow + kx * a.cp;
-            _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j)
-                acc[j] = _mm512_fmadd_ps(load_x16(g.x, g.dt, xo + 16 * j, mk[j]), _mm512_load_ps(wp + 16 * j), acc[j]);
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+            __m512 w[NB];
+            _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j)
+                w[j] = _mm512_load_ps(a.wf + (ky * g.kw + kx) * a.cp + c0 + 16 * j);
+            const int64_t ix0 = ox0 * g.sw - g.pw + kx * g.dw;
+            _Pragma("GCC unroll 8") for (int i = 0; i < S; ++i) {
+                const int64_t ix = ix0 + i * g.sw;
+                if (i >= nx || ix < 0 || ix >= g.w) continue;
+                _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j)
+                    acc[i][j] = _mm512_fmadd_ps(load_x16(g.x, g.dt, xrow + ix * g.c + 16 * j, mk[j]), w[j], acc[i][j]);
+            }
         }
     }
-    _Pragma("GCC unroll 4") for (int j = 0; j < NB; ++j) {
+    _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j) {
         const int64_t c = c0 + 16 * j;
         const __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk[j], ep.bias + c) : _mm512_setzero_ps();
-        const __m512 y = act16(_mm512_add_ps(acc[j], b), ep.act);
-        if (ep.kind == DType::kF32)
-            _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + c, mk[j], y);
-        else
-            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + c, mk[j], to_bf16(y));
+        _Pragma("GCC unroll 8") for (int i = 0; i < S; ++i) {
+            if (i >= nx) break;
+            const int64_t m = (img * g.oh + oy) * g.ow + ox0 + i;
+            const __m512 y = act16(_mm512_add_ps(acc[i][j], b), ep.act);
+            if (ep.kind == DType::kF32)
+                _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + c, mk[j], y);
+            else
+                _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + c, mk[j], to_bf16(y));
+        }
     }
 }
 
@@ -317,15 +330,31 @@ void depthwise(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
 }
 
 void depthwise_f32(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
-    auto pixel = [&](int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0, int64_t nb) {
-        switch (nb) {
-            case 4: dwf_pixel<4>(a, img, oy, ox, m, c0); break;
-            case 3: dwf_pixel<3>(a, img, oy, ox, m, c0); break;
-            case 2: dwf_pixel<2>(a, img, oy, ox, m, c0); break;
-            default: dwf_pixel<1>(a, img, oy, ox, m, c0); break;
+    constexpr int64_t kS = 8;
+    const ConvGeom& g = a.g;
+    const char* base = static_cast<const char*>(g.x);
+    const size_t e = elt(g.dt);
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t img = r / g.oh, oy = r % g.oh;
+        const int64_t bottom = oy * g.sh - g.ph + (g.kh - 1) * g.dh;
+        for (int64_t ox0 = 0; ox0 < g.ow; ox0 += kS) {
+            // prefetch what the next strip is the first to read: its bottom sh rows, its columns
+            const int64_t hi = std::min(g.w - 1, (ox0 + 2 * kS - 1) * g.sw - g.pw + (g.kw - 1) * g.dw);
+            const int64_t lo = std::max<int64_t>(0, (ox0 + kS) * g.sw - g.pw + (g.kw - 1) * g.dw - kS * g.sw + 1);
+            for (int64_t iy = std::max<int64_t>(0, bottom - g.sh + 1); iy <= std::min(g.h - 1, bottom); ++iy)
+                for (int64_t ix = lo; ix <= hi; ++ix) {
+                    const char* p = base + size_t(((img * g.h + iy) * g.w + ix) * g.c) * e;
+                    for (size_t off = 0; off < size_t(g.c) * e; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+                }
+            const int64_t nx = std::min(kS, g.ow - ox0);
+            for (int64_t c0 = 0; c0 < g.c; c0 += 32) {
+                if (g.c - c0 > 16)
+                    dwf_strip<kS, 2>(a, img, oy, ox0, nx, c0);
+                else
+                    dwf_strip<kS, 1>(a, img, oy, ox0, nx, c0);
+            }
         }
-    };
-    dw_rows(a, r0, r1, pixel);
+    }
 }
 
 }  // namespace fastinfer::cpu::avx512_vnni
