@@ -3,9 +3,12 @@ then ReLU / ReLU6 / SiLU / Hardswish fused into its epilogue. A fusion is made o
 model's own forward cannot tell: the modules that follow are replaced by nn.Identity, so each must
 be called exactly once, on the conv's (or the BatchNorm's) output and nothing else.
 
-Two ways of knowing that: the children of an nn.Sequential (called in order by construction), and a
-torch.fx trace of the model (any module: ResNet and MobileNet blocks with their own forward). A
-model fx cannot trace is searched for nn.Sequential chains only.
+Two ways of knowing that: a torch.fx trace of the model (any module: ResNet and MobileNet blocks
+with their own forward), and, for a model fx cannot trace only, the children of a plain
+nn.Sequential (called in order by nn.Sequential.forward; a subclass with its own forward is not
+trusted). Where the trace worked it is the only authority: a conv it sees called more than once (say
+through its nn.Sequential and on its own) is not fused. A module with forward hooks is never folded
+or fused (replacing it by nn.Identity would drop them).
 """
 
 from __future__ import annotations
@@ -47,9 +50,18 @@ class ConvFusion:
         return " + ".join(parts)
 
 
+def _hooked(mod: nn.Module) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks)
+
+
+def _fusable_act(mod: object) -> str | None:
+    return None if not isinstance(mod, nn.Module) or _hooked(mod) else activation_name(mod)
+
+
 def _foldable_bn(mod: object, channels: int) -> bool:
     return (
         type(mod) is nn.BatchNorm2d
+        and not _hooked(mod)
         and not mod.training
         and mod.track_running_stats
         and mod.running_mean is not None
@@ -66,15 +78,15 @@ def conv_fusions(model: nn.Module, convs: dict[int, nn.Module], shared: set[int]
     """id(conv) -> its fusion, for the convs to convert (`convs`: id -> module). Modules in `shared`
     (registered under several names) never take part."""
     found = _fx_fusions(model, convs, shared)
-    if found is None:
+    if found is None:  # no trace: nn.Sequential chains only
         found = {}
-    _sequential_fusions(model, convs, shared, found)
+        _sequential_fusions(model, convs, shared, found)
     return {k: v for k, v in found.items() if v.bn or v.act}
 
 
 def _sequential_fusions(model, convs, shared, found) -> None:
     for parent in model.modules():
-        if not isinstance(parent, nn.Sequential) or id(parent) in shared:
+        if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward or id(parent) in shared:
             continue
         keys = list(parent._modules)
         for i, key in enumerate(keys):
@@ -86,9 +98,9 @@ def _sequential_fusions(model, convs, shared, found) -> None:
             if j < len(keys) and _foldable_bn(parent._modules[keys[j]], conv.out_channels) and id(parent._modules[keys[j]]) not in shared:
                 fusion.bn = (parent, keys[j])
                 j += 1
-            if j < len(keys) and activation_name(parent._modules[keys[j]]) and id(parent._modules[keys[j]]) not in shared:
+            if j < len(keys) and _fusable_act(parent._modules[keys[j]]) and id(parent._modules[keys[j]]) not in shared:
                 fusion.act = (parent, keys[j])
-                fusion.act_name = activation_name(parent._modules[keys[j]])
+                fusion.act_name = _fusable_act(parent._modules[keys[j]])
             found[id(conv)] = fusion
 
 
@@ -125,7 +137,7 @@ def _fx_fusions(model, convs, shared) -> dict[int, ConvFusion] | None:
             fusion.bn = _parent_slot(model, nxt.target)
             node, nxt = nxt, only_user(nxt)
             mod = module_of(nxt)
-        if (mod is not None and activation_name(mod) and calls.get(id(mod)) == 1 and id(mod) not in shared
+        if (mod is not None and _fusable_act(mod) and calls.get(id(mod)) == 1 and id(mod) not in shared
                 and nxt.args[0] is node and len(nxt.args) == 1 and not nxt.kwargs):  # fmt: skip
             fusion.act = _parent_slot(model, nxt.target)
             fusion.act_name = activation_name(mod)

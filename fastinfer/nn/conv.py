@@ -188,7 +188,10 @@ class Int8Conv2d(nn.Module):
             # here from weight_int8; its headers are still checked by the kernel)
             shape, k, s, p, d, dw = _conv._check_args(x, weight, self.weight_scale, self.bias, self.kernel_size,
                                                       self.stride, self.padding, self.dilation, self.groups, act)  # fmt: skip
-            y = _conv.run_conv2d(x, weight, self.weight_scale, self.bias, k, s, p, d, self.groups, act, shape)
+            # the kernel reads scale and bias by pointer: a strided buffer (load_state_dict(assign=True)
+            # of a view, a plain assignment) must be made dense first, as the op does
+            bias = None if self.bias is None else self.bias.contiguous()
+            y = _conv.run_conv2d(x, weight, self.weight_scale.contiguous(), bias, k, s, p, d, self.groups, act, shape)
         else:
             y = torch.ops.fastinfer.int8_conv2d(x, weight, self.weight_scale, self.bias, list(self.kernel_size),
                                                 list(self.stride), list(self.padding), list(self.dilation),
@@ -302,7 +305,7 @@ class DepthwiseConv2d(nn.Module):
         if eager_fast_path(x):
             shape, k, s, p, d = _conv._check_dw_args(x, weight, self.bias, self.kernel_size, self.stride,
                                                      self.padding, self.dilation, act)  # fmt: skip
-            y = _conv.run_depthwise(x, weight, self.bias, k, s, p, d, act, shape)
+            y = _conv.run_depthwise(x, weight, None if self.bias is None else self.bias.contiguous(), k, s, p, d, act, shape)
         else:
             y = torch.ops.fastinfer.depthwise_conv2d(x, weight, self.bias, list(self.kernel_size), list(self.stride),
                                                      list(self.padding), list(self.dilation), act)  # fmt: skip
