@@ -148,6 +148,37 @@ def test_parent_iterating_a_sequential_keeps_the_conv_output():
     assert close(fastinfer.quantize(m)(x), ref)
 
 
+def test_untraced_fusions_are_marked_and_skip_is_the_way_out():
+    """The limit above is not silent: the report marks fusions known from nn.Sequential order only,
+    and skipping the conv keeps the model's own output."""
+    torch.manual_seed(0)
+
+    class Iterating(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+        def forward(self, x):
+            feats = []
+            for m in self.f:
+                x = m(x)
+                feats.append(x)
+            if x.sum() > 1e30:  # fx cannot trace this
+                return x
+            return feats[0]
+
+    m = Iterating().eval()
+    randomize_bn(m.f[1])
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x).detach()
+    rows = {r.name: r for r in fastinfer.conversion_report(fastinfer.quantize(m))}
+    assert "from nn.Sequential order" in rows["f.0"].detail
+    q = fastinfer.quantize(m, fastinfer.QuantConfig(skip=("f.0",)))
+    assert torch.equal(q(x), ref)
+    traced = fastinfer.quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval())
+    assert fastinfer.conversion_report(traced)[0].detail == "BatchNorm2d folded"  # a trace: no mark
+
+
 @pytest.mark.parametrize("traceable", [True, False])
 @pytest.mark.parametrize("which", ["bn", "act"])
 def test_hooked_batchnorm_or_activation_is_not_replaced(traceable, which):

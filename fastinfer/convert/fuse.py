@@ -40,6 +40,7 @@ class ConvFusion:
     bn: tuple[nn.Module, str] | None = None
     act: tuple[nn.Module, str] | None = None
     act_name: str | None = None
+    traced: bool = True  # False: known from nn.Sequential order only (the model has no fx trace)
 
     def module(self, which: str) -> nn.Module | None:
         slot = getattr(self, which)
@@ -47,7 +48,12 @@ class ConvFusion:
 
     def describe(self) -> str:
         parts = (["BatchNorm2d folded"] if self.bn else []) + ([f"{self.act_name} fused"] if self.act else [])
-        return " + ".join(parts)
+        text = " + ".join(parts)
+        if text and not self.traced:
+            # fx could not trace the model: a parent that calls the Sequential's children one by
+            # one itself would see the fused conv (skip the conv then)
+            text += " (from nn.Sequential order: the model has no fx trace)"
+        return text
 
 
 def _hooked(mod: nn.Module) -> bool:
@@ -78,9 +84,11 @@ def conv_fusions(model: nn.Module, convs: dict[int, nn.Module], shared: set[int]
     """id(conv) -> its fusion, for the convs to convert (`convs`: id -> module). Modules in `shared`
     (registered under several names) never take part."""
     found = _fx_fusions(model, convs, shared)
-    if found is None:  # no trace: nn.Sequential chains only
+    if found is None:  # no trace: nn.Sequential chains only, said so in the report
         found = {}
         _sequential_fusions(model, convs, shared, found)
+        for f in found.values():
+            f.traced = False
     return {k: v for k, v in found.items() if v.bn or v.act}
 
 
