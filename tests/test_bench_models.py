@@ -180,7 +180,7 @@ def test_conv_suite_tiny(capsys, every_round_clean):
     assert "int8 compute ceiling" in text
     for peer in ("fp32 channels_last", "bf16 channels_last", "ours Int8Conv2d"):
         assert f"| ResNet-50 3x3 512->512 at 7x7 | 1 | >= 0 | 7x7 | 0.116 | {peer} |" in text, (peer, text)
-    assert "SQNR" in text and "ERROR" not in text and "- ResNet-50 3x3 512->512 at 7x7, batch 1: ours" in text
+    assert "SQNR" in text and "ERROR" not in text and "- ResNet-50 3x3 512->512 at 7x7, batch 1, Int8Conv2d:" in text
 
     tiny = bench_conv.ConvLayer("tiny-dw", "tiny depthwise 5x5, stride 2", 16, 16, 5, 2, 16, 9, relu_input=True)
     rows = bench_conv.run([tiny], batches=[2], rounds=2, target_s=1e-3, progress=False)
