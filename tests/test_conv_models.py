@@ -120,6 +120,7 @@ def test_conversion_report_says_what_stayed_float_and_why(caplog):
     assert rows["3"].detail == "skipped by QuantConfig.skip"
     assert rows["5"].result == "Int8Conv1d"
     assert "not initialized" in rows["7"].detail
+    assert [r.name for r in rep] == ["0", "1", "2", "3", "5", "7"]  # model order, converted or not
     assert len(rep.converted) == 2 and len(rep.left_float) == 4
     assert "2 layers converted" in rep.summary() and "4 left in float" in rep.summary()
     assert "OwnForward" in str(rep)

@@ -88,7 +88,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         return new
 
     report = ConversionReport("fastinfer.quantize")
-    order = {id(t.module): t for t in targets} | {id(x.module): x for x in left}
+    position = {fqn: i for i, (fqn, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    order = sorted([*targets, *left], key=lambda item: position[item.name])  # model order
     result = swap(model, targets, convert, config.progress, "fastinfer.quantize")
     slots = list(fused.values())
     slots += [slot for f in cfused.values() for slot in (f.bn, f.act) if slot is not None]
@@ -96,9 +97,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         identity = nn.Identity()
         identity.train(parent._modules[name].training)
         setattr(parent, name, identity)
-    for key, item in order.items():
-        if key in rows:
-            kind, now, detail = rows[key]
+    for item in order:
+        if id(item.module) in rows:
+            kind, now, detail = rows[id(item.module)]
             report.append(LayerConversion(item.name, kind, now, detail))
         else:
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
