@@ -175,8 +175,9 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
     if (dw) {
         if (weight_nbytes != taps * s.c) return invalid("depthwise weight must hold kh * kw * channels bytes");
     } else {
-        int64_t blob;
-        if (!checked_packed_nbytes(coutg, kg, &blob) || blob > kMaxDim || weight_nbytes != blob * s.groups)
+        int64_t blob, total;
+        if (!checked_packed_nbytes(coutg, kg, &blob) || blob > kMaxDim || __builtin_mul_overflow(blob, s.groups, &total) ||
+            weight_nbytes != total)
             return invalid("weight must hold one packed [out/groups, kh*kw*in/groups] int8 weight per group");
         blobs.resize(size_t(s.groups));
         for (int64_t g = 0; g < s.groups; ++g) {
