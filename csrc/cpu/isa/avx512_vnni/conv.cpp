@@ -127,12 +127,53 @@ void dw_rows(const DepthwiseArgs& a, int64_t r0, int64_t r1, Pixel&& pixel) {
 
 namespace {
 
+// The running range of the values of a row: max |x|, whether one is NaN/Inf, whether one is < 0
+// (lanes outside mk load as 0 and count for nothing).
+struct RowRange {
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0, neg = 0;
+    void add(__m512 x, __mmask16 mk) {
+        neg |= _mm512_mask_cmp_ps_mask(mk, x, _mm512_setzero_ps(), _CMP_LT_OQ);
+        const __m512 v = _mm512_and_ps(x, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
+        bad |= _mm512_cmp_ps_mask(v, _mm512_set1_ps(__builtin_inff()), _CMP_NLT_UQ);  // Inf or NaN
+        vmax = _mm512_max_ps(vmax, v);
+    }
+};
+
+// How an im2col row with range r is stored (gather_quantize's rule, kernel_table.h): writes its
+// scale and u8 flag; ok is false for a NaN/Inf, zero or too small row (stored as zeros).
+struct RowQuant {
+    bool ok;
+    uint8_t f;  // the stored zero of the row: flip, or flip ^ 0x80 for a uint8 row (q - 128)
+    __m512 vinv;
+    __m512i lo, hi;
+    __m128i vflip;
+    RowQuant(const RowRange& r, uint8_t flip, float* sa, uint8_t* u8) {
+        const bool nonneg = r.neg == 0;
+        const float amax = _mm512_reduce_max_ps(r.vmax);
+        const float qmax = nonneg ? 255.f : 127.f;
+        const float inv = qmax / amax;
+        ok = !(r.bad || amax == 0.f || !(inv < __builtin_inff()));
+        *sa = r.bad ? __builtin_nanf("") : ok ? amax / qmax : 0.f;
+        *u8 = ok && nonneg;
+        f = ok && nonneg ? uint8_t(flip ^ 0x80) : flip;
+        vinv = _mm512_set1_ps(inv);
+        lo = _mm512_set1_epi32(nonneg ? 0 : -127);
+        hi = _mm512_set1_epi32(nonneg ? 255 : 127);
+        vflip = _mm_set1_epi8(char(f));
+    }
+    // 16 values as their stored bytes
+    __m128i bytes(__m512 x) const {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x, vinv));
+        q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        return _mm_xor_si128(_mm512_cvtepi32_epi8(q), vflip);
+    }
+};
+
 // gather_quantize for a 1x1 conv without padding (MobileNet's and ResNet's pointwise layers): each
-// row is one input pixel's channels of the group, no taps to clip; the same arithmetic as below.
+// row is one input pixel's channels of the group, no taps to clip.
 void pointwise_rows(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, int64_t m1, uint8_t flip,
                     uint8_t* tile, int64_t kp, float* sa, uint8_t* u8) {
-    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512 inf = _mm512_set1_ps(__builtin_inff());
     const int64_t pix = g.oh * g.ow;
     const uint8_t* x = static_cast<const uint8_t*>(g.x);
     const size_t e = elt(g.dt);
@@ -146,42 +187,23 @@ void pointwise_rows(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, in
             const char* next = static_cast<const char*>(src) + size_t(kAhead * g.c) * e;
             for (size_t off = 0; off < size_t(cg) * e; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
         }
-        __m512 vmax = _mm512_setzero_ps();
-        __mmask16 bad = 0, neg = 0;
+        RowRange range;
         for (int64_t c = 0; c < cg; c += 16) {
             const __mmask16 mk = tail_mask(cg - c);
-            const __m512 x16 = load_x16(src, g.dt, c, mk);
-            neg |= _mm512_mask_cmp_ps_mask(mk, x16, _mm512_setzero_ps(), _CMP_LT_OQ);
-            const __m512 v = _mm512_and_ps(x16, abs_mask);
-            bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);
-            vmax = _mm512_max_ps(vmax, v);
+            range.add(load_x16(src, g.dt, c, mk), mk);
         }
-        const bool nonneg = neg == 0;
-        const float amax = _mm512_reduce_max_ps(vmax);
-        const float qmax = nonneg ? 255.f : 127.f;
-        const float inv = qmax / amax;
-        u8[m - m0] = 0;
-        if (bad || amax == 0.f || !(inv < __builtin_inff())) {
-            sa[m - m0] = bad ? __builtin_nanf("") : 0.f;
+        const RowQuant rq(range, flip, sa + (m - m0), u8 + (m - m0));
+        if (!rq.ok) {
             std::memset(row, flip, size_t(kp));
             continue;
         }
-        sa[m - m0] = amax / qmax;
-        u8[m - m0] = nonneg;
-        const uint8_t f = nonneg ? uint8_t(flip ^ 0x80) : flip;
-        const __m512i lo = _mm512_set1_epi32(nonneg ? 0 : -127), hi = _mm512_set1_epi32(nonneg ? 255 : 127);
-        const __m128i vflip = _mm_set1_epi8(char(f));
-        const __m512 vinv = _mm512_set1_ps(inv);
         int64_t c = 0;
-        for (; c < cg; c += 16) {
+        for (; c < cg; c += 16) {  // lanes past cg get the stored zero: the row's padding up to the next 16
             const __mmask16 mk = tail_mask(cg - c);
-            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(src, g.dt, c, mk), vinv));
-            q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-            // lanes past cg get the quantized zero: the row's padding up to the next 16
             _mm_storeu_si128(reinterpret_cast<__m128i*>(row + c),
-                             _mm_mask_mov_epi8(vflip, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(q), vflip)));
+                             _mm_mask_mov_epi8(rq.vflip, mk, rq.bytes(load_x16(src, g.dt, c, mk))));
         }
-        for (; c < kp; c += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(row + c), vflip);
+        for (; c < kp; c += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(row + c), rq.vflip);
     }
 }
 
@@ -193,8 +215,6 @@ void gather_quantize(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, i
         pointwise_rows(g, cg, group, m0, m1, flip, tile, kp, sa, u8);
         return;
     }
-    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512 inf = _mm512_set1_ps(__builtin_inff());
     const int64_t pix = g.oh * g.ow, k = g.kh * g.kw * cg;
     const uint8_t* x = static_cast<const uint8_t*>(g.x);
     const size_t e = elt(g.dt);
@@ -223,70 +243,45 @@ void gather_quantize(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, i
                 for (size_t off = 0; off < size_t(cg) * e; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
             }
         }
-        __m512 vmax = _mm512_setzero_ps();
-        __mmask16 bad = 0, neg = 0;
+        RowRange range;
         for (int64_t ky = ky0; ky < ky1; ++ky)
             for (int64_t r = 0; r < runs; ++r) {
                 const void* p = src(ky, r);
                 for (int64_t c = 0; c < run; c += 16) {
                     const __mmask16 mk = tail_mask(run - c);
-                    const __m512 x16 = load_x16(p, g.dt, c, mk);
-                    neg |= _mm512_mask_cmp_ps_mask(mk, x16, _mm512_setzero_ps(), _CMP_LT_OQ);
-                    const __m512 v = _mm512_and_ps(x16, abs_mask);
-                    bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // Inf or NaN
-                    vmax = _mm512_max_ps(vmax, v);
+                    range.add(load_x16(p, g.dt, c, mk), mk);
                 }
             }
-        const bool nonneg = neg == 0;
-        const float amax = _mm512_reduce_max_ps(vmax);
-        const float qmax = nonneg ? 255.f : 127.f;
-        const float inv = qmax / amax;
-        u8[m - m0] = 0;
-        if (bad || amax == 0.f || !(inv < __builtin_inff())) {
-            sa[m - m0] = bad ? __builtin_nanf("") : 0.f;
+        const RowQuant rq(range, flip, sa + (m - m0), u8 + (m - m0));
+        if (!rq.ok) {
             std::memset(row, flip, size_t(kp));
             continue;
         }
-        sa[m - m0] = amax / qmax;
-        u8[m - m0] = nonneg;
-        const uint8_t f = nonneg ? uint8_t(flip ^ 0x80) : flip;  // u8: q - 128 = q ^ 0x80 as int8
-        const __m512i lo = _mm512_set1_epi32(nonneg ? 0 : -127), hi = _mm512_set1_epi32(nonneg ? 255 : 127);
-        const __m128i vflip = _mm_set1_epi8(char(f));
-        const __m512 vinv = _mm512_set1_ps(inv);
-        // the quantized zero everywhere first where taps fall outside the image, then the runs
-        if (ky1 - ky0 < g.kh || kx1 - kx0 < g.kw) std::memset(row, f, size_t(k));
+        // the stored zero everywhere first where taps fall outside the image, then the runs
+        if (ky1 - ky0 < g.kh || kx1 - kx0 < g.kw) std::memset(row, rq.f, size_t(k));
         for (int64_t ky = ky0; ky < ky1; ++ky)
             for (int64_t r = 0; r < runs; ++r) {
                 const void* p = src(ky, r);
                 uint8_t* dst = row + dst_off(ky, r);
                 for (int64_t c = 0; c < run; c += 16) {
                     const __mmask16 mk = tail_mask(run - c);
-                    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(p, g.dt, c, mk), vinv));
-                    q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-                    _mm_mask_storeu_epi8(dst + c, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(q), vflip));
+                    _mm_mask_storeu_epi8(dst + c, mk, rq.bytes(load_x16(p, g.dt, c, mk)));
                 }
             }
-        std::memset(row + k, f, size_t(kp - k));
+        std::memset(row + k, rq.f, size_t(kp - k));
     }
 }
 
 ValueRange range(const void* x, DType dt, int64_t n) {
-    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512 inf = _mm512_set1_ps(__builtin_inff());
-    __m512 vmax = _mm512_setzero_ps();
-    __mmask16 bad = 0, neg = 0;
+    RowRange acc;
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mk = tail_mask(n - i);
-        const __m512 v = load_x16(x, dt, i, mk);
-        neg |= _mm512_mask_cmp_ps_mask(mk, v, _mm512_setzero_ps(), _CMP_LT_OQ);
-        const __m512 av = _mm512_and_ps(v, abs_mask);
-        bad |= _mm512_cmp_ps_mask(av, inf, _CMP_NLT_UQ);  // Inf or NaN
-        vmax = _mm512_max_ps(vmax, av);
+        acc.add(load_x16(x, dt, i, mk), mk);
     }
     ValueRange r;
-    r.amax = _mm512_reduce_max_ps(vmax);
-    r.finite = bad == 0;
-    r.nonneg = neg == 0;
+    r.amax = _mm512_reduce_max_ps(acc.vmax);
+    r.finite = acc.bad == 0;
+    r.nonneg = acc.neg == 0;
     return r;
 }
 
