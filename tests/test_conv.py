@@ -363,3 +363,20 @@ def test_state_dict_round_trip_and_compile():
         fresh.load_state_dict(bad)
     compiled = torch.compile(q, fullgraph=True)
     assert torch.equal(compiled(x), want)
+
+
+def test_geometry_reassigned_by_hand_is_parsed_and_checked():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 4, 3, padding=1).eval()
+    layer = Int8Conv2d.from_conv(conv)
+    x = torch.randn(1, 8, 6, 6)
+    want = layer(x)
+    layer.padding = 1  # an int, as nn.Conv2d takes it
+    assert torch.equal(layer(x), want)
+    layer.stride = 0
+    with pytest.raises(ValueError, match="stride"):
+        layer(x)
+    layer.stride = (1, 1)
+    layer.bias = torch.zeros(3)  # wrong size: refused, never read past its end
+    with pytest.raises(TypeError, match="bias"):
+        layer(x)

@@ -186,8 +186,12 @@ class Int8Conv2d(nn.Module):
         if eager_fast_path(x):
             # the op's own checks and kernel, without the dispatcher (our packed cache is trusted: built
             # here from weight_int8; its headers are still checked by the kernel)
-            shape, k, s, p, d, dw = _conv._check_args(x, weight, self.weight_scale, self.bias, self.kernel_size,
-                                                      self.stride, self.padding, self.dilation, self.groups, act)  # fmt: skip
+            shape = _fast_shape(self, x, (self.weight_scale, self.bias))
+            if shape is None:  # something to say about the call: the op's full checks say it
+                shape, k, s, p, d, _ = _conv._check_args(x, weight, self.weight_scale, self.bias, self.kernel_size,
+                                                         self.stride, self.padding, self.dilation, self.groups, act)  # fmt: skip
+            else:
+                k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
             # the kernel reads scale and bias by pointer: a strided buffer (load_state_dict(assign=True)
             # of a view, a plain assignment) must be made dense first, as the op does
             bias = None if self.bias is None else self.bias.contiguous()
@@ -201,6 +205,25 @@ class Int8Conv2d(nn.Module):
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (
             " (depthwise: per-sample)" if _conv.is_depthwise(self.in_channels, self.out_channels, self.groups) else ""))
+
+
+def _fast_shape(layer: nn.Module, x: torch.Tensor, vectors: tuple) -> tuple[int, int, int, int] | None:
+    """The output size of an eager call whose arguments need no checking beyond these: x checked by
+    _check_input (4-D here), the layer's geometry normalized at construction, its float32 [out]
+    vectors (scale, bias) as the kernel reads them. None when anything else holds: the op's
+    checks then run and raise (half of a small conv's Python time went to re-parsing the geometry)."""
+    k, st, p, d = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    if not (type(k) is tuple and type(st) is tuple and type(p) is tuple and type(d) is tuple
+            and len(k) == len(st) == len(d) == 2 and len(p) == 4
+            and min(k) >= 1 and min(st) >= 1 and min(d) >= 1 and min(p) >= 0):  # fmt: skip
+        return None  # reassigned by hand: parsed and checked by the op's checks
+    cout = layer.out_channels
+    for v in vectors:
+        if v is not None and (v.dtype != torch.float32 or v.shape != (cout,)):
+            return None
+    n, _, h, w = x.shape
+    oh, ow = _conv.conv2d_output_size(h, w, k, st, p, d)
+    return (n, cout, oh, ow) if oh >= 1 and ow >= 1 else None
 
 
 def _cached_layout(layer: nn.Module, w: torch.Tensor, pack) -> torch.Tensor:
@@ -303,8 +326,12 @@ class DepthwiseConv2d(nn.Module):
         weight = self._kernel_weight()
         act = ACTIVATION_CODE[self._activation]
         if eager_fast_path(x):
-            shape, k, s, p, d = _conv._check_dw_args(x, weight, self.bias, self.kernel_size, self.stride,
-                                                     self.padding, self.dilation, act)  # fmt: skip
+            shape = _fast_shape(self, x, (self.bias,))
+            if shape is None:
+                shape, k, s, p, d = _conv._check_dw_args(x, weight, self.bias, self.kernel_size, self.stride,
+                                                         self.padding, self.dilation, act)  # fmt: skip
+            else:
+                k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
             y = _conv.run_depthwise(x, weight, None if self.bias is None else self.bias.contiguous(), k, s, p, d, act, shape)
         else:
             y = torch.ops.fastinfer.depthwise_conv2d(x, weight, self.bias, list(self.kernel_size), list(self.stride),
