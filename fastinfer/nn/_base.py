@@ -152,8 +152,9 @@ class _FastForward:
 
 
 class _FusedActivation:
-    """The activation an int8 linear layer fuses into its epilogue: None or "gelu" (erf GELU). A
-    plain attribute, not a tensor (deepcopy and pickle keep it; the state_dict holds tensors only);
+    """The activation a fastinfer layer fuses into its epilogue: None or a name of ACTIVATION_CODE
+    ("gelu", "relu", "relu6", "silu", "hardswish"; the int8 linear and conv layers). A plain
+    attribute, not a tensor (deepcopy and pickle keep it; the state_dict holds tensors only);
     setting it checks the name and drops the layer's prepared fast call."""
 
     _activation: str | None = None

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from fastinfer import _runtime
-from fastinfer.nn._base import apply_keeping_dtypes
+from fastinfer.nn._base import _FusedActivation, apply_keeping_dtypes
 from fastinfer.nn.linear import quantize_weight_per_channel
 from fastinfer.ops import conv as _conv
-from fastinfer.ops._common import ACTIVATION_CODE, DTYPE_CODE, activation_code, eager_fast_path
+from fastinfer.ops._common import DTYPE_CODE, eager_fast_path
 
 __all__ = ["DepthwiseConv2d", "Int8Conv1d", "Int8Conv2d", "conv_padding", "fold_batchnorm"]
 
@@ -41,7 +41,45 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batch
     return (w * k[:, None, None, None]).float(), ((b - mean) * k + beta).float()
 
 
-class Int8Conv2d(nn.Module):
+class _ConvLayer(_FusedActivation, nn.Module):
+    """What Int8Conv2d and DepthwiseConv2d share: the fused activation, the input contract, the
+    dtype-keeping _apply, and forward(): the eager call without the dispatcher, or the op.
+    Subclasses give _kernel_weight() (the cached kernel layout), _eager(x, weight, act) and
+    _op(x, weight, act)."""
+
+    _packed: tuple | None = None
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_dtypes(self, super()._apply, fn, recurse)  # fp32 scales and bias stay fp32
+        self._packed = None
+        return self
+
+    def _check_input(self, x: object) -> torch.Tensor:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"{name} expects [N, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"{name}({self.in_channels} -> {self.out_channels}) got input of shape {tuple(x.shape)}: "
+                             f"{x.shape[-3]} channels, expected {self.in_channels}")  # fmt: skip
+        if x.dtype not in DTYPE_CODE:
+            raise TypeError(f"{name} supports float32 and bfloat16 inputs, got {x.dtype}")
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{name} runs on the CPU; got an input on {x.device} (no CUDA conv kernel yet)")
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        weight, act = self._kernel_weight(), self._act_code()
+        y = self._eager(x, weight, act) if eager_fast_path(x) else self._op(x, weight, act)
+        return y.squeeze(0) if unbatched else y
+
+
+class Int8Conv2d(_ConvLayer):
     """y = act(conv2d(x, W) + b) with int8 weights (per output channel) and int8 activations.
 
     Each output pixel's im2col row (its taps x channels) is quantized with its own scale, so the
@@ -120,23 +158,9 @@ class Int8Conv2d(nn.Module):
             self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous().clone()
         self._packed = None
 
-    @property
-    def activation(self) -> str | None:
-        return self._activation
-
-    @activation.setter
-    def activation(self, value: str | None) -> None:
-        activation_code(type(self).__name__, value)
-        self._activation = value
-
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in/groups, kh, kw]: what this layer effectively convolves with."""
         return self.weight_int8.float() * self.weight_scale[:, None, None, None]
-
-    def _apply(self, fn, recurse=True):
-        apply_keeping_dtypes(self, super()._apply, fn, recurse)  # fp32 scales and bias stay fp32
-        self._packed = None
-        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
@@ -161,46 +185,24 @@ class Int8Conv2d(nn.Module):
         in-place write: its version)."""
         return _cached_layout(self, self.weight_int8, lambda w: _conv.pack_conv_weight(w, self.groups))
 
-    def _check_input(self, x: object) -> torch.Tensor:
-        name = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} expects a tensor, got {type(x).__name__}")
-        if x.dim() not in (3, 4):
-            raise ValueError(f"{name} expects [N, C, H, W] or [C, H, W] input, got shape {tuple(x.shape)}")
-        if x.shape[-3] != self.in_channels:
-            raise ValueError(f"{name}({self.in_channels} -> {self.out_channels}) got input of shape {tuple(x.shape)}: "
-                             f"{x.shape[-3]} channels, expected {self.in_channels}")  # fmt: skip
-        if x.dtype not in DTYPE_CODE:
-            raise TypeError(f"{name} supports float32 and bfloat16 inputs, got {x.dtype}")
-        if x.device.type != "cpu":
-            raise RuntimeError(f"{name} runs on the CPU; got an input on {x.device} (no CUDA conv kernel yet)")
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._check_input(x)
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        weight = self._kernel_weight()
-        act = ACTIVATION_CODE[self._activation]
-        if eager_fast_path(x):
-            # the op's own checks and kernel, without the dispatcher (our packed cache is trusted: built
-            # here from weight_int8; its headers are still checked by the kernel)
-            shape = _fast_shape(self, x, (self.weight_scale, self.bias))
-            if shape is None:  # something to say about the call: the op's full checks say it
-                shape, k, s, p, d, _ = _conv._check_args(x, weight, self.weight_scale, self.bias, self.kernel_size,
-                                                         self.stride, self.padding, self.dilation, self.groups, act)  # fmt: skip
-            else:
-                k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
-            # the kernel reads scale and bias by pointer: a strided buffer (load_state_dict(assign=True)
-            # of a view, a plain assignment) must be made dense first, as the op does
-            bias = None if self.bias is None else self.bias.contiguous()
-            y = _conv.run_conv2d(x, weight, self.weight_scale.contiguous(), bias, k, s, p, d, self.groups, act, shape)
+    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+        # the op's own checks and kernel, without the dispatcher (our packed cache is trusted: built
+        # here from weight_int8; its headers are still checked by the kernel)
+        shape = _fast_shape(self, x, (self.weight_scale, self.bias))
+        if shape is None:  # something to say about the call: the op's full checks say it
+            shape, k, s, p, d, _ = _conv._check_args(x, weight, self.weight_scale, self.bias, self.kernel_size,
+                                                     self.stride, self.padding, self.dilation, self.groups, act)  # fmt: skip
         else:
-            y = torch.ops.fastinfer.int8_conv2d(x, weight, self.weight_scale, self.bias, list(self.kernel_size),
-                                                list(self.stride), list(self.padding), list(self.dilation),
-                                                self.groups, act)  # fmt: skip
-        return y.squeeze(0) if unbatched else y
+            k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+        # the kernel reads scale and bias by pointer: a strided buffer (load_state_dict(assign=True)
+        # of a view, a plain assignment) must be made dense first, as the op does
+        bias = None if self.bias is None else self.bias.contiguous()
+        return _conv.run_conv2d(x, weight, self.weight_scale.contiguous(), bias, k, s, p, d, self.groups, act, shape)
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+        return torch.ops.fastinfer.int8_conv2d(x, weight, self.weight_scale, self.bias, list(self.kernel_size),
+                                               list(self.stride), list(self.padding), list(self.dilation),
+                                               self.groups, act)  # fmt: skip
 
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (
@@ -258,7 +260,7 @@ def _conv_repr(layer: nn.Module, what: str) -> str:
     return ", ".join(parts)
 
 
-class DepthwiseConv2d(nn.Module):
+class DepthwiseConv2d(_ConvLayer):
     """A depthwise nn.Conv2d (groups = in = out channels) in fp32 on fastinfer's NHWC kernel, with
     a BatchNorm2d folded in and an activation fused into it: what fastinfer.quantize() puts in place
     of depthwise convs. Their few multiply-adds per byte make them memory-bound, so int8 would only
@@ -307,36 +309,21 @@ class DepthwiseConv2d(nn.Module):
         mod.train(conv.training)
         return mod
 
-    activation = Int8Conv2d.activation
-    _check_input = Int8Conv2d._check_input
-
-    def _apply(self, fn, recurse=True):
-        apply_keeping_dtypes(self, super()._apply, fn, recurse)
-        self._packed = None
-        return self
-
     def _kernel_weight(self) -> torch.Tensor:
         return _cached_layout(self, self.weight, _conv.pack_depthwise_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._check_input(x)
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        weight = self._kernel_weight()
-        act = ACTIVATION_CODE[self._activation]
-        if eager_fast_path(x):
-            shape = _fast_shape(self, x, (self.bias,))
-            if shape is None:
-                shape, k, s, p, d = _conv._check_dw_args(x, weight, self.bias, self.kernel_size, self.stride,
-                                                         self.padding, self.dilation, act)  # fmt: skip
-            else:
-                k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
-            y = _conv.run_depthwise(x, weight, None if self.bias is None else self.bias.contiguous(), k, s, p, d, act, shape)
+    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+        shape = _fast_shape(self, x, (self.bias,))
+        if shape is None:
+            shape, k, s, p, d = _conv._check_dw_args(x, weight, self.bias, self.kernel_size, self.stride,
+                                                     self.padding, self.dilation, act)  # fmt: skip
         else:
-            y = torch.ops.fastinfer.depthwise_conv2d(x, weight, self.bias, list(self.kernel_size), list(self.stride),
-                                                     list(self.padding), list(self.dilation), act)  # fmt: skip
-        return y.squeeze(0) if unbatched else y
+            k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+        return _conv.run_depthwise(x, weight, None if self.bias is None else self.bias.contiguous(), k, s, p, d, act, shape)
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+        return torch.ops.fastinfer.depthwise_conv2d(x, weight, self.bias, list(self.kernel_size), list(self.stride),
+                                                    list(self.padding), list(self.dilation), act)  # fmt: skip
 
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=fp32 (depthwise kernel)")

@@ -231,23 +231,32 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (tuple(x.shape), x.dtype, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups, act)
 
 
-def _backward(ctx, grad):
-    weight, w_scale, out = ctx.saved_tensors
-    (n, c, h, w), dtype, k, s, p, d, groups, act = ctx.meta
+def _input_gradient(name: str, grad: torch.Tensor, out: torch.Tensor | None, act: int, wf: torch.Tensor,
+                   x_shape, dtype, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """d loss / d x of act(conv2d(x, wf)) from the output's gradient (relu / relu6 masked by the
+    saved output), with (top, left, bottom, right) zero padding: the gradient of the padded input,
+    cropped. Any other fused activation raises."""
     if act not in (0, 2, 3):
         raise RuntimeError(
-            f"fastinfer.int8_conv2d: no gradient through the fused {activation_name('int8_conv2d', act)} activation; "
+            f"fastinfer.{name}: no gradient through the fused {activation_name(name, act)} activation; "
             "convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
         )
     if act == 2:
         grad = grad * (out > 0)
     elif act == 3:
         grad = grad * ((out > 0) & (out < 6))
-    cout = w_scale.shape[0]
-    wf = unpack_conv_weight(weight, cout, c // groups, k, groups).float() * w_scale[:, None, None, None]
-    pt, pl, pb, pr = p
-    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad.float(), s, 0, d, groups)
-    return gx[:, :, pt:pt + h, pl:pl + w].to(dtype), None, None, None, None, None, None, None, None, None
+    n, c, h, w = x_shape
+    pt, pl, pb, pr = padding
+    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad.float(), stride, 0, dilation, groups)
+    return gx[:, :, pt:pt + h, pl:pl + w].to(dtype)
+
+
+def _backward(ctx, grad):
+    weight, w_scale, out = ctx.saved_tensors
+    shape, dtype, k, s, p, d, groups, act = ctx.meta
+    wf = unpack_conv_weight(weight, w_scale.shape[0], shape[1] // groups, k, groups).float() * w_scale[:, None, None, None]
+    gx = _input_gradient("int8_conv2d", grad, out, act, wf, shape, dtype, s, p, d, groups)
+    return gx, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastinfer::int8_conv2d", _backward, setup_context=_setup_context)
@@ -335,20 +344,11 @@ def _dw_setup_context(ctx, inputs, output):
 
 def _dw_backward(ctx, grad):
     weight, out = ctx.saved_tensors
-    (n, c, h, w), dtype, k, s, p, d, act = ctx.meta
-    if act not in (0, 2, 3):
-        raise RuntimeError(
-            f"fastinfer.depthwise_conv2d: no gradient through the fused {activation_name('depthwise_conv2d', act)} "
-            "activation; convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
-        )
-    if act == 2:
-        grad = grad * (out > 0)
-    elif act == 3:
-        grad = grad * ((out > 0) & (out < 6))
+    shape, dtype, k, s, p, d, act = ctx.meta
+    c = shape[1]
     wf = weight[:, :c].t().reshape(c, 1, k[0], k[1])
-    pt, pl, pb, pr = p
-    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad.float(), s, 0, d, c)
-    return gx[:, :, pt:pt + h, pl:pl + w].to(dtype), None, None, None, None, None, None, None
+    gx = _input_gradient("depthwise_conv2d", grad, out, act, wf, shape, dtype, s, p, d, c)
+    return gx, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastinfer::depthwise_conv2d", _dw_backward, setup_context=_dw_setup_context)
