@@ -259,7 +259,9 @@ def test_extra_repr(isa, bias):
 def test_state_dict_round_trip(isa, bias):
     q = Int8Linear.from_linear(_linear(70, 33, bias=bias))
     sd = q.state_dict()
-    assert set(sd) == {"packed_weight", "weight_scale"} | ({"bias"} if bias else set())
+    # the portable form only: the packed layout is this machine's cache, not state
+    assert set(sd) == {"weight_int8", "weight_scale"} | ({"bias"} if bias else set())
+    assert sd["weight_int8"].dtype == torch.int8 and torch.equal(sd["weight_int8"], q.weight_int8)
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -275,8 +277,51 @@ def test_state_dict_round_trip(isa, bias):
 
 def test_state_dict_shape_mismatch_raises():
     q = Int8Linear.from_linear(_linear(70, 33))
-    with pytest.raises(RuntimeError, match=r"packed_weight: holds an int8 \[33, 70\] weight, this layer is \[34, 70\]"):
+    with pytest.raises(RuntimeError, match=r"weight_int8: holds torch.int8 \[33, 70\], this layer needs int8 \[34, 70\]"):
         Int8Linear(70, 34).load_state_dict(q.state_dict())
+    sd = q.state_dict()
+    sd["weight_int8"] = sd["weight_int8"].float()
+    with pytest.raises(RuntimeError, match=r"weight_int8: holds torch.float32 \[33, 70\], this layer needs int8"):
+        Int8Linear(70, 33).load_state_dict(sd)
+
+
+def _legacy_state_dict(q: Int8Linear) -> dict:
+    """What state format 1 wrote: the CPU packed layout under "packed_weight"."""
+    sd = {"packed_weight": q.packed_weight.clone(), "weight_scale": q.weight_scale.clone()}
+    if q.bias is not None:
+        sd["bias"] = q.bias.clone()
+    return sd
+
+
+def test_state_format_1_still_loads(isa):
+    q = Int8Linear.from_linear(_linear(70, 33))
+    fresh = Int8Linear(70, 33)
+    fresh.load_state_dict(_legacy_state_dict(q))  # strict: packed_weight is a known key
+    x = torch.randn(5, 70, generator=_gen(24))
+    assert torch.equal(fresh(x), q(x))
+    assert torch.equal(fresh.weight_int8, q.weight_int8)
+    assert set(fresh.state_dict()) == {"weight_int8", "weight_scale", "bias"}  # re-saved in format 2
+
+
+def test_state_dict_missing_weight_is_named():
+    sd = Int8Linear.from_linear(_linear(70, 33)).state_dict()
+    del sd["weight_int8"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "weight_int8"'):
+        Int8Linear(70, 33).load_state_dict(sd)
+    fresh = Int8Linear(70, 33)
+    result = fresh.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["weight_int8"] and result.unexpected_keys == []
+
+
+def test_state_dict_on_meta_and_assign():
+    q = Int8Linear.from_linear(_linear(70, 33))
+    with torch.device("meta"):
+        skeleton = Int8Linear(70, 33)
+    assert set(skeleton.state_dict()) == {"weight_int8", "weight_scale", "bias"}
+    skeleton.load_state_dict(q.state_dict(), assign=True)
+    assert skeleton.packed_weight.device.type == "cpu"
+    x = torch.randn(5, 70, generator=_gen(25))
+    assert torch.equal(skeleton(x), q(x))
 
 
 def test_whole_model_save_load(tmp_path):

@@ -101,8 +101,10 @@ def test_tampered_packed_weight_raises_in_every_op(tamper):
 @pytest.mark.parametrize("tamper", list(TAMPERS))
 def test_load_state_dict_rejects_a_tampered_packed_weight(tamper):
     fn, message = TAMPERS[tamper]
+    # state format 1 (older files) held the packed layout itself: it is validated in full on load
     layer = fnn.Int8Linear.from_linear(torch.nn.Linear(60, 20))
-    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    sd = {"packed_weight": layer.packed_weight.clone(), "weight_scale": layer.weight_scale.clone(),
+          "bias": layer.bias.clone()}  # fmt: skip
     fn(sd["packed_weight"])
     fresh = fnn.Int8Linear(60, 20)
     before = fresh.packed_weight.clone()
@@ -112,9 +114,12 @@ def test_load_state_dict_rejects_a_tampered_packed_weight(tamper):
 
 
 def test_load_state_dict_names_a_wrong_shape():
-    sd = fnn.Int8Linear(61, 20).state_dict()
+    src = fnn.Int8Linear(61, 20)
+    with pytest.raises(RuntimeError, match=r"weight_int8: holds torch.int8 \[20, 61\], this layer needs int8 \[20, 60\]"):
+        fnn.Int8Linear(60, 20).load_state_dict(src.state_dict())
+    legacy = {"packed_weight": src.packed_weight, "weight_scale": src.weight_scale, "bias": src.bias}
     with pytest.raises(RuntimeError, match=r"packed_weight: holds an int8 \[20, 61\] weight, this layer is \[20, 60\]"):
-        fnn.Int8Linear(60, 20).load_state_dict(sd)
+        fnn.Int8Linear(60, 20).load_state_dict(legacy)
 
 
 def test_valid_state_dict_still_loads_and_matches():

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastinfer import ops
 from fastinfer.nn._base import (
+    _FAST,
     _FastForward,
     _FusedActivation,
     apply_keeping_dtypes,
@@ -14,7 +15,7 @@ from fastinfer.nn._base import (
     layer_repr,
     linear_weight_and_bias,
 )
-from fastinfer.ops.linear import check_packed, prepare_int8_linear, remember_valid
+from fastinfer.ops.linear import check_packed, prepare_int8_linear
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +57,7 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         self.out_features = out_features
         self.activation = activation
         zero = torch.zeros((out_features, in_features), dtype=torch.int8)
-        self.register_buffer("packed_weight", ops.pack_int8_weight(zero))
+        self.register_buffer("packed_weight", ops.pack_int8_weight(zero), persistent=False)
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
 
@@ -90,31 +91,69 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         self.packed_weight = ops.pack_int8_weight(q.detach().to(dev))
         self.weight_scale = scale.detach().to(device=dev, dtype=torch.float32).contiguous()
 
+    # ------------------------------------------------------------------------- state_dict (files)
+    # The state_dict holds the portable form, int8 [out, in] under "weight_int8" with weight_scale
+    # and bias; packed_weight is this device's kernel layout (K4N16 on CPU, RN128 on CUDA), a
+    # non-persistent buffer built from it. One copy of the weight lives in memory: the int8 form is
+    # unpacked when a state_dict is taken and packed again when one is loaded. Files written before
+    # state format 2 hold the CPU packed layout under "packed_weight": they load (fully validated).
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight_int8"] = self.weight_int8
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
-        # A packed weight from a file is checked in full (header, padding, column sums) before it is
-        # taken: a tampered one is an error naming the key, never a layer whose results differ by ISA.
-        key = prefix + "packed_weight"
-        incoming = state_dict.get(key)
-        checked = False
-        # a CPU weight from a file, also into a layer built on meta (load_state_dict(assign=True));
-        # a CUDA layer's weight is another layout (its kernels read no sums and zero their padding)
-        if incoming is not None and incoming.device.type == "cpu" and self.packed_weight.device.type != "cuda":
-            try:
-                _, *shape = check_packed("load_state_dict", incoming.detach().cpu().contiguous(), force=True)
-            except (TypeError, ValueError) as e:
-                error_msgs.append(f"{key}: not a valid fastinfer packed int8 weight ({e})")
-                return
-            if shape != [self.out_features, self.in_features]:
-                error_msgs.append(
-                    f"{key}: holds an int8 {list(shape)} weight, this layer is [{self.out_features}, {self.in_features}]"
-                )
-                return
-            checked = True
+        key, legacy = prefix + "weight_int8", prefix + "packed_weight"
+        shape = [self.out_features, self.in_features]
+        errors_before = len(error_msgs)
+        q = None
+        if key in state_dict:
+            w = state_dict[key]
+            if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or list(w.shape) != shape:
+                what = f"{w.dtype} {list(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+                error_msgs.append(f"{key}: holds {what}, this layer needs int8 {shape}")
+            else:
+                q = w.detach()
+        elif legacy in state_dict:
+            q = self._legacy_weight(legacy, state_dict[legacy], shape, error_msgs)
+        else:
+            missing_keys.append(key)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
-        if checked and not error_msgs:  # the buffer now holds the bytes just checked: no second check
-            remember_valid(self._buffers["packed_weight"])
+        for k in (key, legacy):  # ours, though not a registered persistent buffer
+            while k in unexpected_keys:
+                unexpected_keys.remove(k)
+        if q is None or len(error_msgs) != errors_before:
+            return
+        dev = self.packed_weight.device
+        if dev.type == "meta" and local_metadata.get("assign_to_params_buffers", False):
+            dev = q.device  # load_state_dict(assign=True) into a layer built on meta
+        if q.device.type == "meta" or dev.type == "meta":
+            self._buffers["packed_weight"] = torch.empty_like(self.packed_weight, device="meta")
+            return
+        with torch.inference_mode(False):  # a version-tracked buffer even when loaded under inference_mode
+            packed = ops.pack_int8_weight(q.to(dev).contiguous())
+        self._buffers["packed_weight"] = packed
+        _FAST.pop(self, None)
+
+    @staticmethod
+    def _legacy_weight(key: str, incoming, shape: list[int], error_msgs: list[str]) -> torch.Tensor | None:
+        """The int8 weight of a state format 1 entry (the CPU packed layout), checked in full
+        (header, padding, column sums) before it is read: a tampered one is an error naming the key."""
+        if not isinstance(incoming, torch.Tensor) or incoming.device.type != "cpu":
+            error_msgs.append(f"{key}: a packed weight from an older file must be a CPU tensor "
+                              "(re-save the model from the CPU)")  # fmt: skip
+            return None
+        try:
+            packed, n, k = check_packed("load_state_dict", incoming.detach().contiguous(), force=True)
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{key}: not a valid fastinfer packed int8 weight ({e})")
+            return None
+        if [n, k] != shape:
+            error_msgs.append(f"{key}: holds an int8 {[n, k]} weight, this layer is {shape}")
+            return None
+        return ops.unpack_int8_weight(packed, n, k)
 
     def _apply(self, fn, recurse=True):
         # model.bfloat16() / .half() / .to(dtype) cast every floating buffer. Ours are fp32 by
