@@ -5,6 +5,7 @@
     print(fastinfer.conversion_report(qmodel))
     pruned = fastinfer.prune(model, 0.5, pattern="2:4", method="wanda", calibration_data=batches)
     fast = fastinfer.sparsify(fastinfer.quantize(pruned))   # -> SparseInt8Linear where it pays
+    fastinfer.save(fast, "model.safetensors"); fast = fastinfer.load("model.safetensors", float_model)
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from fastinfer.config import QuantConfig
 from fastinfer.convert import LayerSparsity, prune, quantize, sparsify, sparsity_report
 from fastinfer.convert.report import ConversionReport, conversion_report
 from fastinfer.plan import SparseRule
+from fastinfer.io import load, save
 
 __all__ = [
-    "ConversionReport", "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "conversion_report", "info", "nn", "ops",
-    "prune", "quantize", "set_isa", "set_num_threads", "sparsify", "sparsity_report",
+    "ConversionReport", "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "conversion_report", "info", "load", "nn", "ops",
+    "prune", "quantize", "save", "set_isa", "set_num_threads", "sparsify", "sparsity_report",
 ]  # fmt: skip

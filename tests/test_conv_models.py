@@ -44,6 +44,8 @@ def test_sequential_conv_bn_act_is_folded_and_fused_exactly(act):
     q = fastinfer.quantize(model)
     assert isinstance(q[0], Int8Conv2d) and q[0].activation is not None
     assert isinstance(q[1], nn.Identity) and isinstance(q[2], nn.Identity)
+    assert (q[1].was, q[1].into, q[2].was, q[2].into) == ("BatchNorm2d", "0", act.__name__, "0")  # fastinfer.nn.Fused
+    assert repr(q[1]) == "Fused(BatchNorm2d -> 0)"
     unfused = fastinfer.quantize(model, fastinfer.QuantConfig(fuse_activations=False))
     assert isinstance(unfused[1], nn.Identity) and type(unfused[2]) is act  # BatchNorm folded all the same
     x = torch.randn(2, 8, 9, 9)

@@ -225,7 +225,7 @@ def test_quantize_fuses_bert_intermediate_gelu():
     inter = [m for m in fused.modules() if type(m).__name__ == "BertIntermediate"]
     assert len(inter) == 2
     for m in inter:
-        assert type(m.intermediate_act_fn) is nn.Identity
+        assert type(m.intermediate_act_fn) is fastinfer.nn.Fused and m.intermediate_act_fn.was == "GELUActivation"
         assert isinstance(m.dense, Int8Linear) and m.dense.activation == "gelu"
     for m in unfused.modules():
         if type(m).__name__ == "BertIntermediate":
@@ -250,7 +250,7 @@ def test_quantize_fuses_sequential_gelu_only_when_allowed():
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(approximate="tanh"),
                           nn.Linear(64, 16), nn.GELU())  # fmt: skip
     q = fastinfer.quantize(model)
-    assert [type(m).__name__ for m in q] == ["Int8Linear", "Identity", "Int8Linear", "GELU", "Int8Linear", "Identity"]
+    assert [type(m).__name__ for m in q] == ["Int8Linear", "Fused", "Int8Linear", "GELU", "Int8Linear", "Fused"]
     assert [q[0].activation, q[2].activation, q[4].activation] == ["gelu", None, "gelu"]
     ref = fastinfer.quantize(model, QuantConfig(fuse_activations=False))
     assert [type(m).__name__ for m in ref] == ["Int8Linear", "GELU"] * 3
@@ -259,7 +259,7 @@ def test_quantize_fuses_sequential_gelu_only_when_allowed():
 
     # a skipped layer keeps its GELU; so does a layer registered under two names
     s = fastinfer.quantize(model, QuantConfig(skip=("0",)))
-    assert type(s[0]) is nn.Linear and type(s[1]) is nn.GELU and type(s[5]) is nn.Identity
+    assert type(s[0]) is nn.Linear and type(s[1]) is nn.GELU and type(s[5]) is fastinfer.nn.Fused
     shared = nn.Linear(32, 32)
     m2 = nn.Sequential(shared, nn.GELU(), shared, nn.GELU())
     q2 = fastinfer.quantize(m2)

@@ -13,7 +13,7 @@ from fastinfer.convert._swap import swap
 from fastinfer.convert.fuse import ConvFusion, conv_fusions
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
-from fastinfer.nn import DepthwiseConv2d, Int8Conv1d, Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
+from fastinfer.nn import DepthwiseConv2d, Fused, Int8Conv1d, Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
 from fastinfer.ops.conv import is_depthwise
 
 __all__ = ["quantize"]
@@ -32,7 +32,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     see QuantConfig.depthwise), nn.Conv1d ones Int8Conv1d (no fusions), and so do subclasses that keep
     nn.Conv2d's forward (one that only fixes padding="same" in __init__, say); a subclass with its
     own forward (e.g. one that pads by the input's size first) stays float. A BatchNorm2d (eval
-    mode) that only post-processes a conv is folded into its weights and replaced by nn.Identity;
+    mode) that only post-processes a conv is folded into its weights and replaced by a fastinfer.nn.Fused (an nn.Identity);
     with fuse_activations, a ReLU / ReLU6 / SiLU / Hardswish module after it (or after its
     BatchNorm2d) is fused into the conv's epilogue and replaced too. "Only post-processes" is known
     from an nn.Sequential's order or from a torch.fx trace of the model (ResNet / MobileNet blocks).
@@ -43,7 +43,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
 
     With config.fuse_activations (the default), an erf GELU that only post-processes a converted
     layer (BERT-style `intermediate_act_fn` after `dense`, or the next module of an nn.Sequential)
-    is fused into that layer (activation="gelu") and replaced by nn.Identity. A layer that stays
+    is fused into that layer (activation="gelu") and replaced by fastinfer.nn.Fused. A layer that stays
     float (skipped) or is registered under several names is never fused.
 
     The original model is not modified unless inplace=True. The result is a plain nn.Module: same
@@ -91,11 +91,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     position = {fqn: i for i, (fqn, _) in enumerate(model.named_modules(remove_duplicate=False))}
     order = sorted([*targets, *left], key=lambda item: position[item.name])  # model order
     result = swap(model, targets, convert, config.progress, "fastinfer.quantize")
-    slots = list(fused.values())
-    slots += [slot for f in cfused.values() for slot in (f.bn, f.act) if slot is not None]
-    for parent, name in slots:  # what now runs inside the layer before it
-        identity = nn.Identity()
-        identity.train(parent._modules[name].training)
+    name_of = {id(t.module): t.name for t in targets}
+    slots = [(slot, name_of[k]) for k, slot in fused.items()]
+    slots += [(slot, name_of[k]) for k, f in cfused.items() for slot in (f.bn, f.act) if slot is not None]
+    for (parent, name), into in slots:  # what now runs inside the layer before it
+        was = parent._modules[name]
+        identity = Fused(type(was).__name__, into)
+        identity.train(was.training)
         setattr(parent, name, identity)
     for item in order:
         if id(item.module) in rows:

@@ -1,16 +1,16 @@
 """Modules that replace float layers. Each is a plain nn.Module whose forward calls fastinfer ops.
 
-    _base.py   the input contract, dtype-keeping _apply, forward() and its eager fast path
+    _base.py   the input contract, dtype-keeping _apply, forward() and its eager fast path; Fused
     linear.py  Int8Linear (and quantize_weight_per_channel, the weights it stores)
     sparse.py  SparseLinear, SparseInt8Linear
     conv.py    Int8Conv2d, DepthwiseConv2d, Int8Conv1d (and fold_batchnorm)
 """
 
-from fastinfer.nn._base import linear_weight_and_bias
+from fastinfer.nn._base import Fused, linear_weight_and_bias
 from fastinfer.nn.linear import Int8Linear, quantize_weight_per_channel
 from fastinfer.nn.sparse import SparseInt8Linear, SparseLinear
 from fastinfer.nn.conv import DepthwiseConv2d, Int8Conv1d, Int8Conv2d, fold_batchnorm
 
 __all__ = [
-    "DepthwiseConv2d", "Int8Conv1d", "Int8Conv2d", "Int8Linear", "SparseInt8Linear", "fold_batchnorm", "SparseLinear", "linear_weight_and_bias", "quantize_weight_per_channel",
+    "DepthwiseConv2d", "Fused", "Int8Conv1d", "Int8Conv2d", "Int8Linear", "SparseInt8Linear", "fold_batchnorm", "SparseLinear", "linear_weight_and_bias", "quantize_weight_per_channel",
 ]  # fmt: skip

@@ -30,6 +30,15 @@ def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torc
     return None, None
 
 
+def check_scale(key: str, state_dict, error_msgs: list[str]) -> None:
+    """load_state_dict's check of a layer's weight scales: finite and >= 0 (a NaN or negative scale
+    from a file would give NaN or sign-flipped outputs without a word)."""
+    scale = state_dict.get(key)
+    if isinstance(scale, torch.Tensor) and scale.is_floating_point() and scale.device.type != "meta":
+        if not (torch.isfinite(scale).all() and (scale >= 0).all()):
+            error_msgs.append(f"{key}: scales must be finite and >= 0")
+
+
 def layer_repr(layer: nn.Module, *parts: str) -> str:
     """extra_repr of a fastinfer linear layer: its sizes and bias, `parts`, the active ISA's kernel."""
     sizes = f"in_features={layer.in_features}, out_features={layer.out_features}, bias={layer.bias is not None}"
@@ -175,6 +184,23 @@ class _FusedActivation:
     def _act_repr(self) -> tuple[str, ...]:
         """The activation's part of extra_repr: nothing when there is none."""
         return () if self._activation is None else (f"activation={self._activation}",)
+
+
+class Fused(nn.Identity):
+    """What a conversion leaves where a module now runs inside the layer before it: a BatchNorm2d
+    folded into a conv's weights, an activation fused into a layer's epilogue. It passes its input
+    through (an nn.Identity) and says what it replaced (`was`, the class name) and where that went
+    (`into`, the layer's qualified name); fastinfer.save records it, so fastinfer.load can make the
+    same replacement in a float model."""
+
+    def __init__(self, was: str, into: str) -> None:
+        super().__init__()
+        if not isinstance(was, str) or not isinstance(into, str):
+            raise TypeError("Fused(was, into) takes two strings: the replaced class name and the layer's name")
+        self.was, self.into = was, into
+
+    def extra_repr(self) -> str:
+        return f"{self.was} -> {self.into or '<model>'}"
 
 
 def apply_keeping_dtypes(module: nn.Module, apply, fn, recurse) -> dict[str, torch.Tensor]:

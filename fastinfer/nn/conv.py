@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastinfer import _runtime
-from fastinfer.nn._base import _FusedActivation, apply_keeping_dtypes
+from fastinfer.nn._base import _FusedActivation, apply_keeping_dtypes, check_scale
 from fastinfer.nn.linear import quantize_weight_per_channel
 from fastinfer.ops import conv as _conv
 from fastinfer.ops._common import DTYPE_CODE, eager_fast_path
@@ -170,9 +170,9 @@ class Int8Conv2d(_ConvLayer):
             error_msgs.append(f"{key}: holds {incoming.dtype} {list(incoming.shape)}, this layer needs int8 "
                               f"{list(self.weight_int8.shape)}")  # fmt: skip
             return
-        scale = state_dict.get(prefix + "weight_scale")
-        if scale is not None and scale.is_floating_point() and not (torch.isfinite(scale).all() and (scale >= 0).all()):
-            error_msgs.append(f"{prefix}weight_scale: scales must be finite and >= 0")
+        errors_before = len(error_msgs)
+        check_scale(prefix + "weight_scale", state_dict, error_msgs)
+        if len(error_msgs) != errors_before:
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip

@@ -12,6 +12,7 @@ from fastinfer.nn._base import (
     _FusedActivation,
     apply_keeping_dtypes,
     check_features,
+    check_scale,
     layer_repr,
     linear_weight_and_bias,
 )
@@ -119,6 +120,7 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
             q = self._legacy_weight(legacy, state_dict[legacy], shape, error_msgs)
         else:
             missing_keys.append(key)
+        check_scale(prefix + "weight_scale", state_dict, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
         for k in (key, legacy):  # ours, though not a registered persistent buffer

@@ -1,0 +1,474 @@
+"""fastinfer.save / fastinfer.load: a converted model in one safetensors file, no pickle.
+
+    fastinfer.save(qmodel, "model.fi.safetensors")
+    qmodel = fastinfer.load("model.fi.safetensors", MyModel(config))   # a float model: converted from the file
+    qmodel = fastinfer.load("model.fi.safetensors", lambda: MyModel(config))
+
+The file holds the model's state_dict in its portable form (each fastinfer layer's canonical
+tensors: int8 [out, in] weights and fp32 scales, sparse buffers, float tensors as they are) and,
+in the safetensors header's metadata under "fastinfer", a JSON description: format and fastinfer
+versions, every fastinfer layer by qualified name with its kind and configuration, every module a
+fusion replaced (fastinfer.nn.Fused), the conversion report, and a CRC-32 of each tensor's bytes.
+From that, `load` turns a float model of the same architecture into the optimized one: it replaces
+the recorded modules, checks every tensor's dtype, shape and checksum against what the model
+expects, and loads one module at a time (each layer packs its kernel layout for the ISA and device
+at hand; the file's tensors are read from the memory map as each module needs them, so the whole
+file is never held twice). A file that is not a fastinfer file, is truncated or edited, or belongs
+to another model raises fastinfer.io.FileFormatError (a ValueError) naming the file and the layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastinfer import _runtime
+from fastinfer.convert._swap import route_fused_layers_through_modules
+from fastinfer.convert.report import ConversionReport, LayerConversion
+from fastinfer.nn import (
+    DepthwiseConv2d,
+    Fused,
+    Int8Conv1d,
+    Int8Conv2d,
+    Int8Linear,
+    SparseInt8Linear,
+    SparseLinear,
+    linear_weight_and_bias,
+)
+
+__all__ = ["FORMAT_VERSION", "FileFormatError", "load", "read_metadata", "save"]
+
+FORMAT_VERSION = 1  # of the file's layout and metadata; load reads this version and older
+STATE_VERSION = 2  # of the layers' state_dicts (1: Int8Linear held its packed layout)
+_KEY = "fastinfer"  # the safetensors metadata entry holding our JSON
+
+
+class FileFormatError(ValueError):
+    """A file fastinfer.load cannot take: not a fastinfer file, damaged, edited, written by a newer
+    fastinfer, or made for another model. The message names the file and, where one is at fault,
+    the layer."""
+
+
+# ------------------------------------------------------------------------------------- layer kinds
+
+
+def _linear_config(m) -> dict:
+    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+
+
+def _conv_config(m: Int8Conv2d) -> dict:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation),
+            "groups": m.groups, "bias": m.bias is not None, "activation": m.activation}  # fmt: skip
+
+
+def _dw_config(m: DepthwiseConv2d) -> dict:
+    return {"channels": m.in_channels, "kernel_size": list(m.kernel_size), "stride": list(m.stride),
+            "padding": list(m.padding), "dilation": list(m.dilation), "bias": m.bias is not None,
+            "activation": m.activation}  # fmt: skip
+
+
+def _fits_linear(mod: nn.Module, cfg: dict) -> bool:
+    if isinstance(mod, (Int8Linear, SparseInt8Linear, SparseLinear)):
+        return (mod.in_features, mod.out_features) == (cfg["in_features"], cfg["out_features"])
+    weight, _ = linear_weight_and_bias(mod)
+    return weight is not None and list(weight.shape) == [cfg["out_features"], cfg["in_features"]]
+
+
+def _fits_conv2d(mod: nn.Module, cfg: dict, depthwise: bool) -> bool:
+    if isinstance(mod, (Int8Conv2d, DepthwiseConv2d)) or (isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros"):
+        cin = cfg["channels"] if depthwise else cfg["in_channels"]
+        cout = cfg["channels"] if depthwise else cfg["out_channels"]
+        groups = cfg["channels"] if depthwise else cfg["groups"]
+        return (mod.in_channels, mod.out_channels, mod.groups, list(mod.kernel_size), list(mod.stride),
+                list(mod.dilation)) == (cin, cout, groups, cfg["kernel_size"], cfg["stride"], cfg["dilation"])  # fmt: skip
+    return False
+
+
+def _fits_conv1d(mod: nn.Module, cfg: dict) -> bool:
+    if isinstance(mod, Int8Conv1d):
+        mod = mod.conv2d
+    elif isinstance(mod, nn.Conv1d) and mod.padding_mode == "zeros":
+        return (mod.in_channels, mod.out_channels, mod.groups, [1, *mod.kernel_size], [1, *mod.stride],
+                [1, *mod.dilation]) == (cfg["in_channels"], cfg["out_channels"], cfg["groups"], cfg["kernel_size"],
+                                        cfg["stride"], cfg["dilation"])  # fmt: skip
+    return _fits_conv2d(mod, cfg, depthwise=False)
+
+
+def _build_conv2d(cfg: dict) -> Int8Conv2d:
+    return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
+                      tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["groups"], bias=cfg["bias"],
+                      activation=cfg["activation"])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Kind:
+    cls: type
+    config: Callable[[nn.Module], dict]
+    build: Callable[[dict], nn.Module]
+    fits: Callable[[nn.Module, dict], bool]  # can the module found at the layer's place become it?
+    on_meta: bool  # built on the meta device (its tensors then come from the file alone)
+    types: dict  # config key -> the JSON type(s) it must have
+
+
+_INT, _BOOL, _ACT, _PAIR, _QUAD = (int,), (bool,), (str, type(None)), "pair", "quad"
+
+_KINDS: dict[str, _Kind] = {
+    "Int8Linear": _Kind(
+        Int8Linear, lambda m: {**_linear_config(m), "activation": m.activation},
+        lambda c: Int8Linear(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"]),
+        _fits_linear, True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT}),
+    "SparseInt8Linear": _Kind(
+        SparseInt8Linear, lambda m: {**_linear_config(m), "activation": m.activation},
+        lambda c: SparseInt8Linear(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"]),
+        _fits_linear, False, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT}),
+    "SparseLinear": _Kind(
+        SparseLinear, _linear_config, lambda c: SparseLinear(c["in_features"], c["out_features"], bias=c["bias"]),
+        _fits_linear, False, {"in_features": _INT, "out_features": _INT, "bias": _BOOL}),
+    "Int8Conv2d": _Kind(
+        Int8Conv2d, _conv_config, _build_conv2d, lambda m, c: _fits_conv2d(m, c, depthwise=False), True,
+        {"in_channels": _INT, "out_channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD,
+         "dilation": _PAIR, "groups": _INT, "bias": _BOOL, "activation": _ACT}),
+    "DepthwiseConv2d": _Kind(
+        DepthwiseConv2d, _dw_config,
+        lambda c: DepthwiseConv2d(c["channels"], tuple(c["kernel_size"]), tuple(c["stride"]), tuple(c["padding"]),
+                                  tuple(c["dilation"]), bias=c["bias"], activation=c["activation"]),
+        lambda m, c: _fits_conv2d(m, c, depthwise=True), True,
+        {"channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD, "dilation": _PAIR,
+         "bias": _BOOL, "activation": _ACT}),
+    "Int8Conv1d": _Kind(
+        Int8Conv1d, lambda m: _conv_config(m.conv2d), lambda c: Int8Conv1d(_build_conv2d(c)), _fits_conv1d, True,
+        {"in_channels": _INT, "out_channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD,
+         "dilation": _PAIR, "groups": _INT, "bias": _BOOL, "activation": _ACT}),
+    "Fused": _Kind(
+        Fused, lambda m: {"was": m.was, "into": m.into}, lambda c: Fused(c["was"], c["into"]),
+        lambda m, c: isinstance(m, nn.Identity) or type(m).__name__ == c["was"], False,
+        {"was": (str,), "into": (str,)}),
+}  # fmt: skip
+_KIND_OF = {k.cls: name for name, k in _KINDS.items()}
+
+
+def _check_config(where: str, kind: _Kind, cfg: object) -> dict:
+    if not isinstance(cfg, dict) or set(cfg) != set(kind.types):
+        keys = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+        raise FileFormatError(f"{where}: config must have the keys {sorted(kind.types)}, got {keys}")
+    for key, want in kind.types.items():
+        v = cfg[key]
+        if want in (_PAIR, _QUAD):
+            n = 2 if want == _PAIR else 4
+            ok = isinstance(v, list) and len(v) == n and all(type(i) is int for i in v)
+        else:
+            ok = type(v) in want  # exact: True is not an int here, 1 is not a bool
+        if not ok:
+            raise FileFormatError(f"{where}: config {key}={v!r} has the wrong type")
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- save
+
+
+def _tensor_bytes(t: torch.Tensor):
+    """The bytes of a contiguous CPU tensor, for the checksum (no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
+    """Writes `model` (a fastinfer-converted model, or any nn.Module) to `path` as safetensors.
+
+    What `load` needs to rebuild it from a float model of the same architecture goes with it (see
+    the module docstring); `metadata` adds string pairs of your own (read back by read_metadata).
+    The file is written next to `path` and renamed over it at the end, so a failed save leaves an
+    existing file untouched. Tensors are saved from the CPU (a CUDA model's are copied)."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastinfer.save expects an nn.Module, got {type(model).__name__}")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):  # fmt: skip
+        raise TypeError("fastinfer.save: metadata must be a dict of str -> str")
+    path = Path(path)
+    layers: dict[str, dict] = {}
+    inside: list[str] = []  # prefixes of recorded layers: their children are part of them
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if any(name.startswith(p) for p in inside):
+            continue
+        kind = _KIND_OF.get(type(mod))
+        if kind is not None:
+            layers[name] = {"kind": kind, "config": _KINDS[kind].config(mod)}
+            inside.append(name + "." if name else "")  # the model itself: nothing else to record
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # a key whose tensor is another key's (tied weights): stored once
+    exact: dict[tuple, str] = {}
+    storages: set[tuple] = set()
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastinfer.save: state_dict entry {key!r} is a {type(t).__name__}, not a tensor "
+                            "(modules with extra state are not supported)")  # fmt: skip
+        if t.device.type == "meta":
+            raise ValueError(f"fastinfer.save: {key!r} is on the meta device (no data to save)")
+        t = t.detach()
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and ident in exact:
+            aliases[key] = exact[ident]
+            continue
+        if t.numel():
+            exact[ident] = key
+        storage = (t.device, t.untyped_storage().data_ptr())
+        t = t.cpu().contiguous()
+        if t.numel() and storage in storages:
+            t = t.clone()  # another view of a storage already stored (safetensors stores each storage once)
+        storages.add(storage)
+        tensors[key] = t
+    versions = {k: v["version"] for k, v in getattr(state, "_metadata", {}).items() if isinstance(v, dict) and "version" in v}
+    report = model.__dict__.get("_fastinfer_report")
+    info = {
+        "format": "fastinfer", "format_version": FORMAT_VERSION, "state_version": STATE_VERSION,
+        "fastinfer_version": _runtime.__version__, "torch_version": torch.__version__,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "training": model.training,
+        "layers": layers, "aliases": aliases, "versions": versions,
+        "crc32": {k: zlib.crc32(_tensor_bytes(t)) for k, t in tensors.items()},
+        "report": None if report is None else {"entry": report.entry,
+                                               "rows": [[r.name, r.kind, r.result, r.detail] for r in report]},
+    }  # fmt: skip
+    meta = dict(metadata or {})
+    meta[_KEY] = json.dumps(info, separators=(",", ":"))
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ------------------------------------------------------------------------------------------- load
+
+
+class _File:
+    """An open fastinfer file: its parsed metadata and lazy access to its tensors."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        if not path.is_file():
+            raise FileNotFoundError(f"fastinfer.load: no file at {str(path)!r}")
+        try:
+            self._f = safe_open(str(path), framework="pt", device="cpu")
+            meta = self._f.metadata() or {}
+            self.keys = set(self._f.keys())
+        except Exception as e:  # noqa: BLE001 (safetensors' own error types; a damaged header)
+            raise FileFormatError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        self.user = {k: v for k, v in meta.items() if k != _KEY}
+        self.info = self._parse(meta.get(_KEY))
+
+    def error(self, what: str) -> FileFormatError:
+        return FileFormatError(f"{self.path}: {what}")
+
+    def _parse(self, text: str | None) -> dict:
+        if text is None:
+            raise self.error("a safetensors file without fastinfer metadata (not written by fastinfer.save; "
+                             "a plain state_dict file loads with safetensors.torch.load_file + load_state_dict)")  # fmt: skip
+        try:
+            info = json.loads(text)
+        except ValueError as e:
+            raise self.error(f"the fastinfer metadata is not valid JSON ({e})") from None
+        if not isinstance(info, dict) or info.get("format") != "fastinfer":
+            raise self.error("the fastinfer metadata is not a fastinfer file description")
+        version = info.get("format_version")
+        if type(version) is not int or version < 1:
+            raise self.error(f"bad format_version {version!r}")
+        if version > FORMAT_VERSION:
+            raise self.error(f"written by fastinfer {info.get('fastinfer_version')!r} in file format {version}; "
+                             f"this fastinfer ({_runtime.__version__}) reads format {FORMAT_VERSION} and older")  # fmt: skip
+        shapes = {"layers": dict, "aliases": dict, "versions": dict, "crc32": dict, "training": bool}
+        for key, typ in shapes.items():
+            if type(info.get(key)) is not typ:
+                raise self.error(f"the fastinfer metadata's {key!r} is missing or not a {typ.__name__}")
+        for name, entry in info["layers"].items():
+            where = f"layer {name or '<model>'!r}"
+            if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
+                kind = entry.get("kind") if isinstance(entry, dict) else entry
+                raise self.error(f"{where}: unknown layer kind {kind!r} (known: {', '.join(_KINDS)})")
+            _check_config(f"{self.path}: {where}", _KINDS[entry["kind"]], entry.get("config"))
+        for key, target in info["aliases"].items():
+            if not isinstance(target, str) or target not in self.keys or key in self.keys:
+                raise self.error(f"alias {key!r} -> {target!r} does not name a stored tensor")
+        if set(info["crc32"]) != self.keys or not all(type(v) is int for v in info["crc32"].values()):
+            raise self.error("the checksums do not cover exactly the stored tensors")
+        return info
+
+    def tensor(self, key: str, layer: str) -> torch.Tensor:
+        stored = self.info["aliases"].get(key, key)
+        try:
+            t = self._f.get_tensor(stored)
+        except Exception as e:  # noqa: BLE001 (safetensors' own error types)
+            raise self.error(f"tensor {stored!r} cannot be read ({type(e).__name__}: {e})") from None
+        if zlib.crc32(_tensor_bytes(t)) != self.info["crc32"][stored]:
+            raise self.error(f"tensor {stored!r} (layer {layer or '<model>'!r}) fails its checksum: the file "
+                             "is damaged or was edited")  # fmt: skip
+        return t
+
+    def dtype_and_shape(self, key: str) -> tuple[str, list[int]]:
+        s = self._f.get_slice(self.info["aliases"].get(key, key))
+        return s.get_dtype(), list(s.get_shape())
+
+
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+             torch.bool: "BOOL"}  # fmt: skip
+_VARIABLE_SIZE = {"sparse_weight"}  # 1-D buffers whose length depends on the weights (checked by the layer)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The fastinfer description of a saved file (versions, layers, report) and the user's metadata
+    under "user", without loading a tensor."""
+    f = _File(Path(path))
+    return {**f.info, "user": f.user}
+
+
+def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
+         strict: bool = True) -> nn.Module:  # fmt: skip
+    """The model saved at `path` by fastinfer.save, built in `model`:
+
+    - a float model of the saved model's architecture (its weights need not be trained: the
+      file's replace them): each recorded layer is replaced by its fastinfer layer, then every
+      tensor is loaded; an already-converted model of the same structure works too;
+    - a callable with no arguments that builds that model (`lambda: MyModel(config)`);
+    - None, when the saved model is itself one fastinfer layer.
+
+    `model` is modified in place and returned, in the training mode it was saved in, with its
+    conversion report (fastinfer.conversion_report) when it had one. strict=False loads a file
+    whose tensors cover only part of the model (the rest keeps its values) and ignores file
+    tensors the model has no place for; dtype, shape and checksum checks stay. Raises
+    FileFormatError naming the file and layer for a file that is not a fastinfer file, is
+    damaged or edited, or does not fit the model."""
+    f = _File(Path(path))
+    info = f.info
+    if model is None:
+        root = info["layers"].get("")
+        if root is None:
+            raise TypeError(f"fastinfer.load: {path} holds a {info.get('model_class')!r}; pass a float model of "
+                            "that architecture (or a callable that builds one) as `model`")  # fmt: skip
+        model = _build(f, "", root)
+    elif not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(f"fastinfer.load: model must be an nn.Module, a callable building one, or None; "
+                            f"got {type(model).__name__}")  # fmt: skip
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"fastinfer.load: the model callable returned a {type(built).__name__}, not an nn.Module")
+        model = built
+    model = _install_layers(f, model)
+    _load_tensors(f, model, strict)
+    model.train(info["training"])
+    report = info.get("report")
+    if isinstance(report, dict) and isinstance(report.get("rows"), list):
+        rows = [LayerConversion(*map(str, r)) for r in report["rows"] if isinstance(r, list) and len(r) == 4]
+        model.__dict__["_fastinfer_report"] = ConversionReport(str(report.get("entry", "fastinfer.quantize")), rows)
+    return model
+
+
+def _build(f: _File, name: str, entry: dict) -> nn.Module:
+    kind = _KINDS[entry["kind"]]
+    try:
+        if kind.on_meta:
+            with torch.device("meta"):
+                return kind.build(entry["config"])
+        return kind.build(entry["config"])
+    except (TypeError, ValueError) as e:
+        raise f.error(f"layer {name or '<model>'!r}: its config cannot build a {entry['kind']} ({e})") from None
+
+
+def _install_layers(f: _File, model: nn.Module) -> nn.Module:
+    """Replaces the module at each recorded layer's name by that layer (built empty; its tensors
+    come from the file). A module registered under several names stays one module."""
+    built: dict[int, nn.Module] = {}  # id(module replaced) -> its replacement
+    for name, entry in sorted(f.info["layers"].items(), key=lambda kv: kv[0].count(".") if kv[0] else -1):
+        where = f"layer {name or '<model>'!r}"
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise f.error(f"{where} ({entry['kind']}) has no module at that name in the given "
+                          f"{type(model).__name__}: the file is for another model") from None  # fmt: skip
+        if id(current) in built:
+            new = built[id(current)]
+        else:
+            if not _KINDS[entry["kind"]].fits(current, entry["config"]):
+                raise f.error(f"{where}: the file holds {entry['kind']}({_describe(entry['config'])}), the model "
+                              f"has {_short_repr(current)} there: the file is for another model")  # fmt: skip
+            new = _build(f, name, entry)
+            new.train(current.training)
+            built[id(current)] = new
+        if name == "":
+            model = new
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+    route_fused_layers_through_modules(model)
+    return model
+
+
+def _describe(cfg: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def _short_repr(mod: nn.Module) -> str:
+    text = repr(mod).splitlines()[0]
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def _load_tensors(f: _File, model: nn.Module, strict: bool) -> None:
+    expected = model.state_dict(keep_vars=True)
+    stored = f.keys | set(f.info["aliases"])
+    missing = [k for k in expected if k not in stored]
+    unexpected = sorted(stored - set(expected))
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) of the model are not in the file ({', '.join(missing[:4])}"
+                         + (", ..." if len(missing) > 4 else "") + ")")  # fmt: skip
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) of the file have no place in the model ({', '.join(unexpected[:4])}"
+                         + (", ..." if len(unexpected) > 4 else "") + ")")  # fmt: skip
+        raise f.error("; ".join(parts) + ": the file is for another model (strict=False loads the overlap)")
+    by_module: dict[str, list[str]] = {}
+    for key in expected:
+        if key not in stored:
+            continue
+        owner, _, local = key.rpartition(".")
+        dtype, shape = f.dtype_and_shape(key)
+        want = expected[key]
+        want_dtype = _ST_DTYPE.get(want.dtype, str(want.dtype))
+        shape_ok = len(shape) == want.dim() if local in _VARIABLE_SIZE else shape == list(want.shape)
+        if dtype != want_dtype or not shape_ok:
+            raise f.error(f"tensor {key!r} (layer {owner or '<model>'!r}) is {dtype} {shape} in the file, the model "
+                          f"expects {want_dtype} {list(want.shape)}")  # fmt: skip
+        by_module.setdefault(owner, []).append(key)
+    versions = f.info["versions"]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for owner, keys in by_module.items():
+        mod = modules[owner]
+        prefix = owner + "." if owner else ""
+        local = {k: f.tensor(k, owner) for k in keys}
+        own = [t for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None]
+        meta = {"assign_to_params_buffers": any(t.device.type == "meta" for t in own)}
+        if isinstance(versions.get(owner), int):
+            meta["version"] = versions[owner]
+        errors: list[str] = []
+        with torch.no_grad():
+            mod._load_from_state_dict(local, prefix, meta, True, [], [], errors)
+        if errors:
+            raise f.error(f"layer {owner or '<model>'!r} ({type(mod).__name__}): " + "; ".join(errors))
+        del local
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise f.error(f"{len(left)} tensor(s) of the model got no data from the file ({', '.join(left[:4])})")
