@@ -203,6 +203,11 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         if kind is not None:
             layers[name] = {"kind": kind, "config": _KINDS[kind].config(mod)}
             inside.append(name + "." if name else "")  # the model itself: nothing else to record
+    first_name: dict[int, str] = {}  # id(module) -> its first name (a module under two names: stored once)
+    same_as: dict[str, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if first_name.setdefault(id(mod), name) != name:
+            same_as[name] = first_name[id(mod)]
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # a key whose tensor is another key's (tied weights): stored once
@@ -214,6 +219,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
                             "(modules with extra state are not supported)")  # fmt: skip
         if t.device.type == "meta":
             raise ValueError(f"fastinfer.save: {key!r} is on the meta device (no data to save)")
+        owner, _, local = key.rpartition(".")
+        if owner in same_as:
+            first = f"{same_as[owner]}.{local}" if same_as[owner] else local
+            if first in tensors:
+                aliases[key] = first
+                continue
         t = t.detach()
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and ident in exact:
@@ -350,7 +361,9 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     whose tensors cover only part of the model (the rest keeps its values) and ignores file
     tensors the model has no place for; dtype, shape and checksum checks stay. Raises
     FileFormatError naming the file and layer for a file that is not a fastinfer file, is
-    damaged or edited, or does not fit the model."""
+    damaged or edited, or does not fit the model: a file for another model before `model` is
+    changed; a tensor found bad while loading (a checksum, a layer's own validation) after some
+    layers were loaded, so build a fresh model to retry."""
     f = _File(Path(path))
     info = f.info
     if model is None:
@@ -391,7 +404,7 @@ def _build(f: _File, name: str, entry: dict) -> nn.Module:
 def _install_layers(f: _File, model: nn.Module) -> nn.Module:
     """Replaces the module at each recorded layer's name by that layer (built empty; its tensors
     come from the file). A module registered under several names stays one module."""
-    built: dict[int, nn.Module] = {}  # id(module replaced) -> its replacement
+    found: list[tuple[str, dict, nn.Module]] = []
     for name, entry in sorted(f.info["layers"].items(), key=lambda kv: kv[0].count(".") if kv[0] else -1):
         where = f"layer {name or '<model>'!r}"
         try:
@@ -399,12 +412,16 @@ def _install_layers(f: _File, model: nn.Module) -> nn.Module:
         except AttributeError:
             raise f.error(f"{where} ({entry['kind']}) has no module at that name in the given "
                           f"{type(model).__name__}: the file is for another model") from None  # fmt: skip
+        if not _KINDS[entry["kind"]].fits(current, entry["config"]):
+            raise f.error(f"{where}: the file holds {entry['kind']}({_describe(entry['config'])}), the model "
+                          f"has {_short_repr(current)} there: the file is for another model")  # fmt: skip
+        found.append((name, entry, current))
+    # every layer fits: only now is the model changed
+    built: dict[int, nn.Module] = {}  # id(module replaced) -> its replacement
+    for name, entry, current in found:
         if id(current) in built:
             new = built[id(current)]
         else:
-            if not _KINDS[entry["kind"]].fits(current, entry["config"]):
-                raise f.error(f"{where}: the file holds {entry['kind']}({_describe(entry['config'])}), the model "
-                              f"has {_short_repr(current)} there: the file is for another model")  # fmt: skip
             new = _build(f, name, entry)
             new.train(current.training)
             built[id(current)] = new

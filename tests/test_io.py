@@ -1,0 +1,413 @@
+"""fastinfer.save / fastinfer.load: round trips bit-identical for every layer kind (on every ISA,
+and in a fresh interpreter with a lower ISA forced), a float model turned into the optimized one
+from the file alone, and a battery of damaged or edited files each raising a clear error in a
+child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import fastinfer
+from conftest import ISAS, run_python, sparse_int8
+from fastinfer import ops
+from fastinfer.io import FileFormatError, read_metadata
+from fastinfer.nn import DepthwiseConv2d, Fused, Int8Conv1d, Int8Conv2d, Int8Linear, SparseInt8Linear, SparseLinear
+
+
+class Net(nn.Module):
+    """A little of everything quantize converts: conv + BatchNorm + ReLU (folded and fused), a
+    depthwise conv, linears with a LayerNorm left float."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(8, 64)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(64, hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.dw(self.conv(x))).flatten(1)
+        return self.norm(self.fc2(self.act(self.fc1(x))))
+
+
+def _net(seed: int = 0, hidden: int = 16) -> Net:
+    torch.manual_seed(seed)
+    model = Net(hidden).eval()
+    bn = model.conv[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    model.norm.weight.data.uniform_(0.5, 1.5)
+    return model
+
+
+def _quantized(seed: int = 0) -> nn.Module:
+    """Net quantized, with fc2 pruned and stored sparse ("ell": its buffer has indices to validate)."""
+    q = fastinfer.quantize(_net(seed))
+    w = q.fc2.weight_int8.clone()
+    w[::2] = 0
+    w[:, ::3] = 0
+    q.fc2.set_weight(w, q.fc2.weight_scale.clone())
+    q.fc2 = SparseInt8Linear.from_int8linear(q.fc2, "ell")
+    return q
+
+
+def _x(seed: int = 1) -> torch.Tensor:
+    return torch.randn(3, 3, 10, 10, generator=torch.Generator().manual_seed(seed))
+
+
+def test_round_trip_into_a_float_model_is_bit_identical(tmp_path, isa):
+    q = _quantized()
+    path = tmp_path / "net.safetensors"
+    fastinfer.save(q, path)
+    loaded = fastinfer.load(path, _net(seed=5))  # other float weights: the file's replace them
+    assert type(loaded.conv[0]) is Int8Conv2d and loaded.conv[0].activation == "relu"
+    assert type(loaded.conv[1]) is Fused and (loaded.conv[1].was, loaded.conv[1].into) == ("BatchNorm2d", "conv.0")
+    assert type(loaded.dw) is DepthwiseConv2d and type(loaded.fc1) is Int8Linear
+    assert type(loaded.fc2) is SparseInt8Linear and loaded.fc2.format == "ell"
+    x = _x()
+    assert torch.equal(loaded(x), q(x))
+    assert torch.equal(loaded(x.bfloat16()), q(x.bfloat16()))
+    a, b = q.state_dict(), loaded.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert repr(loaded) == repr(q)
+    assert not loaded.training
+    assert [r.result for r in fastinfer.conversion_report(loaded)] == [r.result for r in fastinfer.conversion_report(q)]
+
+
+def test_load_takes_a_builder_a_converted_model_or_none(tmp_path):
+    q = _quantized()
+    path = tmp_path / "net.safetensors"
+    fastinfer.save(q, path)
+    x = _x()
+    assert torch.equal(fastinfer.load(path, lambda: _net(seed=7))(x), q(x))
+    assert torch.equal(fastinfer.load(path, _quantized(seed=3))(x), q(x))  # into an already-converted model
+    with pytest.raises(TypeError, match=r"holds a 'test_io.Net'; pass a float model of that architecture"):
+        fastinfer.load(path)
+    with pytest.raises(TypeError, match="the model callable returned a int"):
+        fastinfer.load(path, lambda: 3)
+    with pytest.raises(TypeError, match="model must be an nn.Module, a callable building one, or None"):
+        fastinfer.load(path, 3)
+    # a file holding one layer needs no model
+    layer = Int8Linear.from_linear(nn.Linear(40, 24), activation="gelu")
+    fastinfer.save(layer, tmp_path / "layer.safetensors")
+    back = fastinfer.load(tmp_path / "layer.safetensors")
+    xs = torch.randn(5, 40)
+    assert type(back) is Int8Linear and back.activation == "gelu" and torch.equal(back(xs), layer(xs))
+
+
+@pytest.mark.parametrize("fmt", ops.SPARSE_FORMATS)
+def test_every_sparse_format_round_trips(tmp_path, fmt, isa):
+    n, k = 48, 128
+    dense = Int8Linear(k, n)
+    dense.set_weight(sparse_int8(fmt, n, k, 0.3, seed=11), torch.rand(n, generator=torch.Generator().manual_seed(12)))
+    dense.bias.uniform_(-1, 1)
+    model = nn.Sequential(SparseInt8Linear.from_int8linear(dense, fmt), nn.ReLU())
+    if fmt in ops.sparse.formats_for(torch.float32):
+        lin = nn.Linear(n, 16)
+        with torch.no_grad():
+            lin.weight[:, ::2] = 0
+        model.append(SparseLinear.from_linear(lin, fmt))
+    fastinfer.save(model, tmp_path / "s.safetensors")
+    skeleton = nn.Sequential(nn.Linear(k, n), nn.ReLU(), *([nn.Linear(n, 16)] if len(model) == 3 else []))
+    loaded = fastinfer.load(tmp_path / "s.safetensors", skeleton)
+    assert [type(m) for m in loaded] == [type(m) for m in model]
+    assert loaded[0].format == fmt and torch.equal(loaded[0].weight_int8, model[0].weight_int8)
+    x = torch.randn(7, k)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_conv1d_and_grouped_convs_round_trip(tmp_path, isa):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv1d(6, 12, 5, stride=2, padding="valid"), nn.Conv1d(12, 12, 3, padding=1, groups=3)).eval()
+    q = fastinfer.quantize(model)
+    assert all(type(m) is Int8Conv1d for m in q)
+    fastinfer.save(q, tmp_path / "c.safetensors")
+    loaded = fastinfer.load(tmp_path / "c.safetensors", nn.Sequential(nn.Conv1d(6, 12, 5, stride=2), nn.Conv1d(12, 12, 3, padding=1, groups=3)))
+    x = torch.randn(2, 6, 33)
+    assert torch.equal(loaded(x), q(x))
+    q2 = fastinfer.quantize(nn.Sequential(nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)).eval())
+    fastinfer.save(q2, tmp_path / "g.safetensors")
+    loaded2 = fastinfer.load(tmp_path / "g.safetensors", nn.Sequential(nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)))
+    x2 = torch.randn(2, 4, 9, 11).to(memory_format=torch.channels_last)
+    assert torch.equal(loaded2(x2), q2(x2))
+
+
+def test_shared_and_tied_modules_stay_shared(tmp_path):
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(16, 4))
+    model[3].weight = nn.Parameter(model[3].weight.detach().clone())
+    tied = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 10, bias=False))
+    tied[1].weight = tied[0].weight  # a float tied pair: stored once, loaded into both
+    q = nn.ModuleDict({"mlp": fastinfer.quantize(model), "tied": tied})
+    fastinfer.save(q, tmp_path / "t.safetensors")
+    info = read_metadata(tmp_path / "t.safetensors")
+    assert info["aliases"] == {"tied.1.weight": "tied.0.weight", "mlp.2.weight_int8": "mlp.0.weight_int8",
+                               "mlp.2.weight_scale": "mlp.0.weight_scale", "mlp.2.bias": "mlp.0.bias"}  # fmt: skip
+    skeleton = nn.ModuleDict({"mlp": (lambda s: nn.Sequential(s, nn.ReLU(), s, nn.Linear(16, 4)))(nn.Linear(16, 16)),
+                              "tied": nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 10, bias=False))})  # fmt: skip
+    skeleton["tied"][1].weight = skeleton["tied"][0].weight
+    loaded = fastinfer.load(tmp_path / "t.safetensors", skeleton)
+    assert loaded["mlp"][0] is loaded["mlp"][2] and type(loaded["mlp"][0]) is Int8Linear
+    assert loaded["tied"][1].weight is loaded["tied"][0].weight
+    x = torch.randn(3, 16)
+    assert torch.equal(loaded["mlp"](x), q["mlp"](x))
+    assert torch.equal(loaded["tied"](torch.tensor([1, 2])), tied(torch.tensor([1, 2])))
+
+
+def test_hugging_face_models_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+    torch.manual_seed(0)
+    bert = fastinfer.quantize(transformers.BertModel(cfg).eval())
+    fastinfer.save(bert, tmp_path / "bert.safetensors")
+    loaded = fastinfer.load(tmp_path / "bert.safetensors", lambda: transformers.BertModel(cfg))
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(ids).last_hidden_state, bert(ids).last_hidden_state)
+    gcfg = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    gpt = fastinfer.quantize(transformers.GPT2LMHeadModel(gcfg).eval())
+    fastinfer.save(gpt, tmp_path / "gpt2.safetensors")
+    loaded = fastinfer.load(tmp_path / "gpt2.safetensors", lambda: transformers.GPT2LMHeadModel(gcfg))
+    assert type(loaded.transformer.h[0].attn.c_attn) is Int8Linear  # from a transformers Conv1D
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded(ids).logits, gpt(ids).logits)
+
+
+def test_a_float_model_round_trips_too(tmp_path):
+    model = _net()
+    fastinfer.save(model, tmp_path / "f.safetensors", metadata={"trained_on": "nothing"})
+    assert read_metadata(tmp_path / "f.safetensors")["user"] == {"trained_on": "nothing"}
+    loaded = fastinfer.load(tmp_path / "f.safetensors", _net(seed=4))
+    x = _x()
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_strict_false_loads_the_overlap(tmp_path):
+    q = fastinfer.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+    fastinfer.save(q, tmp_path / "p.safetensors")
+    bigger = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(FileFormatError, match=r"1 tensor\(s\)|2 tensor\(s\) of the model are not in the file \(2.weight, 2.bias\)"):
+        fastinfer.load(tmp_path / "p.safetensors", bigger)
+    kept = bigger[2].weight.detach().clone()
+    loaded = fastinfer.load(tmp_path / "p.safetensors", bigger, strict=False)
+    x = torch.randn(2, 8)
+    assert torch.equal(loaded[0](x), q[0](x)) and torch.equal(loaded[2].weight, kept)
+
+
+def test_a_failed_save_leaves_the_old_file(tmp_path):
+    path = tmp_path / "keep.safetensors"
+    fastinfer.save(nn.Linear(4, 4), path)
+    before = path.read_bytes()
+    with torch.device("meta"):
+        empty = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="'weight' is on the meta device"):
+        fastinfer.save(empty, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        fastinfer.save({"a": torch.ones(1)}, path)
+
+
+def test_lower_isa_in_a_fresh_interpreter_gives_the_same_outputs(tmp_path):
+    """The file is portable: loaded in a new process with FASTINFER_ISA forcing each lower ISA, the
+    layers re-pack for it and give exactly what the same ISA gives on the model that was saved."""
+    q = _quantized()
+    fastinfer.save(q, tmp_path / "net.safetensors")
+    x = _x()
+    expected = {"x": x}
+    for isa in ISAS:
+        fastinfer.set_isa(isa)
+        expected[isa] = q(x)
+    save_file(expected, str(tmp_path / "expected.safetensors"))
+    for isa in ISAS[:-1] or ISAS:
+        r = run_python(f"""
+            import sys, torch, fastinfer
+            from safetensors.torch import load_file
+            sys.path.insert(0, {os.path.dirname(__file__)!r})
+            from test_io import _net
+            assert fastinfer.info()["isa"] == {isa!r}, fastinfer.info()["isa"]
+            exp = load_file({str(tmp_path / 'expected.safetensors')!r})
+            model = fastinfer.load({str(tmp_path / 'net.safetensors')!r}, _net(seed=9))
+            print("same" if torch.equal(model(exp["x"]), exp[{isa!r}]) else "DIFFERENT")
+        """, env={"FASTINFER_ISA": isa})  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().endswith("same"), (isa, r.stdout, r.stderr[-1000:])
+
+
+# ------------------------------------------------------------------------------ damaged and edited files
+
+
+def _split(raw: bytes) -> tuple[dict, bytearray]:
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), bytearray(raw[8 + n :])
+
+
+def _join(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return len(h).to_bytes(8, "little") + h + bytes(data)
+
+
+def _edit_info(raw: bytes, fn) -> bytes:
+    header, data = _split(raw)
+    info = json.loads(header["__metadata__"]["fastinfer"])
+    fn(info)
+    header["__metadata__"]["fastinfer"] = json.dumps(info)
+    return _join(header, data)
+
+
+def _edit_tensor(raw: bytes, key: str, fn, fix_crc: bool) -> bytes:
+    """fn(bytearray of the tensor's bytes) edits them in place; fix_crc=True recomputes the file's
+    checksum (a deliberate edit that the layer's own validation must catch)."""
+    header, data = _split(raw)
+    start, end = header[key]["data_offsets"]
+    chunk = bytearray(data[start:end])
+    fn(chunk)
+    data[start:end] = chunk
+    if fix_crc:
+        info = json.loads(header["__metadata__"]["fastinfer"])
+        info["crc32"][key] = zlib.crc32(bytes(chunk))
+        header["__metadata__"]["fastinfer"] = json.dumps(info)
+    return _join(header, data)
+
+
+def _edit_header(raw: bytes, fn) -> bytes:
+    header, data = _split(raw)
+    fn(header)
+    return _join(header, data)
+
+
+def _swap_offsets(h: dict, a: str, b: str) -> None:
+    h[a]["data_offsets"], h[b]["data_offsets"] = h[b]["data_offsets"], h[a]["data_offsets"]
+
+
+def _drop_tensor(raw: bytes, key: str) -> bytes:
+    """The file rewritten without one tensor (and its checksum): a well-formed file that lacks it."""
+    import safetensors.torch
+
+    header, _ = _split(raw)
+    tensors = safetensors.torch.load(raw)
+    del tensors[key]
+    info = json.loads(header["__metadata__"]["fastinfer"])
+    del info["crc32"][key]
+    return safetensors.torch.save(tensors, metadata={**header["__metadata__"], "fastinfer": json.dumps(info)})
+
+
+def _nan_scale(chunk: bytearray) -> None:
+    chunk[0:4] = bytes.fromhex("0000c07f")  # a float32 NaN
+
+
+def _ell_index_out_of_range(chunk: bytearray) -> None:
+    chunk[192] = 64  # the first step's window holds input 64 of a 64-input window (test_sparse's tamper)
+
+
+def _battery(raw: bytes) -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, regex the error must match)."""
+    n = int.from_bytes(raw[:8], "little")
+    header, _ = _split(raw)
+    bad_json = raw[:8] + raw[8 : 8 + n].replace(b'"dtype"', b'"dtype', 1) + raw[8 + n :]
+    cases = {
+        "empty file": (b"", "not a readable safetensors file"),
+        "cut in the length": (raw[:5], "not a readable safetensors file"),
+        "cut in the header": (raw[: 8 + n // 2], "not a readable safetensors file"),
+        "cut in the data": (raw[: 8 + n + (len(raw) - 8 - n) // 2], "not a readable safetensors file"),
+        "last byte cut": (raw[:-1], "not a readable safetensors file"),
+        "header length 2^60": ((1 << 60).to_bytes(8, "little") + raw[8:], "not a readable safetensors file"),
+        "header JSON broken": (bad_json, "not a readable safetensors file"),
+        "offsets out of range": (_edit_header(raw, lambda h: h["fc1.bias"].update(data_offsets=[0, 1 << 40])),
+                                 "not a readable safetensors file"),
+        "dtype edited (same size)": (_edit_header(raw, lambda h: h["fc1.weight_int8"].update(dtype="U8")),
+                                     r"tensor 'fc1.weight_int8' \(layer 'fc1'\) is U8 \[64, 8\] in the file, the model expects I8"),
+        "shape edited (same size)": (_edit_header(raw, lambda h: h["fc1.weight_int8"].update(shape=[8, 64])),
+                                     r"'fc1.weight_int8' \(layer 'fc1'\) is I8 \[8, 64\] in the file, the model expects I8 \[64, 8\]"),
+        "offsets of two tensors swapped": (_edit_header(raw, lambda h: _swap_offsets(h, "fc1.weight_scale", "fc1.bias")),
+                                           r"tensor 'fc1\.(weight_scale|bias)' \(layer 'fc1'\) fails its checksum"),
+        "a weight byte flipped": (_edit_tensor(raw, "conv.0.weight_int8", lambda c: c.__setitem__(5, c[5] ^ 1), False),
+                                  r"'conv.0.weight_int8' \(layer 'conv.0'\) fails its checksum"),
+        "a tensor removed": (_drop_tensor(raw, "norm.bias"),
+                             r"1 tensor\(s\) of the model are not in the file \(norm.bias\)"),
+        "not a fastinfer file": (_edit_header(raw, lambda h: h["__metadata__"].pop("fastinfer")),
+                                 "without fastinfer metadata"),
+        "metadata JSON broken": (_edit_header(raw, lambda h: h["__metadata__"].update(fastinfer="{")),
+                                 "fastinfer metadata is not valid JSON"),
+        "newer format": (_edit_info(raw, lambda i: i.update(format_version=99)), "in file format 99; this fastinfer"),
+        "unknown layer kind": (_edit_info(raw, lambda i: i["layers"]["fc1"].update(kind="Int4Linear")),
+                               r"layer 'fc1': unknown layer kind 'Int4Linear'"),
+        "config of the wrong type": (_edit_info(raw, lambda i: i["layers"]["fc1"]["config"].update(in_features="8")),
+                                     r"layer 'fc1': config in_features='8' has the wrong type"),
+        "config that cannot build": (_edit_info(raw, lambda i: i["layers"]["dw"]["config"].update(activation="tanh")),
+                                     r"layer 'dw': its config cannot build a DepthwiseConv2d"),
+        "config for another shape": (_edit_info(raw, lambda i: i["layers"]["fc1"]["config"].update(out_features=65)),
+                                     r"layer 'fc1': the file holds Int8Linear\(in_features=8, out_features=65.*the model has Linear"),
+        "layer at a missing name": (_edit_info(raw, lambda i: i["layers"].update({"head.out": i["layers"]["fc1"]})),
+                                    r"layer 'head.out' \(Int8Linear\) has no module at that name"),
+        "alias to nothing": (_edit_info(raw, lambda i: i["aliases"].update({"x.weight": "nope"})),
+                             r"alias 'x.weight' -> 'nope' does not name a stored tensor"),
+        "checksums missing": (_edit_info(raw, lambda i: i["crc32"].pop("fc1.bias")), "checksums do not cover"),
+        "sparse index out of range (checksum fixed)": (
+            _edit_tensor(raw, "fc2.sparse_weight", _ell_index_out_of_range, True),
+            r"layer 'fc2' \(SparseInt8Linear\): fc2.sparse_weight: not a valid fastinfer sparse weight.*index out of range"),
+        "NaN scale (checksum fixed)": (_edit_tensor(raw, "fc1.weight_scale", _nan_scale, True),
+                                       r"layer 'fc1' \(Int8Linear\): fc1.weight_scale: scales must be finite"),
+        "NaN conv scale (checksum fixed)": (_edit_tensor(raw, "conv.0.weight_scale", _nan_scale, True),
+                                            r"layer 'conv.0' \(Int8Conv2d\): conv.0.weight_scale: scales must be finite"),
+    }  # fmt: skip
+    assert "fc2.sparse_weight" in header
+    return cases
+
+
+def test_damaged_or_edited_files_raise_clear_errors_in_a_child(tmp_path):
+    q = _quantized()
+    good = tmp_path / "good.safetensors"
+    fastinfer.save(q, good)
+    raw = good.read_bytes()
+    cases = _battery(raw)
+    names = {}
+    for i, (name, (data, _)) in enumerate(cases.items()):
+        (tmp_path / f"case{i}.safetensors").write_bytes(data)
+        names[i] = name
+    save_file({"x": _x(), "y": q(_x())}, str(tmp_path / "expected.safetensors"))
+    # plus: the right file for the wrong model, and a file that is no file
+    r = run_python(f"""
+        import sys, torch, fastinfer
+        from safetensors.torch import load_file
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_io import _net
+        d = {str(tmp_path)!r}
+        exp = load_file(d + "/expected.safetensors")
+        ok = fastinfer.load(d + "/good.safetensors", _net(seed=2))
+        print("good:", "same" if torch.equal(ok(exp["x"]), exp["y"]) else "DIFFERENT", flush=True)
+        def attempt(label, path, model):
+            try:
+                fastinfer.load(path, model)
+                print(label, "|| LOADED", flush=True)
+            except Exception as e:
+                print(label, "||", type(e).__name__, "||", str(e).replace(chr(10), " "), flush=True)
+        for i in range({len(cases)}):
+            attempt(f"case{{i}}", f"{{d}}/case{{i}}.safetensors", _net(seed=2))
+        attempt("wrong model", d + "/good.safetensors", _net(seed=2, hidden=24))
+        attempt("a directory", d, _net(seed=2))
+    """)  # fmt: skip
+    assert r.returncode == 0, f"the child died (exit {r.returncode}): {r.stdout[-3000:]} {r.stderr[-3000:]}"
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "good: same"
+    results = dict(line.split(" || ", 1) for line in lines[1:])
+    for i, name in names.items():
+        outcome = results[f"case{i}"]
+        assert re.search(cases[name][1], outcome), f"{name}: {outcome}"
+        assert outcome.startswith("FileFormatError"), f"{name}: {outcome}"
+    assert re.match(r"FileFormatError \|\| .*layer 'fc2': the file holds SparseInt8Linear\(in_features=64, out_features=16, "
+                    r".*the model has Linear\(in_features=64, out_features=24, bias=True\) there: the file is for another model",
+                    results["wrong model"]), results["wrong model"]  # fmt: skip
+    assert results["a directory"].startswith("FileNotFoundError || fastinfer.load: no file at"), results["a directory"]
+    assert len(cases) >= 20
