@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fastinfer
+from conftest import ISAS, run_python
 from fastinfer.nn import DepthwiseConv2d, Int8Conv2d
 
 
@@ -57,6 +58,32 @@ def test_strided_scale_and_bias_buffers_are_read_densely():
 
 
 # ---------------------------------------------------------------------------------- conversion
+
+
+def test_depthwise_weight_at_any_address():
+    """Before: the AVX-512 fp32 depthwise kernel read its weight with aligned loads, and nothing
+    checked the address: an AOTInductor package (its constants at a 4- or 16-byte offset in one
+    blob) crashed the interpreter now and then. A weight at every float offset, in a child."""
+    r = run_python(f"""
+        import torch, fastinfer
+        from fastinfer.ops.conv import pack_depthwise_weight
+        torch.manual_seed(0)
+        x = torch.randn(2, 24, 9, 9)
+        w = torch.randn(24, 1, 3, 3)
+        packed = pack_depthwise_weight(w)
+        ref = torch.ops.fastinfer.depthwise_conv2d(x, packed, None, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 0)
+        for isa in {ISAS!r}:
+            fastinfer.set_isa(isa)
+            for off in range(1, 16):
+                buf = torch.zeros(packed.numel() + off)
+                moved = buf[off:].view(packed.shape)
+                moved.copy_(packed)
+                assert moved.data_ptr() % 64 != 0
+                y = torch.ops.fastinfer.depthwise_conv2d(x, moved, None, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 0)
+                assert torch.equal(y, ref), (isa, off)
+        print("ok")
+    """)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout, r.stderr[-2000:])
 
 
 def test_conv_called_twice_through_fx_is_not_fused_by_its_sequential():

@@ -52,7 +52,20 @@ class _ConvLayer(_FusedActivation, nn.Module):
     def _apply(self, fn, recurse=True):
         apply_keeping_dtypes(self, super()._apply, fn, recurse)  # fp32 scales and bias stay fp32
         self._packed = None
+        self._prepack()
         return self
+
+    def _prepack(self) -> None:
+        """Builds the kernel layout now (weights just set, loaded or moved) rather than on the first
+        call, so torch.export and torch.compile of a model that never ran eagerly find it as a
+        constant instead of packing inside the graph on every call."""
+        w = self._buffers.get(self._WEIGHT)
+        if w is not None and w.device.type == "cpu" and not w.is_inference() and not torch.compiler.is_compiling():
+            self._kernel_weight()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepack()
 
     def _check_input(self, x: object) -> torch.Tensor:
         name = type(self).__name__
@@ -98,6 +111,7 @@ class Int8Conv2d(_ConvLayer):
     weight_int8: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
+    _WEIGHT = "weight_int8"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, activation: str | None = None) -> None:  # fmt: skip
@@ -157,6 +171,7 @@ class Int8Conv2d(_ConvLayer):
             self.weight_int8 = q.detach().cpu().contiguous().clone()
             self.weight_scale = scale.detach().to(torch.float32).cpu().contiguous().clone()
         self._packed = None
+        self._prepack()
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out, in/groups, kh, kw]: what this layer effectively convolves with."""
@@ -176,7 +191,6 @@ class Int8Conv2d(_ConvLayer):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
-        self._packed = None
 
     # ----------------------------------------------------------------------------------- forward
 
@@ -272,6 +286,7 @@ class DepthwiseConv2d(_ConvLayer):
 
     weight: torch.Tensor
     bias: torch.Tensor | None
+    _WEIGHT = "weight"
 
     def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True,
                  activation: str | None = None) -> None:  # fmt: skip
@@ -307,6 +322,7 @@ class DepthwiseConv2d(_ConvLayer):
             if bias is not None:
                 mod.bias.copy_(bias.detach().float())
         mod.train(conv.training)
+        mod._prepack()
         return mod
 
     def _kernel_weight(self) -> torch.Tensor:

@@ -71,7 +71,7 @@ void dwf_strip(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox0, int
         for (int64_t kx = 0; kx < g.kw; ++kx) {
             __m512 w[NB];
             _Pragma("GCC unroll 2") for (int j = 0; j < NB; ++j)
-                w[j] = _mm512_load_ps(a.wf + (ky * g.kw + kx) * a.cp + c0 + 16 * j);
+                w[j] = _mm512_loadu_ps(a.wf + (ky * g.kw + kx) * a.cp + c0 + 16 * j);
             const int64_t ix0 = ox0 * g.sw - g.pw + kx * g.dw;
             _Pragma("GCC unroll 8") for (int i = 0; i < S; ++i) {
                 const int64_t ix = ix0 + i * g.sw;
