@@ -17,8 +17,9 @@ from fastinfer.convert import LayerSparsity, prune, quantize, sparsify, sparsity
 from fastinfer.convert.report import ConversionReport, conversion_report
 from fastinfer.plan import SparseRule
 from fastinfer.io import load, save
+from fastinfer.hf import from_pretrained, save_pretrained
 
 __all__ = [
-    "ConversionReport", "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "conversion_report", "info", "load", "nn", "ops",
-    "prune", "quantize", "save", "set_isa", "set_num_threads", "sparsify", "sparsity_report",
+    "ConversionReport", "LayerSparsity", "QuantConfig", "SparseRule", "__version__", "available_isas", "conversion_report", "from_pretrained", "info", "load", "nn", "ops",
+    "prune", "quantize", "save", "save_pretrained", "set_isa", "set_num_threads", "sparsify", "sparsity_report",
 ]  # fmt: skip

@@ -411,3 +411,51 @@ def test_damaged_or_edited_files_raise_clear_errors_in_a_child(tmp_path):
                     results["wrong model"]), results["wrong model"]  # fmt: skip
     assert results["a directory"].startswith("FileNotFoundError || fastinfer.load: no file at"), results["a directory"]
     assert len(cases) >= 20
+
+
+# ------------------------------------------------------------------------------- Hugging Face folders
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, architectures=["BertModel"])  # fmt: skip
+    torch.manual_seed(0)
+    return transformers, transformers.BertModel(cfg).eval()
+
+
+def test_hf_folder_round_trip_bert_and_gpt2(tmp_path):
+    transformers, bert = _tiny_bert()
+    q = fastinfer.quantize(bert)
+    fastinfer.save_pretrained(q, tmp_path / "bert")
+    assert sorted(p.name for p in (tmp_path / "bert").iterdir()) == ["config.json", "fastinfer.safetensors"]
+    assert "quantization_config" not in q.config.__dict__  # the model's own config is left as it was
+    loaded = fastinfer.from_pretrained(tmp_path / "bert")  # the class from config.json's architectures
+    assert type(loaded) is transformers.BertModel
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(ids).last_hidden_state, q(ids).last_hidden_state)
+    gcfg = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    gpt = fastinfer.quantize(transformers.GPT2LMHeadModel(gcfg).eval())
+    fastinfer.save_pretrained(gpt, tmp_path / "gpt2")
+    loaded = fastinfer.from_pretrained(tmp_path / "gpt2", transformers.AutoModelForCausalLM)
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded(ids).logits, gpt(ids).logits)
+    out = loaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, gpt.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+def test_transformers_own_from_pretrained_does_not_silently_load_floats(tmp_path):
+    transformers, bert = _tiny_bert()
+    q = fastinfer.quantize(bert)
+    fastinfer.save_pretrained(q, tmp_path / "ours")
+    with pytest.raises(OSError, match="model.safetensors"):  # no float weights file to half-load
+        transformers.BertModel.from_pretrained(tmp_path / "ours")
+    # the other way round: transformers' save_pretrained of a fastinfer model, refused with the way out
+    q.save_pretrained(tmp_path / "theirs")
+    with pytest.raises(FileFormatError, match=r"written by transformers' save_pretrained from a fastinfer model.*"
+                                              r"fastinfer.save_pretrained"):  # fmt: skip
+        fastinfer.from_pretrained(tmp_path / "theirs")
+    with pytest.raises(TypeError, match="expects a transformers model"):
+        fastinfer.save_pretrained(nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(FileExistsError, match="already holds a model.safetensors"):
+        fastinfer.save_pretrained(q, tmp_path / "theirs")
