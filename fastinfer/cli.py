@@ -1,4 +1,4 @@
-"""Command line: `fastinfer info` and `fastinfer bench` (also `python -m fastinfer ...`)."""
+"""Command line: `fastinfer info`, `fastinfer optimize` and `fastinfer bench` (also `python -m fastinfer ...`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,75 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import fastinfer
 
     print(json.dumps(fastinfer.info(), indent=2))
+    return 0
+
+
+def _load_source(src: str):
+    """(float model, is a Hugging Face folder) from SRC: a local transformers model folder (its
+    config.json's architectures, else AutoModel) or `module:function` returning an nn.Module."""
+    import importlib
+    import os
+
+    from torch import nn
+
+    if os.path.isdir(src):
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            raise SystemExit(f"fastinfer optimize: {src} is a folder without config.json (not a transformers model folder)")
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(src)
+        names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, names[0], None) if names else None
+        model = (cls or transformers.AutoModel).from_pretrained(src)
+        return model.eval(), True
+    module_name, sep, func_name = src.partition(":")
+    if not sep or not module_name or not func_name:
+        raise SystemExit(f"fastinfer optimize: SRC must be a model folder or module:function, got {src!r}")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"fastinfer optimize: cannot find {src!r} ({type(e).__name__}: {e})") from None
+    model = func()
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"fastinfer optimize: {src} returned a {type(model).__name__}, not an nn.Module")
+    return model.eval(), False
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import os
+
+    import fastinfer
+
+    if args.sparsity is not None and not 0 < args.sparsity < 1:
+        raise SystemExit(f"fastinfer optimize: --sparsity must be between 0 and 1, got {args.sparsity}")
+    progress = False if args.no_progress else None  # None: a bar for long conversions only
+    model, is_hf = _load_source(args.src)
+    float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if args.sparsity:
+        model = fastinfer.prune(model, args.sparsity, pattern=args.pattern, progress=progress)
+    if not args.no_quantize:
+        model = fastinfer.quantize(model, fastinfer.QuantConfig(progress=progress))
+    if args.sparsity:
+        model = fastinfer.sparsify(model, progress=progress)
+    if is_hf:
+        path = fastinfer.save_pretrained(model, args.out)
+    else:
+        fastinfer.save(model, args.out)
+        path = args.out
+    report = model.__dict__.get("_fastinfer_report")
+    if report is not None:
+        print(report)
+    if args.sparsity:
+        print()
+        for row in fastinfer.sparsity_report(model):
+            print(row)
+    size = os.path.getsize(path)
+    print(f"\nwritten {path}: {_size(size)} (the float state_dict: {_size(float_bytes)}). "
+          f"Load with fastinfer.{'from_pretrained(folder)' if is_hf else 'load(path, float_model)'}.")  # fmt: skip
     return 0
 
 
@@ -51,7 +120,7 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     meta = bench_ops.environment_meta(command=_command(args), dram=False)
     timing = (3, 0.01, 0.01) if args.quick else bench_sparse.TIMING
     rows = bench_sparse.run(bench_sparse.default_cases(shapes, sparsities), ms=ms,
-                             progress=not args.no_progress, timing=timing)  # fmt: skip
+                             progress=progress, timing=timing)  # fmt: skip
     text = bench_sparse.format_markdown(rows, meta)
     _emit(args, text)
     return 0
@@ -75,7 +144,7 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     meta = bench_ops.environment_meta(command=_command(args), dram=False, peaks=False)
     results = bench_models.run(names, quick=args.quick, rounds=args.rounds, threads=args.threads,
-                                onnx=not args.no_onnx, progress=not args.no_progress,
+                                onnx=not args.no_onnx, progress=progress,
                                 image_size=args.image_size)  # fmt: skip
     text = bench_models.format_markdown(results, meta)
     _emit(args, text)
@@ -102,7 +171,7 @@ def _cmd_bench_conv(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     meta = bench_ops.environment_meta(command=_command(args), dram=False)  # peaks: the int8 ceiling
     rows = bench_conv.run(layers, batches, quick=args.quick, rounds=args.rounds,
-                          target_s=args.batch_ms / 1e3 if args.batch_ms else None, progress=not args.no_progress)  # fmt: skip
+                          target_s=args.batch_ms / 1e3 if args.batch_ms else None, progress=progress)  # fmt: skip
     _emit(args, bench_conv.format_markdown(rows, meta))
     return 0
 
@@ -145,7 +214,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)  # fastinfer follows torch's thread count
     meta = bench_ops.environment_meta(command=_command(args))
     results = bench_ops.run(
-        shapes, isas=isas, progress=not args.no_progress, quick=args.quick,
+        shapes, isas=isas, progress=progress, quick=args.quick,
         rounds=args.rounds, target_s=args.batch_ms / 1e3 if args.batch_ms else None,
     )  # fmt: skip
     text = bench_ops.format_markdown(results, meta)
@@ -153,7 +222,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fastinfer.bench import interleaved
 
         shapes_i = list(shapes.values()) if args.shapes else list(interleaved.SHAPES)
-        rows = interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=not args.no_progress)
+        rows = interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=progress)
         text += "\n" + interleaved.format_markdown(rows)
     _emit(args, text)
     aborted = [r for r in results if r.get("peer") == "ABORTED"]
@@ -167,6 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what this installation can do here (JSON)")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "optimize",
+        help="convert a model (a transformers folder or module:function) and save it",
+        description="Loads SRC (a local transformers model folder, or module:function returning an "
+        "nn.Module), optionally prunes it (magnitude), quantizes it to int8, keeps the layers whose "
+        "zeros pay sparse, writes it (a folder for fastinfer.from_pretrained, or a file for "
+        "fastinfer.load) and prints the per-layer report. Static activation scales (calibration) are "
+        "not built yet.",
+    )
+    p.add_argument("src", help="model folder (config.json + weights) or module:function")
+    p.add_argument("--out", required=True, help="output folder (transformers SRC) or .safetensors file")
+    p.add_argument("--sparsity", type=float, help="prune this fraction of each layer's weights first (0 < s < 1)")
+    p.add_argument("--pattern", default="unstructured", help="pruning pattern: unstructured, 2:4, block (default unstructured)")
+    p.add_argument("--no-quantize", action="store_true", help="prune and sparsify only (float sparse layers)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_optimize)
 
     p = sub.add_parser(
         "bench",

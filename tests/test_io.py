@@ -459,3 +459,40 @@ def test_transformers_own_from_pretrained_does_not_silently_load_floats(tmp_path
         fastinfer.save_pretrained(nn.Linear(2, 2), tmp_path / "x")
     with pytest.raises(FileExistsError, match="already holds a model.safetensors"):
         fastinfer.save_pretrained(q, tmp_path / "theirs")
+
+
+# -------------------------------------------------------------------------------- fastinfer optimize
+
+
+def test_cli_optimize_module_function_and_hf_folder(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def small():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()\n"
+    )
+    out = tmp_path / "small.safetensors"
+    env = {"PYTHONPATH": str(tmp_path)}
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', {str(out)!r}]))", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "layer  was     now         detail\n0      Linear  Int8Linear  gelu fused\n" in r.stdout, r.stdout
+    assert re.search(rf"written {re.escape(str(out))}: [0-9.]+ KiB \(the float state_dict: [0-9.]+ KiB\)", r.stdout), r.stdout
+    torch.manual_seed(0)
+    ref = fastinfer.quantize(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval())
+    loaded = fastinfer.load(out, nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)))
+    x = torch.randn(4, 64)
+    assert torch.equal(loaded(x), ref(x))
+    # pruned + sparse: the report lists the sparsity of each layer
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', "
+                   f"{str(tmp_path / 'sparse.safetensors')!r}, '--sparsity', '0.9']))", env=env)  # fmt: skip
+    assert r.returncode == 0 and "sparsity 90.00%" in r.stdout, (r.stdout, r.stderr[-2000:])
+    r = run_python("import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:nothing', '--out', 'x']))", env=env)
+    assert r.returncode != 0 and "cannot find 'mymodels:nothing'" in r.stderr
+    transformers, bert = _tiny_bert()
+    bert.save_pretrained(tmp_path / "bert-float")
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', {str(tmp_path / 'bert-float')!r}, "
+                   f"'--out', {str(tmp_path / 'bert-int8')!r}]))")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = fastinfer.from_pretrained(tmp_path / "bert-int8")
+    ref = fastinfer.quantize(transformers.BertModel.from_pretrained(tmp_path / "bert-float").eval())
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(ids).last_hidden_state, ref(ids).last_hidden_state)

@@ -83,9 +83,9 @@ class ConversionReport(list):
     def __str__(self) -> str:
         if not self:
             return f"{self.entry}: no convertible layers"
-        w = max(len(r.name) for r in self) + 2
-        k = max(len(r.kind) for r in self) + 2
-        res = max(len(r.result) for r in self) + 2
+        w = max(len("layer"), *(len(r.name or "<model>") for r in self)) + 2
+        k = max(len("was"), *(len(r.kind) for r in self)) + 2
+        res = max(len("now"), *(len(r.result) for r in self)) + 2
         lines = [f"{'layer':<{w}}{'was':<{k}}{'now':<{res}}detail"]
         lines += [f"{r.name or '<model>':<{w}}{r.kind:<{k}}{r.result:<{res}}{r.detail}" for r in self]
         return "\n".join(lines)
