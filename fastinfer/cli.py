@@ -231,6 +231,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinfer", description="fastinfer: exact int8 CPU kernels for PyTorch")
+    from fastinfer._runtime import __version__
+
+    parser.add_argument("--version", action="version", version=f"fastinfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
