@@ -84,6 +84,61 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_CASES = ("minilm-8x128", "minilm-32x16", "mobilenet_v2-b16")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """A MiniLM-shaped encoder and a MobileNetV2, built here (no network), timed side by side."""
+    import torch
+
+    from fastinfer.bench import models as bench_models, ops as bench_ops
+
+    if args.image_size < 32:
+        print("fastinfer demo: error: --image-size must be >= 32", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    meta = bench_ops.environment_meta(command=_command(args), dram=False, peaks=False)
+    results = bench_models.run(list(DEMO_CASES), quick=not args.full, threads=args.threads, onnx=args.peers,
+                               progress=not args.no_progress, image_size=args.image_size)  # fmt: skip
+    print(bench_models.format_markdown(results, meta), end="")
+    if args.chart:
+        try:
+            written = write_chart(results, args.chart)
+        except ImportError:
+            print(f"(no chart: matplotlib is not installed; pip install \"fastinfer[demo]\" for {args.chart})")
+        else:
+            print(f"(chart of speed vs fidelity written to {written})")
+    return 0
+
+
+def write_chart(results: list[dict], path: str) -> str:
+    """A PNG: speed vs fp32 (y) against the cosine distance of the outputs to fp32 (x, log), one
+    panel per case; peers without a clean timing are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [r for r in results if any("vs fp32" in row for row in r["rows"])]
+    fig, axes = plt.subplots(1, max(1, len(cases)), figsize=(5 * max(1, len(cases)), 4), squeeze=False)
+    for ax, res in zip(axes[0], cases):
+        for row in res["rows"]:
+            if "vs fp32" not in row or "cos_mean" not in row:
+                continue
+            x = max(1.0 - row["cos_mean"], 1e-7)  # fp32 itself sits at the left edge
+            ax.scatter([x], [row["vs fp32"]], s=30)
+            ax.annotate(row["peer"], (x, row["vs fp32"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("1 - cosine to fp32 (lower: closer)")
+        ax.set_ylabel("speed vs fp32 (x)")
+        ax.set_title(res["case"], fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _command(args: argparse.Namespace) -> str:
     return "fastinfer " + " ".join(shlex.quote(a) for a in args._argv)
 
@@ -256,6 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quantize", action="store_true", help="prune and sparsify only (float sparse layers)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_optimize)
+
+    p = sub.add_parser(
+        "demo",
+        help="a MiniLM-shaped encoder and a MobileNetV2, fp32 / bf16 / torch.ao / fastinfer, speed and fidelity",
+        description="Builds a MiniLM-shaped encoder (the real all-MiniLM-L6-v2 weights where the package "
+        "is installed, else random ones) and a MobileNetV2 here, with no network; times fp32, "
+        "model.bfloat16(), torch.ao dynamic int8 and fastinfer side by side (rounds interleaved) and "
+        "prints speed and fidelity tables; writes a PNG chart of speed vs fidelity (needs matplotlib: "
+        "pip install \"fastinfer[demo]\").",
+    )
+    p.add_argument("--chart", default="fastinfer-demo.png", metavar="FILE.png", help="chart file ('' for none)")
+    p.add_argument("--full", action="store_true", help="the full number of rounds (default: quick)")
+    p.add_argument("--peers", action="store_true", help="also ONNX Runtime and OpenVINO where installed")
+    p.add_argument("--image-size", type=int, default=160, help="MobileNetV2 image side (default 160)")
+    p.add_argument("--threads", type=int, default=2, help="torch (and fastinfer) threads (default: 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
         "bench",

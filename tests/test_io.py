@@ -496,3 +496,29 @@ def test_cli_optimize_module_function_and_hf_folder(tmp_path):
     ref = fastinfer.quantize(transformers.BertModel.from_pretrained(tmp_path / "bert-float").eval())
     ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
     assert torch.equal(loaded(ids).last_hidden_state, ref(ids).last_hidden_state)
+
+
+# ------------------------------------------------------------------------------------- fastinfer demo
+
+
+def test_demo_chart_is_a_png_of_every_timed_peer(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastinfer.cli import write_chart
+
+    results = [{"case": "MiniLM 8x128", "rows": [{"peer": "fp32", "vs fp32": 1.0, "cos_mean": 1.0},
+                                                  {"peer": "fastinfer", "vs fp32": 3.3, "cos_mean": 0.9977},
+                                                  {"peer": "untimed", "cos_mean": 0.99}]},
+               {"case": "noisy", "rows": [{"peer": "fp32", "cos_mean": 1.0}]}]  # fmt: skip
+    path = write_chart(results, str(tmp_path / "c.png"))
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['demo', '--image-size', '64', "
+                   f"'--no-progress', '--chart', {str(tmp_path / 'd.png')!r}]))", timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "## MobileNetV2 b16 64x64" in r.stdout and "| fastinfer |" in r.stdout and "chart of speed vs fidelity" in r.stdout
+    assert (tmp_path / "d.png").stat().st_size > 5000
