@@ -175,7 +175,7 @@ def _cmd_bench_sparse(args: argparse.Namespace) -> int:
     meta = bench_ops.environment_meta(command=_command(args), dram=False)
     timing = (3, 0.01, 0.01) if args.quick else bench_sparse.TIMING
     rows = bench_sparse.run(bench_sparse.default_cases(shapes, sparsities), ms=ms,
-                             progress=progress, timing=timing)  # fmt: skip
+                             progress=not args.no_progress, timing=timing)  # fmt: skip
     text = bench_sparse.format_markdown(rows, meta)
     _emit(args, text)
     return 0
@@ -199,7 +199,7 @@ def _cmd_bench_models(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     meta = bench_ops.environment_meta(command=_command(args), dram=False, peaks=False)
     results = bench_models.run(names, quick=args.quick, rounds=args.rounds, threads=args.threads,
-                                onnx=not args.no_onnx, progress=progress,
+                                onnx=not args.no_onnx, progress=not args.no_progress,
                                 image_size=args.image_size)  # fmt: skip
     text = bench_models.format_markdown(results, meta)
     _emit(args, text)
@@ -226,7 +226,7 @@ def _cmd_bench_conv(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     meta = bench_ops.environment_meta(command=_command(args), dram=False)  # peaks: the int8 ceiling
     rows = bench_conv.run(layers, batches, quick=args.quick, rounds=args.rounds,
-                          target_s=args.batch_ms / 1e3 if args.batch_ms else None, progress=progress)  # fmt: skip
+                          target_s=args.batch_ms / 1e3 if args.batch_ms else None, progress=not args.no_progress)  # fmt: skip
     _emit(args, bench_conv.format_markdown(rows, meta))
     return 0
 
@@ -269,7 +269,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)  # fastinfer follows torch's thread count
     meta = bench_ops.environment_meta(command=_command(args))
     results = bench_ops.run(
-        shapes, isas=isas, progress=progress, quick=args.quick,
+        shapes, isas=isas, progress=not args.no_progress, quick=args.quick,
         rounds=args.rounds, target_s=args.batch_ms / 1e3 if args.batch_ms else None,
     )  # fmt: skip
     text = bench_ops.format_markdown(results, meta)
@@ -277,7 +277,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fastinfer.bench import interleaved
 
         shapes_i = list(shapes.values()) if args.shapes else list(interleaved.SHAPES)
-        rows = interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=progress)
+        rows = interleaved.run(shapes_i, rounds=3 if args.quick else 7, progress=not args.no_progress)
         text += "\n" + interleaved.format_markdown(rows)
     _emit(args, text)
     aborted = [r for r in results if r.get("peer") == "ABORTED"]
