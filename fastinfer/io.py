@@ -196,18 +196,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
     path = Path(path)
     layers: dict[str, dict] = {}
     inside: list[str] = []  # prefixes of recorded layers: their children are part of them
+    first_name: dict[int, str] = {}  # id(module) -> its first name
+    same_as: dict[str, str] = {}  # a later name of a module registered under several: its tensors stored once
     for name, mod in model.named_modules(remove_duplicate=False):
+        if first_name.setdefault(id(mod), name) != name:
+            same_as[name] = first_name[id(mod)]
         if any(name.startswith(p) for p in inside):
             continue
         kind = _KIND_OF.get(type(mod))
         if kind is not None:
             layers[name] = {"kind": kind, "config": _KINDS[kind].config(mod)}
             inside.append(name + "." if name else "")  # the model itself: nothing else to record
-    first_name: dict[int, str] = {}  # id(module) -> its first name (a module under two names: stored once)
-    same_as: dict[str, str] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if first_name.setdefault(id(mod), name) != name:
-            same_as[name] = first_name[id(mod)]
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # a key whose tensor is another key's (tied weights): stored once
@@ -222,8 +221,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         owner, _, local = key.rpartition(".")
         if owner in same_as:
             first = f"{same_as[owner]}.{local}" if same_as[owner] else local
-            if first in tensors:
-                aliases[key] = first
+            if first in tensors or first in aliases:
+                aliases[key] = aliases.get(first, first)
                 continue
         t = t.detach()
         ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
@@ -473,7 +472,10 @@ def _load_tensors(f: _File, model: nn.Module, strict: bool) -> None:
     versions = f.info["versions"]
     modules = dict(model.named_modules(remove_duplicate=False))
     for owner, keys in by_module.items():
-        mod = modules[owner]
+        mod = modules.get(owner)
+        if mod is None:  # a key a state_dict hook made up: not a module's own tensor
+            raise f.error(f"the model's state_dict has {keys[0]!r}, which is no module's tensor (a state_dict hook?); "
+                          "fastinfer.load places tensors module by module")  # fmt: skip
         prefix = owner + "." if owner else ""
         local = {k: f.tensor(k, owner) for k in keys}
         own = [t for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None]
