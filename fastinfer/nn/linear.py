@@ -42,7 +42,9 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
 
     The integer product is exact (int32 accumulation); the error is that of rounding x and W to
     8 bits. Inputs float32 or bfloat16 with any leading dims [..., in_features]; the output has the
-    input's dtype. Inference only (no autograd through the int8 kernel).
+    input's dtype. The weights are buffers (no gradient); backward() gives the input's gradient
+    through the dequantized weights (fastinfer/ops/autograd.py), for activation None, "gelu",
+    "relu" and "relu6".
 
     activation: None, or "gelu" to return gelu(y) (erf GELU, fused into the kernel's fp32 epilogue).
     """

@@ -8,6 +8,7 @@ torch.export and passes opcheck.
     linear.py     dense int8: quantize_per_token, pack/unpack, int8_matmul, int8_linear (CPU)
     sparse.py     the sparse formats, pack_sparse, validation, the sparse ops (CPU)
     cuda.py       the CUDA kernels
+    autograd.py   the linear ops' gradients with respect to their input
 """
 
 from fastinfer.ops import cuda  # noqa: F401  (registers the CUDA kernels)
@@ -22,6 +23,7 @@ from fastinfer.ops.linear import (
     unpack_int8_weight,
     validate_int8_weight,
 )
+from fastinfer.ops import autograd  # noqa: F401,E402  (registers the linear ops' backward)
 from fastinfer.ops.sparse import (
     FORMATS as SPARSE_FORMATS,
     pack_sparse,

@@ -1,0 +1,76 @@
+"""Gradients of the linear ops with respect to their input, through the dequantized weights.
+
+The layers are for inference, but a quantized model is also used for saliency maps, adversarial
+checks, or as a frozen feature extractor under a trained head: there backward() must give x.grad,
+never a silent None. d loss / d x = (g * act'(z)) @ W_dq, with W_dq the weight the layer multiplies
+by (int8 values times their scales, or the sparse fp32 values). The activation's derivative uses the
+saved output (ReLU, ReLU6) or z recomputed in fp32 from x and W_dq (GELU: the kernel's own z differs
+by the int8 rounding of x, the straight-through estimate of quantization). The weights, scales and
+bias get no gradient (they are buffers, not parameters)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastinfer.ops._common import activation_name
+from fastinfer.ops.linear import unpack_int8_weight
+from fastinfer.ops.sparse import unpack_sparse
+
+
+def _input_gradient(name: str, grad: torch.Tensor, x: torch.Tensor | None, out: torch.Tensor | None,
+                    wf: torch.Tensor, bias: torch.Tensor | None, act: int, x_shape, dtype) -> torch.Tensor:  # fmt: skip
+    g = grad.float()
+    if act == 1:  # erf GELU: d/dz [z * Phi(z)] = Phi(z) + z * phi(z)
+        z = torch.nn.functional.linear(x.float(), wf, bias)
+        g = g * (0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
+    elif act == 2:
+        g = g * (out > 0)
+    elif act == 3:
+        g = g * ((out > 0) & (out < 6))
+    elif act != 0:
+        raise RuntimeError(
+            f"fastinfer.{name}: no gradient through the fused {activation_name(name, act)} activation; "
+            "convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
+        )
+    return (g @ wf).reshape(x_shape).to(dtype)
+
+
+def _setup(ctx, inputs, output) -> None:
+    """int8_linear and sparse_int8_linear: (x, packed, w_scale, bias, act)."""
+    x, packed, w_scale, bias, act = inputs
+    ctx.meta = (tuple(x.shape), x.dtype, act)
+    ctx.save_for_backward(x if act == 1 else None, packed, w_scale, bias, output if act in (2, 3) else None)
+
+
+def _int8_linear_backward(ctx, grad):
+    x, packed, w_scale, bias, out = ctx.saved_tensors
+    shape, dtype, act = ctx.meta
+    wf = unpack_int8_weight(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
+    return _input_gradient("int8_linear", grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
+
+
+def _sparse_int8_linear_backward(ctx, grad):
+    x, packed, w_scale, bias, out = ctx.saved_tensors
+    shape, dtype, act = ctx.meta
+    wf = unpack_sparse(packed, bounded=False).float() * w_scale[:, None]
+    return _input_gradient("sparse_int8_linear", grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
+
+
+def _sparse_linear_setup(ctx, inputs, output) -> None:
+    x, packed, bias, _n = inputs
+    ctx.meta = (tuple(x.shape), x.dtype, 0)
+    ctx.save_for_backward(packed, bias)
+
+
+def _sparse_linear_backward(ctx, grad):
+    packed, bias = ctx.saved_tensors
+    shape, dtype, act = ctx.meta
+    wf = unpack_sparse(packed, bounded=False).float()
+    return _input_gradient("sparse_linear", grad, None, None, wf, bias, act, shape, dtype), None, None, None
+
+
+torch.library.register_autograd("fastinfer::int8_linear", _int8_linear_backward, setup_context=_setup)
+torch.library.register_autograd("fastinfer::sparse_int8_linear", _sparse_int8_linear_backward, setup_context=_setup)
+torch.library.register_autograd("fastinfer::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup)
