@@ -34,6 +34,8 @@ def _request(port: int, path: str, body: dict | None = None) -> tuple[int, dict]
 
 def test_serve_embeddings_answers_like_the_model_in_process(tmp_path):
     transformers = pytest.importorskip("transformers")
+    script = os.path.join(EXAMPLES, "serve_embeddings.py")
+    assert os.path.isfile(script), f"{script} is missing (tests run beside the repository's examples/ folder)"
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=32, architectures=["BertModel"])  # fmt: skip
     torch.manual_seed(0)
@@ -42,7 +44,7 @@ def test_serve_embeddings_answers_like_the_model_in_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "serve_embeddings.py"), str(tmp_path / "m"),
+    server = subprocess.Popen([sys.executable, script, str(tmp_path / "m"),
                                "--port", str(port)], stdout=subprocess.PIPE, text=True, cwd=SUBPROCESS_CWD,
                               env=subprocess_env())  # fmt: skip
     try:
