@@ -30,13 +30,16 @@ def linear_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor | None, torc
     return None, None
 
 
-def check_scale(key: str, state_dict, error_msgs: list[str]) -> None:
+def check_scale(key: str, state_dict, error_msgs: list[str]) -> bool:
     """load_state_dict's check of a layer's weight scales: finite and >= 0 (a NaN or negative scale
-    from a file would give NaN or sign-flipped outputs without a word)."""
+    from a file would give NaN or sign-flipped outputs without a word). False (and an error
+    message) when they are not."""
     scale = state_dict.get(key)
     if isinstance(scale, torch.Tensor) and scale.is_floating_point() and scale.device.type != "meta":
         if not (torch.isfinite(scale).all() and (scale >= 0).all()):
             error_msgs.append(f"{key}: scales must be finite and >= 0")
+            return False
+    return True
 
 
 def layer_repr(layer: nn.Module, *parts: str) -> str:

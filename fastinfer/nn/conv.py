@@ -185,9 +185,7 @@ class Int8Conv2d(_ConvLayer):
             error_msgs.append(f"{key}: holds {incoming.dtype} {list(incoming.shape)}, this layer needs int8 "
                               f"{list(self.weight_int8.shape)}")  # fmt: skip
             return
-        errors_before = len(error_msgs)
-        check_scale(prefix + "weight_scale", state_dict, error_msgs)
-        if len(error_msgs) != errors_before:
+        if not check_scale(prefix + "weight_scale", state_dict, error_msgs):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip

@@ -7,7 +7,6 @@ from torch import nn
 
 from fastinfer import ops
 from fastinfer.nn._base import (
-    _FAST,
     _FastForward,
     _FusedActivation,
     apply_keeping_dtypes,
@@ -138,8 +137,7 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
             return
         with torch.inference_mode(False):  # a version-tracked buffer even when loaded under inference_mode
             packed = ops.pack_int8_weight(q.to(dev).contiguous())
-        self._buffers["packed_weight"] = packed
-        _FAST.pop(self, None)
+        self._buffers["packed_weight"] = packed  # a new object: a prepared fast call no longer matches
 
     @staticmethod
     def _legacy_weight(key: str, incoming, shape: list[int], error_msgs: list[str]) -> torch.Tensor | None:

@@ -32,9 +32,7 @@ class _SparseBase(_FastForward, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
         key = prefix + "sparse_weight"
-        errors_before = len(error_msgs)
-        check_scale(prefix + "weight_scale", state_dict, error_msgs)
-        if len(error_msgs) != errors_before:
+        if not check_scale(prefix + "weight_scale", state_dict, error_msgs):
             return
         if key in state_dict:
             incoming = state_dict[key].detach().cpu().contiguous()

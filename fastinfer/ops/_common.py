@@ -67,6 +67,25 @@ def eager_fast_path(x: torch.Tensor) -> bool:
     )
 
 
+def activation_grad(name: str, grad: torch.Tensor, act: int, out: torch.Tensor | None = None,
+                    z: torch.Tensor | None = None) -> torch.Tensor:
+    """grad * act'(z) for a fused activation's backward: ReLU / ReLU6 masked by the saved output
+    `out`, erf GELU from its recomputed input `z` (where the op gives one); any other raises."""
+    g = grad.float()
+    if act == 0:
+        return g
+    if act == 2:
+        return g * (out > 0)
+    if act == 3:
+        return g * ((out > 0) & (out < 6))
+    if act == 1 and z is not None:  # d/dz [z * Phi(z)] = Phi(z) + z * phi(z)
+        return g * (0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
+    raise RuntimeError(
+        f"fastinfer.{name}: no gradient through the fused {activation_name(name, act)} activation; "
+        "convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
+    )
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 

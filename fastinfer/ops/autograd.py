@@ -10,31 +10,17 @@ bias get no gradient (they are buffers, not parameters)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from fastinfer.ops._common import activation_name
+from fastinfer.ops._common import activation_grad
 from fastinfer.ops.linear import unpack_int8_weight
 from fastinfer.ops.sparse import unpack_sparse
 
 
 def _input_gradient(name: str, grad: torch.Tensor, x: torch.Tensor | None, out: torch.Tensor | None,
                     wf: torch.Tensor, bias: torch.Tensor | None, act: int, x_shape, dtype) -> torch.Tensor:  # fmt: skip
-    g = grad.float()
-    if act == 1:  # erf GELU: d/dz [z * Phi(z)] = Phi(z) + z * phi(z)
-        z = torch.nn.functional.linear(x.float(), wf, bias)
-        g = g * (0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
-    elif act == 2:
-        g = g * (out > 0)
-    elif act == 3:
-        g = g * ((out > 0) & (out < 6))
-    elif act != 0:
-        raise RuntimeError(
-            f"fastinfer.{name}: no gradient through the fused {activation_name(name, act)} activation; "
-            "convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
-        )
-    return (g @ wf).reshape(x_shape).to(dtype)
+    z = torch.nn.functional.linear(x.float(), wf, bias) if act == 1 else None
+    return (activation_grad(name, grad, act, out, z) @ wf).reshape(x_shape).to(dtype)
 
 
 def _setup(ctx, inputs, output) -> None:

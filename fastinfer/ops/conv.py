@@ -20,6 +20,7 @@ from fastinfer._runtime import _C
 from fastinfer.ops._common import (
     DTYPE_CODE,
     ValidatedBuffers,
+    activation_grad,
     activation_name,
     check_device,
     check_tensor,
@@ -236,18 +237,10 @@ def _input_gradient(name: str, grad: torch.Tensor, out: torch.Tensor | None, act
     """d loss / d x of act(conv2d(x, wf)) from the output's gradient (relu / relu6 masked by the
     saved output), with (top, left, bottom, right) zero padding: the gradient of the padded input,
     cropped. Any other fused activation raises."""
-    if act not in (0, 2, 3):
-        raise RuntimeError(
-            f"fastinfer.{name}: no gradient through the fused {activation_name(name, act)} activation; "
-            "convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"
-        )
-    if act == 2:
-        grad = grad * (out > 0)
-    elif act == 3:
-        grad = grad * ((out > 0) & (out < 6))
+    grad = activation_grad(name, grad, act, out)
     n, c, h, w = x_shape
     pt, pl, pb, pr = padding
-    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad.float(), stride, 0, dilation, groups)
+    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad, stride, 0, dilation, groups)
     return gx[:, :, pt:pt + h, pl:pl + w].to(dtype)
 
 
