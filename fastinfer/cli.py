@@ -28,9 +28,9 @@ def _load_source(src: str):
             raise SystemExit(f"fastinfer optimize: {src} is a folder without config.json (not a transformers model folder)")
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(src)
-        names = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, names[0], None) if names else None
+        from fastinfer.hf import architecture_class
+
+        cls = architecture_class(transformers.AutoConfig.from_pretrained(src))
         model = (cls or transformers.AutoModel).from_pretrained(src)
         return model.eval(), True
     module_name, sep, func_name = src.partition(":")

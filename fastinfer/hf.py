@@ -90,15 +90,23 @@ def from_pretrained(directory: str | os.PathLike, model_class=None, **config_kwa
     config = transformers.AutoConfig.from_pretrained(directory, **config_kwargs)
     config.__dict__.pop("quantization_config", None)  # the skeleton is a plain float model
     if model_class is None:
-        names = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, names[0], None) if names else None
+        model_class = architecture_class(config)
         if model_class is None:
-            raise ValueError(f"{config_path}: architectures {names!r} names no transformers class; pass model_class")
+            raise ValueError(f"{config_path}: architectures {getattr(config, 'architectures', None)!r} names no "
+                             "transformers class; pass model_class")  # fmt: skip
     if hasattr(model_class, "config_class"):  # a model class: BertModel(config)
         build = model_class
     else:  # an Auto class: AutoModel.from_config(config)
         build = model_class.from_config
     return io.load(weights, lambda: build(config))
+
+
+def architecture_class(config):
+    """The transformers class named first in a config's `architectures`, or None."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    return getattr(transformers, names[0], None) if names else None
 
 
 def _holds_fastinfer_keys(directory: Path) -> bool:
