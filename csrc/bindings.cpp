@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "cpu/runtime/cpu_features.h"
+#include "cpu/dispatch/kernel_table.h"
 #include "cpu/engine.h"
 #include "cpu/runtime/large_buffer.h"
 #include "cpu/runtime/malloc_tune.h"
@@ -208,6 +209,28 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(st);
     });
+    // sizes: batch, heads, kv_heads, lq, lk, d, dv; strides: q, k, v (batch, head, row) each, then the
+    // mask's (batch, head, row) and out's (batch, row, head); all in elements.
+    m.def("attention", [](uintptr_t q, uintptr_t k, uintptr_t v, int dt, std::vector<int64_t> sizes,
+                          std::vector<int64_t> strides, uintptr_t mask, int mask_kind, float scale, bool causal,
+                          uintptr_t out) {
+        if (sizes.size() != 7 || strides.size() != 15) throw py::value_error("attention: 7 sizes and 15 strides expected");
+        const int64_t* z = sizes.data();
+        const int64_t* st = strides.data();
+        const fc::AttentionArgs a{ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), dtype(dt),
+                                  z[0], z[1], z[2], z[3], z[4], z[5], z[6],
+                                  st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
+                                  ptr<const void>(mask), mask_kind, st[9], st[10], st[11], scale, causal,
+                                  ptr<void>(out), st[12], st[13], st[14]};  // fmt: skip
+        Status r;
+        {
+            py::gil_scoped_release nogil;
+            r = fc::attention(a);
+        }
+        raise_if_error(r);
+    });
+    m.def("attention_simd", [] { return fc::active_kernels().attention_simd; },
+          "whether the active ISA has its own attention kernel (else the scalar reference runs)");
     m.def("apply_activation", [](uintptr_t y, int64_t n, int act) {
         raise_if_error(fc::apply_activation(ptr<float>(y), n, act));
     });

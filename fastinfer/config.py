@@ -62,6 +62,11 @@ class QuantConfig:
         fastinfer.nn.DepthwiseConv2d, fp32 on fastinfer's fused NHWC kernel (memory-bound layers:
         int8 would only add a quantization pass, and fp32 keeps them exact); "int8" Int8Conv2d
         (one activation scale per sample).
+    attention: switch a transformers model that runs torch's SDPA (its default) to fastinfer's fused
+        attention kernel (fastinfer.ops.attention: scores, mask, softmax and values in one pass
+        per head, fp32 arithmetic). Calls that the kernel does not serve (autograd, dropout,
+        output_attentions, GPUs, CPUs without AVX-512) take torch's SDPA as before. False keeps
+        the model's attention as it is. Other models are not touched either way.
 
     A layer registered under several names is converted under all of them (it stays one layer), or
     left in float when skip or filter_fn keeps any of its names: prune and sparsify agree.
@@ -73,11 +78,14 @@ class QuantConfig:
     progress: bool | None = None
     fuse_activations: bool = True
     depthwise: str = "float"
+    attention: bool = True
 
     def __post_init__(self) -> None:
         if self.depthwise not in ("float", "int8"):
             raise ValueError(f"QuantConfig.depthwise must be 'float' or 'int8', got {self.depthwise!r}")
         object.__setattr__(self, "skip", skip_patterns(self.skip))
+        if not isinstance(self.attention, bool):
+            raise TypeError(f"QuantConfig.attention must be a bool, got {self.attention!r}")
         if not isinstance(self.fuse_activations, bool):
             raise TypeError(f"QuantConfig.fuse_activations must be a bool, got {self.fuse_activations!r}")
         if not isinstance(self.min_features, int) or self.min_features < 1:

@@ -31,6 +31,7 @@ from torch import nn
 
 from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules
+from fastinfer.convert.attention import HF_NAME, enable_fast_attention
 from fastinfer.convert.report import ConversionReport, LayerConversion
 from fastinfer.nn import (
     DepthwiseConv2d,
@@ -245,8 +246,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "training": model.training,
         "layers": layers, "aliases": aliases, "versions": versions,
         "crc32": {k: zlib.crc32(_tensor_bytes(t)) for k, t in tensors.items()},
-        "report": None if report is None else {"entry": report.entry,
+        "report": None if report is None else {"entry": report.entry, "attention": report.attention,
                                                "rows": [[r.name, r.kind, r.result, r.detail] for r in report]},
+        # the attention implementation of a transformers model, put back on load ("fastinfer": its kernel)
+        "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
     }  # fmt: skip
     meta = dict(metadata or {})
     meta[_KEY] = json.dumps(info, separators=(",", ":"))
@@ -385,7 +388,11 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     report = info.get("report")
     if isinstance(report, dict) and isinstance(report.get("rows"), list):
         rows = [LayerConversion(*map(str, r)) for r in report["rows"] if isinstance(r, list) and len(r) == 4]
-        model.__dict__["_fastinfer_report"] = ConversionReport(str(report.get("entry", "fastinfer.quantize")), rows)
+        attention = report.get("attention")
+        model.__dict__["_fastinfer_report"] = ConversionReport(str(report.get("entry", "fastinfer.quantize")), rows,
+                                                               attention if isinstance(attention, str) else None)  # fmt: skip
+    if info.get("attention") == HF_NAME:
+        enable_fast_attention(model)
     return model
 
 

@@ -52,6 +52,11 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
 Status depthwise_conv2d_f32(const void* x, DType dt, const Conv2dShape& s, const float* wf, int64_t w_elems,
                             const float* bias, void* out, DType out_dt, int act);
 
+// Scaled dot-product attention (AttentionArgs in dispatch/kernel_table.h): out = softmax(scale *
+// q k^T + mask) v per head, fp32 arithmetic, the output in [batch][lq][heads][dv] layout.
+constexpr int64_t kMaxHeadDim = 1 << 16;
+Status attention(const AttentionArgs& a);
+
 // y[i] = act(y[i]) for n fp32 values, in place, with the epilogue's scalar code (outputs of a K = 0
 // linear, where no GEMM runs). erf_f32: out[i] = the epilogue's erf(x[i]) (tests).
 Status apply_activation(float* y, int64_t n, int act);

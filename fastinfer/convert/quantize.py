@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from fastinfer.config import QuantConfig
 from fastinfer.convert._select import Target, scan
 from fastinfer.convert._swap import swap
+from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.fuse import ConvFusion, conv_fusions
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
@@ -45,6 +46,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     layer (BERT-style `intermediate_act_fn` after `dense`, or the next module of an nn.Sequential)
     is fused into that layer (activation="gelu") and replaced by fastinfer.nn.Fused. A layer that stays
     float (skipped) or is registered under several names is never fused.
+
+    With config.attention (the default), a transformers model that runs torch's SDPA is switched to
+    fastinfer's fused attention kernel (see QuantConfig.attention; the report says what was done).
 
     The original model is not modified unless inplace=True. The result is a plain nn.Module: same
     inputs, same outputs (within int8 rounding), usable with torch.compile.
@@ -87,7 +91,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
         return new
 
-    report = ConversionReport("fastinfer.quantize")
+    attention = enable_fast_attention(model) if config.attention else "kept: QuantConfig(attention=False)"
+    report = ConversionReport("fastinfer.quantize", attention=attention if is_hf_model(model) else None)
     position = {fqn: i for i, (fqn, _) in enumerate(model.named_modules(remove_duplicate=False))}
     order = sorted([*targets, *left], key=lambda item: position[item.name])  # model order
     result = swap(model, targets, convert, config.progress, "fastinfer.quantize")

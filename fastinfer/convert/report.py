@@ -50,11 +50,13 @@ class LayerConversion:
 
 
 class ConversionReport(list):
-    """The LayerConversion of every layer a conversion looked at, in model order."""
+    """The LayerConversion of every layer a conversion looked at, in model order, and what became
+    of the model's attention (`attention`: None when the conversion did not look at it)."""
 
-    def __init__(self, entry: str, rows=()) -> None:
+    def __init__(self, entry: str, rows=(), attention: str | None = None) -> None:
         super().__init__(rows)
         self.entry = entry
+        self.attention = attention
 
     @property
     def converted(self) -> list[LayerConversion]:
@@ -78,17 +80,20 @@ class ConversionReport(list):
         if left:
             shown = "; ".join(f"{r.name or '<model>'} ({r.detail})" for r in left[:3])
             line += f"; {len(left)} left in float: {shown}" + ("; ..." if len(left) > 3 else "")
+        if self.attention is not None:
+            line += f"; attention: {self.attention}"
         return line + ". fastinfer.conversion_report(model) lists every layer."
 
     def __str__(self) -> str:
+        tail = "" if self.attention is None else f"\nattention: {self.attention}"
         if not self:
-            return f"{self.entry}: no convertible layers"
+            return f"{self.entry}: no convertible layers" + tail
         w = max(len("layer"), *(len(r.name or "<model>") for r in self)) + 2
         k = max(len("was"), *(len(r.kind) for r in self)) + 2
         res = max(len("now"), *(len(r.result) for r in self)) + 2
         lines = [f"{'layer':<{w}}{'was':<{k}}{'now':<{res}}detail"]
         lines += [f"{r.name or '<model>':<{w}}{r.kind:<{k}}{r.result:<{res}}{r.detail}" for r in self]
-        return "\n".join(lines)
+        return "\n".join(lines) + tail
 
     def __repr__(self) -> str:
         return f"ConversionReport({self.entry}: {len(self.converted)} converted, {len(self.left_float)} left in float)"

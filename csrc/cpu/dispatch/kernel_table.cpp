@@ -42,6 +42,7 @@ Tables fill_tables() {
     t.depthwise = ref::depthwise;
     t.depthwise_f32 = ref::depthwise_f32;
     t.gather_quantize = ref::gather_quantize;
+    t.attention = ref::attention;
     s.level[kRefLevel] = t;
 
     const Isa isa = detected_isa();
@@ -69,6 +70,8 @@ Tables fill_tables() {
     t.depthwise = avx512_vnni::depthwise;
     t.depthwise_f32 = avx512_vnni::depthwise_f32;
     t.gather_quantize = avx512_vnni::gather_quantize;
+    t.attention = avx512_vnni::attention;
+    t.attention_simd = true;
     t.dot_peak = avx512_vnni::dot_peak;
     t.dot_peak_macs = 24 * 64;
     t.read_sum = avx512_vnni::read_sum;

@@ -12,6 +12,8 @@
 // any result.
 #pragma once
 
+#include <algorithm>
+
 #include "cpu/common.h"
 #include "cpu/formats/k4n16.h"
 #include "cpu/formats/sparse/header.h"
@@ -99,6 +101,56 @@ using RangeKernel = ValueRange(const void* x, DType dt, int64_t n);
 using QuantizeScaledKernel = void(const void* x, DType dt, int64_t rows, int64_t k, int64_t ldx, float inv,
                                   int lo, int hi, uint8_t flip, uint8_t* q, int64_t ldq, int64_t kp);
 
+// Scaled dot-product attention (api/attention.cpp): for head h of sample b and query row i,
+//   s_j = scale * (q[b,h,i,:] . k[b,hk,j,:]) + mask[b,h,i,j] (j < lk; causal: only j <= i, top-left
+//   aligned as torch's is_causal), p = softmax(s), out[b,i,h,:] = sum_j p_j v[b,hk,j,:],
+// computed in fp32 (bf16 inputs widened exactly), hk = h / (heads / kv_heads) (grouped-query
+// attention). A row whose every score is -inf (all masked) gives zeros, as torch's SDPA does.
+// Strides in elements; the innermost stride of q, k, v, out and the mask is 1; a mask stride of 0
+// broadcasts.
+struct AttentionArgs {
+    const void* q;  // [batch][heads][lq][d]
+    const void* k;  // [batch][kv_heads][lk][d]
+    const void* v;  // [batch][kv_heads][lk][dv]
+    DType dt;       // of q, k, v and out: fp32 or bf16
+    int64_t batch, heads, kv_heads, lq, lk, d, dv;
+    int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl;
+    const void* mask;  // null, or [batch][heads][lq][lk] of mask_kind
+    int mask_kind;     // kMaskNone, kMaskBool (uint8: nonzero = attend), kMaskF32, kMaskBF16 (added)
+    int64_t m_sb, m_sh, m_sl;
+    float scale;
+    bool causal;
+    void* out;  // [batch][lq][heads][dv] (o_sb, o_sl, o_sh)
+    int64_t o_sb, o_sl, o_sh;
+};
+constexpr int kMaskNone = 0;
+constexpr int kMaskBool = 1;
+constexpr int kMaskF32 = 2;
+constexpr int kMaskBF16 = 3;
+// One attention task's scratch, in floats from a 64-byte aligned base: K^T [d][lkp], V [lk][dvp],
+// 4 query rows [4][dp], their scores [4][lkp] (ref: scores [lk], output [dv]), lkp/dp/dvp = lk/d/dv rounded up to 16. In an
+// unnamed namespace: each file gets its own copy compiled with its own flags (as common.h's helpers).
+struct AttentionLayout {
+    int64_t lkp, dp, dvp;
+    int64_t kt, v, q, s, total;  // offsets, and the whole size
+};
+namespace {
+inline AttentionLayout attention_layout(const AttentionArgs& a) {
+    AttentionLayout l;
+    l.lkp = round_up(a.lk, 16);
+    l.dp = round_up(a.d, 16);
+    l.dvp = round_up(a.dv, 16);
+    l.kt = 0;
+    l.v = l.kt + a.d * l.lkp;
+    l.q = l.v + a.lk * l.dvp;
+    l.s = l.q + 4 * l.dp;
+    l.total = std::max(l.s + 4 * l.lkp, a.lk + l.dvp);  // ref: one row's scores and output
+    return l;
+}
+}  // namespace
+// Query rows [q0, q1) of head bh = b * heads + h.
+using AttentionKernel = void(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch);
+
 // The CSR kernels of one ISA and the activation layout they read (the entry points build it).
 struct CsrKernels {
     CsrF32Kernel* f32 = nullptr;
@@ -125,6 +177,9 @@ struct KernelTable {
     DepthwiseKernel* depthwise_f32 = nullptr;  // fp32
     RangeKernel* range = nullptr;
     QuantizeScaledKernel* quantize_scaled = nullptr;
+    // Attention in fp32; attention_simd says whether the kernel is this ISA's own (not ref's).
+    AttentionKernel* attention = nullptr;
+    bool attention_simd = false;
 
     // Sparse. A null int8 format kernel runs the format's blocks through panel + gemm (exact, not faster).
     CsrKernels csr;

@@ -20,5 +20,6 @@ QuantizeScaledKernel quantize_scaled;
 DepthwiseKernel depthwise;
 DepthwiseKernel depthwise_f32;
 GatherQuantizeKernel gather_quantize;
+AttentionKernel attention;
 
 }  // namespace fastinfer::cpu::avx512_vnni

@@ -16,5 +16,6 @@ QuantizeScaledKernel quantize_scaled;
 DepthwiseKernel depthwise;
 DepthwiseKernel depthwise_f32;
 GatherQuantizeKernel gather_quantize;
+AttentionKernel attention;
 
 }  // namespace fastinfer::cpu::ref

@@ -1,0 +1,185 @@
+// AVX-512 attention in fp32 FMA (AVX-512 F/BW/VL only). One task = query rows [q0, q1) of one head:
+// the head's K^T and V are widened to fp32 into scratch once, then 4 query rows at a time:
+// scores in register tiles of 4 rows x 64 keys, a whole-row softmax (scale, mask, max, exp, sum),
+// and P.V in tiles of 4 rows x 64 value columns, divided by the sum on the way out.
+#include <algorithm>
+#include <type_traits>
+
+#include "cpu/isa/avx512_vnni/avx512_inl.h"
+#include "cpu/isa/avx512_vnni/kernels.h"
+
+namespace fastinfer::cpu::avx512_vnni {
+
+namespace {
+
+// The rows of q, k and v sit far apart (heads interleaved in [batch][tokens][heads * d] activations)
+// and the hardware prefetcher does not follow them: rows are fetched this many ahead.
+constexpr int64_t kAhead = 6;
+
+inline void prefetch_row(const void* base, DType dt, int64_t off, int64_t n) {
+    const size_t elt = dt == DType::kF32 ? 4 : 2;
+    const char* p = static_cast<const char*>(base) + size_t(off) * elt;
+    for (size_t b = 0; b < size_t(n) * elt; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Lanes [0, n) of a 16-lane step (none for n <= 0).
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
+
+// dst[0, np) = row[0, n) widened to fp32, zero past n (dst 64-byte aligned, np a multiple of 16).
+inline void widen_row(const void* src, DType dt, int64_t off, int64_t n, float* dst, int64_t np) {
+    for (int64_t c = 0; c < np; c += 16) _mm512_store_ps(dst + c, load_x16(src, dt, off + c, lanes(n - c)));
+}
+
+// Calls f(std::integral_constant<int, n>) for n in [1, 4].
+template <class F>
+inline void upto4(int64_t n, F&& f) {
+    switch (n) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        default: f(std::integral_constant<int, 4>{}); break;
+    }
+}
+
+// s[r][j0, j0 + 16 NV) = q[r] . K^T[:, j0 ...] for R rows (q rows of dp floats, K^T rows of lkp).
+template <int R, int NV>
+inline void score_tile(const float* q, int64_t dp, const float* kt, int64_t lkp, int64_t d, int64_t j0, float* s) {
+    __m512 acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const float* kp = kt + j0;
+    for (int64_t c = 0; c < d; ++c, kp += lkp) {
+        __m512 kv[NV];
+        for (int v = 0; v < NV; ++v) kv[v] = _mm512_load_ps(kp + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const __m512 qb = _mm512_set1_ps(q[r * dp + c]);
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(qb, kv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(s + r * lkp + j0 + 16 * v, acc[r][v]);
+}
+
+// out[r][c0, c0 + 16 NV) = inv[r] * sum_{j < jn} p[r][j] v[j][c0 ...] (only columns < dv stored).
+template <int R, int NV>
+inline void value_tile(const float* p, int64_t lkp, const float* vp, int64_t dvp, int64_t jn, int64_t c0,
+                       const float* inv, const AttentionArgs& a, int64_t obase, int64_t i0) {
+    __m512 acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const float* vr = vp + c0;
+    for (int64_t j = 0; j < jn; ++j, vr += dvp) {
+        __m512 vv[NV];
+        for (int v = 0; v < NV; ++v) vv[v] = _mm512_load_ps(vr + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const __m512 pb = _mm512_set1_ps(p[r * lkp + j]);
+            for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(pb, vv[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_set1_ps(inv[r]);
+        const int64_t o = obase + (i0 + r) * a.o_sl + c0;
+        for (int v = 0; v < NV; ++v) {
+            const __mmask16 mk = lanes(a.dv - c0 - 16 * v);
+            const __m512 y = _mm512_mul_ps(acc[r][v], s);
+            if (a.dt == DType::kF32)
+                _mm512_mask_storeu_ps(static_cast<float*>(a.out) + o + 16 * v, mk, y);
+            else
+                _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + o + 16 * v, mk, to_bf16(y));
+        }
+    }
+}
+
+// Scores [0, n) of one row -> probabilities times the sum (returned as 1 / sum in *inv), zeros in
+// [n, jn) (the keys a longer row of the tile reads). NaN or +Inf scores: NaN row; all masked: zeros.
+inline void softmax_row(float* s, int64_t n, int64_t jn, const AttentionArgs& a, int64_t mrow, float* inv) {
+    const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-__builtin_inff());
+    __m512 vmx = ninf;
+    __mmask16 bad = 0;
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mk = lanes(n - j);
+        __m512 x = _mm512_mul_ps(_mm512_load_ps(s + j), scale);
+        switch (a.mask_kind) {
+            case kMaskBool: {
+                const __m128i m8 = _mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(a.mask) + mrow + j);
+                x = _mm512_mask_mov_ps(x, _mm_cmpeq_epi8_mask(m8, _mm_setzero_si128()), ninf);
+                break;
+            }
+            case kMaskF32: x = _mm512_add_ps(x, load_x16(a.mask, DType::kF32, mrow + j, mk)); break;
+            case kMaskBF16: x = _mm512_add_ps(x, load_x16(a.mask, DType::kBF16, mrow + j, mk)); break;
+            default: break;
+        }
+        _mm512_store_ps(s + j, x);
+        vmx = _mm512_mask_max_ps(vmx, mk, vmx, x);
+        bad |= _mm512_mask_cmp_ps_mask(mk, x, x, _CMP_UNORD_Q);
+    }
+    const float mx = _mm512_reduce_max_ps(vmx);
+    if (bad || mx == __builtin_inff() || mx == -__builtin_inff()) {
+        *inv = bad || mx == __builtin_inff() ? __builtin_nanf("") : 0.f;
+        for (int64_t j = 0; j < jn; j += 16) _mm512_store_ps(s + j, _mm512_setzero_ps());
+        return;
+    }
+    const __m512 vm = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        const __m512 x = _mm512_load_ps(s + j);
+        const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes(n - j), x, ninf, _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(x, vm)));
+        _mm512_store_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    for (int64_t j = round_up(n, 16); j < jn; j += 16) _mm512_store_ps(s + j, _mm512_setzero_ps());
+    *inv = 1.f / _mm512_reduce_add_ps(sum);
+}
+
+}  // namespace
+
+void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch) {
+    const int64_t b = bh / a.heads, h = bh % a.heads, hk = h / (a.heads / a.kv_heads);
+    const AttentionLayout l = attention_layout(a);
+    float *kt = scratch + l.kt, *vp = scratch + l.v, *qs = scratch + l.q, *s = scratch + l.s;
+    // keys this task reads: causal rows stop at their own index
+    const int64_t lk = a.causal ? std::min(a.lk, q1) : a.lk, lkp = l.lkp;
+    // K^T [d][lkp] (zero past lk) and V [lk][dvp] of the head, in fp32
+    alignas(64) float row[16];
+    const int64_t kb = b * a.k_sb + hk * a.k_sh, vb = b * a.v_sb + hk * a.v_sh;
+    for (int64_t j = 0; j < round_up(lk, 16); ++j) {
+        if (j + kAhead < lk) prefetch_row(a.k, a.dt, kb + (j + kAhead) * a.k_sl, a.d);
+        if (j < kAhead && j < lk) prefetch_row(a.v, a.dt, vb + j * a.v_sl, a.dv);
+        for (int64_t c0 = 0; c0 < a.d; c0 += 16) {
+            const int64_t n = std::min<int64_t>(16, a.d - c0);
+            _mm512_store_ps(row, j < lk ? load_x16(a.k, a.dt, kb + j * a.k_sl + c0, lanes(n)) : _mm512_setzero_ps());
+            for (int64_t c = 0; c < n; ++c) kt[(c0 + c) * lkp + j] = row[c];
+        }
+    }
+    for (int64_t j = 0; j < lk; ++j) {
+        if (j + kAhead < lk) prefetch_row(a.v, a.dt, vb + (j + kAhead) * a.v_sl, a.dv);
+        widen_row(a.v, a.dt, vb + j * a.v_sl, a.dv, vp + j * l.dvp, l.dvp);
+    }
+    for (int64_t i = q0; i < std::min(q1, q0 + 4); ++i) prefetch_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + i * a.q_sl, a.d);
+
+    const int64_t obase = b * a.o_sb + h * a.o_sh;
+    for (int64_t i0 = q0; i0 < q1; i0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, q1 - i0);
+        const int64_t jn = a.causal ? std::min(a.lk, i0 + rows) : a.lk;  // keys of the tile's longest row
+        for (int64_t r = 0; r < rows; ++r)
+            widen_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + (i0 + r) * a.q_sl, a.d, qs + r * l.dp, l.dp);
+        for (int64_t i = i0 + 4; i < std::min(q1, i0 + 8); ++i)  // the next tile's rows
+            prefetch_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + i * a.q_sl, a.d);
+        upto4(rows, [&](auto R) {
+            for (int64_t j0 = 0; j0 < jn; j0 += 64)
+                upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
+                      [&](auto NV) { score_tile<R, NV>(qs, l.dp, kt, lkp, a.d, j0, s); });
+            float inv[4];
+            for (int64_t r = 0; r < R; ++r) {
+                const int64_t n = a.causal ? std::min(a.lk, i0 + r + 1) : a.lk;
+                softmax_row(s + r * lkp, n, jn, a, b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, &inv[r]);
+            }
+            for (int64_t c0 = 0; c0 < a.dv; c0 += 64)
+                upto4((std::min<int64_t>(64, a.dv - c0) + 15) / 16,
+                      [&](auto NV) { value_tile<R, NV>(s, lkp, vp, l.dvp, jn, c0, inv, a, obase, i0); });
+        });
+    }
+}
+
+}  // namespace fastinfer::cpu::avx512_vnni

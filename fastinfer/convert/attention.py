@@ -1,0 +1,122 @@
+"""Hugging Face models' attention on fastinfer's fused kernel (fastinfer.ops.attention).
+
+transformers dispatches every attention module of a model through one registry
+(`AttentionInterface`, chosen by `config._attn_implementation`). fastinfer registers itself there
+as "fastinfer" and switches a model that uses torch's SDPA ("sdpa", transformers' default) to it:
+the modules keep their own code (projections, rotary embeddings, caches) and only the
+softmax(q k^T) v step changes. The call takes torch's own path instead, calling exactly what "sdpa"
+would, where the fused kernel does not apply: autograd recording (training, saliency), dropout,
+extras SDPA handles itself (softcap, position bias, attention sinks, output_attentions), tensors off
+the CPU, or a CPU without the kernel's ISA (the reference kernel is slower than torch's there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastinfer.ops.attention import attention_native
+
+__all__ = ["HF_NAME", "enable_fast_attention", "hf_attention_forward", "is_hf_model", "register_hf_attention"]
+
+HF_NAME = "fastinfer"
+# attn_implementation values fastinfer replaces: torch's SDPA. "eager" (often chosen to read the
+# attention weights), flash and flex attention are a user's choice and are kept.
+_REPLACES = ("sdpa",)
+_registered = False
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _fused_applies(query, key, value, attention_mask, dropout, kwargs) -> bool:
+    if query.device.type != "cpu" or query.dim() != 4 or not (query.dtype == key.dtype == value.dtype):
+        return False
+    if query.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if dropout and dropout > 0.0:
+        return False
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False  # torch's SDPA has a fused backward; ours would recompute through it
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
+        return False
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return False
+    if attention_mask is not None and attention_mask.dtype not in (torch.bool, torch.float32, torch.bfloat16):
+        return False
+    if torch.compiler.is_compiling():
+        return True  # the op is opaque to the compiler; the ISA check below is a C++ call
+    return attention_native()
+
+
+def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """transformers' attention-function contract (that of its sdpa_attention_forward): q [batch,
+    heads, q_len, d], k / v [batch, kv_heads, keys, d] -> ([batch, q_len, heads, dv], None)."""
+    if not _fused_applies(query, key, value, attention_mask, dropout, kwargs):
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)  # fmt: skip
+    q_len = query.shape[2]
+    # the causal rule of transformers' sdpa_attention_forward: a mask, when given, already holds it
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    out = torch.ops.fastinfer.attention(query, key, value, attention_mask, scale, is_causal)
+    return out, None
+
+
+def register_hf_attention() -> bool:
+    """Registers "fastinfer" with transformers' attention and attention-mask registries (once);
+    False when transformers is not installed."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(HF_NAME, hf_attention_forward)
+    AttentionMaskInterface.register(HF_NAME, sdpa_mask)  # the same masks SDPA gets
+    _registered = True
+    return True
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return hasattr(model, "set_attn_implementation") and config is not None and hasattr(config, "_attn_implementation")
+
+
+def enable_fast_attention(model: nn.Module) -> str | None:
+    """Switches a transformers model that runs torch's SDPA to fastinfer's attention kernel, in
+    place. Returns what was done, for the conversion report: "fastinfer kernel (was sdpa)", or why
+    nothing changed; None for a model that is not a transformers model (left as it is)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"enable_fast_attention expects an nn.Module, got {type(model).__name__}")
+    if not is_hf_model(model):
+        return None
+    current = model.config._attn_implementation
+    if current == HF_NAME:
+        return "fastinfer kernel"
+    if current not in _REPLACES:
+        return f"kept: the model's config chose attn_implementation={current!r}"
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        return f"kept ({current}): {type(model).__name__} does not dispatch through transformers' AttentionInterface"
+    if not register_hf_attention():  # pragma: no cover - a transformers model without transformers
+        return "kept: transformers is not importable"
+    model.set_attn_implementation(HF_NAME)
+    if model.config._attn_implementation != HF_NAME:
+        return f"kept ({current}): transformers refused attn_implementation={HF_NAME!r}"
+    return f"fastinfer kernel (was {current})"
+
+
+# A model converted in another process (pickled, or deep-copied into a worker) names "fastinfer" in its
+# config: where transformers is already loaded, the name is registered as fastinfer is imported.
+if "transformers" in __import__("sys").modules:
+    register_hf_attention()

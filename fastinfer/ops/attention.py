@@ -1,0 +1,150 @@
+"""Scaled dot-product attention on the CPU: fastinfer::attention, one fused pass per head (scores,
+mask, softmax and the weighted sum of values) in fp32 arithmetic on fp32 or bf16 tensors.
+
+The op returns its output as [batch, q_len, heads, dv] (the layout a transformer's output
+projection reads: no transpose copy after it); `attention()` is the SDPA-shaped wrapper and returns
+the [batch, heads, q_len, dv] view of it. q, k and v may be any strided views with a unit inner
+stride (e.g. heads sliced out of [batch, tokens, heads * d] projections: nothing is copied).
+Semantics are torch's scaled_dot_product_attention's: `scale` defaults to 1/sqrt(d), a bool mask
+says where to attend, a float mask is added to the scores, `is_causal` masks keys after the query
+(top-left aligned), and a row whose every key is masked gives zeros. Grouped-query attention: k
+and v may have fewer heads than q when they divide its heads. The backward recomputes the forward
+with torch's own ops (exact gradients of the same function, within fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastinfer._runtime import _C
+from fastinfer.ops._common import DTYPE_CODE, check_device, check_tensor, new_output, register
+
+__all__ = ["attention", "attention_native"]
+
+torch.library.define(
+    "fastinfer::attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal) -> Tensor",
+)
+
+_MASK_KIND = {torch.bool: 1, torch.float32: 2, torch.bfloat16: 3}
+_NAME = "attention"
+
+
+def attention_native() -> bool:
+    """Whether the active ISA has its own attention kernel (AVX-512 today). Without one the op still
+    runs, on the scalar reference kernel: correct but slower than torch's SDPA, so the converted
+    models keep torch's attention there."""
+    return bool(_C.attention_simd())
+
+
+def _check(q, k, v, mask, scale) -> tuple[int, int, int, int, int, int, int]:
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(_NAME, arg, t)
+        if t.dim() != 4:
+            raise ValueError(f"fastinfer.{_NAME}: {arg} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPE_CODE:
+            raise TypeError(f"fastinfer.{_NAME}: {arg} must be float32 or bfloat16, got {t.dtype}")
+    check_device(_NAME, q=q, k=k, v=v, mask=mask)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"fastinfer.{_NAME}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, lq, d = q.shape
+    _, hk, lk, dv = v.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"fastinfer.{_NAME}: q, k and v must have one batch size, got {b}, {k.shape[0]}, {v.shape[0]}")
+    if tuple(k.shape[1:3]) != (hk, lk) or k.shape[3] != d:
+        raise ValueError(f"fastinfer.{_NAME}: k must be [batch, kv_heads, keys, {d}] with v [batch, kv_heads, keys, dv], "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")  # fmt: skip
+    if hk == 0 and h > 0 or hk > 0 and h % hk != 0:
+        raise ValueError(f"fastinfer.{_NAME}: the {h} query heads must be a multiple of the {hk} key/value heads")
+    if mask is not None:
+        check_tensor(_NAME, "mask", mask)
+        if mask.dtype not in _MASK_KIND:
+            raise TypeError(f"fastinfer.{_NAME}: mask must be bool, float32 or bfloat16, got {mask.dtype}")
+        try:
+            torch.broadcast_shapes(mask.shape, (b, h, lq, lk))
+        except RuntimeError:
+            raise ValueError(f"fastinfer.{_NAME}: mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"[batch, heads, q_len, keys] = {(b, h, lq, lk)}") from None  # fmt: skip
+        if mask.dim() > 4:
+            raise ValueError(f"fastinfer.{_NAME}: mask must have at most 4 dimensions, got {mask.dim()}")
+    if not isinstance(scale, float) or not math.isfinite(scale):
+        raise ValueError(f"fastinfer.{_NAME}: scale must be a finite float, got {scale!r}")
+    return b, h, hk, lq, lk, d, dv
+
+
+@torch.library.register_fake("fastinfer::attention")
+def _attention_fake(q, k, v, mask, scale, is_causal):
+    b, h, _, lq, _, _, dv = _check(q, k, v, mask, scale)
+    return q.new_empty((b, lq, h, dv))
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def run_attention(q, k, v, mask, scale: float, is_causal: bool, sizes) -> torch.Tensor:
+    """The marshalling of _C.attention on checked arguments: the [batch, q_len, heads, dv] output."""
+    b, h, hk, lq, lk, d, dv = sizes
+    out = new_output((b, lq, h, dv), q.dtype)
+    if out.numel() == 0:
+        return out
+    q, k, v = _unit_inner(q), _unit_inner(k), _unit_inner(v)
+    mptr, kind, ms = 0, 0, [0, 0, 0]
+    if mask is not None:
+        mask = mask.expand(b, h, lq, lk)
+        if lk > 1 and mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mptr, kind, ms = mask.data_ptr(), _MASK_KIND[mask.dtype], list(mask.stride()[:3])
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, out.stride(0), out.stride(1), out.stride(2)]
+    _C.attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), DTYPE_CODE[q.dtype], [b, h, hk, lq, lk, d, dv], strides,
+                 mptr, kind, scale, bool(is_causal), out.data_ptr())  # fmt: skip
+    return out
+
+
+@register(_NAME, "CPU")
+def _attention_cpu(q, k, v, mask, scale, is_causal):
+    sizes = _check(q, k, v, mask, scale)
+    return run_attention(q, k, v, mask, scale, is_causal, sizes)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+              is_causal: bool = False, scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """torch.nn.functional.scaled_dot_product_attention on fastinfer's CPU kernel (no dropout):
+    q [batch, heads, q_len, d], k [batch, kv_heads, keys, d], v [batch, kv_heads, keys, dv] ->
+    [batch, heads, q_len, dv] (a view of the op's [batch, q_len, heads, dv] output)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] > 0 else 1.0
+    if is_causal and attn_mask is not None:
+        raise ValueError("fastinfer.attention: pass either attn_mask or is_causal=True, not both (as torch's SDPA)")
+    return torch.ops.fastinfer.attention(q, k, v, attn_mask, float(scale), bool(is_causal)).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------- backward
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, is_causal = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.meta = (scale, is_causal)
+
+
+def _backward(ctx, grad):
+    q, k, v, mask = ctx.saved_tensors
+    scale, is_causal = ctx.meta
+    with torch.enable_grad():
+        qkv = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        hq, hk = q.shape[1], k.shape[1]
+        kk, vv = qkv[1], qkv[2]
+        if hk != hq:  # grouped-query: each key/value head serves hq / hk query heads
+            kk, vv = kk.repeat_interleave(hq // hk, 1), vv.repeat_interleave(hq // hk, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(qkv[0], kk, vv, attn_mask=mask, is_causal=is_causal,
+                                                               scale=scale).transpose(1, 2)  # fmt: skip
+        need = [t for t in qkv if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, need, grad)) if need else iter(())
+    gq, gk, gv = (next(grads) if t.requires_grad else None for t in qkv)
+    return gq, gk, gv, None, None, None
+
+
+torch.library.register_autograd("fastinfer::attention", _backward, setup_context=_setup_context)
