@@ -231,6 +231,21 @@ def _cmd_bench_conv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_attention(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinfer.bench import attention as bench_attention, ops as bench_ops
+
+    if args.rounds is not None and args.rounds < 1:
+        print("fastinfer bench: error: --rounds must be >= 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    meta = bench_ops.environment_meta(command=_command(args), dram=False, peaks=False)
+    rows = bench_attention.run(quick=args.quick, rounds=args.rounds, progress=not args.no_progress)
+    _emit(args, bench_attention.format_markdown(rows, meta))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -243,6 +258,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_models(args)
     if args.suite == "conv":
         return _cmd_bench_conv(args)
+    if args.suite == "attention":
+        return _cmd_bench_attention(args)
 
     try:
         if args.shapes:
@@ -337,11 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
         "times, TOPS, ratios and (for small M) weight bandwidth.",
     )
     p.add_argument(
-        "--suite", choices=("dense", "ops", "sparse", "models", "conv"), default="dense",
+        "--suite", choices=("dense", "ops", "sparse", "models", "conv", "attention"), default="dense",
         help="dense (= ops): Int8Linear vs PyTorch peers (default); sparse: sparse layers vs dense and "
         "torch CSR; models: whole models (MiniLM, BERT-base, GPT-2 generate; MobileNetV2, ResNet-50/18, "
         "EfficientNet-Lite0) vs bf16, torch.ao, ONNX Runtime and OpenVINO; conv: single conv layers "
-        "of those image models, Int8Conv2d vs fp32/bf16 channels_last nn.Conv2d",
+        "of those image models, Int8Conv2d vs fp32/bf16 channels_last nn.Conv2d; attention: the fused "
+        "attention kernel vs torch's SDPA on MiniLM / BERT / GPT-2 shapes",
     )  # fmt: skip
     p.add_argument("--models", help="--suite models: comma-separated cases or prefixes (minilm, bert-base, "
                    "gpt2-generate, mobilenet_v2, resnet50, efficientnet_lite0, resnet18, minilm-32x16, "

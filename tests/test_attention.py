@@ -106,7 +106,7 @@ def test_masked_rows_give_zeros_and_nan_gives_nan(isa):
 
 
 def test_causal_is_top_left_aligned_as_torch(isa):
-    for lq, lk in ((5, 9), (9, 5), (6, 6)):
+    for lq, lk in ((5, 9), (9, 5), (6, 6), (3, 7), (2, 2)):
         q, k, v = _qkv(1, 2, lq, lk, 16, packed=False, seed=lq)
         out = attention(q, k, v, is_causal=True)
         tril = torch.ones(lq, lk, dtype=torch.bool).tril()

@@ -47,14 +47,16 @@ def test_models_suite_smallest_case(capsys, monkeypatch):
     when the round was clean."""
     pytest.importorskip("transformers")
     monkeypatch.setattr(_bench_models, "_real_minilm", lambda: None)  # the config-built model: fast
+    kernel = _bench_models.hf_attention._kernel
     rc = cli.main(["bench", "--suite", "models", "--models", "minilm-32x16", "--rounds", "1", "--no-onnx",
                    "--no-progress", "--threads", "1"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
     assert "## MiniLM-L6-shaped 32x16" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    for peer in ("fp32", "bf16 model.bfloat16()", "fastinfer", "fastinfer bf16"):
+    for peer in ("fp32", "bf16 model.bfloat16()", "fastinfer", "fastinfer, torch SDPA", "fastinfer bf16"):
         assert peer in rows, (peer, text)
+    assert _bench_models.hf_attention._kernel is kernel  # the layer-share pass put the kernel back
     assert any(name.startswith("torch.ao dynamic") for name in rows), text
     cos_mean = float(rows["fastinfer"].split("|")[6])
     assert cos_mean > 0.99, rows["fastinfer"]

@@ -8,8 +8,10 @@ installed), then every peer of it in one process:
   fp32                 the model as given
   bf16                 model.bfloat16()
   torch.ao dynamic     quantize_dynamic(model, {nn.Linear}, qint8) on the named engine
-  fastinfer            fastinfer.quantize(model)             (fp32 in/out; GELU fused where it follows a layer)
+  fastinfer            fastinfer.quantize(model)             (fp32 in/out; GELU fused where it follows a layer;
+                       transformers' SDPA attention switched to fastinfer's fused kernel)
   fastinfer unfused    the same with QuantConfig(fuse_activations=False), where anything was fused
+  fastinfer, torch SDPA  the same with QuantConfig(attention=False), where the attention was switched
   fastinfer bf16       fastinfer.quantize(model.bfloat16())  (bf16 in/out)
   onnxruntime int8     exported to ONNX, quantize_dynamic(per_channel=True)   (if installed)
   openvino int8        ov.convert_model + nncf.quantize (static, calibrated)  (if installed)
@@ -44,8 +46,8 @@ every peer once a round in a rotating order; a peer's time is the median over cl
 ratio is the median over rounds of the two times of the same round; for image cases "vs best
 peer" compares with the fastest peer that is not fastinfer's. A round in which another
 process used the CPU is dropped (fastinfer.bench.guard); with too few clean rounds the case is
-not printed. For the fastinfer peers, a separate pass times our layers with forward hooks: the
-share of the forward spent in them.
+not printed. For the fastinfer peers, a separate pass times our layers with forward hooks (and our
+attention kernel's calls): the share of the forward spent in them.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ import fastinfer
 from fastinfer.bench import cnn
 from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
+from fastinfer.convert import attention as hf_attention
+from fastinfer.convert.attention import HF_NAME
 
 # (rounds, minimum clean rounds)
 DEFAULT_TIMING = (7, 4)
@@ -538,6 +542,9 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
         plain = fastinfer.quantize(m, fastinfer.QuantConfig(fuse_activations=False))
         peers.append(_torch_peer("fastinfer, GELU not fused", plain, case, ours=plain,
                                  note=f"QuantConfig(fuse_activations=False); fused: {len(fused)} layers"))  # fmt: skip
+    if getattr(getattr(ours, "config", None), "_attn_implementation", None) == HF_NAME:
+        sdpa = fastinfer.quantize(m, fastinfer.QuantConfig(attention=False))  # what the fused attention buys
+        peers.append(_torch_peer("fastinfer, torch SDPA", sdpa, case, ours=sdpa, note="QuantConfig(attention=False)"))
     ours_bf = fastinfer.quantize(copy.deepcopy(m).bfloat16())
     peers.append(_torch_peer("fastinfer bf16", ours_bf, case, ours=ours_bf, note="quantize(model.bfloat16())"))
     if onnx:
@@ -574,12 +581,23 @@ _OUR_LAYERS = ("Int8Linear", "SparseInt8Linear", "SparseLinear", "Int8Conv2d")
 
 
 def layer_share(peer: Peer, repeats: int = 3) -> float | None:
-    """Share of one forward spent inside fastinfer layers (forward hooks with perf_counter)."""
+    """Share of one forward spent inside fastinfer layers (forward hooks with perf_counter) and in
+    the fused attention kernel (its calls timed the same way)."""
     if peer.ours is None:
         return None
     spent = [0.0]
     starts: dict[int, float] = {}
     handles = []
+    kernel = hf_attention._kernel
+
+    def timed_kernel(*args):
+        t0 = time.perf_counter()
+        try:
+            return kernel(*args)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    hf_attention._kernel = timed_kernel
     for mod in peer.ours.modules():
         if type(mod).__name__ in _OUR_LAYERS:
             handles.append(mod.register_forward_pre_hook(lambda m, a: starts.__setitem__(id(m), time.perf_counter())))
@@ -593,6 +611,7 @@ def layer_share(peer: Peer, repeats: int = 3) -> float | None:
             peer.run()
             shares.append(spent[0] / (time.perf_counter() - t0))
     finally:
+        hf_attention._kernel = kernel
         for h in handles:
             h.remove()
     return statistics.median(shares)
@@ -700,7 +719,7 @@ def format_markdown(results: list[dict], meta: dict | None = None) -> str:
         "in which another process used > 10% of the CPU are dropped. Fidelity vs fp32: encoders cosine "
         "of the mask-mean-pooled embedding (mean / worst over the batch); generate: share of tokens "
         "equal to fp32's and worst cosine of the prompt's last-position logits. ours% = share of the "
-        "forward inside fastinfer layers (hook-timed pass)."
+        "forward inside fastinfer layers and attention kernel calls (hook-timed pass)."
     )
     if any(r["kind"] == "image" for r in results):
         out.append(

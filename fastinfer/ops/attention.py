@@ -104,7 +104,9 @@ def run_attention(q, k, v, mask, scale: float, is_causal: bool, sizes) -> torch.
 
 
 @register(_NAME, "CPU")
-def _attention_cpu(q, k, v, mask, scale, is_causal):
+def attention_cpu(q, k, v, mask, scale: float, is_causal: bool) -> torch.Tensor:
+    """The op's CPU kernel: checks, then run_attention. Called directly (without the dispatcher,
+    ~12 us a call) by eager callers that record no autograd (fastinfer.convert.attention)."""
     sizes = _check(q, k, v, mask, scale)
     return run_attention(q, k, v, mask, scale, is_causal, sizes)
 

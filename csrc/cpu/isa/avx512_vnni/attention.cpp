@@ -15,6 +15,8 @@ namespace {
 // The rows of q, k and v sit far apart (heads interleaved in [batch][tokens][heads * d] activations)
 // and the hardware prefetcher does not follow them: rows are fetched this many ahead.
 constexpr int64_t kAhead = 6;
+// Tasks with fewer query rows read k and v in place (attention_direct) instead of packing them.
+constexpr int64_t kDirectRows = 4;
 
 inline void prefetch_row(const void* base, DType dt, int64_t off, int64_t n) {
     const size_t elt = dt == DType::kF32 ? 4 : 2;
@@ -38,6 +40,60 @@ inline void upto4(int64_t n, F&& f) {
         case 2: f(std::integral_constant<int, 2>{}); break;
         case 3: f(std::integral_constant<int, 3>{}); break;
         default: f(std::integral_constant<int, 4>{}); break;
+    }
+}
+
+// Transposes the 16x16 fp32 block held as rows r[0..15] in place (out row c = input column c).
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    __m512 u[4][4];  // u[g][c]: 128-bit lane k holds rows 4g..4g+3 of column 4k + c
+    for (int g = 0; g < 4; ++g) {
+        u[g][0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[g][1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[g][2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[g][3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; ++c) {  // gather lane k of every group into output row 4k + c
+        const __m512 a = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0x88), b = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0x88);
+        const __m512 e = _mm512_shuffle_f32x4(u[0][c], u[1][c], 0xdd), f = _mm512_shuffle_f32x4(u[2][c], u[3][c], 0xdd);
+        r[c] = _mm512_shuffle_f32x4(a, b, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(a, b, 0xdd);
+        r[4 + c] = _mm512_shuffle_f32x4(e, f, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(e, f, 0xdd);
+    }
+}
+
+// kt[c][j] = k row j, column c, for keys [0, round_up(lk, 16)) (zero past lk) and c < d, in 16x16
+// blocks; rows of k start at element kb, j * k_sl apart.
+inline void pack_keys_transposed(const AttentionArgs& a, int64_t kb, int64_t lk, float* kt, int64_t lkp) {
+    __m512 r[16];
+    for (int64_t j0 = 0; j0 < lk; j0 += 16) {
+        for (int64_t j = j0 + 16; j < std::min(lk, j0 + 32); ++j) prefetch_row(a.k, a.dt, kb + j * a.k_sl, a.d);
+        for (int64_t c0 = 0; c0 < a.d; c0 += 16) {
+            const __mmask16 mk = lanes(a.d - c0);
+            for (int i = 0; i < 16; ++i)
+                r[i] = j0 + i < lk ? load_x16(a.k, a.dt, kb + (j0 + i) * a.k_sl + c0, mk) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int64_t c = 0; c < std::min<int64_t>(16, a.d - c0); ++c) _mm512_store_ps(kt + (c0 + c) * lkp + j0, r[c]);
+        }
+    }
+}
+
+// Stores out[row][c0, c0 + 16 NV) = acc * inv (columns < dv only; row starts at element o).
+template <int NV>
+inline void store_out(const __m512* acc, float inv, const AttentionArgs& a, int64_t o, int64_t c0) {
+    const __m512 s = _mm512_set1_ps(inv);
+    for (int v = 0; v < NV; ++v) {
+        const __mmask16 mk = lanes(a.dv - c0 - 16 * v);
+        const __m512 y = _mm512_mul_ps(acc[v], s);
+        if (a.dt == DType::kF32)
+            _mm512_mask_storeu_ps(static_cast<float*>(a.out) + o + c0 + 16 * v, mk, y);
+        else
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + o + c0 + 16 * v, mk, to_bf16(y));
     }
 }
 
@@ -76,18 +132,7 @@ inline void value_tile(const float* p, int64_t lkp, const float* vp, int64_t dvp
             for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(pb, vv[v], acc[r][v]);
         }
     }
-    for (int r = 0; r < R; ++r) {
-        const __m512 s = _mm512_set1_ps(inv[r]);
-        const int64_t o = obase + (i0 + r) * a.o_sl + c0;
-        for (int v = 0; v < NV; ++v) {
-            const __mmask16 mk = lanes(a.dv - c0 - 16 * v);
-            const __m512 y = _mm512_mul_ps(acc[r][v], s);
-            if (a.dt == DType::kF32)
-                _mm512_mask_storeu_ps(static_cast<float*>(a.out) + o + 16 * v, mk, y);
-            else
-                _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + o + 16 * v, mk, to_bf16(y));
-        }
-    }
+    for (int r = 0; r < R; ++r) store_out<NV>(acc[r], inv[r], a, obase + (i0 + r) * a.o_sl, c0);
 }
 
 // Scores [0, n) of one row -> probabilities times the sum (returned as 1 / sum in *inv), zeros in
@@ -132,26 +177,68 @@ inline void softmax_row(float* s, int64_t n, int64_t jn, const AttentionArgs& a,
     *inv = 1.f / _mm512_reduce_add_ps(sum);
 }
 
+// Few query rows (decoding: one new token over a cache): packing K^T and V would cost more than
+// the rows use them, so each score is a dot product of the query with a key row as it lies, and
+// the values are read in place.
+void attention_direct(const AttentionArgs& a, int64_t b, int64_t h, int64_t hk, int64_t q0, int64_t q1,
+                      float* scratch) {
+    const AttentionLayout l = attention_layout(a);
+    float *qs = scratch + l.q, *s = scratch + l.s;
+    const int64_t kb = b * a.k_sb + hk * a.k_sh, vb = b * a.v_sb + hk * a.v_sh;
+    for (int64_t i = q0; i < q1; ++i) {
+        widen_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + i * a.q_sl, a.d, qs, l.dp);
+        const int64_t n = a.causal ? std::min(a.lk, i + 1) : a.lk;
+        int64_t j = 0;
+        auto key = [&](int64_t jj, int64_t c0) { return load_x16(a.k, a.dt, kb + jj * a.k_sl + c0, lanes(a.d - c0)); };
+        for (; j + 4 <= n; j += 4) {
+            for (int64_t t = j + 4; t < std::min(n, j + 4 + kAhead); ++t) prefetch_row(a.k, a.dt, kb + t * a.k_sl, a.d);
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t c0 = 0; c0 < a.d; c0 += 16) {
+                const __m512 qv = _mm512_load_ps(qs + c0);
+                for (int t = 0; t < 4; ++t) acc[t] = _mm512_fmadd_ps(qv, key(j + t, c0), acc[t]);
+            }
+            for (int t = 0; t < 4; ++t) s[j + t] = _mm512_reduce_add_ps(acc[t]);
+        }
+        for (; j < n; ++j) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c0 = 0; c0 < a.d; c0 += 16) acc = _mm512_fmadd_ps(_mm512_load_ps(qs + c0), key(j, c0), acc);
+            s[j] = _mm512_reduce_add_ps(acc);
+        }
+        float inv;
+        softmax_row(s, n, n, a, b * a.m_sb + h * a.m_sh + i * a.m_sl, &inv);
+        const int64_t o = b * a.o_sb + h * a.o_sh + i * a.o_sl;
+        for (int64_t c0 = 0; c0 < a.dv; c0 += 64) {
+            upto4((std::min<int64_t>(64, a.dv - c0) + 15) / 16, [&](auto NV) {
+                __m512 acc[NV];
+                for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+                for (int64_t jj = 0; jj < n; ++jj) {
+                    const __m512 p = _mm512_set1_ps(s[jj]);
+                    for (int v = 0; v < NV; ++v)
+                        acc[v] = _mm512_fmadd_ps(p, load_x16(a.v, a.dt, vb + jj * a.v_sl + c0 + 16 * v,
+                                                             lanes(a.dv - c0 - 16 * v)), acc[v]);  // fmt: skip
+                }
+                store_out<NV>(acc, inv, a, o, c0);
+            });
+        }
+    }
+}
+
 }  // namespace
 
 void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch) {
     const int64_t b = bh / a.heads, h = bh % a.heads, hk = h / (a.heads / a.kv_heads);
+    if (q1 - q0 < kDirectRows) return attention_direct(a, b, h, hk, q0, q1, scratch);
     const AttentionLayout l = attention_layout(a);
     float *kt = scratch + l.kt, *vp = scratch + l.v, *qs = scratch + l.q, *s = scratch + l.s;
     // keys this task reads: causal rows stop at their own index
     const int64_t lk = a.causal ? std::min(a.lk, q1) : a.lk, lkp = l.lkp;
     // K^T [d][lkp] (zero past lk) and V [lk][dvp] of the head, in fp32
-    alignas(64) float row[16];
     const int64_t kb = b * a.k_sb + hk * a.k_sh, vb = b * a.v_sb + hk * a.v_sh;
-    for (int64_t j = 0; j < round_up(lk, 16); ++j) {
-        if (j + kAhead < lk) prefetch_row(a.k, a.dt, kb + (j + kAhead) * a.k_sl, a.d);
-        if (j < kAhead && j < lk) prefetch_row(a.v, a.dt, vb + j * a.v_sl, a.dv);
-        for (int64_t c0 = 0; c0 < a.d; c0 += 16) {
-            const int64_t n = std::min<int64_t>(16, a.d - c0);
-            _mm512_store_ps(row, j < lk ? load_x16(a.k, a.dt, kb + j * a.k_sl + c0, lanes(n)) : _mm512_setzero_ps());
-            for (int64_t c = 0; c < n; ++c) kt[(c0 + c) * lkp + j] = row[c];
-        }
+    for (int64_t j = 0; j < std::min(lk, kAhead); ++j) {
+        prefetch_row(a.k, a.dt, kb + j * a.k_sl, a.d);
+        prefetch_row(a.v, a.dt, vb + j * a.v_sl, a.dv);
     }
+    pack_keys_transposed(a, kb, lk, kt, lkp);
     for (int64_t j = 0; j < lk; ++j) {
         if (j + kAhead < lk) prefetch_row(a.v, a.dt, vb + (j + kAhead) * a.v_sl, a.dv);
         widen_row(a.v, a.dt, vb + j * a.v_sl, a.dv, vp + j * l.dvp, l.dvp);
