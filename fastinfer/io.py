@@ -39,6 +39,7 @@ from fastinfer.nn import (
     Int8Conv1d,
     Int8Conv2d,
     Int8Linear,
+    Int8MultiheadAttention,
     SparseInt8Linear,
     SparseLinear,
     linear_weight_and_bias,
@@ -103,6 +104,16 @@ def _fits_conv1d(mod: nn.Module, cfg: dict) -> bool:
     return _fits_conv2d(mod, cfg, depthwise=False)
 
 
+def _mha_config(m: Int8MultiheadAttention) -> dict:
+    return {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "bias": m.in_proj.bias is not None,
+            "batch_first": m.batch_first, "dropout": m.dropout, "fused_attention": m.fused_attention}  # fmt: skip
+
+
+def _fits_mha(mod: nn.Module, cfg: dict) -> bool:
+    return (isinstance(mod, (nn.MultiheadAttention, Int8MultiheadAttention))
+            and (mod.embed_dim, mod.num_heads, mod.batch_first) == (cfg["embed_dim"], cfg["num_heads"], cfg["batch_first"]))  # fmt: skip
+
+
 def _build_conv2d(cfg: dict) -> Int8Conv2d:
     return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
                       tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["groups"], bias=cfg["bias"],
@@ -148,6 +159,10 @@ _KINDS: dict[str, _Kind] = {
         Int8Conv1d, lambda m: _conv_config(m.conv2d), lambda c: Int8Conv1d(_build_conv2d(c)), _fits_conv1d, True,
         {"in_channels": _INT, "out_channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD,
          "dilation": _PAIR, "groups": _INT, "bias": _BOOL, "activation": _ACT}),
+    "Int8MultiheadAttention": _Kind(
+        Int8MultiheadAttention, _mha_config, lambda c: Int8MultiheadAttention(**c), _fits_mha, True,
+        {"embed_dim": _INT, "num_heads": _INT, "bias": _BOOL, "batch_first": _BOOL, "dropout": (float,),
+         "fused_attention": _BOOL}),
     "Fused": _Kind(
         Fused, lambda m: {"was": m.was, "into": m.into}, lambda c: Fused(c["was"], c["into"]),
         lambda m, c: isinstance(m, nn.Identity) or type(m).__name__ == c["was"], False,

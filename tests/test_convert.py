@@ -276,10 +276,14 @@ def test_progress_bar(capsys):
 
 
 def test_multihead_attention_out_proj_left_alone():
-    """nn.MultiheadAttention reads out_proj.weight directly (NonDynamicallyQuantizableLinear)."""
+    """nn.MultiheadAttention reads out_proj.weight directly (NonDynamicallyQuantizableLinear): the
+    module is converted whole (Int8MultiheadAttention, tests/test_mha.py) or not at all, never its
+    out_proj alone."""
     mha = nn.MultiheadAttention(32, 4).eval()
-    q = fastinfer.quantize(mha)
-    assert not _int8_names(q)
+    q = fastinfer.quantize(mha, fastinfer.QuantConfig(filter_fn=lambda m, name: not isinstance(m, nn.MultiheadAttention)))
+    assert type(q) is nn.MultiheadAttention and not _int8_names(q)
+    rows = {r.name: r for r in fastinfer.conversion_report(q)}
+    assert rows[""].detail == "filter_fn returned False" and rows["out_proj"].result == "float"
     x = torch.randn(5, 2, 32)
     with torch.no_grad():
         assert torch.equal(q(x, x, x)[0], mha(x, x, x)[0])

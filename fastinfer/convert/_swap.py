@@ -34,11 +34,20 @@ def _keep_module_path(module, args):
 
 def route_fused_layers_through_modules(model: nn.Module) -> None:
     """nn.TransformerEncoderLayer has a fused inference fast path (batch_first, eval, no grad) that
-    reads linear1.weight / linear2.weight and never calls those modules. With int8 layers there it
-    would fail (our layers have no float .weight). torch skips that path when a submodule has a
-    forward hook, so give the swapped layers a no-op pre-hook: the layer then calls our modules."""
+    reads linear1.weight / linear2.weight / self_attn.in_proj_weight and never calls those modules.
+    With fastinfer layers there it would fail (they hold no float weights). torch skips that path
+    when a submodule has a forward hook, so give the swapped layers a no-op pre-hook: the layer then
+    calls our modules. nn.TransformerEncoder's nested-tensor path (eval, with a key padding mask)
+    reads the first layer's float weights too and has no such switch: it is turned off on encoders
+    whose layers hold fastinfer layers (use_nested_tensor = False, what enable_nested_tensor=False
+    gives)."""
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoderLayer):
-            for lin in (mod.linear1, mod.linear2):
-                if type(lin) is not nn.Linear and _keep_module_path not in lin._forward_pre_hooks.values():
-                    lin.register_forward_pre_hook(_keep_module_path)
+            for sub in (mod.linear1, mod.linear2, mod.self_attn):
+                if type(sub) not in (nn.Linear, nn.MultiheadAttention) and _keep_module_path not in sub._forward_pre_hooks.values():
+                    sub.register_forward_pre_hook(_keep_module_path)
+        if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False) and len(mod.layers):
+            first = mod.layers[0]
+            subs = [getattr(first, n, None) for n in ("linear1", "linear2", "self_attn")]
+            if any(s is not None and type(s) not in (nn.Linear, nn.MultiheadAttention) for s in subs):
+                mod.use_nested_tensor = False

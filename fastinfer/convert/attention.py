@@ -36,8 +36,18 @@ def _sdpa():
 
 
 def _fused_applies(query, key, value, attention_mask, dropout, kwargs) -> bool:
-    if query.device.type != "cpu" or query.dim() != 4 or not (query.dtype == key.dtype == value.dtype):
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or not (query.dtype == key.dtype == value.dtype):
         return False
+    if any(t is not None and t.device.type != "cpu" for t in (query, key, value, attention_mask)):
+        return False
+    if query.shape[0] != key.shape[0]:  # SDPA broadcasts a batch of one (learned queries); the kernel does not
+        return False
+    if attention_mask is not None:
+        b, h, lq, lk = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+        if attention_mask.dim() > 4 or any(
+            n not in (1, full) for n, full in zip(attention_mask.shape[::-1], (lk, lq, h, b))
+        ):
+            return False
     if query.dtype not in (torch.float32, torch.bfloat16):
         return False
     if dropout and dropout > 0.0:

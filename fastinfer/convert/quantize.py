@@ -14,7 +14,17 @@ from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.fuse import ConvFusion, conv_fusions
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
-from fastinfer.nn import DepthwiseConv2d, Fused, Int8Conv1d, Int8Conv2d, Int8Linear, SparseLinear, quantize_weight_per_channel
+from fastinfer.nn import (
+    DepthwiseConv2d,
+    Fused,
+    Int8Conv1d,
+    Int8Conv2d,
+    Int8Linear,
+    Int8MultiheadAttention,
+    SparseLinear,
+    quantize_weight_per_channel,
+)
+from fastinfer.nn.attention import mha_float_reason
 from fastinfer.ops.conv import is_depthwise
 
 __all__ = ["quantize"]
@@ -49,6 +59,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
 
     With config.attention (the default), a transformers model that runs torch's SDPA is switched to
     fastinfer's fused attention kernel (see QuantConfig.attention; the report says what was done).
+    nn.MultiheadAttention modules (also inside nn.TransformerEncoderLayer / DecoderLayer) become
+    Int8MultiheadAttention: the fused in_proj_weight one Int8Linear, out_proj another, the
+    attention on the fused kernel (torch's SDPA with attention=False); torch's fused encoder fast
+    path is turned off for them (it reads float weights).
 
     The original model is not modified unless inplace=True. The result is a plain nn.Module: same
     inputs, same outputs (within int8 rounding), usable with torch.compile.
@@ -61,6 +75,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         raise TypeError(f"config must be a fastinfer.QuantConfig, got {type(config).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    model, mha_rows = _convert_mha(model, config)
     targets, left = scan(model, (SparseLinear,), convs=True, skip=config.skip, filter_fn=config.filter_fn,
                          min_features=config.min_features)  # fmt: skip
     convs = {id(t.module): t.module for t in targets if isinstance(t.module, nn.Conv2d)}
@@ -94,7 +109,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     attention = enable_fast_attention(model) if config.attention else "kept: QuantConfig(attention=False)"
     report = ConversionReport("fastinfer.quantize", attention=attention if is_hf_model(model) else None)
     position = {fqn: i for i, (fqn, _) in enumerate(model.named_modules(remove_duplicate=False))}
-    order = sorted([*targets, *left], key=lambda item: position[item.name])  # model order
+    order = sorted([*targets, *left, *mha_rows], key=lambda item: position[item.name])  # model order
     result = swap(model, targets, convert, config.progress, "fastinfer.quantize")
     name_of = {id(t.module): t.name for t in targets}
     slots = [(slot, name_of[k]) for k, slot in fused.items()]
@@ -105,13 +120,47 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         identity.train(was.training)
         setattr(parent, name, identity)
     for item in order:
-        if id(item.module) in rows:
+        if isinstance(item, LayerConversion):
+            report.append(item)
+        elif id(item.module) in rows:
             kind, now, detail = rows[id(item.module)]
             report.append(LayerConversion(item.name, kind, now, detail))
         else:
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
     attach(result, report)
     return result
+
+
+def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list[LayerConversion]]:
+    """Replaces each nn.MultiheadAttention that can be (mha_float_reason) and is not skipped by an
+    Int8MultiheadAttention, under every name it has; returns the model (itself replaced when it is
+    one) and a report row per module. Skip patterns match the module's names or its out_proj's."""
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, nn.MultiheadAttention):
+            found.setdefault(id(mod), (mod, []))[1].append(fqn)
+    rows = []
+    for mod, names in found.values():
+        why = mha_float_reason(mod)
+        if why is None and any(config.skips(n) or config.skips(f"{n}.out_proj" if n else "out_proj") for n in names):
+            why = "skipped by QuantConfig.skip"
+        elif why is None and mod.embed_dim < config.min_features:
+            why = f"smaller than QuantConfig.min_features={config.min_features}"
+        elif why is None and config.filter_fn is not None and not all(config.filter_fn(mod, n) for n in names):
+            why = "filter_fn returned False"
+        if why:
+            rows.append(LayerConversion(names[0], type(mod).__name__, "float", why))
+            continue
+        new = Int8MultiheadAttention.from_mha(mod, fused_attention=config.attention)
+        for fqn in names:
+            if fqn == "":
+                model = new
+            else:
+                parent, _, child = fqn.rpartition(".")
+                setattr(model.get_submodule(parent), child, new)
+        detail = "in_proj and out_proj int8; attention: " + ("fastinfer kernel" if config.attention else "torch SDPA")
+        rows.append(LayerConversion(names[0], type(mod).__name__, "Int8MultiheadAttention", detail))
+    return model, rows
 
 
 def is_erf_gelu(mod: object) -> bool:

@@ -29,6 +29,7 @@ torch.library.define(
 )
 
 _MASK_KIND = {torch.bool: 1, torch.float32: 2, torch.bfloat16: 3}
+_F32_MAX = torch.finfo(torch.float32).max
 _NAME = "attention"
 
 
@@ -47,6 +48,9 @@ def _check(q, k, v, mask, scale) -> tuple[int, int, int, int, int, int, int]:
         if t.dtype not in DTYPE_CODE:
             raise TypeError(f"fastinfer.{_NAME}: {arg} must be float32 or bfloat16, got {t.dtype}")
     check_device(_NAME, q=q, k=k, v=v, mask=mask)
+    if not (q.device == k.device == v.device) or (mask is not None and mask.device != q.device):
+        where = ", ".join(str(t.device) for t in (q, k, v, mask) if t is not None)
+        raise ValueError(f"fastinfer.{_NAME}: q, k, v and the mask must be on one device, got {where}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"fastinfer.{_NAME}: q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, lq, d = q.shape
@@ -62,15 +66,17 @@ def _check(q, k, v, mask, scale) -> tuple[int, int, int, int, int, int, int]:
         check_tensor(_NAME, "mask", mask)
         if mask.dtype not in _MASK_KIND:
             raise TypeError(f"fastinfer.{_NAME}: mask must be bool, float32 or bfloat16, got {mask.dtype}")
-        try:
-            torch.broadcast_shapes(mask.shape, (b, h, lq, lk))
+        try:  # broadcast_shapes is symmetric: the result must be the output's shape, not larger
+            fits = tuple(torch.broadcast_shapes(mask.shape, (b, h, lq, lk))) == (b, h, lq, lk)
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"fastinfer.{_NAME}: mask of shape {tuple(mask.shape)} does not broadcast to "
-                             f"[batch, heads, q_len, keys] = {(b, h, lq, lk)}") from None  # fmt: skip
+                             f"[batch, heads, q_len, keys] = {(b, h, lq, lk)}")  # fmt: skip
         if mask.dim() > 4:
             raise ValueError(f"fastinfer.{_NAME}: mask must have at most 4 dimensions, got {mask.dim()}")
-    if not isinstance(scale, float) or not math.isfinite(scale):
-        raise ValueError(f"fastinfer.{_NAME}: scale must be a finite float, got {scale!r}")
+    if not isinstance(scale, float) or not math.isfinite(scale) or abs(scale) > _F32_MAX:
+        raise ValueError(f"fastinfer.{_NAME}: scale must be a finite float (in float32's range), got {scale!r}")
     return b, h, hk, lq, lk, d, dv
 
 
@@ -92,7 +98,7 @@ def run_attention(q, k, v, mask, scale: float, is_causal: bool, sizes) -> torch.
         return out
     q, k, v = _unit_inner(q), _unit_inner(k), _unit_inner(v)
     mptr, kind, ms = 0, 0, [0, 0, 0]
-    if mask is not None:
+    if mask is not None and lk > 0:  # with no keys there is nothing to mask (and no mask data)
         mask = mask.expand(b, h, lq, lk)
         if lk > 1 and mask.stride(-1) != 1:
             mask = mask.contiguous()
@@ -133,20 +139,35 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    """Gradients of the same function through torch's SDPA, on inputs it takes in every case: the
+    mask (and is_causal) as one additive float mask [.., lq, lk] in q's dtype, grouped-query heads
+    repeated. The mask's own gradient too, where it is a float tensor that asks for one."""
     q, k, v, mask = ctx.saved_tensors
     scale, is_causal = ctx.meta
+    lq, lk = q.shape[2], k.shape[2]
     with torch.enable_grad():
-        qkv = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        m = None
+        if mask is not None:
+            m = mask.detach().requires_grad_(mask.requires_grad and mask.is_floating_point())
+            leaves.append(m)
+        qq, kk, vv = leaves[:3]
         hq, hk = q.shape[1], k.shape[1]
-        kk, vv = qkv[1], qkv[2]
         if hk != hq:  # grouped-query: each key/value head serves hq / hk query heads
             kk, vv = kk.repeat_interleave(hq // hk, 1), vv.repeat_interleave(hq // hk, 1)
-        out = torch.nn.functional.scaled_dot_product_attention(qkv[0], kk, vv, attn_mask=mask, is_causal=is_causal,
-                                                               scale=scale).transpose(1, 2)  # fmt: skip
-        need = [t for t in qkv if t.requires_grad]
+        add = None
+        if m is not None:
+            add = m.to(q.dtype) if m.is_floating_point() else torch.zeros(m.shape, dtype=q.dtype).masked_fill(~m, -math.inf)
+        if is_causal:
+            causal = torch.zeros(lq, lk, dtype=q.dtype).masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1), -math.inf)
+            add = causal if add is None else add + causal
+        if add is not None:
+            add = add.expand(q.shape[0], hq, lq, lk)
+        out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, attn_mask=add, scale=scale).transpose(1, 2)
+        need = [t for t in leaves if t.requires_grad]
         grads = iter(torch.autograd.grad(out, need, grad)) if need else iter(())
-    gq, gk, gv = (next(grads) if t.requires_grad else None for t in qkv)
-    return gq, gk, gv, None, None, None
+    gq, gk, gv, *gm = (next(grads) if t.requires_grad else None for t in leaves)
+    return gq, gk, gv, (gm[0] if gm else None), None, None
 
 
 torch.library.register_autograd("fastinfer::attention", _backward, setup_context=_setup_context)

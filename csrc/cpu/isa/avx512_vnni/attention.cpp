@@ -15,7 +15,7 @@ namespace {
 // The rows of q, k and v sit far apart (heads interleaved in [batch][tokens][heads * d] activations)
 // and the hardware prefetcher does not follow them: rows are fetched this many ahead.
 constexpr int64_t kAhead = 6;
-// Tasks with fewer query rows read k and v in place (attention_direct) instead of packing them.
+// Problems with fewer query rows read k and v in place (attention_direct) instead of packing them.
 constexpr int64_t kDirectRows = 4;
 
 inline void prefetch_row(const void* base, DType dt, int64_t off, int64_t n) {
@@ -147,7 +147,8 @@ inline void softmax_row(float* s, int64_t n, int64_t jn, const AttentionArgs& a,
         switch (a.mask_kind) {
             case kMaskBool: {
                 const __m128i m8 = _mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(a.mask) + mrow + j);
-                x = _mm512_mask_mov_ps(x, _mm_cmpeq_epi8_mask(m8, _mm_setzero_si128()), ninf);
+                // -inf added, not stored: a NaN or +inf score under the mask still makes the row NaN (torch)
+                x = _mm512_mask_add_ps(x, _mm_cmpeq_epi8_mask(m8, _mm_setzero_si128()), x, ninf);
                 break;
             }
             case kMaskF32: x = _mm512_add_ps(x, load_x16(a.mask, DType::kF32, mrow + j, mk)); break;
@@ -227,7 +228,9 @@ void attention_direct(const AttentionArgs& a, int64_t b, int64_t h, int64_t hk, 
 
 void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch) {
     const int64_t b = bh / a.heads, h = bh % a.heads, hk = h / (a.heads / a.kv_heads);
-    if (q1 - q0 < kDirectRows) return attention_direct(a, b, h, hk, q0, q1, scratch);
+    // by the whole problem, not the task: the two paths sum in another order, and which rows a task
+    // gets depends on the thread count
+    if (a.lq < kDirectRows) return attention_direct(a, b, h, hk, q0, q1, scratch);
     const AttentionLayout l = attention_layout(a);
     float *kt = scratch + l.kt, *vp = scratch + l.v, *qs = scratch + l.q, *s = scratch + l.s;
     // keys this task reads: causal rows stop at their own index

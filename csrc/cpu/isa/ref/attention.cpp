@@ -44,6 +44,7 @@ void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float
             mx = simd_max(mx, s[j]);
         }
         float* o = scratch + a.lk;  // [dv]
+        if (mx == __builtin_inff()) nan = true;  // inf - inf: torch's softmax gives NaN too
         for (int64_t c = 0; c < a.dv; ++c) o[c] = nan ? __builtin_nanf("") : 0.f;
         if (!nan && mx != -__builtin_inff()) {  // else every key masked (or none): zeros, as torch's SDPA
             float sum = 0.f;
