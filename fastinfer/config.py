@@ -51,11 +51,15 @@ class QuantConfig:
     min_features: layers whose in_features or out_features is smaller stay float (tiny layers gain
         nothing from int8).
     progress: show a progress bar over the layers (default: only for 50 layers or more).
-    fuse_activations: fuse an erf GELU that directly follows a converted layer into that layer's
-        kernel (Int8Linear(activation="gelu")), replacing the GELU module by nn.Identity: the
-        `intermediate_act_fn` after a `dense` child (BERT-style MLPs) and a GELU right after the
-        linear layer in an nn.Sequential. The fused GELU's erf is an fp32 approximation within
-        4e-7 (3.7e-7 measured) of the exact one. False keeps every activation module as it is.
+    fuse_activations: fuse an activation that directly follows a converted linear layer into that
+        layer's kernel (Int8Linear(activation=...)), replacing the activation module by
+        fastinfer.nn.Fused: erf GELU ("gelu"), GELU's tanh form ("gelu_tanh": torch's
+        approximate="tanh", transformers' gelu_new / gelu_fast / gelu_pytorch_tanh), SiLU, ReLU,
+        ReLU6, Hardswish; where an nn.Sequential, a BERT-style block (`dense` +
+        `intermediate_act_fn`), GPT-2's MLP or a LLaMA-style gated MLP (gate_proj + act_fn) shows
+        the activation only post-processes the layer (fastinfer/convert/patterns.py). The fused
+        activations are fp32 approximations (erf within 4e-7 of the exact one; the exp of SiLU and
+        of the tanh GELU within a few ulp). False keeps every activation module as it is.
         Convs fuse ReLU / ReLU6 / SiLU / Hardswish the same way (a BatchNorm2d between them is
         folded into the conv whatever this says).
     depthwise: what depthwise convs (groups = in = out channels) become: "float" (the default)

@@ -630,10 +630,12 @@ def test_sparsify_converts_only_what_pays_and_keeps_the_original(avx512):
     torch.testing.assert_close(s(x), m(x), rtol=1e-5, atol=1e-5)
     q = sparsify(fastinfer.quantize(m))
     if _C.sparse_vbmi_active():  # unstructured int8 has a faster-than-dense kernel only with VBMI
-        assert [type(x).__name__ for x in q] == ["SparseInt8Linear", "ReLU", "SparseInt8Linear", "ReLU", "Int8Linear"]
+        # (quantize fused each ReLU into the layer before it: nn.Sequential order)
+        assert [type(x).__name__ for x in q] == ["SparseInt8Linear", "Fused", "SparseInt8Linear", "Fused", "Int8Linear"]
         assert q[0].format == "ell"
     else:
-        assert [type(x).__name__ for x in q][1:] == ["ReLU", "SparseInt8Linear", "ReLU", "Int8Linear"]
+        assert [type(x).__name__ for x in q][1:] == ["Fused", "SparseInt8Linear", "Fused", "Int8Linear"]
+    assert q[0].activation == "relu" and q[2].activation == "relu"
     assert q[2].format == "block"
     s2 = sparsify(m, skip=("2",))
     assert type(s2[2]) is nn.Linear

@@ -45,7 +45,8 @@ Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
 // Where the GEMM result goes. kind kI32: out[m,n] = acc (exact, wrapping mod 2^32).
 // kind kF32/kBF16: out[m,n] = act(acc * sa[m] * sw[n] + bias[n]) (bias may be null), computed in fp32.
 // Activation codes (the entry points reject any other): kActNone, kActGelu (erf GELU, gelu_f32),
-// kActRelu, kActRelu6, kActSilu (x * sigmoid(x), exp_f32), kActHardswish (x * relu6(x + 3) / 6).
+// kActRelu, kActRelu6, kActSilu (x * sigmoid(x), exp_f32), kActHardswish (x * relu6(x + 3) / 6),
+// kActGeluTanh (GELU's tanh approximation, GPT-2's "gelu_new": gelu_tanh_f32).
 // NaN stays NaN through every one of them.
 constexpr int kActNone = 0;
 constexpr int kActGelu = 1;
@@ -53,7 +54,8 @@ constexpr int kActRelu = 2;
 constexpr int kActRelu6 = 3;
 constexpr int kActSilu = 4;
 constexpr int kActHardswish = 5;
-constexpr bool valid_act(int act) { return act >= kActNone && act <= kActHardswish; }
+constexpr int kActGeluTanh = 6;
+constexpr bool valid_act(int act) { return act >= kActNone && act <= kActGeluTanh; }
 struct Epilogue {
     DType kind;
     void* out;
@@ -178,6 +180,16 @@ inline float exp_f32(float x) {
     return y * two_n;
 }
 
+// GELU's tanh form 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))) as y * sigmoid(2u), u the tanh's
+// argument: y / (1 + exp(y * (k0 + k1 y^2))) with k0 = -2 sqrt(2/pi), k1 = 0.044715 k0 (exp_f32; the
+// SIMD paths do the same operations in this order).
+constexpr float kGeluTanhK0 = -1.5957691216057308f;
+constexpr float kGeluTanhK1 = -0.0713548162726009f;
+inline float gelu_tanh_f32(float y) {
+    const float t = __builtin_fmaf(y * y, kGeluTanhK1, kGeluTanhK0);
+    return y / (1.f + exp_f32(y * t));
+}
+
 // The fused activation of one fp32 value (valid_act codes); the SIMD act8/act16 do the same.
 inline float act_f32(float y, int act) {
     switch (act) {
@@ -186,6 +198,7 @@ inline float act_f32(float y, int act) {
         case kActRelu6: return simd_min(6.f, simd_max(0.f, y));
         case kActSilu: return y / (1.f + exp_f32(-y));
         case kActHardswish: return y * simd_min(simd_max(y + 3.f, 0.f), 6.f) / 6.f;
+        case kActGeluTanh: return gelu_tanh_f32(y);
         default: return y;
     }
 }

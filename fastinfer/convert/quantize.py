@@ -12,6 +12,7 @@ from fastinfer.convert._select import Target, scan
 from fastinfer.convert._swap import swap
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.fuse import ConvFusion, conv_fusions
+from fastinfer.convert.patterns import is_erf_gelu, linear_activation_fusions  # noqa: F401 (is_erf_gelu: public here before)
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
 from fastinfer.nn import (
@@ -52,9 +53,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     the fusions made, or why it stayed float; a one-line summary is logged to the "fastinfer"
     logger (stderr by default).
 
-    With config.fuse_activations (the default), an erf GELU that only post-processes a converted
-    layer (BERT-style `intermediate_act_fn` after `dense`, or the next module of an nn.Sequential)
-    is fused into that layer (activation="gelu") and replaced by fastinfer.nn.Fused. A layer that stays
+    With config.fuse_activations (the default), an activation module that only post-processes a
+    converted linear layer (erf or tanh GELU, SiLU, ReLU, ReLU6, Hardswish: the next module of an
+    nn.Sequential, BERT-style `intermediate_act_fn` after `dense`, GPT-2's MLP, the gate projection
+    of LLaMA-style MLPs; fastinfer/convert/patterns.py) is fused into that layer's epilogue
+    (activation="gelu", "gelu_tanh", ...) and replaced by fastinfer.nn.Fused. A layer that stays
     float (skipped) or is registered under several names is never fused.
 
     With config.attention (the default), a transformers model that runs torch's SDPA is switched to
@@ -81,7 +84,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     convs = {id(t.module): t.module for t in targets if isinstance(t.module, nn.Conv2d)}
     convs1d = {id(t.module) for t in targets if isinstance(t.module, nn.Conv1d)}
     linears = [t for t in targets if id(t.module) not in convs and id(t.module) not in convs1d]
-    fused = _gelu_fusions(model, linears) if config.fuse_activations else {}
+    fused = linear_activation_fusions(model, linears) if config.fuse_activations else {}
     shared = {id(t.module) for t in targets if len(t.names) > 1}
     cfused = conv_fusions(model, convs, shared)
     if not config.fuse_activations:  # BatchNorm folding stays: it does not change what the model computes
@@ -101,8 +104,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
             else:
                 new = Int8Conv2d.from_conv(mod, **kw)
         else:
-            new = _to_int8(mod, "gelu" if id(mod) in fused else None)
-            detail = "gelu fused" if id(mod) in fused else ""
+            act = fused[id(mod)][2] if id(mod) in fused else None
+            new = _to_int8(mod, act)
+            detail = f"{act} fused" if act else ""
         rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
         return new
 
@@ -112,7 +116,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     order = sorted([*targets, *left, *mha_rows], key=lambda item: position[item.name])  # model order
     result = swap(model, targets, convert, config.progress, "fastinfer.quantize")
     name_of = {id(t.module): t.name for t in targets}
-    slots = [(slot, name_of[k]) for k, slot in fused.items()]
+    slots = [((parent, child), name_of[k]) for k, (parent, child, _) in fused.items()]
     slots += [(slot, name_of[k]) for k, f in cfused.items() for slot in (f.bn, f.act) if slot is not None]
     for (parent, name), into in slots:  # what now runs inside the layer before it
         was = parent._modules[name]
@@ -163,43 +167,10 @@ def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list
     return model, rows
 
 
-def is_erf_gelu(mod: object) -> bool:
-    """Whether mod is an erf GELU module: torch's nn.GELU(approximate="none"), or transformers'
-    GELUActivation (BERT's "gelu"; its tanh / "new" / quick / fast relatives are other classes)."""
-    if type(mod) is nn.GELU:
-        return mod.approximate == "none"
-    if type(mod).__name__ == "GELUActivation" and type(mod).__module__.startswith("transformers."):
-        act = getattr(mod, "act", None)
-        return act is F.gelu or getattr(act, "__name__", None) == "_gelu_python"
-    return False
-
-
-def _gelu_fusions(model: nn.Module, targets: list[Target]) -> dict[int, tuple[nn.Module, str]]:
-    """id(layer) -> (its parent, the parent's child name of the erf GELU that follows it) for each
-    target whose output only feeds that GELU: the `dense` child of a module whose
-    `intermediate_act_fn` is the GELU (HF BertIntermediate and its copies), or a layer of an
-    nn.Sequential followed by the GELU. A target registered under several names is left alone (its
-    other users would get the GELU too), as is one that is the model itself."""
-    fused: dict[int, tuple[nn.Module, str]] = {}
-    for target in targets:
-        if len(target.names) != 1 or target.name == "":
-            continue
-        parent_name, _, child = target.name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        if isinstance(parent, nn.Sequential):
-            keys = list(parent._modules)
-            i = keys.index(child)
-            if i + 1 < len(keys) and is_erf_gelu(parent._modules[keys[i + 1]]):
-                fused[id(target.module)] = (parent, keys[i + 1])
-        elif child == "dense" and is_erf_gelu(parent._modules.get("intermediate_act_fn")):
-            fused[id(target.module)] = (parent, "intermediate_act_fn")
-    return fused
-
-
 def _to_int8(mod: nn.Module, activation: str | None = None) -> nn.Module:
     """Int8Linear for a float linear layer; for a SparseLinear, the same quantization of its weights
     (zeros stay zero) stored in the int8 sparse format sparsify() would pick, or dense if none pays.
-    activation: fused after the layer (None or "gelu")."""
+    activation: fused after the layer (None or an epilogue name, see convert/patterns.py)."""
     if not isinstance(mod, SparseLinear):
         return Int8Linear.from_linear(mod, activation=activation)
     dense = Int8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, activation=activation)

@@ -14,8 +14,9 @@ from fastinfer._runtime import _C
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1}
 
 # Activations the int8 linear kernels can fuse into their fp32 epilogue, as the engine's codes
-# (csrc/cpu/common.h): "gelu" is the erf GELU (Eigen's fp32 erf approximation, within 4e-7).
-ACTIVATION_CODE = {None: 0, "gelu": 1, "relu": 2, "relu6": 3, "silu": 4, "hardswish": 5}
+# (csrc/cpu/common.h): "gelu" is the erf GELU (Eigen's fp32 erf approximation, within 4e-7),
+# "gelu_tanh" GELU's tanh form (GPT-2's gelu_new) as y * sigmoid(2u) through the epilogue's exp.
+ACTIVATION_CODE = {None: 0, "gelu": 1, "relu": 2, "relu6": 3, "silu": 4, "hardswish": 5, "gelu_tanh": 6}
 ACTIVATION_NAME = {code: name for name, code in ACTIVATION_CODE.items()}
 
 
@@ -70,7 +71,8 @@ def eager_fast_path(x: torch.Tensor) -> bool:
 def activation_grad(name: str, grad: torch.Tensor, act: int, out: torch.Tensor | None = None,
                     z: torch.Tensor | None = None) -> torch.Tensor:
     """grad * act'(z) for a fused activation's backward: ReLU / ReLU6 masked by the saved output
-    `out`, erf GELU from its recomputed input `z` (where the op gives one); any other raises."""
+    `out`, erf GELU, SiLU and the tanh GELU from the recomputed input `z` (where the op gives
+    one); any other raises."""
     g = grad.float()
     if act == 0:
         return g
@@ -80,6 +82,13 @@ def activation_grad(name: str, grad: torch.Tensor, act: int, out: torch.Tensor |
         return g * ((out > 0) & (out < 6))
     if act == 1 and z is not None:  # d/dz [z * Phi(z)] = Phi(z) + z * phi(z)
         return g * (0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi))
+    if act == 4 and z is not None:  # d/dz [z * s(z)] = s (1 + z (1 - s))
+        s = torch.sigmoid(z)
+        return g * (s * (1.0 + z * (1.0 - s)))
+    if act == 6 and z is not None:  # d/dz [z/2 (1 + tanh(u))], u = c (z + 0.044715 z^3)
+        c = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(c * (z + 0.044715 * z * z * z))
+        return g * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z))
     raise RuntimeError(
         f"fastinfer.{name}: no gradient through the fused {activation_name(name, act)} activation; "
         "convert with QuantConfig(fuse_activations=False) to backpropagate through this layer"

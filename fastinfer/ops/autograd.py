@@ -17,9 +17,12 @@ from fastinfer.ops.linear import unpack_int8_weight
 from fastinfer.ops.sparse import unpack_sparse
 
 
+_NEEDS_INPUT = (1, 4, 6)  # gelu, silu, gelu_tanh: their derivative is computed from the recomputed z
+
+
 def _input_gradient(name: str, grad: torch.Tensor, x: torch.Tensor | None, out: torch.Tensor | None,
                     wf: torch.Tensor, bias: torch.Tensor | None, act: int, x_shape, dtype) -> torch.Tensor:  # fmt: skip
-    z = torch.nn.functional.linear(x.float(), wf, bias) if act == 1 else None
+    z = torch.nn.functional.linear(x.float(), wf, bias) if act in _NEEDS_INPUT else None
     return (activation_grad(name, grad, act, out, z) @ wf).reshape(x_shape).to(dtype)
 
 
@@ -27,7 +30,7 @@ def _setup(ctx, inputs, output) -> None:
     """int8_linear and sparse_int8_linear: (x, packed, w_scale, bias, act)."""
     x, packed, w_scale, bias, act = inputs
     ctx.meta = (tuple(x.shape), x.dtype, act)
-    ctx.save_for_backward(x if act == 1 else None, packed, w_scale, bias, output if act in (2, 3) else None)
+    ctx.save_for_backward(x if act in _NEEDS_INPUT else None, packed, w_scale, bias, output if act in (2, 3) else None)
 
 
 def _int8_linear_backward(ctx, grad):

@@ -89,6 +89,10 @@ inline __m256 act8(__m256 y, int act) {
             const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(y, _mm256_set1_ps(3.f)), zero), six);
             return _mm256_div_ps(_mm256_mul_ps(y, t), six);
         }
+        case kActGeluTanh: {
+            const __m256 t = _mm256_fmadd_ps(_mm256_mul_ps(y, y), _mm256_set1_ps(kGeluTanhK1), _mm256_set1_ps(kGeluTanhK0));
+            return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_mul_ps(y, t))));
+        }
         default: return y;
     }
 }

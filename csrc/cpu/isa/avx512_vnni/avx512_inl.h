@@ -120,6 +120,10 @@ inline __m512 act16(__m512 y, int act) {
             const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(y, _mm512_set1_ps(3.f)), zero), six);
             return _mm512_div_ps(_mm512_mul_ps(y, t), six);
         }
+        case kActGeluTanh: {
+            const __m512 t = _mm512_fmadd_ps(_mm512_mul_ps(y, y), _mm512_set1_ps(kGeluTanhK1), _mm512_set1_ps(kGeluTanhK0));
+            return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_mul_ps(y, t))));
+        }
         default: return y;
     }
 }
