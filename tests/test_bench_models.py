@@ -191,3 +191,18 @@ def test_conv_suite_tiny(capsys, every_round_clean):
     assert float(ours["check"].split()[1]) > 25.0, ours["check"]
     assert cli.main(["bench", "--suite", "conv", "--convs", "vgg"]) == 2
     assert "unknown conv layer" in capsys.readouterr().err
+
+
+def test_attention_suite_on_a_tiny_case():
+    """`--suite attention` machinery on one tiny case: both peers checked against float64 SDPA first,
+    the table printed (figures only when the round was clean)."""
+    from fastinfer.bench import attention as bench_attention
+
+    case = bench_attention.Case("tiny", 2, 2, 8, 8, 16, padded=True)
+    rows = bench_attention.run(quick=True, rounds=1, progress=False, cases=(case,))
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert rows[0]["err"]["fastinfer"] < 1e-5 and rows[1]["err"]["fastinfer"] < 3e-2
+    text = bench_attention.format_markdown(rows)
+    assert "| tiny | float32 | 2x2x8x8x16 |" in text
+    for r in rows:
+        assert (r["verdict"] is None) == ("speedup" in r)

@@ -7,7 +7,9 @@ wanted as [batch, tokens, heads, d] (what the output projection reads). The peer
 
   torch SDPA   F.scaled_dot_product_attention on the views, then .transpose(1, 2).contiguous()
                (exactly what transformers' "sdpa" attention does)
-  fastinfer    fastinfer's op on the same views (it writes that layout directly)
+  fastinfer    fastinfer's kernel on the same views (it writes that layout directly), called as the
+               converted models call it (fastinfer.convert.attention: the op's CPU kernel without
+               the dispatcher in eager calls)
 
 Both run in fp32 and in bf16. The limit quoted is a matmul's: torch's fp32 (or bf16) matmul of
 1024^3 measured in the same rounds, GFLOP/s; attention does 4 * b * h * lq * lk * d FLOPs (2 for
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
 from fastinfer.bench.ops import Peer, min_clean_rounds, time_peers
+from fastinfer.convert import attention as hf_attention
 
 __all__ = ["CASES", "format_markdown", "run"]
 
@@ -102,7 +105,7 @@ def _run_case(c: Case, dtype, rounds, target_s, settle_s, mm, tick: Callable) ->
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=c.causal).transpose(1, 2).contiguous()
 
     def ours():
-        return torch.ops.fastinfer.attention(q, k, v, mask, scale, c.causal)
+        return hf_attention._kernel(q, k, v, mask, scale, c.causal)
 
     with torch.inference_mode():
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,

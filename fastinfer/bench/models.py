@@ -8,7 +8,7 @@ installed), then every peer of it in one process:
   fp32                 the model as given
   bf16                 model.bfloat16()
   torch.ao dynamic     quantize_dynamic(model, {nn.Linear}, qint8) on the named engine
-  fastinfer            fastinfer.quantize(model)             (fp32 in/out; GELU fused where it follows a layer;
+  fastinfer            fastinfer.quantize(model)             (fp32 in/out; GELU/SiLU fused where they follow a layer;
                        transformers' SDPA attention switched to fastinfer's fused kernel)
   fastinfer unfused    the same with QuantConfig(fuse_activations=False), where anything was fused
   fastinfer, torch SDPA  the same with QuantConfig(attention=False), where the attention was switched
@@ -538,9 +538,9 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
     ours = fastinfer.quantize(m)
     peers.append(_torch_peer("fastinfer", ours, case, ours=ours))
     fused = [n for n, mod in ours.named_modules() if getattr(mod, "activation", None)]
-    if fused:  # the same model without the fused GELU epilogue, to show what fusion buys
+    if fused:  # the same model without the fused activation epilogues, to show what fusion buys
         plain = fastinfer.quantize(m, fastinfer.QuantConfig(fuse_activations=False))
-        peers.append(_torch_peer("fastinfer, GELU not fused", plain, case, ours=plain,
+        peers.append(_torch_peer("fastinfer, activations not fused", plain, case, ours=plain,
                                  note=f"QuantConfig(fuse_activations=False); fused: {len(fused)} layers"))  # fmt: skip
     if getattr(getattr(ours, "config", None), "_attn_implementation", None) == HF_NAME:
         sdpa = fastinfer.quantize(m, fastinfer.QuantConfig(attention=False))  # what the fused attention buys
