@@ -110,6 +110,7 @@ PYBIND11_MODULE(_C, m) {
         d["avx512_vnni"] = f.avx512vnni;
         d["avx512_vbmi"] = f.avx512vbmi;
         d["avx512_vbmi2"] = f.avx512vbmi2;
+        d["avx512_bf16"] = f.avx512bf16;
         d["amx_tile"] = f.amx_tile;
         d["amx_int8"] = f.amx_int8;
         d["amx_os_enabled"] = f.amx_os;
@@ -229,6 +230,8 @@ PYBIND11_MODULE(_C, m) {
         }
         raise_if_error(r);
     });
+    m.def("attention_kernel", [] { return std::string(fc::active_kernels().attention_name); },
+          "the attention kernel of the active ISA: ref, avx512_vnni (fp32 FMA) or avx512_bf16 (bf16 inputs on vdpbf16ps)");
     m.def("attention_simd", [] { return fc::active_kernels().attention_simd; },
           "whether the active ISA has its own attention kernel (else the scalar reference runs)");
     m.def("apply_activation", [](uintptr_t y, int64_t n, int act) {

@@ -183,6 +183,7 @@ def info() -> dict:
         "isa_detected": detected_isa(),
         "isa": active_isa(),
         "isa_available": available_isas(),
+        "attention_kernel": _C.attention_kernel(),
         "cpu": _cpu_model(),
         "cpu_flags": _C.cpu_flags(),
         "cuda": cuda_status(),

@@ -312,3 +312,22 @@ def test_deep_copies_keep_working():
     batch = _padded_batch()
     with torch.inference_mode():
         assert torch.equal(twin(**batch).last_hidden_state, q(**batch).last_hidden_state)
+
+
+def test_bf16_kernel_odd_sizes_and_special_rows(isa):
+    """bf16 inputs: on CPUs with AVX512-BF16 the pairs kernel (odd head sizes pair their last
+    element with 0; an odd key count its last key with a zero key); elsewhere the fp32 kernels."""
+    kernel = fastinfer.info()["attention_kernel"]
+    assert kernel in ("ref", "avx512_vnni", "avx512_bf16")
+    for b, h, lq, lk, d, dv, hk in ((2, 3, 9, 11, 33, 17, None), (1, 4, 21, 21, 7, 7, 2), (3, 2, 16, 5, 1, 3, None)):
+        q, k, v = _qkv(b, h, lq, lk, d, dv, hk, torch.bfloat16, packed=False, seed=d)
+        mask = torch.rand(b, 1, lq, lk, generator=torch.Generator().manual_seed(lq)) > 0.3
+        mask[..., 0, :] = False  # a row that may attend nothing: zeros
+        for m, causal in ((None, True), (mask, False)):
+            out = attention(q, k, v, m, is_causal=causal)
+            err = (out.double() - _ref(q, k, v, m, causal)).abs().max().item()
+            assert err <= TOL[torch.bfloat16], (b, h, lq, lk, d, causal, err, kernel)
+        assert torch.equal(attention(q, k, v, mask)[:, :, 0], torch.zeros(b, h, dv or d, dtype=torch.bfloat16))
+        k2 = k.clone()
+        k2[0, 0, 2, 0] = float("nan")
+        assert attention(q, k2, v)[0, :h // (hk or h)].isnan().all()

@@ -7,6 +7,7 @@
 #include "cpu/engine.h"
 #include "cpu/formats/sparse/traits.h"
 #include "cpu/isa/avx2/kernels.h"
+#include "cpu/isa/avx512_bf16/kernels.h"
 #include "cpu/isa/avx512_vbmi/kernels.h"
 #include "cpu/isa/avx512_vnni/kernels.h"
 #include "cpu/isa/ref/kernels.h"
@@ -70,7 +71,8 @@ Tables fill_tables() {
     t.depthwise = avx512_vnni::depthwise;
     t.depthwise_f32 = avx512_vnni::depthwise_f32;
     t.gather_quantize = avx512_vnni::gather_quantize;
-    t.attention = avx512_vnni::attention;
+    t.attention = cpu_features().avx512bf16 ? avx512_bf16::attention : avx512_vnni::attention;  // bf16: vdpbf16ps
+    t.attention_name = cpu_features().avx512bf16 ? "avx512_bf16" : "avx512_vnni";
     t.attention_simd = true;
     t.dot_peak = avx512_vnni::dot_peak;
     t.dot_peak_macs = 24 * 64;

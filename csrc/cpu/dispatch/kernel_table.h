@@ -177,9 +177,11 @@ struct KernelTable {
     DepthwiseKernel* depthwise_f32 = nullptr;  // fp32
     RangeKernel* range = nullptr;
     QuantizeScaledKernel* quantize_scaled = nullptr;
-    // Attention in fp32; attention_simd says whether the kernel is this ISA's own (not ref's).
+    // Attention; attention_simd says whether the kernel is this ISA's own (not ref's), attention_name
+    // which one runs ("ref", "avx512_vnni" fp32 FMA, "avx512_bf16": bf16 inputs on vdpbf16ps).
     AttentionKernel* attention = nullptr;
     bool attention_simd = false;
+    const char* attention_name = "ref";
 
     // Sparse. A null int8 format kernel runs the format's blocks through panel + gemm (exact, not faster).
     CsrKernels csr;

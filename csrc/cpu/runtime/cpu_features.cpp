@@ -51,9 +51,14 @@ CpuFeatures detect() {
     f.avx512vnni = os_zmm && (c & (1u << 11));
     f.avx512vbmi = os_zmm && (c & (1u << 1));
     f.avx512vbmi2 = os_zmm && (c & (1u << 6));
+    const unsigned max_sub = a;  // leaf 7 subleaf 0: EAX = the highest subleaf
     f.amx_tile = d & (1u << 24);
     f.amx_int8 = d & (1u << 25);
     f.amx_os = os_tile && f.amx_tile && f.amx_int8 && request_amx_permission();
+    if (max_sub >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        f.avx512bf16 = os_zmm && (a & (1u << 5));
+    }
     return f;
 }
 

@@ -1,0 +1,147 @@
+// Attention on bf16 q, k, v with vdpbf16ps: each instruction multiplies 16 lanes of bf16 pairs and
+// adds both products to fp32 sums, half the instructions of widening to fp32 and FMA. Pairs run
+// along the head dimension for q.k^T (K^T packed as [d/2][keys] dwords of two bf16: a 16x16 dword
+// transpose) and along the keys for P.V (V packed as [keys/2][dv] dwords, P rounded to bf16 in
+// place); scores, softmax and the 1/sum scaling stay fp32 (attention_inl.h). fp32 inputs and
+// decoding (fewer than 4 query rows) take avx512_vnni::attention.
+#include "cpu/isa/avx512_bf16/kernels.h"
+#include "cpu/isa/avx512_vnni/attention_inl.h"
+#include "cpu/isa/avx512_vnni/kernels.h"
+
+namespace fastinfer::cpu::avx512_bf16 {
+
+namespace {
+
+inline __mmask32 lanes32(int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1); }
+
+inline __m512 dot2(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+// The bf16 elements [0, n) of a row from element off on, as 16 dwords of pairs from pair c0 on (zero
+// past n: an odd head size pairs its last element with 0).
+inline __m512i load_pairs(const void* base, int64_t off, int64_t n, int64_t c0) {
+    return _mm512_maskz_loadu_epi16(lanes32(n - 2 * c0), static_cast<const uint16_t*>(base) + off + 2 * c0);
+}
+
+// kt2[c][j] = dims (2c, 2c + 1) of key j, c < d2 = ceil(d / 2), keys [0, round_up(lk, 16)) (zero past lk).
+inline void pack_key_pairs(const AttentionArgs& a, int64_t kb, int64_t lk, int64_t d2, uint32_t* kt2, int64_t lkp) {
+    __m512 r[16];
+    for (int64_t j0 = 0; j0 < lk; j0 += 16) {
+        for (int64_t j = j0 + 16; j < std::min(lk, j0 + 32); ++j) prefetch_row(a.k, a.dt, kb + j * a.k_sl, a.d);
+        for (int64_t c0 = 0; c0 < d2; c0 += 16) {
+            for (int i = 0; i < 16; ++i)
+                r[i] = j0 + i < lk ? _mm512_castsi512_ps(load_pairs(a.k, kb + (j0 + i) * a.k_sl, a.d, c0)) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int64_t c = 0; c < std::min<int64_t>(16, d2 - c0); ++c)
+                _mm512_store_ps(reinterpret_cast<float*>(kt2 + (c0 + c) * lkp + j0), r[c]);
+        }
+    }
+}
+
+// v2[j'][c] = (v[2j'][c], v[2j' + 1][c]) for key pairs j' < ceil(lk / 2) (a missing odd key is 0), c < dvp.
+inline void pack_value_pairs(const AttentionArgs& a, int64_t vb, int64_t lk, uint32_t* v2, int64_t dvp) {
+    const uint16_t* v = static_cast<const uint16_t*>(a.v);
+    for (int64_t j = 0; j < lk; j += 2) {
+        for (int64_t t = j + 2; t < std::min(lk, j + 2 + kAhead); ++t) prefetch_row(a.v, a.dt, vb + t * a.v_sl, a.dv);
+        for (int64_t c0 = 0; c0 < dvp; c0 += 16) {
+            const __mmask16 mk = lanes(a.dv - c0);
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, v + vb + j * a.v_sl + c0));
+            const __m512i hi = j + 1 < lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, v + vb + (j + 1) * a.v_sl + c0))
+                                          : _mm512_setzero_si512();  // fmt: skip
+            _mm512_store_si512(v2 + j / 2 * dvp + c0, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+template <int R, int NV>
+inline void score_tile(const uint32_t* q2, int64_t dp2, const uint32_t* kt2, int64_t lkp, int64_t d2, int64_t j0, float* s) {
+    __m512 acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const uint32_t* kp = kt2 + j0;
+    for (int64_t c = 0; c < d2; ++c, kp += lkp) {
+        __m512i kv[NV];
+        for (int v = 0; v < NV; ++v) kv[v] = _mm512_load_si512(kp + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const __m512i qb = _mm512_set1_epi32(int(q2[r * dp2 + c]));
+            for (int v = 0; v < NV; ++v) acc[r][v] = dot2(acc[r][v], qb, kv[v]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(s + r * lkp + j0 + 16 * v, acc[r][v]);
+}
+
+// out[r][c0 ...] = inv[r] * sum over key pairs j' < jn2 of p2[r][j'] . v2[j'][c0 ...]; p2 rows are
+// the score rows rewritten as bf16 pairs (row stride lkp dwords).
+template <int R, int NV>
+inline void value_tile(const uint32_t* p2, int64_t lkp, const uint32_t* v2, int64_t dvp, int64_t jn2, int64_t c0,
+                       const float* inv, const AttentionArgs& a, int64_t obase, int64_t i0) {
+    __m512 acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    const uint32_t* vr = v2 + c0;
+    for (int64_t j = 0; j < jn2; ++j, vr += dvp) {
+        __m512i vv[NV];
+        for (int v = 0; v < NV; ++v) vv[v] = _mm512_load_si512(vr + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const __m512i pb = _mm512_set1_epi32(int(p2[r * lkp + j]));
+            for (int v = 0; v < NV; ++v) acc[r][v] = dot2(acc[r][v], pb, vv[v]);
+        }
+    }
+    for (int r = 0; r < R; ++r) store_out<NV>(acc[r], inv[r], a, obase + (i0 + r) * a.o_sl, c0);
+}
+
+// Rewrites probabilities p[0, jn) (fp32, zero past each row's own keys) as bf16 in the same memory,
+// rounded to nearest even, with p[jn] = 0 when jn is odd (the pair of the last key).
+inline void to_bf16_pairs(float* p, int64_t jn) {
+    if (jn % 2) p[jn] = 0.f;  // jn odd: jn < round_up(jn, 16) <= the row's length
+    uint16_t* out = reinterpret_cast<uint16_t*>(p);
+    for (int64_t j = 0; j < jn + jn % 2; j += 16) {  // reads floats [j, j + 16) before writing bytes [2j, 2j + 32)
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_load_ps(p + j));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)h);
+    }
+}
+
+}  // namespace
+
+void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch) {
+    if (a.dt != DType::kBF16 || a.lq < kDirectRows) return avx512_vnni::attention(a, bh, q0, q1, scratch);
+    const int64_t b = bh / a.heads, h = bh % a.heads, hk = h / (a.heads / a.kv_heads);
+    const AttentionLayout l = attention_layout(a);
+    // the fp32 layout's areas hold the pair layouts: K^T pairs [d2][lkp] in K^T's, V pairs
+    // [ceil(lk / 2)][dvp] in V's, query pairs [4][dp2] in the query rows'
+    const int64_t d2 = (a.d + 1) / 2, dp2 = round_up(d2, 16), lkp = l.lkp;
+    uint32_t* kt2 = reinterpret_cast<uint32_t*>(scratch + l.kt);
+    uint32_t* v2 = reinterpret_cast<uint32_t*>(scratch + l.v);
+    uint32_t* q2 = reinterpret_cast<uint32_t*>(scratch + l.q);
+    float* s = scratch + l.s;
+    const int64_t lk = a.causal ? std::min(a.lk, q1) : a.lk;
+    const int64_t kb = b * a.k_sb + hk * a.k_sh, vb = b * a.v_sb + hk * a.v_sh;
+    pack_key_pairs(a, kb, lk, d2, kt2, lkp);
+    pack_value_pairs(a, vb, lk, v2, l.dvp);
+
+    const int64_t obase = b * a.o_sb + h * a.o_sh;
+    for (int64_t i0 = q0; i0 < q1; i0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, q1 - i0);
+        const int64_t jn = a.causal ? std::min(a.lk, i0 + rows) : a.lk;
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c0 = 0; c0 < dp2; c0 += 16)
+                _mm512_store_si512(q2 + r * dp2 + c0, load_pairs(a.q, b * a.q_sb + h * a.q_sh + (i0 + r) * a.q_sl, a.d, c0));
+        upto4(rows, [&](auto R) {
+            for (int64_t j0 = 0; j0 < jn; j0 += 64)
+                upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
+                      [&](auto NV) { score_tile<R, NV>(q2, dp2, kt2, lkp, d2, j0, s); });
+            float inv[4];
+            for (int64_t r = 0; r < R; ++r) {
+                const int64_t n = a.causal ? std::min(a.lk, i0 + r + 1) : a.lk;
+                softmax_row(s + r * lkp, n, jn, a, b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, &inv[r]);
+                to_bf16_pairs(s + r * lkp, jn);
+            }
+            const uint32_t* p2 = reinterpret_cast<const uint32_t*>(s);
+            for (int64_t c0 = 0; c0 < a.dv; c0 += 64)
+                upto4((std::min<int64_t>(64, a.dv - c0) + 15) / 16,
+                      [&](auto NV) { value_tile<R, NV>(p2, lkp, v2, l.dvp, (jn + 1) / 2, c0, inv, a, obase, i0); });
+        });
+    }
+}
+
+}  // namespace fastinfer::cpu::avx512_bf16
