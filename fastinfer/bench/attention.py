@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
-from fastinfer.bench.ops import Peer, min_clean_rounds, time_peers
+from fastinfer.bench.ops import Peer, min_clean_rounds, report_header, time_peers
 from fastinfer.convert import attention as hf_attention
 
 __all__ = ["CASES", "format_markdown", "run"]
@@ -136,12 +136,7 @@ def _matmul_flops(mm) -> float:
 
 def format_markdown(rows: list[dict], meta: dict | None = None) -> str:
     meta = meta or {}
-    out = ["# fastinfer benchmark: attention, fused kernel vs torch's SDPA", ""]
-    if meta.get("command"):
-        out.append(f"- command: `{meta['command']}`")
-    if meta:
-        out.append(f"- CPU: {meta.get('cpu')}; ISA `{meta.get('isa_active')}`; threads {meta.get('threads')}; "
-                   f"torch {meta.get('torch')}; fastinfer {meta.get('fastinfer')}; date {meta.get('date')}")  # fmt: skip
+    out = report_header("fastinfer benchmark: attention, fused kernel vs torch's SDPA", meta)
     out += [
         "- shape = batch x heads x queries x keys x head size; q/k/v are strided views of one projection (or a "
         "cache), output [batch, tokens, heads, d] for both peers; speedup = median over interleaved rounds of "

@@ -74,6 +74,7 @@ import fastinfer
 from fastinfer.bench import cnn
 from fastinfer.bench._progress import progress_bar
 from fastinfer.bench.guard import CpuGuard
+from fastinfer.bench.ops import report_header
 from fastinfer.convert import attention as hf_attention
 from fastinfer.convert.attention import HF_NAME
 
@@ -706,12 +707,7 @@ def _f(v: float | None, spec: str, suffix: str = "") -> str:
 
 def format_markdown(results: list[dict], meta: dict | None = None) -> str:
     meta = meta or {}
-    out = ["# fastinfer benchmark: whole models, side by side", ""]
-    if meta.get("command"):
-        out.append(f"- command: `{meta['command']}`")
-    if meta:
-        out.append(f"- CPU: {meta.get('cpu')}; ISA `{meta.get('isa_active')}`; threads {meta.get('threads')}; "
-                   f"torch {meta.get('torch')}; fastinfer {meta.get('fastinfer')}; date {meta.get('date')}")  # fmt: skip
+    out = report_header("fastinfer benchmark: whole models, side by side", meta)
     out.append(
         "- method: every peer of a case in one process on the same inputs; rounds with the peers in a "
         "rotating order, each timed call right after one untimed call of its own; ms = median over clean "

@@ -601,6 +601,19 @@ def environment_meta(command: str | None = None, dram: bool = True, peaks: bool 
     return meta
 
 
+def report_header(title: str, meta: dict | None) -> list[str]:
+    """The first lines of a suite's markdown: its title, the command and the machine (from
+    environment_meta)."""
+    out = [f"# {title}", ""]
+    meta = meta or {}
+    if meta.get("command"):
+        out.append(f"- command: `{meta['command']}`")
+    if meta:
+        out.append(f"- CPU: {meta.get('cpu')}; ISA `{meta.get('isa_active')}`; threads {meta.get('threads')}; "
+                   f"torch {meta.get('torch')}; fastinfer {meta.get('fastinfer')}; date {meta.get('date')}")  # fmt: skip
+    return out
+
+
 def _f(v: float | None, spec: str, suffix: str = "") -> str:
     return "" if v is None else f"{v:{spec}}{suffix}"
 
