@@ -13,6 +13,7 @@ the CPU, or a CPU without the kernel's ISA (the reference kernel is slower than 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -136,5 +137,5 @@ def enable_fast_attention(model: nn.Module) -> str | None:
 
 # A model converted in another process (pickled, or deep-copied into a worker) names "fastinfer" in its
 # config: where transformers is already loaded, the name is registered as fastinfer is imported.
-if "transformers" in __import__("sys").modules:
+if "transformers" in sys.modules:
     register_hf_attention()
