@@ -331,3 +331,16 @@ def test_bf16_kernel_odd_sizes_and_special_rows(isa):
         k2 = k.clone()
         k2[0, 0, 2, 0] = float("nan")
         assert attention(q, k2, v)[0, :h // (hk or h)].isnan().all()
+
+
+def test_a_converted_bert_compiles_and_exports_with_the_kernel_in_the_graph():
+    transformers = pytest.importorskip("transformers")
+    q = fastinfer.quantize(_bert(transformers))
+    batch = _padded_batch()
+    with torch.no_grad():
+        ref = q(**batch).last_hidden_state
+        out = torch.compile(q, fullgraph=True)(**batch).last_hidden_state
+        assert (out - ref).abs().max().item() < 1e-5
+        ep = torch.export.export(q, (), batch)
+        assert "fastinfer.attention.default" in {str(n.target) for n in ep.graph.nodes}
+        assert (ep.module()(**batch).last_hidden_state - ref).abs().max().item() < 1e-5  # (SDPA in eager on ISAs without the kernel)
