@@ -7,6 +7,7 @@ in float64 by tolerance, on every ISA (ref and avx2 run the scalar reference ker
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -139,6 +140,10 @@ def test_bad_arguments_raise_clear_errors():
         attention(q, k, v, scale=math.nan)
     with pytest.raises(ValueError, match="either attn_mask or is_causal"):
         attention(q, k, v, torch.ones(5, 5, dtype=torch.bool), is_causal=True)
+    # CUDA tensors get a clear error, not the dispatcher's "could not run ... with the CUDA backend"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastinfer::attention", "CUDA")
+    with pytest.raises(RuntimeError, match="runs on the CPU only"):
+        importlib.import_module("fastinfer.ops.attention")._attention_cuda(q, k, v, None, 0.5, False)
 
 
 def test_opcheck_and_compile():

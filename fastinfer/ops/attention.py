@@ -117,6 +117,14 @@ def attention_cpu(q, k, v, mask, scale: float, is_causal: bool) -> torch.Tensor:
     return run_attention(q, k, v, mask, scale, is_causal, sizes)
 
 
+@register(_NAME, "cuda")
+def _attention_cuda(q, k, v, mask, scale, is_causal):
+    raise RuntimeError(
+        "fastinfer.attention runs on the CPU only; on CUDA use torch's scaled_dot_product_attention "
+        "(the models fastinfer converts take it for CUDA tensors)"
+    )
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
               is_causal: bool = False, scale: float | None = None) -> torch.Tensor:  # fmt: skip
     """torch.nn.functional.scaled_dot_product_attention on fastinfer's CPU kernel (no dropout):
