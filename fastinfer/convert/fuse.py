@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["ConvFusion", "activation_name", "conv_fusions"]
+__all__ = ["ConvFusion", "FxGraph", "activation_name", "conv_fusions", "fx_graph"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 
@@ -80,10 +80,63 @@ def _parent_slot(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     return model.get_submodule(parent), child
 
 
-def conv_fusions(model: nn.Module, convs: dict[int, nn.Module], shared: set[int]) -> dict[int, ConvFusion]:
+class FxGraph:
+    """A torch.fx trace of a model, read for fusions: which module each call_module node calls, how
+    many nodes call each module, and a node's only user."""
+
+    def __init__(self, model: nn.Module, gm) -> None:
+        self.model = model
+        self.nodes = list(gm.graph.nodes)
+        self.calls: dict[int, int] = {}  # id(module) -> how many call_module nodes call it
+        for node in self.nodes:
+            if node.op == "call_module":
+                mod = model.get_submodule(node.target)
+                self.calls[id(mod)] = self.calls.get(id(mod), 0) + 1
+
+    def module_of(self, node) -> nn.Module | None:
+        return self.model.get_submodule(node.target) if node is not None and node.op == "call_module" else None
+
+    @staticmethod
+    def only_user(node):
+        users = list(node.users)
+        return users[0] if len(users) == 1 else None
+
+    def feeds_only(self, producer: nn.Module, consumer: nn.Module) -> bool:
+        """Whether `producer` is called once, its output goes to `consumer` alone, as that call's only
+        argument, and `consumer` is called nowhere else: consumer(producer(x)) and nothing more."""
+        if self.calls.get(id(producer)) != 1 or self.calls.get(id(consumer)) != 1:
+            return False
+        for node in self.nodes:
+            if self.module_of(node) is producer:
+                nxt = self.only_user(node)
+                return (self.module_of(nxt) is consumer and len(nxt.args) == 1 and nxt.args[0] is node
+                        and not nxt.kwargs)  # fmt: skip
+        return False
+
+
+def fx_graph(model: nn.Module, leaves: tuple[nn.Module, ...] = ()) -> FxGraph | None:
+    """The model's torch.fx trace, or None where fx cannot trace it (data-dependent control flow,
+    most transformers models). `leaves`: modules kept as call_module nodes besides torch.nn's own
+    (layers and activations from other libraries, which fx would otherwise trace through)."""
+    import torch.fx
+
+    keep = {id(m) for m in leaves}
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return id(m) in keep or super().is_leaf_module(m, qualname)
+
+    try:
+        return FxGraph(model, torch.fx.GraphModule(model, Tracer().trace(model)))
+    except Exception:  # noqa: BLE001 (any model fx cannot trace)
+        return None
+
+
+def conv_fusions(model: nn.Module, convs: dict[int, nn.Module], shared: set[int],
+                 graph: FxGraph | None = None) -> dict[int, ConvFusion]:  # fmt: skip
     """id(conv) -> its fusion, for the convs to convert (`convs`: id -> module). Modules in `shared`
-    (registered under several names) never take part."""
-    found = _fx_fusions(model, convs, shared)
+    (registered under several names) never take part. graph: the model's fx_graph (None: no trace)."""
+    found = _fx_fusions(graph, convs, shared) if graph is not None else None
     if found is None:  # no trace: nn.Sequential chains only, said so in the report
         found = {}
         _sequential_fusions(model, convs, shared, found)
@@ -112,28 +165,10 @@ def _sequential_fusions(model, convs, shared, found) -> None:
             found[id(conv)] = fusion
 
 
-def _fx_fusions(model, convs, shared) -> dict[int, ConvFusion] | None:
-    import torch.fx
-
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 (any model fx cannot trace: fall back to nn.Sequential chains)
-        return None
-    calls: dict[int, int] = {}  # id(module) -> how many call_module nodes call it
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            mod = model.get_submodule(node.target)
-            calls[id(mod)] = calls.get(id(mod), 0) + 1
-
-    def only_user(node):
-        users = list(node.users)
-        return users[0] if len(users) == 1 else None
-
-    def module_of(node):
-        return model.get_submodule(node.target) if node is not None and node.op == "call_module" else None
-
+def _fx_fusions(graph: FxGraph, convs, shared) -> dict[int, ConvFusion]:
+    model, calls, module_of, only_user = graph.model, graph.calls, graph.module_of, graph.only_user
     found: dict[int, ConvFusion] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         conv = module_of(node)
         if conv is None or id(conv) not in convs or id(conv) in shared or calls.get(id(conv)) != 1:
             continue
@@ -151,4 +186,3 @@ def _fx_fusions(model, convs, shared) -> dict[int, ConvFusion] | None:
             fusion.act_name = activation_name(mod)
         found[id(conv)] = fusion
     return found
-

@@ -4,12 +4,14 @@ activation child to one linear child's output, and to nothing else, so the activ
 the int8 layer's epilogue and the child become fastinfer.nn.Fused:
 
   nn.Sequential             a layer, then the activation module right after it
-  BERT-style blocks         `dense` + `intermediate_act_fn` (BertIntermediate and its many copies)
+  BERT-style blocks         `dense` + `intermediate_act_fn` of transformers' *Intermediate classes
+                            (BertIntermediate and its many copies)
   transformers MLP classes  _MLP_PATTERNS below, read from their forward(): GPT-2's c_fc -> act, the
                             gate projection of LLaMA-style gated MLPs -> act_fn (the SiLU that
                             multiplies the up projection afterwards)
 
-Activations are matched by exact type, so a subclass that may compute something else is never
+Where torch.fx can trace the model, the trace must also show act(layer(x)) with neither module used
+anywhere else. Activations are matched by exact type, so a subclass that may compute something else is never
 fused: erf GELU, the tanh GELU (torch's approximate="tanh", transformers' gelu_new / fast /
 pytorch_tanh), SiLU, ReLU, ReLU6 and Hardswish.
 """
@@ -20,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastinfer.convert._select import Target
-from fastinfer.convert.fuse import activation_name as conv_activation_name
+from fastinfer.convert.fuse import FxGraph, activation_name as conv_activation_name
 
 __all__ = ["MLP_PATTERNS", "is_erf_gelu", "linear_activation", "linear_activation_fusions"]
 
@@ -67,32 +69,41 @@ def _usable(act: nn.Module | None, uses: dict[int, int]) -> bool:
     return act is not None and uses.get(id(act), 0) == 1 and not (act._forward_hooks or act._forward_pre_hooks)
 
 
-def linear_activation_fusions(model: nn.Module, targets: list[Target]) -> dict[int, tuple[nn.Module, str, str]]:
+def linear_activation_fusions(model: nn.Module, targets: list[Target],
+                              graph: FxGraph | None = None) -> dict[int, tuple[nn.Module, str, str, str]]:  # fmt: skip
     """id(layer) -> (its parent, the parent's child name of the activation that follows it, the
-    activation's epilogue name) for each target the patterns show is followed by an activation
-    applied to its output only. A target registered under several names is left alone (its other
-    users would get the activation too), as is one that is the model itself."""
+    activation's epilogue name, a note for the report) for each target a pattern shows is followed
+    by an activation applied to its output only. graph: the model's torch.fx trace (fuse.fx_graph);
+    where there is one it must confirm act(layer(x)) with neither module used anywhere else (a
+    parent that also calls a Sequential's member itself, say). Without a trace the transformers
+    classes are trusted (their forward is known) and nn.Sequential order is, with a note in the
+    report. A target registered under several names is left alone (its other users would get the
+    activation too), as is one that is the model itself."""
     uses: dict[int, int] = {}
     for _, mod in model.named_modules(remove_duplicate=False):
         uses[id(mod)] = uses.get(id(mod), 0) + 1
-    fused: dict[int, tuple[nn.Module, str, str]] = {}
+    fused: dict[int, tuple[nn.Module, str, str, str]] = {}
     for target in targets:
         if len(target.names) != 1 or target.name == "":
             continue
         parent_name, _, child = target.name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        slot = None
-        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        cls, slot, sequential = type(parent), None, False
+        if isinstance(parent, nn.Sequential) and cls.forward is nn.Sequential.forward:
             keys = list(parent._modules)
             i = keys.index(child)
-            if i + 1 < len(keys):
-                slot = keys[i + 1]
-        elif child == "dense" and "intermediate_act_fn" in parent._modules:
-            slot = "intermediate_act_fn"
-        elif type(parent).__module__.startswith("transformers.") and MLP_PATTERNS.get(type(parent).__name__, ("",))[0] == child:
-            slot = MLP_PATTERNS[type(parent).__name__][1]
+            slot, sequential = (keys[i + 1] if i + 1 < len(keys) else None), True
+        elif cls.__module__.startswith("transformers."):
+            if child == "dense" and cls.__name__.endswith("Intermediate"):  # BertIntermediate and its copies
+                slot = "intermediate_act_fn"
+            elif MLP_PATTERNS.get(cls.__name__, ("",))[0] == child:
+                slot = MLP_PATTERNS[cls.__name__][1]
         act = parent._modules.get(slot) if slot else None
         name = linear_activation(act)
-        if name is not None and _usable(act, uses):
-            fused[id(target.module)] = (parent, slot, name)
+        if name is None or not _usable(act, uses):
+            continue
+        if graph is not None and not graph.feeds_only(target.module, act):
+            continue
+        note = " (from nn.Sequential order: the model has no fx trace)" if graph is None and sequential else ""
+        fused[id(target.module)] = (parent, slot, name, note)
     return fused

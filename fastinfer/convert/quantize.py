@@ -11,8 +11,8 @@ from fastinfer.config import QuantConfig
 from fastinfer.convert._select import Target, scan
 from fastinfer.convert._swap import swap
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
-from fastinfer.convert.fuse import ConvFusion, conv_fusions
-from fastinfer.convert.patterns import is_erf_gelu, linear_activation_fusions  # noqa: F401 (is_erf_gelu: public here before)
+from fastinfer.convert.fuse import ConvFusion, conv_fusions, fx_graph
+from fastinfer.convert.patterns import is_erf_gelu, linear_activation, linear_activation_fusions  # noqa: F401 (is_erf_gelu: public here before)
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.sparsify import sparse_int8_or_dense
 from fastinfer.nn import (
@@ -84,9 +84,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     convs = {id(t.module): t.module for t in targets if isinstance(t.module, nn.Conv2d)}
     convs1d = {id(t.module) for t in targets if isinstance(t.module, nn.Conv1d)}
     linears = [t for t in targets if id(t.module) not in convs and id(t.module) not in convs1d]
-    fused = linear_activation_fusions(model, linears) if config.fuse_activations else {}
+    # one trace for both kinds of fusion (None: fx cannot trace the model); the layers and the
+    # activations a fusion may take stay call_module nodes even when they are not torch.nn's
+    leaves = tuple(t.module for t in targets) + tuple(m for m in model.modules() if linear_activation(m))
+    graph = fx_graph(model, leaves) if config.fuse_activations or convs else None
+    fused = linear_activation_fusions(model, linears, graph) if config.fuse_activations else {}
     shared = {id(t.module) for t in targets if len(t.names) > 1}
-    cfused = conv_fusions(model, convs, shared)
+    cfused = conv_fusions(model, convs, shared, graph)
     if not config.fuse_activations:  # BatchNorm folding stays: it does not change what the model computes
         cfused = {k: ConvFusion(bn=f.bn) for k, f in cfused.items() if f.bn}
     rows: dict[int, LayerConversion] = {}
@@ -104,9 +108,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
             else:
                 new = Int8Conv2d.from_conv(mod, **kw)
         else:
-            act = fused[id(mod)][2] if id(mod) in fused else None
+            _, _, act, note = fused.get(id(mod), (None, None, None, ""))
             new = _to_int8(mod, act)
-            detail = f"{act} fused" if act else ""
+            detail = f"{act} fused{note}" if act else ""
         rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
         return new
 
@@ -116,7 +120,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     order = sorted([*targets, *left, *mha_rows], key=lambda item: position[item.name])  # model order
     result = swap(model, targets, convert, config.progress, "fastinfer.quantize")
     name_of = {id(t.module): t.name for t in targets}
-    slots = [((parent, child), name_of[k]) for k, (parent, child, _) in fused.items()]
+    slots = [((parent, child), name_of[k]) for k, (parent, child, _, _) in fused.items()]
     slots += [(slot, name_of[k]) for k, f in cfused.items() for slot in (f.bn, f.act) if slot is not None]
     for (parent, name), into in slots:  # what now runs inside the layer before it
         was = parent._modules[name]

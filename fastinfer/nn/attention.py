@@ -118,7 +118,7 @@ class Int8MultiheadAttention(nn.Module):
             return keep if len(masks) == 1 else keep & ~masks[1]
         out = None
         for m in masks:
-            m = torch.zeros(m.shape, dtype=dtype).masked_fill_(m, -math.inf) if m.dtype == torch.bool else m.to(dtype)
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, -math.inf) if m.dtype == torch.bool else m.to(dtype)
             out = m if out is None else out + m
         return out
 
@@ -139,20 +139,21 @@ class Int8MultiheadAttention(nn.Module):
         # is_causal is a hint that attn_mask is the causal mask (torch's contract); alone, it means causal
         causal = is_causal and attn_mask is None and key_padding_mask is None
         if is_causal and not causal and attn_mask is None:
-            attn_mask = torch.ones(lq, lk, dtype=torch.bool).triu_(1)
+            attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1)
         mask = self._mask(attn_mask, key_padding_mask, b, lq, lk, q.dtype)
         weights = None
         if need_weights:
             scores = (q.float() @ k.float().transpose(-2, -1)) * scale
             if causal:
-                scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu_(1), -math.inf)
+                scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu_(1), -math.inf)
             if mask is not None:
                 scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.float()
-            weights = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a fully masked row: zeros, as SDPA
+            weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row: zeros, as SDPA
+            # (out of place: softmax's backward reads its own output)
             if self.training and self.dropout > 0:
                 weights = F.dropout(weights, self.dropout)
             out = (weights @ v.float()).to(q.dtype).transpose(1, 2)
-            weights = weights.mean(dim=1) if average_attn_weights else weights
+            weights = (weights.mean(dim=1) if average_attn_weights else weights).to(q.dtype)  # torch: the input's dtype
         elif self._kernel_serves(q, k):
             out = (attention_cpu if eager_fast_path(q) else torch.ops.fastinfer.attention)(q, k, v, mask, scale, causal)
         else:
