@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastinfer.ops._common import eager_fast_path
-from fastinfer.ops.attention import attention_cpu, attention_native
+from fastinfer.ops.attention import attention_cpu, kernel_serves
 
 __all__ = ["HF_NAME", "enable_fast_attention", "hf_attention_forward", "is_hf_model", "register_hf_attention"]
 
@@ -37,33 +37,22 @@ def _sdpa():
 
 
 def _fused_applies(query, key, value, attention_mask, dropout, kwargs) -> bool:
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or not (query.dtype == key.dtype == value.dtype):
-        return False
-    if any(t is not None and t.device.type != "cpu" for t in (query, key, value, attention_mask)):
-        return False
-    if query.shape[0] != key.shape[0]:  # SDPA broadcasts a batch of one (learned queries); the kernel does not
-        return False
+    """kernel_serves, and a call the kernel takes as transformers' SDPA path would: 4-D tensors of
+    one batch, a mask of the kernel's dtypes that broadcasts to the scores, none of the extras
+    SDPA handles itself."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.shape[0] != key.shape[0]:
+        return False  # (SDPA broadcasts a batch of one, e.g. learned queries; the kernel does not)
     if attention_mask is not None:
         b, h, lq, lk = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
-        if attention_mask.dim() > 4 or any(
-            n not in (1, full) for n, full in zip(attention_mask.shape[::-1], (lk, lq, h, b))
-        ):
+        if attention_mask.device.type != "cpu" or attention_mask.dtype not in (torch.bool, torch.float32, torch.bfloat16):
             return False
-    if query.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if dropout and dropout > 0.0:
-        return False
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return False  # torch's SDPA has a fused backward; ours would recompute through it
+        if attention_mask.dim() > 4 or any(n not in (1, full) for n, full in zip(attention_mask.shape[::-1], (lk, lq, h, b))):
+            return False
     if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
         return False
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         return False
-    if attention_mask is not None and attention_mask.dtype not in (torch.bool, torch.float32, torch.bfloat16):
-        return False
-    if torch.compiler.is_compiling():
-        return True  # the op is opaque to the compiler; the ISA check below is a C++ call
-    return attention_native()
+    return kernel_serves(query, key, value, dropout or 0.0)
 
 
 def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from fastinfer.nn.linear import Int8Linear, quantize_weight_per_channel
 from fastinfer.ops._common import eager_fast_path
-from fastinfer.ops.attention import attention_cpu, attention_native
+from fastinfer.ops.attention import attention_cpu, kernel_serves
 
 
 def mha_float_reason(mha: nn.MultiheadAttention) -> str | None:
@@ -154,7 +154,7 @@ class Int8MultiheadAttention(nn.Module):
                 weights = F.dropout(weights, self.dropout)
             out = (weights @ v.float()).to(q.dtype).transpose(1, 2)
             weights = (weights.mean(dim=1) if average_attn_weights else weights).to(q.dtype)  # torch: the input's dtype
-        elif self._kernel_serves(q, k):
+        elif self.fused_attention and kernel_serves(q, k, v, self.dropout if self.training else 0.0):
             out = (attention_cpu if eager_fast_path(q) else torch.ops.fastinfer.attention)(q, k, v, mask, scale, causal)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
@@ -166,12 +166,3 @@ class Int8MultiheadAttention(nn.Module):
         elif not self.batch_first:
             out = out.transpose(0, 1).contiguous()
         return out, weights
-
-    def _kernel_serves(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        if not self.fused_attention or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
-            return False
-        if self.training and self.dropout > 0:
-            return False
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            return False
-        return torch.compiler.is_compiling() or attention_native()

@@ -21,7 +21,7 @@ import torch
 from fastinfer._runtime import _C
 from fastinfer.ops._common import DTYPE_CODE, check_device, check_tensor, new_output, register
 
-__all__ = ["attention", "attention_native"]
+__all__ = ["attention", "attention_native", "kernel_serves"]
 
 torch.library.define(
     "fastinfer::attention",
@@ -38,6 +38,19 @@ def attention_native() -> bool:
     runs, on the scalar reference kernel: correct but slower than torch's SDPA, so the converted
     models keep torch's attention there."""
     return bool(_C.attention_simd())
+
+
+def kernel_serves(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> bool:
+    """Whether a model's attention call should run on the fused kernel rather than torch's SDPA:
+    CPU tensors of one dtype, fp32 or bf16, no dropout, no autograd to record (SDPA's fused backward
+    is the better one), and an ISA with the kernel (under torch.compile the op goes in the graph)."""
+    if any(t.device.type != "cpu" for t in (q, k, v)) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.dtype not in DTYPE_CODE or dropout > 0.0:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return torch.compiler.is_compiling() or attention_native()
 
 
 def _check(q, k, v, mask, scale) -> tuple[int, int, int, int, int, int, int]:
