@@ -5,9 +5,11 @@
 
 The folder holds the model's config.json (with a `quantization_config` whose quant_method is
 "fastinfer", naming the weights file) and the model in fastinfer's file format (fastinfer.save).
-It has no model.safetensors on purpose: transformers' own from_pretrained on it fails (no weights
-file, and a warning naming the unknown "fastinfer" quantization) instead of silently returning a
-float model whose int8 layers were "newly initialized". A folder written by transformers'
+It has no model.safetensors on purpose: transformers' own from_pretrained on it fails instead of
+silently returning a float model whose int8 layers were "newly initialized" (in a process that
+imported fastinfer, the "fastinfer" quantization method refuses it with the way out, as it refuses
+a folder transformers' save_pretrained wrote from a converted model: convert/hf_quantizer.py;
+elsewhere, for the missing weights file). A folder written by transformers'
 save_pretrained from a fastinfer model (int8 keys in model.safetensors, no layer descriptions) is
 recognised by from_pretrained here and refused with the way out.
 """
@@ -75,7 +77,9 @@ def from_pretrained(directory: str | os.PathLike, model_class=None, **config_kwa
     except ValueError as e:
         raise io.FileFormatError(f"{config_path}: not valid JSON ({e})") from None
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if not (isinstance(qc, dict) and qc.get("quant_method") == "fastinfer"):
+    # fastinfer.save_pretrained names its weights file; quantize()'s mark alone (a folder written by
+    # transformers' save_pretrained) does not
+    if not (isinstance(qc, dict) and qc.get("quant_method") == "fastinfer" and "weights" in qc):
         if _holds_fastinfer_keys(directory):
             raise io.FileFormatError(
                 f"{directory}: written by transformers' save_pretrained from a fastinfer model: its int8 tensors are "

@@ -31,7 +31,8 @@ from torch import nn
 
 from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules
-from fastinfer.convert.attention import HF_NAME, enable_fast_attention
+from fastinfer.convert.attention import HF_NAME, enable_fast_attention, is_hf_model
+from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.report import ConversionReport, LayerConversion
 from fastinfer.nn import (
     DepthwiseConv2d,
@@ -408,6 +409,8 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
                                                                attention if isinstance(attention, str) else None)  # fmt: skip
     if info.get("attention") == HF_NAME:
         enable_fast_attention(model)
+    if info["layers"] and is_hf_model(model):
+        mark_converted(model)  # as quantize() does: transformers' own from_pretrained refuses its folders
     return model
 
 

@@ -427,9 +427,10 @@ def _tiny_bert():
 def test_hf_folder_round_trip_bert_and_gpt2(tmp_path):
     transformers, bert = _tiny_bert()
     q = fastinfer.quantize(bert)
+    mark = dict(q.config.quantization_config)  # quantize's (tests below: transformers' loader refuses it)
     fastinfer.save_pretrained(q, tmp_path / "bert")
     assert sorted(p.name for p in (tmp_path / "bert").iterdir()) == ["config.json", "fastinfer.safetensors"]
-    assert "quantization_config" not in q.config.__dict__  # the model's own config is left as it was
+    assert q.config.quantization_config == mark  # the model's own config is left as it was
     loaded = fastinfer.from_pretrained(tmp_path / "bert")  # the class from config.json's architectures
     assert type(loaded) is transformers.BertModel
     ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -448,7 +449,9 @@ def test_transformers_own_from_pretrained_does_not_silently_load_floats(tmp_path
     transformers, bert = _tiny_bert()
     q = fastinfer.quantize(bert)
     fastinfer.save_pretrained(q, tmp_path / "ours")
-    with pytest.raises(OSError, match="model.safetensors"):  # no float weights file to half-load
+    # refused: by the "fastinfer" quantization method where fastinfer is imported (here), else for
+    # the missing float weights file
+    with pytest.raises(ValueError, match="converted by fastinfer"):
         transformers.BertModel.from_pretrained(tmp_path / "ours")
     # the other way round: transformers' save_pretrained of a fastinfer model, refused with the way out
     q.save_pretrained(tmp_path / "theirs")
@@ -522,3 +525,34 @@ def test_demo_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "## MobileNetV2 b16 64x64" in r.stdout and "| fastinfer |" in r.stdout and "chart of speed vs fidelity" in r.stdout
     assert (tmp_path / "d.png").stat().st_size > 5000
+
+
+def test_transformers_round_trip_of_a_converted_model_is_refused_not_random(tmp_path):
+    """transformers' save_pretrained then from_pretrained of a converted model used to return a
+    float model whose int8 layers were 'newly initialized' (random), with a warning only. quantize()
+    and load() mark the config and fastinfer registers a quantization method that refuses."""
+    transformers, bert = _tiny_bert()
+    q = fastinfer.quantize(bert)
+    assert q.config.quantization_config["quant_method"] == "fastinfer"
+    assert "quantization_config" not in bert.config.__dict__  # the float original is not marked
+    q.save_pretrained(tmp_path / "theirs")
+    with pytest.raises(ValueError, match=r"converted by fastinfer.*fastinfer.save_pretrained"):
+        transformers.BertModel.from_pretrained(tmp_path / "theirs")
+    fastinfer.save(q, tmp_path / "m.safetensors")
+    loaded = fastinfer.load(tmp_path / "m.safetensors", lambda: _tiny_bert()[1])
+    assert loaded.config.quantization_config["quant_method"] == "fastinfer"
+    # nothing converted: nothing marked (an attention-only switch saves as a plain float model)
+    plain = fastinfer.quantize(bert, fastinfer.QuantConfig(skip=["*"]))
+    assert "quantization_config" not in plain.config.__dict__
+    fastinfer.save_pretrained(q, tmp_path / "ours")  # and our own folders keep working
+    assert fastinfer.from_pretrained(tmp_path / "ours", transformers.BertModel).config.quantization_config["quant_method"] == "fastinfer"
+    # a process that never imported fastinfer: our folder still fails (no float weights file), the
+    # one transformers wrote loads with a warning only (nothing of ours runs there)
+    r = run_python(f"""
+        import transformers
+        try:
+            transformers.BertModel.from_pretrained({str(tmp_path / "ours")!r})
+        except OSError as e:
+            print("refused", "model.safetensors" in str(e))
+        """)
+    assert r.returncode == 0 and "refused True" in r.stdout, (r.stdout, r.stderr[-800:])

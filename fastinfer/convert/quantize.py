@@ -11,6 +11,7 @@ from fastinfer.config import QuantConfig
 from fastinfer.convert._select import Target, scan
 from fastinfer.convert._swap import swap
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
+from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.fuse import ConvFusion, conv_fusions, fx_graph
 from fastinfer.convert.patterns import is_erf_gelu, linear_activation, linear_activation_fusions  # noqa: F401 (is_erf_gelu: public here before)
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
@@ -135,6 +136,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
             report.append(LayerConversion(item.name, kind, now, detail))
         else:
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
+    if report.converted and is_hf_model(result):
+        mark_converted(result)  # transformers' own from_pretrained then refuses its saved folders
     attach(result, report)
     return result
 
