@@ -120,17 +120,27 @@ def scan(
     targets, left = [], []
     for key, fqns in names.items():
         mod, shape = layers[key]
-        if shape is None:
-            left.append(LeftFloat(tuple(fqns), mod, float_reason(mod, convs)))
-        elif any(skipped(skip, fqn) for fqn in fqns):
-            left.append(LeftFloat(tuple(fqns), mod, "skipped by QuantConfig.skip"))
-        elif min(shape) < min_features:
-            left.append(LeftFloat(tuple(fqns), mod, f"smaller than QuantConfig.min_features={min_features}"))
-        elif filter_fn is not None and not all(filter_fn(mod, fqn) for fqn in fqns):
-            left.append(LeftFloat(tuple(fqns), mod, "filter_fn returned False"))
+        why = float_reason(mod, convs) if shape is None else config_reason(mod, fqns, min(shape), skip, filter_fn, min_features)
+        if why:
+            left.append(LeftFloat(tuple(fqns), mod, why))
         else:
             targets.append(Target(tuple(fqns), mod))
     return targets, left
+
+
+def config_reason(mod: nn.Module, fqns: list[str], size: int, skip: tuple[str | re.Pattern, ...],
+                  filter_fn: Callable[[nn.Module, str], bool] | None, min_features: int,
+                  also_skipped_by: tuple[str, ...] = ()) -> str | None:  # fmt: skip
+    """Why the config keeps a convertible layer in float (None: it converts): a skip pattern matching
+    one of its names (or of `also_skipped_by`), its smallest dimension `size` below min_features,
+    or filter_fn refusing one of its names."""
+    if any(skipped(skip, fqn) for fqn in (*fqns, *also_skipped_by)):
+        return "skipped by QuantConfig.skip"
+    if size < min_features:
+        return f"smaller than QuantConfig.min_features={min_features}"
+    if filter_fn is not None and not all(filter_fn(mod, fqn) for fqn in fqns):
+        return "filter_fn returned False"
+    return None
 
 
 def select(

@@ -41,13 +41,15 @@ def route_fused_layers_through_modules(model: nn.Module) -> None:
     reads the first layer's float weights too and has no such switch: it is turned off on encoders
     whose layers hold fastinfer layers (use_nested_tensor = False, what enable_nested_tensor=False
     gives)."""
+    def swapped(layer: nn.TransformerEncoderLayer) -> list[nn.Module]:  # the submodules no longer torch's float ones
+        subs = (getattr(layer, n, None) for n in ("linear1", "linear2", "self_attn"))
+        return [s for s in subs if s is not None and type(s) not in (nn.Linear, nn.MultiheadAttention)]
+
     for mod in model.modules():
         if isinstance(mod, nn.TransformerEncoderLayer):
-            for sub in (mod.linear1, mod.linear2, mod.self_attn):
-                if type(sub) not in (nn.Linear, nn.MultiheadAttention) and _keep_module_path not in sub._forward_pre_hooks.values():
+            for sub in swapped(mod):
+                if _keep_module_path not in sub._forward_pre_hooks.values():
                     sub.register_forward_pre_hook(_keep_module_path)
         if isinstance(mod, nn.TransformerEncoder) and getattr(mod, "use_nested_tensor", False) and len(mod.layers):
-            first = mod.layers[0]
-            subs = [getattr(first, n, None) for n in ("linear1", "linear2", "self_attn")]
-            if any(s is not None and type(s) not in (nn.Linear, nn.MultiheadAttention) for s in subs):
+            if isinstance(mod.layers[0], nn.TransformerEncoderLayer) and swapped(mod.layers[0]):
                 mod.use_nested_tensor = False

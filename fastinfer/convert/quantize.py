@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastinfer.config import QuantConfig
-from fastinfer.convert._select import Target, scan
+from fastinfer.convert._select import Target, config_reason, scan
 from fastinfer.convert._swap import swap
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.hf_quantizer import mark_converted
@@ -150,27 +150,20 @@ def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list
     for fqn, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, nn.MultiheadAttention):
             found.setdefault(id(mod), (mod, []))[1].append(fqn)
-    rows = []
+    rows, targets = [], []
     for mod, names in found.values():
-        why = mha_float_reason(mod)
-        if why is None and any(config.skips(n) or config.skips(f"{n}.out_proj" if n else "out_proj") for n in names):
-            why = "skipped by QuantConfig.skip"
-        elif why is None and mod.embed_dim < config.min_features:
-            why = f"smaller than QuantConfig.min_features={config.min_features}"
-        elif why is None and config.filter_fn is not None and not all(config.filter_fn(mod, n) for n in names):
-            why = "filter_fn returned False"
+        # the out_proj's names skip it too: the module converts whole or not at all
+        why = mha_float_reason(mod) or config_reason(mod, names, mod.embed_dim, config.skip, config.filter_fn,
+                                                     config.min_features, tuple(f"{n}.out_proj".lstrip(".") for n in names))  # fmt: skip
         if why:
             rows.append(LayerConversion(names[0], type(mod).__name__, "float", why))
             continue
-        new = Int8MultiheadAttention.from_mha(mod, fused_attention=config.attention)
-        for fqn in names:
-            if fqn == "":
-                model = new
-            else:
-                parent, _, child = fqn.rpartition(".")
-                setattr(model.get_submodule(parent), child, new)
+        targets.append(Target(tuple(names), mod))
         detail = "in_proj and out_proj int8; attention: " + ("fastinfer kernel" if config.attention else "torch SDPA")
         rows.append(LayerConversion(names[0], type(mod).__name__, "Int8MultiheadAttention", detail))
+    if targets:
+        model = swap(model, targets, lambda m: Int8MultiheadAttention.from_mha(m, fused_attention=config.attention),
+                     config.progress, "fastinfer.quantize")  # fmt: skip
     return model, rows
 
 
