@@ -185,6 +185,7 @@ PYBIND11_MODULE(_C, m) {
         return bytes;
     });
     m.def("int8_linear", int8_linear_binding(&fc::int8_linear));
+    m.def("weight_only_linear", int8_linear_binding(&fc::weight_only_linear));
     m.def("conv2d_is_depthwise", [](std::vector<int64_t> shape) { return fc::conv2d_is_depthwise(conv_shape(shape)); });
     m.def("int8_conv2d", [](uintptr_t x, int dt, std::vector<int64_t> shape, uintptr_t w, int64_t nbytes, uintptr_t sw,
                             uintptr_t bias, uintptr_t out, int out_dt, int act) {

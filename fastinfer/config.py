@@ -66,6 +66,14 @@ class QuantConfig:
         fastinfer.nn.DepthwiseConv2d, fp32 on fastinfer's fused NHWC kernel (memory-bound layers:
         int8 would only add a quantization pass, and fp32 keeps them exact); "int8" Int8Conv2d
         (one activation scale per sample).
+    activations: how the linear layers treat their inputs. "dynamic" (the default): Int8Linear,
+        activations quantized per token at run time (int8 x int8 products, the fast choice from a
+        few rows up). "none": WeightOnlyInt8Linear, weight-only int8 (W8A32: int8 weights widened
+        to fp32, the activations never quantized) for models whose activations have outliers, and
+        for decoding at one to a few rows, where it streams the same int8 bytes at about the same
+        speed. With "none" only linear layers convert: convolutions and nn.MultiheadAttention stay
+        float (their weight-only kernels are not built; the report says so), and a SparseLinear
+        becomes a dense WeightOnlyInt8Linear. "static" (calibrated per-tensor scales) is not built yet.
     attention: switch a transformers model that runs torch's SDPA (its default) to fastinfer's fused
         attention kernel (fastinfer.ops.attention: scores, mask, softmax and values in one pass
         per head, fp32 arithmetic). Calls that the kernel does not serve (autograd, dropout,
@@ -83,8 +91,16 @@ class QuantConfig:
     fuse_activations: bool = True
     depthwise: str = "float"
     attention: bool = True
+    activations: str = "dynamic"
 
     def __post_init__(self) -> None:
+        if self.activations == "static":
+            raise NotImplementedError(
+                "QuantConfig(activations='static'): calibrated static activation scales are not built yet; "
+                "use 'dynamic' (per-token scales at run time) or 'none' (weight-only int8)"
+            )
+        if self.activations not in ("dynamic", "none"):
+            raise ValueError(f"QuantConfig.activations must be 'dynamic' or 'none', got {self.activations!r}")
         if self.depthwise not in ("float", "int8"):
             raise ValueError(f"QuantConfig.depthwise must be 'float' or 'int8', got {self.depthwise!r}")
         object.__setattr__(self, "skip", skip_patterns(self.skip))

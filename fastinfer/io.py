@@ -43,6 +43,7 @@ from fastinfer.nn import (
     Int8MultiheadAttention,
     SparseInt8Linear,
     SparseLinear,
+    WeightOnlyInt8Linear,
     linear_weight_and_bias,
 )
 
@@ -137,6 +138,10 @@ _KINDS: dict[str, _Kind] = {
     "Int8Linear": _Kind(
         Int8Linear, lambda m: {**_linear_config(m), "activation": m.activation},
         lambda c: Int8Linear(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"]),
+        _fits_linear, True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT}),
+    "WeightOnlyInt8Linear": _Kind(
+        WeightOnlyInt8Linear, lambda m: {**_linear_config(m), "activation": m.activation},
+        lambda c: WeightOnlyInt8Linear(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"]),
         _fits_linear, True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT}),
     "SparseInt8Linear": _Kind(
         SparseInt8Linear, lambda m: {**_linear_config(m), "activation": m.activation},

@@ -219,6 +219,15 @@ inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
         static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
 }
 
+// The weight-only epilogue (wo_gemm: fp32 sums): act(fma(acc, sw, bias)), ep.sa unused.
+inline void store_one_f32(float acc, const Epilogue& ep, int64_t m, int64_t n) {
+    const float y = act_f32(__builtin_fmaf(acc, ep.sw[n], ep.bias ? ep.bias[n] : 0.f), ep.act);
+    if (ep.kind == DType::kF32)
+        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+    else
+        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+}
+
 }  // namespace
 
 }  // namespace cpu

@@ -31,6 +31,13 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes, const float* sw,
                    const float* bias, void* out, DType out_dt, int64_t ldo, int act);
 
+// Weight-only int8 (W8A32): out [m, n] = act(fma(x @ float(W)^T, sw, bias)) in fp32, x (fp32, or bf16
+// widened exactly) never quantized; the sums run over k in order, one fma chain per output, so every
+// ISA gives the same bits (KernelTable::wo_gemm). Arguments as int8_linear's.
+Status weight_only_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
+                          int64_t packed_nbytes, const float* sw, const float* bias, void* out, DType out_dt,
+                          int64_t ldo, int act);
+
 // A 2-D convolution over NHWC data: input [n, h, w, c], output [n, oh, ow, cout]; padding ph/pw
 // at the top/left (the bottom/right padding is whatever oh/ow imply: asymmetric "same" padding).
 struct Conv2dShape {

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastinfer.config import QuantConfig
-from fastinfer.convert._select import Target, config_reason, scan
+from fastinfer.convert._select import LeftFloat, Target, config_reason, scan
 from fastinfer.convert._swap import swap
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.hf_quantizer import mark_converted
@@ -24,12 +24,15 @@ from fastinfer.nn import (
     Int8Linear,
     Int8MultiheadAttention,
     SparseLinear,
+    WeightOnlyInt8Linear,
     quantize_weight_per_channel,
 )
 from fastinfer.nn.attention import mha_float_reason
 from fastinfer.ops.conv import is_depthwise
 
 __all__ = ["quantize"]
+
+_WEIGHT_ONLY_FLOAT = "QuantConfig(activations='none'): no weight-only kernel for this layer kind (linear layers only)"
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bool = False) -> nn.Module:
@@ -61,6 +64,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     (activation="gelu", "gelu_tanh", ...) and replaced by fastinfer.nn.Fused. A layer that stays
     float (skipped) or is registered under several names is never fused.
 
+    With QuantConfig(activations="none"), linear layers become WeightOnlyInt8Linear (int8 weights,
+    activations never quantized) and convolutions and nn.MultiheadAttention stay float, each with
+    that reason in the report.
+
     With config.attention (the default), a transformers model that runs torch's SDPA is switched to
     fastinfer's fused attention kernel (see QuantConfig.attention; the report says what was done).
     nn.MultiheadAttention modules (also inside nn.TransformerEncoderLayer / DecoderLayer) become
@@ -82,6 +89,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     model, mha_rows = _convert_mha(model, config)
     targets, left = scan(model, (SparseLinear,), convs=True, skip=config.skip, filter_fn=config.filter_fn,
                          min_features=config.min_features)  # fmt: skip
+    weight_only = config.activations == "none"
+    if weight_only:  # only linear layers have a weight-only kernel
+        keep = [t for t in targets if not isinstance(t.module, (nn.Conv1d, nn.Conv2d))]
+        left += [LeftFloat(t.names, t.module, _WEIGHT_ONLY_FLOAT) for t in targets if not any(t is k for k in keep)]
+        targets = keep
     convs = {id(t.module): t.module for t in targets if isinstance(t.module, nn.Conv2d)}
     convs1d = {id(t.module) for t in targets if isinstance(t.module, nn.Conv1d)}
     linears = [t for t in targets if id(t.module) not in convs and id(t.module) not in convs1d]
@@ -110,8 +122,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
                 new = Int8Conv2d.from_conv(mod, **kw)
         else:
             _, _, act, note = fused.get(id(mod), (None, None, None, ""))
-            new = _to_int8(mod, act)
-            detail = f"{act} fused{note}" if act else ""
+            new = _to_int8(mod, act, weight_only)
+            detail = "; ".join(filter(None, ("weight-only" if weight_only else "", f"{act} fused{note}" if act else "")))
         rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
         return new
 
@@ -153,7 +165,7 @@ def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list
     rows, targets = [], []
     for mod, names in found.values():
         # the out_proj's names skip it too: the module converts whole or not at all
-        why = mha_float_reason(mod) or config_reason(mod, names, mod.embed_dim, config.skip, config.filter_fn,
+        why = (_WEIGHT_ONLY_FLOAT if config.activations == "none" else None) or mha_float_reason(mod) or config_reason(mod, names, mod.embed_dim, config.skip, config.filter_fn,
                                                      config.min_features, tuple(f"{n}.out_proj".lstrip(".") for n in names))  # fmt: skip
         if why:
             rows.append(LayerConversion(names[0], type(mod).__name__, "float", why))
@@ -167,15 +179,17 @@ def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list
     return model, rows
 
 
-def _to_int8(mod: nn.Module, activation: str | None = None) -> nn.Module:
+def _to_int8(mod: nn.Module, activation: str | None = None, weight_only: bool = False) -> nn.Module:
     """Int8Linear for a float linear layer; for a SparseLinear, the same quantization of its weights
     (zeros stay zero) stored in the int8 sparse format sparsify() would pick, or dense if none pays.
+    weight_only: WeightOnlyInt8Linear instead (dense: no sparse weight-only kernel).
     activation: fused after the layer (None or an epilogue name, see convert/patterns.py)."""
+    cls = WeightOnlyInt8Linear if weight_only else Int8Linear
     if not isinstance(mod, SparseLinear):
-        return Int8Linear.from_linear(mod, activation=activation)
-    dense = Int8Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, activation=activation)
+        return cls.from_linear(mod, activation=activation)
+    dense = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, activation=activation)
     dense.set_weight(*quantize_weight_per_channel(mod.dense_weight()))
     if mod.bias is not None:
         dense.bias.copy_(mod.bias)
     dense.train(mod.training)
-    return sparse_int8_or_dense(dense)
+    return dense if weight_only else sparse_int8_or_dense(dense)

@@ -15,7 +15,7 @@ from torch import nn
 from fastinfer.config import skip_patterns
 from fastinfer.convert._select import select
 from fastinfer.convert._swap import swap
-from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear, linear_weight_and_bias
+from fastinfer.nn import Int8Linear, SparseInt8Linear, SparseLinear, WeightOnlyInt8Linear, linear_weight_and_bias
 from fastinfer.plan.rules import DEFAULT_RULE, SparseRule, choose_format
 
 __all__ = ["sparse_int8_or_dense", "sparsify"]
@@ -36,7 +36,8 @@ def sparsify(
     progress: bool | None = None,
 ) -> nn.Module:
     """Returns `model` with each pruned layer that runs faster sparse replaced: nn.Linear (and
-    transformers Conv1D) -> fastinfer.nn.SparseLinear, Int8Linear -> SparseInt8Linear. Layers whose
+    transformers Conv1D) -> fastinfer.nn.SparseLinear, Int8Linear -> SparseInt8Linear (a
+    WeightOnlyInt8Linear stays dense: no sparse weight-only kernel). Layers whose
     zeros do not pay (see SparseRule) stay as they are; so do layers matched by `skip` (patterns as
     in QuantConfig). Outputs are unchanged up to fp32 summation order (SparseLinear) or exactly
     (SparseInt8Linear vs Int8Linear). The original model is not modified unless inplace=True.
@@ -51,6 +52,8 @@ def sparsify(
         model = copy.deepcopy(model)
 
     def convert(mod: nn.Module) -> nn.Module:
+        if isinstance(mod, WeightOnlyInt8Linear):
+            return mod  # no sparse weight-only kernel: it stays dense
         if isinstance(mod, Int8Linear):
             return sparse_int8_or_dense(mod, rule)
         weight, _ = linear_weight_and_bias(mod)

@@ -188,3 +188,26 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
 
     def extra_repr(self) -> str:
         return layer_repr(self, "weight=int8 per-channel", "act=int8 per-token", *self._act_repr())
+
+
+class WeightOnlyInt8Linear(Int8Linear):
+    """y = x @ W^T + b with int8 weights (per output channel) and the activations left as they are
+    (W8A32: fastinfer.ops.weight_only_linear). The weight is stored and streamed as int8 (a quarter
+    of fp32's bytes) and widened to fp32 in registers; x is never quantized, so the only error is the
+    weight's rounding, whatever outliers the activations have. As fast as Int8Linear at one to a few
+    rows (decoding, small batches: the weight bytes are the limit), slower from ~8 rows on (fp32
+    FMA instead of int8 dot products); bit-identical on every ISA. CPU only.
+
+    Same weights, state_dict and conversions as Int8Linear (from_linear, set_weight, activation,
+    backward); QuantConfig(activations="none") makes quantize() build these.
+    """
+
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.weight_only_linear(x, self.packed_weight, self.weight_scale, self.bias, self.activation)
+
+    def _prepare(self):
+        return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features,
+                                   self._act_code(), "weight_only_linear")  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return layer_repr(self, "weight=int8 per-channel", "act=float (weight-only)", *self._act_repr())

@@ -143,11 +143,13 @@ def check_scale_bias(name: str, w_scale: torch.Tensor, bias: torch.Tensor | None
     return n
 
 
-def check_int8_linear_params(packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """N of int8_linear's weight side (packed from pack_int8_weight, w_scale, bias), on any device."""
-    n = check_scale_bias("int8_linear", w_scale, bias)
+def check_int8_linear_params(packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                             name: str = "int8_linear") -> int:  # fmt: skip
+    """N of int8_linear's (or weight_only_linear's) weight side (packed from pack_int8_weight,
+    w_scale, bias), on any device."""
+    n = check_scale_bias(name, w_scale, bias)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
-        raise TypeError("fastinfer.int8_linear: packed must be a 1-D uint8 tensor from pack_int8_weight")
+        raise TypeError(f"fastinfer.{name}: packed must be a 1-D uint8 tensor from pack_int8_weight")
     return n
 
 

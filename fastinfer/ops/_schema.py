@@ -24,6 +24,9 @@ torch.library.define("fastinfer::int8_matmul_packed", "(Tensor a, Tensor packed,
 torch.library.define(
     "fastinfer::int8_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor"
 )
+torch.library.define(
+    "fastinfer::weight_only_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor"
+)
 # sparse (the packed weight is pack_sparse's buffer, any format)
 torch.library.define("fastinfer::sparse_linear", "(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor")
 torch.library.define(
@@ -69,6 +72,14 @@ def _int8_linear_fake(x, packed, w_scale, bias, act=0):
     check_float_input("int8_linear", x)
     activation_name("int8_linear", act)
     n = check_int8_linear_params(packed, w_scale, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("fastinfer::weight_only_linear")
+def _weight_only_linear_fake(x, packed, w_scale, bias, act=0):
+    check_float_input("weight_only_linear", x)
+    activation_name("weight_only_linear", act)
+    n = check_int8_linear_params(packed, w_scale, bias, "weight_only_linear")
     return x.new_empty((*x.shape[:-1], n))
 
 

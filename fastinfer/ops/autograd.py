@@ -27,7 +27,7 @@ def _input_gradient(name: str, grad: torch.Tensor, x: torch.Tensor | None, out: 
 
 
 def _setup(ctx, inputs, output) -> None:
-    """int8_linear and sparse_int8_linear: (x, packed, w_scale, bias, act)."""
+    """int8_linear, weight_only_linear and sparse_int8_linear: (x, packed, w_scale, bias, act)."""
     x, packed, w_scale, bias, act = inputs
     ctx.meta = (tuple(x.shape), x.dtype, act)
     ctx.save_for_backward(x if act in _NEEDS_INPUT else None, packed, w_scale, bias, output if act in (2, 3) else None)
@@ -38,6 +38,13 @@ def _int8_linear_backward(ctx, grad):
     shape, dtype, act = ctx.meta
     wf = unpack_int8_weight(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
     return _input_gradient("int8_linear", grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
+
+
+def _weight_only_linear_backward(ctx, grad):
+    x, packed, w_scale, bias, out = ctx.saved_tensors
+    shape, dtype, act = ctx.meta
+    wf = unpack_int8_weight(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
+    return _input_gradient("weight_only_linear", grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
 
 
 def _sparse_int8_linear_backward(ctx, grad):
@@ -61,5 +68,6 @@ def _sparse_linear_backward(ctx, grad):
 
 
 torch.library.register_autograd("fastinfer::int8_linear", _int8_linear_backward, setup_context=_setup)
+torch.library.register_autograd("fastinfer::weight_only_linear", _weight_only_linear_backward, setup_context=_setup)
 torch.library.register_autograd("fastinfer::sparse_int8_linear", _sparse_int8_linear_backward, setup_context=_setup)
 torch.library.register_autograd("fastinfer::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup)

@@ -154,6 +154,14 @@ def int8_linear(
     return out
 
 
+@register("weight_only_linear", "cuda")
+def weight_only_linear(*args, **kwargs):
+    raise RuntimeError(
+        "fastinfer.weight_only_linear: weight-only int8 runs on the CPU only (no CUDA kernel yet); on CUDA "
+        "quantize with the default QuantConfig(activations='dynamic') (Int8Linear), or keep the layer on the CPU"
+    )
+
+
 def _refuse_sparse(opname: str):
     def refuse(*args, **kwargs):
         raise RuntimeError(

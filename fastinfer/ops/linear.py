@@ -69,18 +69,18 @@ def validate_int8_weight(packed: torch.Tensor) -> None:
 
 
 def prepare_int8_linear(
-    packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int, act: int = 0
-) -> _prepared.Int8LinearCall:
-    """The checked weight side of int8_linear for inputs [..., k] and activation code act: what its
-    CPU kernel runs, and what an Int8Linear keeps for its eager calls."""
-    n = check_int8_linear_params(packed, w_scale, bias)
-    activation_name("int8_linear", act)
-    packed, pn, pk = check_packed("int8_linear", packed)
+    packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int, act: int = 0,
+    name: str = "int8_linear",
+) -> _prepared.Int8LinearCall:  # fmt: skip
+    """The checked weight side of int8_linear (or, with name="weight_only_linear", of the
+    weight-only op: same weight side, another kernel) for inputs [..., k] and activation code act:
+    what its CPU kernel runs, and what an Int8Linear keeps for its eager calls."""
+    n = check_int8_linear_params(packed, w_scale, bias, name)
+    activation_name(name, act)
+    packed, pn, pk = check_packed(name, packed)
     if pn != n or pk != k:
-        raise ValueError(
-            f"fastinfer.int8_linear: input has K={k} and w_scale N={n}, but the packed weight is [{pn}, {pk}]"
-        )
-    return _prepared.Int8LinearCall(_C.int8_linear, packed, w_scale, bias, n, k, act)
+        raise ValueError(f"fastinfer.{name}: input has K={k} and w_scale N={n}, but the packed weight is [{pn}, {pk}]")
+    return _prepared.Int8LinearCall(getattr(_C, name), packed, w_scale, bias, n, k, act)
 
 
 # ------------------------------------------------------------------------------------- CPU kernels
@@ -141,6 +141,14 @@ def _int8_linear_cpu(
 ) -> torch.Tensor:
     check_float_input("int8_linear", x)
     return prepare_int8_linear(packed, w_scale, bias, x.shape[-1], act)(x)
+
+
+@register("weight_only_linear", "cpu")
+def _weight_only_linear_cpu(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0
+) -> torch.Tensor:
+    check_float_input("weight_only_linear", x)
+    return prepare_int8_linear(packed, w_scale, bias, x.shape[-1], act, "weight_only_linear")(x)
 
 
 # -------------------------------------------------------------------------------------- public API
@@ -220,3 +228,24 @@ def int8_linear(
         # which is 5% of a 4096x4096 layer at M=1.
         return _int8_linear_cpu(x, packed, w_scale, bias, act)
     return torch.ops.fastinfer.int8_linear(x, packed, w_scale, bias, act)
+
+
+def weight_only_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Weight-only int8 linear (W8A32): act(x @ (W * w_scale)^T + bias) with x [..., K] never
+    quantized. The int8 weight (packed by pack_int8_weight) is widened to fp32 in registers and
+    multiplied by fp32 FMA (a bfloat16 x is widened exactly), one chain per output in k order, so
+    every ISA gives the same bits; the output has x's dtype. Same weight side and activations as
+    int8_linear: the accurate choice where activation outliers hurt int8, and about as fast at one
+    to a few rows (it streams the same int8 bytes); from ~8 rows up int8_linear is faster. CPU only."""
+    x = check_tensor("weight_only_linear", "x", x)
+    act = activation_code("weight_only_linear", activation)
+    check_device("weight_only_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
+    if eager_fast_path(x):
+        return _weight_only_linear_cpu(x, packed, w_scale, bias, act)
+    return torch.ops.fastinfer.weight_only_linear(x, packed, w_scale, bias, act)

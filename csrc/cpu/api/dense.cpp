@@ -86,4 +86,40 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
     return Status::ok();
 }
 
+Status weight_only_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
+                          int64_t packed_nbytes_, const float* sw, const float* bias, void* out, DType out_dt,
+                          int64_t ldo, int act) {
+    if (dt != DType::kF32 && dt != DType::kBF16)
+        return Status::invalid("weight_only_linear: x must be float32 or bfloat16");
+    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
+        return Status::invalid("weight_only_linear: out must be float32 or bfloat16");
+    if (!valid_act(act))
+        return Status::invalid("weight_only_linear: unknown activation code " + std::to_string(act));
+    PackedW w;
+    Status st = check_gemm("weight_only_linear", m, k, ldx, packed, packed_nbytes_, ldo, &w);
+    if (!st.is_ok() || m == 0 || w.n == 0) return st;
+    const KernelTable& kt = active_kernels();
+    const float* xf = static_cast<const float*>(x);
+    int64_t ld = ldx;
+    if (dt == DType::kBF16) {  // widened once (exact), so the kernels read fp32 rows
+        if (k > 0 && m > (int64_t(1) << 60) / k) return Status::invalid("weight_only_linear: input too large");
+        float* buf = reinterpret_cast<float*>(t_scratch.get(size_t(m) * size_t(k) * sizeof(float)));
+        if (!buf) return Status::runtime("weight_only_linear: out of memory for the widened input");
+        const uint16_t* xb = static_cast<const uint16_t*>(x);
+        parallel_for(m, [&](int64_t r) {
+            for (int64_t i = 0; i < k; ++i) buf[r * k + i] = bf16_to_f32(xb[r * ldx + i]);
+        });
+        xf = buf;
+        ld = k;
+    }
+    const Epilogue ep{out_dt, out, ldo, nullptr, sw, bias, act};
+    const int64_t nblocks = w.np / kNBlock;
+    const WorkSplit s = work_split(m, nblocks, 24);
+    parallel_for(s.ngroups * s.nmchunks, [&](int64_t t) {
+        const int64_t m0 = s.m0(t), nb0 = s.nb0(t);
+        kt.wo_gemm(xf, ld, w, ep, m0, std::min(m, m0 + s.mchunk), nb0, std::min(nblocks, nb0 + s.group));
+    });
+    return Status::ok();
+}
+
 }  // namespace fastinfer::cpu

@@ -35,6 +35,7 @@ Tables fill_tables() {
     t.isa = Isa::kRef;
     t.quantize_rows = ref::quantize_rows;
     t.gemm = ref::gemm;
+    t.wo_gemm = ref::wo_gemm;
     t.csr = {ref::csr_f32, ref::csr_i8, 0, false};
     t.panel = decompress_panel;  // one portable decompress for every ISA
     t.ell_f32 = ref::ell_f32;
@@ -52,6 +53,7 @@ Tables fill_tables() {
     t.isa = Isa::kAvx2;
     t.quantize_rows = avx2::quantize_rows;
     t.gemm = avx2::gemm;
+    t.wo_gemm = avx2::wo_gemm;
     t.dot_peak = avx2::dot_peak;
     t.dot_peak_macs = 12 * 16;
     s.level[s.top = kAvx2Level] = t;
@@ -61,6 +63,7 @@ Tables fill_tables() {
     t.isa = Isa::kAvx512Vnni;
     t.quantize_rows = avx512_vnni::quantize_rows;
     t.gemm = avx512_vnni::gemm;
+    t.wo_gemm = avx512_vnni::wo_gemm;
     t.shift_u8 = true;  // every kernel reading quantized activations is replaced here (none is inherited)
     // CSR: gathers for up to 4 rows; from 5, each nonzero scales a run of transposed rows
     t.csr = {avx512_vnni::csr_f32, avx512_vnni::csr_i8, 5, true};

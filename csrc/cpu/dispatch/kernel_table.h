@@ -27,6 +27,12 @@ using QuantizeRowsKernel = void(const void* x, DType dt, int64_t ldx, int64_t m0
 // Exact int32 sums of a @ W^T (W packed K4N16) through the epilogue.
 using GemmKernel = void(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
                         int64_t nb0, int64_t nb1);
+// Weight-only int8 (W8A32): rows [m0, m1) of fp32 x [.., k] (row stride ldx) times blocks [nb0, nb1)
+// of the K4N16 weight in fp32: acc = fma(x[m][k], float(W[n][k]), acc) from +0 over k = 0 .. K-1 in
+// order (one chain per output on every path: the same bits on every ISA), then the epilogue
+// act(fma(acc, sw[n], bias[n])) (store_one_f32; ep.sa unused). Padding past k is never read from x.
+using WoGemmKernel = void(const float* x, int64_t ldx, const PackedW& w, const Epilogue& ep, int64_t m0,
+                          int64_t m1, int64_t nb0, int64_t nb1);
 // The same on a sparse int8 weight (2:4, block, ell int8): a reads q + 128 when the table's shift_u8.
 using SparseGemmKernel = void(const Activations& a, const SparseView& w, const Epilogue& ep, int64_t m0,
                               int64_t m1, int64_t nb0, int64_t nb1);
@@ -171,6 +177,7 @@ struct KernelTable {
     GemmKernel* gemm = nullptr;
     bool shift_u8 = false;
     GemmKernel* amx_gemm = nullptr;  // AMX tiles (tdpbssd): not built yet, null on every CPU
+    WoGemmKernel* wo_gemm = nullptr;  // weight-only int8: fp32 FMA on the K4N16 weight
     // Convolution: every int8 path but depthwise gathers + quantizes rows and runs gemm on them.
     GatherQuantizeKernel* gather_quantize = nullptr;
     DepthwiseKernel* depthwise = nullptr;      // int8

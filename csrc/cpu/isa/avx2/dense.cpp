@@ -299,3 +299,82 @@ int64_t dot_peak(int64_t iters) {
 }
 
 }  // namespace fastinfer::cpu::avx2
+
+// Weight-only int8: fp32 FMA on the K4N16 weight, one chain per output in k order (ref::wo_gemm's).
+namespace fastinfer::cpu::avx2 {
+namespace {
+
+// Byte t (0..3) of every dword of v, sign-extended, as fp32.
+inline __m256 byte_f32(__m256i v, int t) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * t), 24));
+}
+
+// MR rows x NH 8-channel halves of blocks (half h: block nb + h / 2, channels 8 * (h % 2) ...).
+template <int MR, int NH>
+void wo_micro(const float* x, int64_t ldx, const PackedW& w, const Epilogue& ep, int64_t m, int64_t h0) {
+    __m256 acc[MR][NH];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 32") for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_setzero_ps();
+    const int8_t* wp[NH];
+    _Pragma("GCC unroll 32") for (int j = 0; j < NH; ++j)
+        wp[j] = w.data + (h0 + j) / 2 * kNBlock * w.kp + 32 * ((h0 + j) % 2);
+    const float* xp[MR];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) xp[i] = x + (m + i) * ldx;
+    auto group = [&](int64_t g, int kk_end) {
+        _Pragma("GCC unroll 4") for (int t = 0; t < kk_end; ++t) {
+            __m256 xb[MR];
+            _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) xb[i] = _mm256_set1_ps(xp[i][4 * g + t]);
+            _Pragma("GCC unroll 32") for (int j = 0; j < NH; ++j) {
+                const __m256 wf = byte_f32(_mm256_load_si256(reinterpret_cast<const __m256i*>(wp[j] + g * 64)), t);
+                _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xb[i], wf, acc[i][j]);
+            }
+        }
+    };
+    const int64_t full = w.k / 4;
+    for (int64_t g = 0; g < full; ++g) group(g, 4);
+    if (w.k % 4) group(full, int(w.k % 4));
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 32") for (int j = 0; j < NH; ++j) {
+            const int64_t n0 = (h0 + j) * 8;
+            if (n0 >= w.n) continue;
+            if (n0 + 8 <= w.n) {
+                const __m256 b = ep.bias ? _mm256_loadu_ps(ep.bias + n0) : _mm256_setzero_ps();
+                const __m256 y = act8(_mm256_fmadd_ps(acc[i][j], _mm256_loadu_ps(ep.sw + n0), b), ep.act);
+                if (ep.kind == DType::kF32)
+                    _mm256_storeu_ps(static_cast<float*>(ep.out) + (m + i) * ep.ldo + n0, y);
+                else
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(ep.out) + (m + i) * ep.ldo + n0),
+                                     to_bf16(y));
+            } else {
+                alignas(32) float tmp[8];
+                _mm256_store_ps(tmp, acc[i][j]);
+                for (int64_t t = 0; n0 + t < w.n; ++t) store_one_f32(tmp[t], ep, m + i, n0 + t);
+            }
+        }
+}
+
+}  // namespace
+
+void wo_gemm(const float* x, int64_t ldx, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
+             int64_t nb0, int64_t nb1) {
+    const int64_t h1 = 2 * nb1;
+    for (int64_t h = 2 * nb0; h < h1;) {
+        const int64_t left = h1 - h;
+        int64_t m = m0;
+        if (m1 - m0 == 1 && left >= 8) {
+            wo_micro<1, 8>(x, ldx, w, ep, m, h);
+            h += 8;
+            continue;
+        }
+        const int nh = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        for (; m < m1; m += 2) {
+            const bool two = m + 2 <= m1;
+            if (nh == 4) two ? wo_micro<2, 4>(x, ldx, w, ep, m, h) : wo_micro<1, 4>(x, ldx, w, ep, m, h);
+            else if (nh == 2) two ? wo_micro<2, 2>(x, ldx, w, ep, m, h) : wo_micro<1, 2>(x, ldx, w, ep, m, h);
+            else two ? wo_micro<2, 1>(x, ldx, w, ep, m, h) : wo_micro<1, 1>(x, ldx, w, ep, m, h);
+        }
+        h += nh;
+    }
+}
+
+}  // namespace fastinfer::cpu::avx2

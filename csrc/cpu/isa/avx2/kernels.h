@@ -8,6 +8,7 @@ namespace fastinfer::cpu::avx2 {
 
 QuantizeRowsKernel quantize_rows;
 GemmKernel gemm;
+WoGemmKernel wo_gemm;
 DotPeakKernel dot_peak;  // iters * 12 * 16 multiply-adds
 
 }  // namespace fastinfer::cpu::avx2

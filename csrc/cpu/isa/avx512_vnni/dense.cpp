@@ -163,3 +163,95 @@ int64_t read_sum(const uint8_t* p, int64_t n) {
 }
 
 }  // namespace fastinfer::cpu::avx512_vnni
+
+// Weight-only int8: fp32 FMA on the K4N16 weight, one chain per output in k order (ref::wo_gemm's).
+namespace fastinfer::cpu::avx512_vnni {
+namespace {
+
+// Byte t (0..3) of every dword of v, sign-extended, as fp32 (exact: |value| <= 128).
+inline __m512 byte_f32(__m512i v, int t) {
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, unsigned(24 - 8 * t)), 24));
+}
+
+// act(fma(acc, sw, bias)) for channels [n0, n0 + 16) of row m (those < n): store_one_f32's operations.
+inline void store_cols_f32(__m512 acc, int64_t n, const Epilogue& ep, int64_t m, int64_t n0) {
+    const __mmask16 mk = tail_mask(n - n0);
+    const __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
+    const __m512 y = act16(_mm512_fmadd_ps(acc, _mm512_maskz_loadu_ps(mk, ep.sw + n0), b), ep.act);
+    if (ep.kind == DType::kF32)
+        _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, mk, y);
+    else
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0, mk, to_bf16(y));
+}
+
+// MR rows x NR 16-channel blocks. Each k-group's 64 weight bytes per block are widened once (4 x 16
+// floats) and used by MR rows; the weight streams are prefetched 16 groups (1 KiB) ahead.
+template <int MR, int NR>
+void wo_micro(const float* x, int64_t ldx, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
+    __m512 acc[MR][NR];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+    const int8_t* wp[NR];
+    _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) wp[j] = w.data + (nb + j) * kNBlock * w.kp;
+    const float* xp[MR];
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) xp[i] = x + (m + i) * ldx;
+    auto group = [&](int64_t g, int kk_end) {
+        __m512i wv[NR];
+        _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
+            wv[j] = _mm512_load_si512(wp[j] + g * 64);
+            _mm_prefetch(reinterpret_cast<const char*>(wp[j] + (g + 16) * 64), _MM_HINT_T0);
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < kk_end; ++t) {
+            __m512 wf[NR];
+            _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) wf[j] = byte_f32(wv[j], t);
+            _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) {
+                const __m512 xb = _mm512_set1_ps(xp[i][4 * g + t]);
+                _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xb, wf[j], acc[i][j]);
+            }
+        }
+    };
+    const int64_t full = w.k / 4;
+    for (int64_t g = 0; g < full; ++g) group(g, 4);
+    if (w.k % 4) group(full, int(w.k % 4));  // x is never read past k
+    _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
+        _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
+            const int64_t n0 = (nb + j) * kNBlock;
+            if (n0 < w.n) store_cols_f32(acc[i][j], w.n, ep, m + i, n0);
+        }
+}
+
+template <int NR>
+void wo_rows(const float* x, int64_t ldx, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1, int64_t nb) {
+    int64_t m = m0;
+    for (; m + 4 <= m1; m += 4) wo_micro<4, NR>(x, ldx, w, ep, m, nb);
+    switch (m1 - m) {
+        case 3: wo_micro<3, NR>(x, ldx, w, ep, m, nb); break;
+        case 2: wo_micro<2, NR>(x, ldx, w, ep, m, nb); break;
+        case 1: wo_micro<1, NR>(x, ldx, w, ep, m, nb); break;
+        default: break;
+    }
+}
+
+}  // namespace
+
+void wo_gemm(const float* x, int64_t ldx, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
+             int64_t nb0, int64_t nb1) {
+    for (int64_t nb = nb0; nb < nb1;) {
+        const int64_t left = nb1 - nb;
+        if (m1 - m0 == 1 && left >= 8) {  // one row: 8 independent FMA chains hide the latency
+            wo_micro<1, 8>(x, ldx, w, ep, m0, nb);
+            nb += 8;
+        } else if (left >= 4) {
+            wo_rows<4>(x, ldx, w, ep, m0, m1, nb);
+            nb += 4;
+        } else if (left >= 2) {
+            wo_rows<2>(x, ldx, w, ep, m0, m1, nb);
+            nb += 2;
+        } else {
+            wo_rows<1>(x, ldx, w, ep, m0, m1, nb);
+            nb += 1;
+        }
+    }
+}
+
+}  // namespace fastinfer::cpu::avx512_vnni

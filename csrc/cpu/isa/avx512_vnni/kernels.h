@@ -8,6 +8,7 @@ namespace fastinfer::cpu::avx512_vnni {
 
 QuantizeRowsKernel quantize_rows;
 GemmKernel gemm;
+WoGemmKernel wo_gemm;
 DotPeakKernel dot_peak;  // iters * 24 * 64 multiply-adds
 ReadSumKernel read_sum;
 

@@ -59,3 +59,25 @@ void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0
 }
 
 }  // namespace fastinfer::cpu::ref
+
+namespace fastinfer::cpu::ref {
+
+void wo_gemm(const float* x, int64_t ldx, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
+             int64_t nb0, int64_t nb1) {
+    for (int64_t m = m0; m < m1; ++m) {
+        const float* xr = x + m * ldx;
+        for (int64_t nb = nb0; nb < nb1; ++nb) {
+            const int8_t* blk = w.data + nb * kNBlock * w.kp;
+            for (int64_t j = 0; j < kNBlock; ++j) {
+                const int64_t n = nb * kNBlock + j;
+                if (n >= w.n) break;
+                float acc = 0.f;
+                for (int64_t i = 0; i < w.k; ++i)
+                    acc = __builtin_fmaf(xr[i], float(blk[i / 4 * 64 + j * 4 + i % 4]), acc);
+                store_one_f32(acc, ep, m, n);
+            }
+        }
+    }
+}
+
+}  // namespace fastinfer::cpu::ref

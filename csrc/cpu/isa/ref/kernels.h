@@ -8,6 +8,7 @@ namespace fastinfer::cpu::ref {
 
 QuantizeRowsKernel quantize_rows;
 GemmKernel gemm;
+WoGemmKernel wo_gemm;
 CsrF32Kernel csr_f32;  // reads x, never xt
 CsrI8Kernel csr_i8;    // int8 rows
 EllF32Kernel ell_f32;
