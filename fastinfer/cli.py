@@ -50,6 +50,27 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
 
+def _example_batch(model, is_hf: bool, spec: str):
+    """The --plan example input: token ids [B, L] (and an all-ones attention mask) for a transformers
+    model, else a float32 tensor of that shape (standard normal)."""
+    import torch
+
+    try:
+        shape = tuple(int(v) for v in spec.lower().replace(",", "x").split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise SystemExit(f"fastinfer optimize: --plan takes a shape such as 8x128 or 1x3x224x224, got {spec!r}")
+    gen = torch.Generator().manual_seed(0)
+    if is_hf:
+        if len(shape) != 2:
+            raise SystemExit(f"fastinfer optimize: --plan for a transformers model is BATCHxTOKENS, got {spec!r}")
+        vocab = int(getattr(model.config, "vocab_size", 1000))
+        ids = torch.randint(0, vocab, shape, generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return torch.randn(shape, generator=gen)
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import os
 
@@ -60,21 +81,29 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None  # None: a bar for long conversions only
     model, is_hf = _load_source(args.src)
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if args.sparsity:
-        model = fastinfer.prune(model, args.sparsity, pattern=args.pattern, progress=progress)
-    if not args.no_quantize:
-        model = fastinfer.quantize(model, fastinfer.QuantConfig(progress=progress))
-    if args.sparsity:
-        model = fastinfer.sparsify(model, progress=progress)
+    if args.plan:
+        example = _example_batch(model, is_hf, args.plan)
+        prune = {"sparsity": args.sparsity, "pattern": args.pattern} if args.sparsity else None
+        model, _ = fastinfer.optimize(model, example, quantize=not args.no_quantize, prune=prune,
+                                      min_sqnr_db=args.min_sqnr, progress=progress)  # fmt: skip
+    else:
+        if args.sparsity:
+            model = fastinfer.prune(model, args.sparsity, pattern=args.pattern, progress=progress)
+        if not args.no_quantize:
+            model = fastinfer.quantize(model, fastinfer.QuantConfig(progress=progress, activations=args.activations))
+        if args.sparsity:
+            model = fastinfer.sparsify(model, progress=progress)
     if is_hf:
         path = fastinfer.save_pretrained(model, args.out)
     else:
         fastinfer.save(model, args.out)
         path = args.out
     report = model.__dict__.get("_fastinfer_report")
-    if report is not None:
+    if args.plan:
+        print(fastinfer.report(model))
+    elif report is not None:
         print(report)
-    if args.sparsity:
+    if args.sparsity and not args.plan:
         print()
         for row in fastinfer.sparsity_report(model):
             print(row)
@@ -318,14 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Loads SRC (a local transformers model folder, or module:function returning an "
         "nn.Module), optionally prunes it (magnitude), quantizes it to int8, keeps the layers whose "
         "zeros pay sparse, writes it (a folder for fastinfer.from_pretrained, or a file for "
-        "fastinfer.load) and prints the per-layer report. Static activation scales (calibration) are "
-        "not built yet.",
+        "fastinfer.load) and prints the per-layer report. With --plan SHAPE, fastinfer.optimize "
+        "decides instead, layer by layer: each candidate (float, int8 dynamic, int8 weight-only, the "
+        "sparse format the zeros allow) is timed at the shapes an example batch of SHAPE gives, and "
+        "the fastest within --min-sqnr is kept. Static activation scales (calibration) are not built yet.",
     )
     p.add_argument("src", help="model folder (config.json + weights) or module:function")
     p.add_argument("--out", required=True, help="output folder (transformers SRC) or .safetensors file")
     p.add_argument("--sparsity", type=float, help="prune this fraction of each layer's weights first (0 < s < 1)")
     p.add_argument("--pattern", default="unstructured", help="pruning pattern: unstructured, 2:4, block (default unstructured)")
     p.add_argument("--no-quantize", action="store_true", help="prune and sparsify only (float sparse layers)")
+    p.add_argument("--activations", choices=("dynamic", "none"), default="dynamic",
+                   help="dynamic: int8 activations per token (default); none: weight-only int8")
+    p.add_argument("--plan", metavar="SHAPE", help="measure per layer at an example batch of SHAPE "
+                   "(BATCHxTOKENS for a transformers model, else the input tensor's shape) and keep the fastest")
+    p.add_argument("--min-sqnr", type=float, default=30.0, help="with --plan: output SQNR each layer must keep, dB (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_optimize)
 

@@ -501,6 +501,47 @@ def test_cli_optimize_module_function_and_hf_folder(tmp_path):
     assert torch.equal(loaded(ids).last_hidden_state, ref(ids).last_hidden_state)
 
 
+def test_cli_optimize_plan_and_weight_only(tmp_path):
+    """--plan measures per layer and prints fastinfer.report; --activations none builds weight-only
+    layers; both files load back to the model that was printed."""
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def small():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path)}
+    out = tmp_path / "wo.safetensors"
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', "
+                   f"{str(out)!r}, '--activations', 'none']))", env=env)  # fmt: skip
+    assert r.returncode == 0 and "0      Linear  WeightOnlyInt8Linear  weight-only; gelu fused" in r.stdout, (r.stdout, r.stderr[-2000:])
+    from fastinfer.nn import WeightOnlyInt8Linear
+
+    loaded = fastinfer.load(out, nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)))
+    assert type(loaded[0]) is WeightOnlyInt8Linear
+    out = tmp_path / "plan.safetensors"
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', "
+                   f"{str(out)!r}, '--plan', '4x64', '--no-progress']))", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("| layer | module | kernel |") and lines[2].startswith("| 0 | ") and "| 4x64 float32 |" in lines[2]
+    assert re.search(r"measured layers [0-9.]+ ms float -> [0-9.]+ ms", r.stdout), r.stdout
+    module = lines[2].split(" | ")[1]
+    loaded = fastinfer.load(out, nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)))
+    assert type(loaded[0]).__name__ == module
+    r = run_python("import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', "
+                   "'x.safetensors', '--plan', '4xq']))", env=env)  # fmt: skip
+    assert r.returncode != 0 and "--plan takes a shape" in r.stderr
+    transformers, bert = _tiny_bert()
+    bert.save_pretrained(tmp_path / "bert-float")
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', {str(tmp_path / 'bert-float')!r}, "
+                   f"'--out', {str(tmp_path / 'bert-plan')!r}, '--plan', '2x9', '--no-progress']))")  # fmt: skip
+    assert r.returncode == 0 and "encoder.layer.0.attention.self.query" in r.stdout, r.stderr[-2000:]
+    loaded = fastinfer.from_pretrained(tmp_path / "bert-plan")
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.isfinite(loaded(ids).last_hidden_state).all()
+
+
 # ------------------------------------------------------------------------------------- fastinfer demo
 
 

@@ -13,6 +13,26 @@ from fastinfer.convert._select import shape_of
 from fastinfer.nn import Int8Conv2d, Int8Linear
 
 
+def run_batch(model: nn.Module, batch) -> object:
+    """model(batch) for a tensor, model(*batch) for a tuple/list, model(**batch) for a mapping."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise ValueError(f"each batch must be a tensor, a tuple/list or a dict, got {type(batch).__name__}")
+
+
+def batches_of(data) -> Iterable:
+    """data as an iterable of batches: a lone tensor or mapping is one batch."""
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return (data,)
+    if not isinstance(data, Iterable):
+        raise ValueError(f"calibration_data must be an iterable of batches, got {type(data).__name__}")
+    return data
+
+
 def observe_inputs(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -43,13 +63,7 @@ def observe_inputs(
             return make_hook(name, mod.in_channels, True)
         return make_hook(name, shape_of(mod, (Int8Linear,))[1], False)
 
-    if isinstance(calibration_data, (torch.Tensor, Mapping)):
-        calibration_data = (calibration_data,)
-    if not isinstance(calibration_data, Iterable):
-        raise ValueError(
-            "calibration_data must be an iterable of batches, "
-            f"got {type(calibration_data).__name__}"
-        )
+    calibration_data = batches_of(calibration_data)
     modes = {mod: mod.training for mod in model.modules()}
     handles = [
         mod.register_forward_pre_hook(hook_for(name, mod), with_kwargs=True)
@@ -60,17 +74,7 @@ def observe_inputs(
         model.eval()
         with torch.no_grad():
             for batch in calibration_data:
-                if isinstance(batch, torch.Tensor):
-                    model(batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                elif isinstance(batch, Mapping):
-                    model(**batch)
-                else:
-                    raise ValueError(
-                        "each calibration batch must be a tensor, a tuple/list or a dict, "
-                        f"got {type(batch).__name__}"
-                    )
+                run_batch(model, batch)
                 batches += 1
     finally:
         for h in handles:

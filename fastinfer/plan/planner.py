@@ -1,0 +1,424 @@
+"""fastinfer.optimize: the per-layer planner.
+
+quantize() decides by rule (every linear layer int8, depthwise convs fp32, sparse formats by
+density thresholds). optimize() decides by measurement: it converts the model as quantize() does
+(same fusions, BatchNorm folding), then for each converted layer builds every candidate that can
+run it -- float (the original modules, fusions undone), int8 dynamic, int8 weight-only, the sparse
+format its zeros allow, fp32 depthwise -- times each at the input shape the layer really gets
+from `example_inputs` on this machine (interleaved rounds, median), measures each one's output
+SQNR against float on `calibration_data` (or the example inputs), and keeps the fastest that meets
+`min_sqnr_db`. Timings are cached per (candidate, shapes, ISA, threads), so layers of the same
+shape (the 12 blocks of a BERT) are timed once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastinfer import _runtime
+from fastinfer.config import QuantConfig
+from fastinfer.convert._select import progress_bar
+from fastinfer.convert.calibrate import batches_of, run_batch
+from fastinfer.convert.report import LayerConversion
+from fastinfer.nn import (
+    DepthwiseConv2d,
+    Fused,
+    Int8Conv1d,
+    Int8Conv2d,
+    Int8Linear,
+    SparseInt8Linear,
+    SparseLinear,
+    WeightOnlyInt8Linear,
+    linear_weight_and_bias,
+)
+from fastinfer.ops.conv import is_depthwise
+from fastinfer.plan.report import LayerPlan, PlanReport, attach_plan, describe
+from fastinfer.plan.rules import choose_format
+
+__all__ = ["optimize"]
+
+# (candidate signature, input shape, dtype, ISA, threads) -> us per call, for this process
+_TIMINGS: dict[tuple, float] = {}
+# Candidates this close to the fastest (relative) count as equally fast; the most accurate is kept.
+_TIE = 0.05
+# Inputs kept at once while timing (a CNN at batch 16 has ~100 MB activations per layer).
+_CAPTURE_BYTES = 512 << 20
+
+
+@dataclass
+class _Candidate:
+    name: str  # "float", "int8 dynamic", "int8 weight-only", "int8 2:4", "fp32 ell", "fp32 depthwise"
+    module: nn.Module  # what goes in the layer's place
+    restore: bool  # the fused modules come back (the candidate does not run them itself)
+    run: Callable[[torch.Tensor], torch.Tensor]  # the layer plus what it fused, as the model runs it
+    sig: tuple  # what its time depends on, besides the input
+
+
+@dataclass
+class _Layer:
+    name: str
+    layer: nn.Module  # quantize()'s module
+    slots: list[tuple[str, nn.Module]]  # (qualified name, original module) of each Fused into it
+    candidates: list[_Candidate]
+    note: str = ""
+    x: torch.Tensor | None = None  # the first input from the example run, until timed
+    input: str = ""  # its shape and dtype
+    times: dict[str, float] | None = None  # candidate -> us per call
+    signal: float = 0.0  # sum of squares of the float output over the SQNR data
+    noise: dict[str, float] | None = None  # candidate -> sum of squared errors against float
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs,
+    *,
+    quantize: bool = True,
+    prune: float | Mapping | None = None,
+    calibration_data: Iterable | None = None,
+    min_sqnr_db: float = 30.0,
+    time_budget_s: float | None = 300.0,
+    config: QuantConfig | None = None,
+    rounds: int = 5,
+    progress: bool | None = None,
+) -> tuple[nn.Module, PlanReport]:
+    """Converts `model` layer by layer to whatever runs each layer fastest on this machine within
+    the accuracy budget; returns (the new model, its PlanReport). The model passed in is not modified.
+
+    example_inputs: one batch as the model will be served (a tensor, a tuple/list of positional
+        arguments or a dict of keyword arguments): the layers are timed at the shapes it gives them.
+    quantize: False keeps every layer's weights float (candidates: float, fp32 sparse formats,
+        fp32 depthwise).
+    prune: a sparsity (float, magnitude pruning, unstructured) or a dict of fastinfer.prune
+        arguments ({"sparsity": 0.5, "pattern": "2:4", "method": "wanda"}; wanda uses
+        calibration_data) applied first: the float reference is then the pruned model.
+    calibration_data: batches (as fastinfer.prune takes them) on which each candidate's output SQNR
+        is measured against float; default: example_inputs.
+    min_sqnr_db: a candidate qualifies when its output SQNR on that data, against the float layer
+        on the same inputs, is at least this (float always qualifies). Of the qualifying ones the
+        fastest is kept; those within 5% of it count as tied and the most accurate of them wins.
+    time_budget_s: layers left when it is spent keep quantize()'s choice, unmeasured (the report
+        says so); None: no limit.
+    config: the QuantConfig of the conversion (skip, filter_fn, fusions, attention...);
+        `activations` is ignored: dynamic and weight-only are both candidates.
+    rounds: interleaved timing rounds per layer (medians are compared).
+
+    Layers planned: linear layers (nn.Linear, transformers Conv1D), Conv2d and Conv1d.
+    nn.MultiheadAttention and the transformers attention switch follow quantize() unmeasured.
+    fastinfer.report(model) prints the plan: kernel per layer, SQNR, us per call vs float.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(min_sqnr_db, (int, float)) or isinstance(min_sqnr_db, bool) or math.isnan(min_sqnr_db):
+        raise ValueError(f"min_sqnr_db must be a number, got {min_sqnr_db!r}")
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s >= 0):
+        raise ValueError(f"time_budget_s must be None or a number >= 0, got {time_budget_s!r}")
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a fastinfer.QuantConfig, got {type(config).__name__}")
+    import dataclasses
+
+    from fastinfer.convert import prune as prune_model
+    from fastinfer.convert import quantize as quantize_model
+
+    start = time.monotonic()
+    reference = model
+    if prune is not None:
+        kwargs = {"sparsity": prune} if isinstance(prune, (int, float)) and not isinstance(prune, bool) else prune
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"prune must be a sparsity or a dict of fastinfer.prune arguments, got {prune!r}")
+        kwargs = dict(kwargs)
+        if kwargs.get("method") == "wanda" and "calibration_data" not in kwargs:
+            kwargs["calibration_data"] = calibration_data if calibration_data is not None else [example_inputs]
+        reference = prune_model(model, **kwargs)
+    # the float reference: the candidates' float modules come from it (the caller's model is never
+    # touched, not even its train/eval mode)
+    reference = (copy.deepcopy(reference) if reference is model else reference).eval()
+    qm = quantize_model(reference, dataclasses.replace(config, activations="dynamic"))
+    qm.eval()
+
+    layers = _plan_layers(qm, reference, quantize)
+    # timing inputs, layer by layer in chunks that fit _CAPTURE_BYTES; SQNR on the same pass when no
+    # calibration data is given
+    shapes = _input_sizes(qm, layers, example_inputs)
+    with progress_bar(len(layers), progress if progress is not None else len(layers) >= 10, "fastinfer.optimize") as bar:
+        chunk: list[_Layer] = []
+        budget = 0
+        todo = [lay for lay in layers if lay.name in shapes]
+        for lay in layers:
+            if lay.name not in shapes:
+                lay.note = "not called by example_inputs: quantize()'s choice kept, unmeasured"
+        for i, lay in enumerate(todo):
+            chunk.append(lay)
+            budget += shapes[lay.name]
+            if budget >= _CAPTURE_BYTES or i == len(todo) - 1:
+                _capture(qm, chunk, example_inputs, sqnr=calibration_data is None)
+                for c in chunk:
+                    if time_budget_s is not None and time.monotonic() - start > time_budget_s:
+                        c.note = "time_budget_s spent: quantize()'s choice kept, unmeasured"
+                        c.x = None
+                    else:
+                        _time_layer(c, rounds)
+                    bar.update(1)
+                chunk, budget = [], 0
+    if calibration_data is not None:
+        _capture(qm, [lay for lay in layers if lay.name in shapes], calibration_data, sqnr=True, keep=False)
+    rows = _decide_and_apply(qm, layers, min_sqnr_db, reference)
+    plan = PlanReport(rows, measured=True)
+    attach_plan(qm, plan)
+    from fastinfer.plan.report import report
+
+    return qm, report(qm)
+
+
+# ----------------------------------------------------------------------------------- candidates
+
+
+def _plan_layers(qm: nn.Module, reference: nn.Module, quantize: bool) -> list[_Layer]:
+    """The layers quantize() converted, each with its candidates; fused modules looked up by the
+    Fused markers quantize() left (`into` names the layer)."""
+    fused: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, mod in qm.named_modules():
+        if isinstance(mod, Fused):
+            fused.setdefault(mod.into, []).append((name, reference.get_submodule(name)))
+    names: dict[int, list[str]] = {}
+    for name, mod in qm.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    out = []
+    for name, mod in qm.named_modules():
+        if not isinstance(mod, (Int8Linear, SparseInt8Linear, Int8Conv2d, DepthwiseConv2d, Int8Conv1d)):
+            continue
+        if any(name.startswith(p + ".") for p in (lay.name for lay in out if isinstance(lay.layer, Int8Conv1d))):
+            continue  # the Int8Conv2d inside an Int8Conv1d
+        if len(names[id(mod)]) > 1 or name.endswith(("in_proj", "out_proj")) and _in_mha(qm, name):
+            continue  # shared layers and MultiheadAttention's projections: quantize()'s choice
+        slots = fused.get(name, [])
+        original = reference.get_submodule(name)
+        lay = _Layer(name, mod, slots, [])
+        lay.candidates = [c for c in _candidates(mod, original, slots) if quantize or not c.name.startswith("int8")]
+        out.append(lay)
+    return out
+
+
+def _in_mha(qm: nn.Module, name: str) -> bool:
+    from fastinfer.nn import Int8MultiheadAttention
+
+    parent = name.rpartition(".")[0]
+    return isinstance(qm.get_submodule(parent), Int8MultiheadAttention)
+
+
+def _chain(*mods: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x):
+        for m in mods:
+            x = m(x)
+        return x
+
+    return run
+
+
+def _sig(name: str, mod: nn.Module, extra=()) -> tuple:
+    d = describe(mod)
+    return (name, type(mod).__name__, d[0], d[1], round(d[2], 2), getattr(mod, "activation", None), *extra)
+
+
+def _candidates(mod: nn.Module, original: nn.Module, slots: list[tuple[str, nn.Module]]) -> list[_Candidate]:
+    after = [m for _, m in slots]
+    float_run = _chain(original, *after)
+    flt = _Candidate("float", original, True, float_run, _sig("float", original, tuple(type(m).__name__ for m in after)))
+    act = getattr(mod, "activation", None)
+    bn = next((m for m in after if isinstance(m, nn.BatchNorm2d)), None)
+    cands = [flt]
+    if isinstance(mod, (Int8Linear, SparseInt8Linear)):
+        dense = mod.to_int8linear() if isinstance(mod, SparseInt8Linear) else mod
+        cands.append(_Candidate("int8 dynamic", dense, False, dense, _sig("int8 dynamic", dense)))
+        fmt = choose_format(dense.weight_int8)
+        if fmt is not None:
+            sp = mod if isinstance(mod, SparseInt8Linear) and mod.format == fmt else SparseInt8Linear.from_int8linear(dense, fmt)
+            cands.append(_Candidate(f"int8 {fmt}", sp, False, sp, _sig(f"int8 {fmt}", sp)))
+        wo = WeightOnlyInt8Linear(dense.in_features, dense.out_features, bias=dense.bias is not None, activation=act)
+        wo.set_weight(dense.weight_int8, dense.weight_scale.clone())
+        if dense.bias is not None:
+            wo.bias.copy_(dense.bias)
+        cands.append(_Candidate("int8 weight-only", wo, False, wo, _sig("int8 weight-only", wo)))
+        weight, _ = linear_weight_and_bias(original)
+        if weight is not None:
+            ffmt = choose_format(weight.detach().float())
+            if ffmt is not None:
+                sl = SparseLinear.from_linear(original, ffmt)
+                cands.append(_Candidate(f"fp32 {ffmt}", sl, True, _chain(sl, *after), _sig(f"fp32 {ffmt}", sl)))
+    elif isinstance(mod, (Int8Conv2d, DepthwiseConv2d)):
+        depthwise = is_depthwise(original.in_channels, original.out_channels, original.groups)
+        i8 = mod if isinstance(mod, Int8Conv2d) else Int8Conv2d.from_conv(original, bn=bn, activation=act)
+        cands.append(_Candidate("int8 conv", i8, False, i8, _sig("int8 conv", i8)))
+        if depthwise:
+            dw = mod if isinstance(mod, DepthwiseConv2d) else DepthwiseConv2d.from_conv(original, bn=bn, activation=act)
+            cands.append(_Candidate("fp32 depthwise", dw, False, dw, _sig("fp32 depthwise", dw)))
+    elif isinstance(mod, Int8Conv1d):
+        cands.append(_Candidate("int8 conv", mod, False, mod, _sig("int8 conv", mod)))
+    for c in cands:
+        c.module.eval()
+    return cands
+
+
+# ----------------------------------------------------------------------------------- measuring
+
+
+def _first_input(args: tuple, kwargs: dict):
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def _input_sizes(qm: nn.Module, layers: list[_Layer], example_inputs) -> dict[str, int]:
+    """Bytes of each layer's first input in one run of example_inputs (layers not called are absent)."""
+    sizes: dict[str, int] = {}
+
+    def hook_for(name):
+        def hook(mod, args, kwargs):
+            x = _first_input(args, kwargs)
+            if x is not None and name not in sizes:
+                sizes[name] = x.numel() * x.element_size()
+
+        return hook
+
+    handles = [lay.layer.register_forward_pre_hook(hook_for(lay.name), with_kwargs=True) for lay in layers]
+    try:
+        with torch.inference_mode():
+            run_batch(qm, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
+def _sqnr_update(lay: _Layer, x: torch.Tensor) -> None:
+    ref = lay.candidates[0].run(x).double()
+    lay.signal += float(ref.square().sum())
+    if lay.noise is None:
+        lay.noise = {c.name: 0.0 for c in lay.candidates[1:]}
+    for c in lay.candidates[1:]:
+        lay.noise[c.name] += float((c.run(x).double() - ref).square().sum())
+
+
+def _capture(qm: nn.Module, layers: list[_Layer], data, *, sqnr: bool, keep: bool = True) -> None:
+    """Runs data (one batch for the example inputs, batches for calibration) through qm with a hook
+    on each layer: keeps its first input (keep), and adds each candidate's squared error against
+    float on every input it gets (sqnr)."""
+
+    busy = []  # the candidates called from a hook include the hooked layer itself: no re-entry
+
+    def hook_for(lay: _Layer):
+        def hook(mod, args, kwargs):
+            x = _first_input(args, kwargs)
+            if x is None or busy:
+                return
+            if keep and lay.x is None:
+                lay.x = x.clone()
+            if sqnr:
+                busy.append(lay)
+                try:
+                    _sqnr_update(lay, x)
+                finally:
+                    busy.pop()
+
+        return hook
+
+    handles = [lay.layer.register_forward_pre_hook(hook_for(lay), with_kwargs=True) for lay in layers]
+    try:
+        with torch.inference_mode():
+            for batch in batches_of(data) if not keep else [data]:
+                run_batch(qm, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _time_layer(lay: _Layer, rounds: int, target_s: float = 0.003) -> None:
+    """us per call of each candidate on lay.x, interleaved rounds, medians; cached."""
+    x = lay.x
+    key_tail = (tuple(x.shape), x.dtype, _runtime.active_isa(), torch.get_num_threads())
+    todo = [c for c in lay.candidates if (c.sig, *key_tail) not in _TIMINGS]
+    if todo:
+        with torch.inference_mode():
+            reps = {}
+            for c in todo:
+                c.run(x)  # warm: packs, prepared calls, allocator
+                t0 = time.perf_counter()
+                c.run(x)
+                reps[c.name] = max(1, min(1000, int(target_s / max(time.perf_counter() - t0, 1e-7))))
+            samples: dict[str, list[float]] = {c.name: [] for c in todo}
+            for _ in range(rounds):
+                for c in todo:
+                    t0 = time.perf_counter()
+                    for _ in range(reps[c.name]):
+                        c.run(x)
+                    samples[c.name].append((time.perf_counter() - t0) / reps[c.name])
+        for c in todo:
+            _TIMINGS[(c.sig, *key_tail)] = statistics.median(samples[c.name]) * 1e6
+    lay.x = None  # the input is not needed any more
+    lay.times = {c.name: _TIMINGS[(c.sig, *key_tail)] for c in lay.candidates}
+    lay.input = f"{'x'.join(map(str, x.shape))} {str(x.dtype).removeprefix('torch.')}"
+
+
+# ----------------------------------------------------------------------------------- deciding
+
+
+def _sqnr_of(lay: _Layer) -> dict[str, float]:
+    out = {"float": math.inf}
+    for name, noise in (lay.noise or {}).items():
+        if noise == 0:
+            out[name] = math.inf
+        elif lay.signal == 0 or not math.isfinite(noise):
+            out[name] = -math.inf
+        else:
+            out[name] = 10 * math.log10(lay.signal / noise)
+    return out
+
+
+def _decide_and_apply(qm: nn.Module, layers: list[_Layer], min_sqnr_db: float, reference: nn.Module) -> list[LayerPlan]:
+    rows = []
+    conv_report = qm.__dict__.get("_fastinfer_report")
+    index = {r.name: i for i, r in enumerate(conv_report)} if conv_report is not None else {}
+    for lay in layers:
+        times = lay.times
+        sqnr = _sqnr_of(lay)
+        current = next((c for c in lay.candidates if c.module is lay.layer), lay.candidates[0])
+        if times is None:
+            chosen, note = current, lay.note
+        else:
+            ok = [c for c in lay.candidates if sqnr.get(c.name, -math.inf) >= min_sqnr_db]
+            best = min(times[c.name] for c in ok)
+            # within _TIE of the fastest is noise on a shared machine: the more accurate one
+            chosen = max((c for c in ok if times[c.name] <= best * (1 + _TIE)), key=lambda c: sqnr[c.name])
+            note = "" if chosen is not lay.candidates[0] else "float: " + (
+                "fastest" if len(ok) == len(lay.candidates) else f"the others below {min_sqnr_db:g} dB or slower")
+        if chosen.module is not lay.layer:
+            _put(qm, lay.name, copy.deepcopy(chosen.module) if chosen.restore else chosen.module)
+        if chosen.restore:
+            for slot, original in lay.slots:
+                _put(qm, slot, copy.deepcopy(original))
+        if lay.name in index and chosen.module is not lay.layer:
+            old = conv_report[index[lay.name]]
+            now = "float" if chosen.name == "float" else type(chosen.module).__name__
+            conv_report[index[lay.name]] = LayerConversion(old.name, old.kind, now, f"optimize: {chosen.name}")
+        now = qm.get_submodule(lay.name)
+        kernel, shape, sparsity, nbytes = describe(now)
+        cands = {c.name: ((times or {}).get(c.name), sqnr.get(c.name, math.nan)) for c in lay.candidates}
+        rows.append(LayerPlan(lay.name, type(now).__name__, kernel, shape, sparsity, nbytes,
+                              input=lay.input, sqnr_db=sqnr.get(chosen.name) if lay.noise else None,
+                              time_us=(times or {}).get(chosen.name), float_us=(times or {}).get("float"),
+                              note=note, candidates=cands))  # fmt: skip
+    return rows
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
