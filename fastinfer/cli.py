@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic: int8 activations per token (default); none: weight-only int8")
     p.add_argument("--plan", metavar="SHAPE", help="measure per layer at an example batch of SHAPE "
                    "(BATCHxTOKENS for a transformers model, else the input tensor's shape) and keep the fastest")
-    p.add_argument("--min-sqnr", type=float, default=30.0, help="with --plan: output SQNR each layer must keep, dB (default 30)")
+    p.add_argument("--min-sqnr", type=float, default=25.0, help="with --plan: output SQNR each layer must keep, dB (default 25)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_optimize)
 

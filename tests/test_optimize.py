@@ -21,8 +21,9 @@ from fastinfer.nn import DepthwiseConv2d, Fused, Int8Conv2d, Int8Linear, SparseI
 from fastinfer.plan import planner
 
 
-def _pin_times(monkeypatch, table):
-    """_time_layer gives each candidate table[name] us (a dict, or a callable (layer, name) -> us)."""
+def _pin_times(monkeypatch, table, model_ms=None):
+    """_time_layer gives each candidate table[name] us (a dict, or a callable (layer, name) -> us);
+    the whole-model check finds the planned model as fast as quantize()'s (or gives model_ms)."""
 
     def fake(lay, rounds, target_s=0.003):
         x = lay.x
@@ -31,6 +32,12 @@ def _pin_times(monkeypatch, table):
         lay.x = None
 
     monkeypatch.setattr(planner, "_time_layer", fake)
+
+    def check(qm, swaps, example_inputs, rounds):
+        planner._apply(qm, swaps, True)
+        return model_ms or {"quantize": 1.0, "optimize": 1.0}
+
+    monkeypatch.setattr(planner, "_model_check", check)
 
 
 def _mlp():
@@ -147,6 +154,33 @@ def test_save_load_and_time_budget(monkeypatch, tmp_path):
     fast, plan = fastinfer.optimize(model, x, time_budget_s=0)
     assert all(r.time_us is None and "time_budget_s" in r.note for r in plan)
     assert all(type(fast[i]) is Int8Linear for i in (0, 2, 4))  # quantize()'s choice
+
+
+def test_whole_model_check_reverts_to_quantize(monkeypatch):
+    model = _mlp()
+    x = torch.randn(3, 64)
+    _pin_times(monkeypatch, {"float": 1.0, "int8 dynamic": 10.0, "int8 weight-only": 30.0},
+               model_ms={"quantize": 1.0, "optimize": 1.5})  # fmt: skip
+    fast, plan = fastinfer.optimize(model, x)
+    assert all(type(fast[i]) is Int8Linear for i in (0, 2, 4)) and type(fast[1]) is Fused
+    assert all(r.note.startswith("reverted") and r.time_us == 10.0 for r in plan)
+    assert plan.model_ms == {"quantize": 1.0, "optimize": 1.5} and "1.5 ms planned" in plan.summary()
+    with torch.inference_mode():
+        assert_same(fast(x), fastinfer.quantize(model)(x), "reverted")
+
+
+def test_model_check_swaps_in_and_out():
+    """The real check: timed both ways, leaves the planned modules in, the undo restores the markers."""
+    model = _mlp()
+    q = fastinfer.quantize(model)
+    layers = planner._plan_layers(q, model, True)
+    choices = {lay.name: (lay.candidates[0], "") for lay in layers}  # all float
+    swaps = planner._swaps(q, layers, choices)
+    ms = planner._model_check(q, swaps, torch.randn(2, 64), rounds=2)
+    assert set(ms) == {"quantize", "optimize"} and all(v > 0 for v in ms.values())
+    assert type(q[0]) is nn.Linear and type(q[1]) is nn.GELU
+    planner._apply(q, swaps, False)
+    assert type(q[0]) is Int8Linear and type(q[1]) is Fused
 
 
 def test_real_timing_path_and_calibration_data():

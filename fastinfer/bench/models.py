@@ -13,6 +13,10 @@ installed), then every peer of it in one process:
   fastinfer unfused    the same with QuantConfig(fuse_activations=False), where anything was fused
   fastinfer, torch SDPA  the same with QuantConfig(attention=False), where the attention was switched
   fastinfer bf16       fastinfer.quantize(model.bfloat16())  (bf16 in/out)
+  fastinfer weight-only  QuantConfig(activations="none"): int8 weights, activations not quantized
+  fastinfer optimize   fastinfer.optimize(model, the case's inputs): per layer the fastest of float,
+                       int8 dynamic and weight-only within 25 dB (generate: timed at one new token
+                       per sequence, the decode step's rows)
   onnxruntime int8     exported to ONNX, quantize_dynamic(per_channel=True)   (if installed)
   openvino int8        ov.convert_model + nncf.quantize (static, calibrated)  (if installed)
 
@@ -27,6 +31,8 @@ the same images:
   fastinfer            fastinfer.quantize(channels_last model): Int8Conv2d with BatchNorm folded and
                        ReLU/ReLU6 fused, fp32 channels_last input
   fastinfer bf16       fastinfer.quantize(channels_last model.bfloat16()), bf16 input
+  fastinfer optimize   fastinfer.optimize(channels_last model, the images): per conv the fastest of
+                       float, int8 and (depthwise) fp32 depthwise within 25 dB
   openvino fp32        ov.convert_model, compiled for CPU with INFERENCE_PRECISION_HINT f32
   openvino int8        the same converted model through nncf.quantize (static, calibrated)
   onnxruntime int8     ONNX export, quant_pre_process, quantize_static QDQ (uint8 activations,
@@ -424,6 +430,11 @@ def _image_peers(case: Case, threads: int, onnx: bool) -> tuple[list[Peer], dict
             peers.append(Peer(name, lambda q=q, inp=inp: q(inp), _logits, ours=q, note=f"{what}; {_report_note(q)}"))
         except Exception as e:
             errors[name] = _err(e)
+    try:
+        planned, note = _optimized(m_cl, case)
+        peers.append(Peer("fastinfer optimize", lambda: planned(x), _logits, ours=planned, note=f"fp32 channels_last input; {note}"))
+    except Exception as e:
+        errors["fastinfer optimize"] = _err(e)
     errors["torch.ao dynamic"] = "not measured: quantize_dynamic converts nn.Linear only, the convs would stay fp32"
     if onnx:
         peers += _image_onnx_peers(case, threads, errors)
@@ -548,9 +559,35 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
         peers.append(_torch_peer("fastinfer, torch SDPA", sdpa, case, ours=sdpa, note="QuantConfig(attention=False)"))
     ours_bf = fastinfer.quantize(copy.deepcopy(m).bfloat16())
     peers.append(_torch_peer("fastinfer bf16", ours_bf, case, ours=ours_bf, note="quantize(model.bfloat16())"))
+    wo = fastinfer.quantize(m, fastinfer.QuantConfig(activations="none"))
+    peers.append(_torch_peer("fastinfer weight-only", wo, case, ours=wo, note="QuantConfig(activations='none')"))
+    try:
+        planned, note = _optimized(m, case)
+        peers.append(_torch_peer("fastinfer optimize", planned, case, ours=planned, note=note))
+    except Exception as e:
+        errors["fastinfer optimize"] = _err(e)
     if onnx:
         peers += _onnx_peers(case, threads, errors)
     return peers, errors
+
+
+def _optimized(model: nn.Module, case: Case) -> tuple[nn.Module, str]:
+    """fastinfer.optimize at the case's shapes (a generate case: one new token per sequence, the
+    decode step's rows), SQNR on its calibration batches where it has them; the note counts the
+    kernels it chose."""
+    if case.kind == "generate":
+        example = {"input_ids": case.inputs["input_ids"][:, -1:]}
+    elif case.kind == "image":
+        example = case.inputs["x"]
+    else:
+        example = case.inputs
+    calib = [c["x"] for c in case.calib] if case.kind == "image" else case.calib
+    with _quiet():
+        planned, plan = fastinfer.optimize(model, example, calibration_data=calib or None, progress=False)
+    kinds: dict[str, int] = {}
+    for r in plan:
+        kinds[r.kernel] = kinds.get(r.kernel, 0) + 1
+    return planned, "fastinfer.optimize(model, example): " + ", ".join(f"{n} {k}" for k, n in kinds.items())
 
 
 # ---------------------------------------------------------------------------------------- measure
@@ -578,7 +615,7 @@ def _fidelity(case: Case, y: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"token_match": float((y == ref).float().mean())}
 
 
-_OUR_LAYERS = ("Int8Linear", "SparseInt8Linear", "SparseLinear", "Int8Conv2d")
+_OUR_LAYERS = ("Int8Linear", "WeightOnlyInt8Linear", "SparseInt8Linear", "SparseLinear", "Int8Conv2d", "DepthwiseConv2d")
 
 
 def layer_share(peer: Peer, repeats: int = 3) -> float | None:

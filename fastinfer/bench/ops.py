@@ -202,6 +202,9 @@ def _ours_int_name(isa_name: str) -> str:
     return f"ours int8_matmul_packed [{isa_name}]"
 
 
+WEIGHT_ONLY = "ours WeightOnlyInt8Linear"
+
+
 def _qdyn_name(engine: str) -> str:
     return f"quantize_dynamic [{engine}]"
 
@@ -210,7 +213,7 @@ def peer_names(M: int, isas: Iterable[str] | None = None) -> list[str]:
     """Names of the peers build_peers makes for a shape with M rows (without read-bw probes)."""
     isas = list(isas) if isas is not None else default_isas()
     names = [_ours_name(i) for i in isas]
-    names += [_ours_int_name(isas[0]), "fp32 nn.Linear", "bf16 nn.Linear"]
+    names += [WEIGHT_ONLY, _ours_int_name(isas[0]), "fp32 nn.Linear", "bf16 nn.Linear"]
     names += [_qdyn_name(e) for e in supported_engines()]
     if M > 16:
         names.append("torch._int_mm")
@@ -223,8 +226,9 @@ def build_peers(
     """All peers for one shape, on one input and one set of nn.Linear weights.
 
     Ours: Int8Linear (fp32 in/out, activation quantization included) per ISA in `isas` (default:
-    detected, then forced avx512_vnni and avx2 where available), and the integer core alone
-    (ops.int8_matmul_packed on the same packed weights, detected ISA).
+    detected, then forced avx512_vnni and avx2 where available), WeightOnlyInt8Linear (same int8
+    weights, fp32 activations) and the integer core alone (ops.int8_matmul_packed on the same
+    packed weights), both on the first of `isas`.
     Peers: fp32 nn.Linear, bf16 nn.Linear, quantize_dynamic per quantized engine, torch._int_mm
     (M > 16 only; integer-only, no activation quantization).
     """
@@ -259,6 +263,14 @@ def build_peers(
             note="fp32 in/out, per-token activation quantization included",
         ))  # fmt: skip
         peers[-1].check = float_check(peers[-1].call)
+
+    # --- ours: weight-only int8 (the same int8 weights, activations not quantized), detected ISA
+    wo = fastinfer.nn.WeightOnlyInt8Linear.from_linear(lin).eval()
+    peers.append(Peer(
+        name=WEIGHT_ONLY, kind="ours-wo", isa=isas[0], fn=lambda: wo(x), context=lambda n=isas[0]: isa(n),
+        weight_bytes=N * K, note="fp32 in/out, int8 weights widened to fp32 (W8A32), activations not quantized",
+    ))  # fmt: skip
+    peers[-1].check = float_check(peers[-1].call)
 
     # --- integer operands shared by the integer-only peers
     a_q, _ = ops.quantize_per_token(x)

@@ -73,9 +73,11 @@ class PlanReport(list):
     """LayerPlan rows in model order. `measured` says whether optimize() timed the layers; `isa`
     and `threads` are the machine state they were measured (or reported) under."""
 
-    def __init__(self, rows=(), measured: bool = False, isa: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, rows=(), measured: bool = False, isa: str | None = None, threads: int | None = None,
+                 model_ms: dict[str, float] | None = None) -> None:  # fmt: skip
         super().__init__(rows)
         self.measured = measured
+        self.model_ms = model_ms  # optimize's whole-model check: ms per forward, "quantize" and "optimize"
         self.isa = isa or _runtime.active_isa()
         self.threads = threads or torch.get_num_threads()
 
@@ -100,6 +102,9 @@ class PlanReport(list):
         if timed:
             ours, flt = sum(r.time_us for r in timed), sum(r.float_us for r in timed)
             line += f"; measured layers {flt / 1e3:.2f} ms float -> {ours / 1e3:.2f} ms ({flt / ours:.2f}x)"
+        if self.model_ms:
+            line += (f"; whole model on the example: {self.model_ms['quantize']:.3g} ms with quantize()'s layers, "
+                     f"{self.model_ms['optimize']:.3g} ms planned")  # fmt: skip
         return line + f" ({self.isa}, {self.threads} threads)"
 
     def __str__(self) -> str:
@@ -196,7 +201,7 @@ def report(model: nn.Module) -> PlanReport:
             row.note, row.candidates = m.note, dict(m.candidates)
         rows.append(row)
     return PlanReport(rows, measured=bool(measured), isa=plan.isa if plan else None,
-                      threads=plan.threads if plan else None)  # fmt: skip
+                      threads=plan.threads if plan else None, model_ms=plan.model_ms if plan else None)  # fmt: skip
 
 
 def attach_plan(model: nn.Module, plan: PlanReport) -> None:
