@@ -33,6 +33,7 @@ the same images:
   fastinfer bf16       fastinfer.quantize(channels_last model.bfloat16()), bf16 input
   fastinfer optimize   fastinfer.optimize(channels_last model, the images): per conv the fastest of
                        float, int8 and (depthwise) fp32 depthwise within 25 dB
+  fastinfer optimize bf16  the same on model.bfloat16() with bf16 images (float = torch's bf16 conv)
   openvino fp32        ov.convert_model, compiled for CPU with INFERENCE_PRECISION_HINT f32
   openvino int8        the same converted model through nncf.quantize (static, calibrated)
   onnxruntime int8     ONNX export, quant_pre_process, quantize_static QDQ (uint8 activations,
@@ -430,11 +431,13 @@ def _image_peers(case: Case, threads: int, onnx: bool) -> tuple[list[Peer], dict
             peers.append(Peer(name, lambda q=q, inp=inp: q(inp), _logits, ours=q, note=f"{what}; {_report_note(q)}"))
         except Exception as e:
             errors[name] = _err(e)
-    try:
-        planned, note = _optimized(m_cl, case)
-        peers.append(Peer("fastinfer optimize", lambda: planned(x), _logits, ours=planned, note=f"fp32 channels_last input; {note}"))
-    except Exception as e:
-        errors["fastinfer optimize"] = _err(e)
+    for name, model, inp, what in (("fastinfer optimize", m_cl, x, "fp32 channels_last input"),
+                                   ("fastinfer optimize bf16", m_bf, x_bf, "model.bfloat16(), bf16 input")):  # fmt: skip
+        try:
+            planned, note = _optimized(model, case, inp)
+            peers.append(Peer(name, lambda p=planned, inp=inp: p(inp), _logits, ours=planned, note=f"{what}; {note}"))
+        except Exception as e:
+            errors[name] = _err(e)
     errors["torch.ao dynamic"] = "not measured: quantize_dynamic converts nn.Linear only, the convs would stay fp32"
     if onnx:
         peers += _image_onnx_peers(case, threads, errors)
@@ -571,17 +574,17 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
     return peers, errors
 
 
-def _optimized(model: nn.Module, case: Case) -> tuple[nn.Module, str]:
+def _optimized(model: nn.Module, case: Case, image: torch.Tensor | None = None) -> tuple[nn.Module, str]:
     """fastinfer.optimize at the case's shapes (a generate case: one new token per sequence, the
     decode step's rows), SQNR on its calibration batches where it has them; the note counts the
     kernels it chose."""
     if case.kind == "generate":
         example = {"input_ids": case.inputs["input_ids"][:, -1:]}
     elif case.kind == "image":
-        example = case.inputs["x"]
+        example = image
     else:
         example = case.inputs
-    calib = [c["x"] for c in case.calib] if case.kind == "image" else case.calib
+    calib = [c["x"].to(image.dtype) for c in case.calib] if case.kind == "image" else case.calib
     with _quiet():
         planned, plan = fastinfer.optimize(model, example, calibration_data=calib or None, progress=False)
     kinds: dict[str, int] = {}

@@ -155,7 +155,8 @@ def optimize(
     # the float reference: the candidates' float modules come from it (the caller's model is never
     # touched, not even its train/eval mode)
     reference = (copy.deepcopy(reference) if reference is model else reference).eval()
-    qm = quantize_model(reference, dataclasses.replace(config, activations="dynamic"))
+    quiet = progress if progress is not None else config.progress
+    qm = quantize_model(reference, dataclasses.replace(config, activations="dynamic", progress=quiet))
     qm.eval()
 
     layers = _plan_layers(qm, reference, quantize)
