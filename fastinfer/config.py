@@ -74,6 +74,15 @@ class QuantConfig:
         speed. With "none" only linear layers convert: convolutions and nn.MultiheadAttention stay
         float (their weight-only kernels are not built; the report says so), and a SparseLinear
         becomes a dense WeightOnlyInt8Linear. "static" (calibrated per-tensor scales) is not built yet.
+    smoothquant: None, or SmoothQuant's alpha in [0, 1] (0.5 is the paper's default): before
+        quantizing, each linear layer's input channels are divided by s_j = max|x_j|^alpha /
+        max|W_j|^(1 - alpha) and its weight columns multiplied by it (exact in float), so
+        activation outlier channels cost int8 per-token quantization less. max|x_j| comes from
+        quantize(..., calibration_data=batches). The division is folded into the norm before the
+        layer in pre-norm blocks (GPT-2, LLaMA-style decoder layers, TransformerEncoderLayer with
+        norm_first=True: free at run time); elsewhere the layer scales its own input
+        (Int8Linear.input_scale, one elementwise pass). Linear layers only (not convs or
+        nn.MultiheadAttention); a smoothed layer stays dense under sparsify.
     attention: switch a transformers model that runs torch's SDPA (its default) to fastinfer's fused
         attention kernel (fastinfer.ops.attention: scores, mask, softmax and values in one pass
         per head, fp32 arithmetic). Calls that the kernel does not serve (autograd, dropout,
@@ -92,6 +101,7 @@ class QuantConfig:
     depthwise: str = "float"
     attention: bool = True
     activations: str = "dynamic"
+    smoothquant: float | None = None
 
     def __post_init__(self) -> None:
         if self.activations == "static":
@@ -101,6 +111,12 @@ class QuantConfig:
             )
         if self.activations not in ("dynamic", "none"):
             raise ValueError(f"QuantConfig.activations must be 'dynamic' or 'none', got {self.activations!r}")
+        if self.smoothquant is not None:
+            a = self.smoothquant
+            if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0:
+                raise ValueError(f"QuantConfig.smoothquant must be None or an alpha in [0, 1], got {a!r}")
+            if self.activations != "dynamic":
+                raise ValueError("QuantConfig.smoothquant smooths int8 activations: it needs activations='dynamic'")
         if self.depthwise not in ("float", "int8"):
             raise ValueError(f"QuantConfig.depthwise must be 'float' or 'int8', got {self.depthwise!r}")
         object.__setattr__(self, "skip", skip_patterns(self.skip))

@@ -116,6 +116,21 @@ def _fits_mha(mod: nn.Module, cfg: dict) -> bool:
             and (mod.embed_dim, mod.num_heads, mod.batch_first) == (cfg["embed_dim"], cfg["num_heads"], cfg["batch_first"]))  # fmt: skip
 
 
+def _int8_linear_config(m: Int8Linear) -> dict:
+    return {**_linear_config(m), "activation": m.activation, "input_scale": m.input_scale is not None}
+
+
+def _build_int8_linear(cls: type, c: dict) -> Int8Linear:
+    layer = cls(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"])
+    if c["input_scale"]:
+        layer.input_scale = torch.ones(c["in_features"])
+    return layer
+
+
+# Config keys added after files were written: a config without one reads as this value.
+_DEFAULTS = {"input_scale": False}
+
+
 def _build_conv2d(cfg: dict) -> Int8Conv2d:
     return Int8Conv2d(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg["stride"]),
                       tuple(cfg["padding"]), tuple(cfg["dilation"]), cfg["groups"], bias=cfg["bias"],
@@ -136,13 +151,11 @@ _INT, _BOOL, _ACT, _PAIR, _QUAD = (int,), (bool,), (str, type(None)), "pair", "q
 
 _KINDS: dict[str, _Kind] = {
     "Int8Linear": _Kind(
-        Int8Linear, lambda m: {**_linear_config(m), "activation": m.activation},
-        lambda c: Int8Linear(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"]),
-        _fits_linear, True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT}),
+        Int8Linear, _int8_linear_config, lambda c: _build_int8_linear(Int8Linear, c), _fits_linear, True,
+        {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT, "input_scale": _BOOL}),
     "WeightOnlyInt8Linear": _Kind(
-        WeightOnlyInt8Linear, lambda m: {**_linear_config(m), "activation": m.activation},
-        lambda c: WeightOnlyInt8Linear(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"]),
-        _fits_linear, True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT}),
+        WeightOnlyInt8Linear, _int8_linear_config, lambda c: _build_int8_linear(WeightOnlyInt8Linear, c), _fits_linear,
+        True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT, "input_scale": _BOOL}),
     "SparseInt8Linear": _Kind(
         SparseInt8Linear, lambda m: {**_linear_config(m), "activation": m.activation},
         lambda c: SparseInt8Linear(c["in_features"], c["out_features"], bias=c["bias"], activation=c["activation"]),
@@ -178,6 +191,10 @@ _KIND_OF = {k.cls: name for name, k in _KINDS.items()}
 
 
 def _check_config(where: str, kind: _Kind, cfg: object) -> dict:
+    if isinstance(cfg, dict):
+        for key, default in _DEFAULTS.items():
+            if key in kind.types and key not in cfg:
+                cfg[key] = default
     if not isinstance(cfg, dict) or set(cfg) != set(kind.types):
         keys = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
         raise FileFormatError(f"{where}: config must have the keys {sorted(kind.types)}, got {keys}")

@@ -14,6 +14,8 @@ installed), then every peer of it in one process:
   fastinfer, torch SDPA  the same with QuantConfig(attention=False), where the attention was switched
   fastinfer bf16       fastinfer.quantize(model.bfloat16())  (bf16 in/out)
   fastinfer weight-only  QuantConfig(activations="none"): int8 weights, activations not quantized
+  fastinfer smoothquant  QuantConfig(smoothquant=0.5) calibrated on the case's calibration batches
+                       (generate: the prompt)
   fastinfer optimize   fastinfer.optimize(model, the case's inputs): per layer the fastest of float,
                        int8 dynamic and weight-only within 25 dB (generate: timed at one new token
                        per sequence, the decode step's rows)
@@ -564,6 +566,11 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
     peers.append(_torch_peer("fastinfer bf16", ours_bf, case, ours=ours_bf, note="quantize(model.bfloat16())"))
     wo = fastinfer.quantize(m, fastinfer.QuantConfig(activations="none"))
     peers.append(_torch_peer("fastinfer weight-only", wo, case, ours=wo, note="QuantConfig(activations='none')"))
+    calib = case.calib or [{"input_ids": case.inputs["input_ids"]}]
+    with _quiet():
+        sq = fastinfer.quantize(m, fastinfer.QuantConfig(smoothquant=0.5), calibration_data=calib)
+    peers.append(_torch_peer("fastinfer smoothquant", sq, case, ours=sq,
+                             note=f"QuantConfig(smoothquant=0.5), {len(calib)} calibration batches"))  # fmt: skip
     try:
         planned, note = _optimized(m, case)
         peers.append(_torch_peer("fastinfer optimize", planned, case, ours=planned, note=note))

@@ -15,6 +15,7 @@ from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.fuse import ConvFusion, conv_fusions, fx_graph
 from fastinfer.convert.patterns import is_erf_gelu, linear_activation, linear_activation_fusions  # noqa: F401 (is_erf_gelu: public here before)
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
+from fastinfer.convert.smooth import smooth
 from fastinfer.convert.sparsify import sparse_int8_or_dense
 from fastinfer.nn import (
     DepthwiseConv2d,
@@ -35,7 +36,8 @@ __all__ = ["quantize"]
 _WEIGHT_ONLY_FLOAT = "QuantConfig(activations='none'): no weight-only kernel for this layer kind (linear layers only)"
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bool = False) -> nn.Module:
+def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration_data=None,
+             inplace: bool = False) -> nn.Module:  # fmt: skip
     """Returns `model` with every nn.Linear (not skipped by `config`) replaced by an Int8Linear, and
     every fastinfer.nn.SparseLinear by its int8 counterpart (SparseInt8Linear, or Int8Linear where
     the sparse int8 kernel would not be faster): quantize after sparsify equals sparsify after quantize.
@@ -75,6 +77,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
     attention on the fused kernel (torch's SDPA with attention=False); torch's fused encoder fast
     path is turned off for them (it reads float weights).
 
+    With QuantConfig(smoothquant=alpha), calibration_data (batches as fastinfer.prune takes them)
+    is run through the float model once to find each layer's input channel maxima; see
+    QuantConfig.smoothquant and fastinfer/convert/smooth.py. The report says, per layer, where
+    the smoothing went.
+
     The original model is not modified unless inplace=True. The result is a plain nn.Module: same
     inputs, same outputs (within int8 rounding), usable with torch.compile.
     """
@@ -84,11 +91,20 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         config = QuantConfig()
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fastinfer.QuantConfig, got {type(config).__name__}")
+    if config.smoothquant is not None and calibration_data is None:
+        raise ValueError("QuantConfig(smoothquant=...) needs quantize(..., calibration_data=batches): the "
+                         "smoothing factors come from the inputs' channel maxima")  # fmt: skip
     if not inplace:
         model = copy.deepcopy(model)
     model, mha_rows = _convert_mha(model, config)
     targets, left = scan(model, (SparseLinear,), convs=True, skip=config.skip, filter_fn=config.filter_fn,
                          min_features=config.min_features)  # fmt: skip
+    smoothed: dict[int, tuple[str, object]] = {}
+    if config.smoothquant is not None:
+        linear_targets = [t for t in targets if not isinstance(t.module, (nn.Conv1d, nn.Conv2d, SparseLinear))]
+        smoothed = smooth(model, linear_targets, float(config.smoothquant), calibration_data)
+        for t in linear_targets:
+            smoothed.setdefault(id(t.module), ("SmoothQuant: not smoothed (calibration_data never reached it)", None))
     weight_only = config.activations == "none"
     if weight_only:  # only linear layers have a weight-only kernel
         keep = [t for t in targets if not isinstance(t.module, (nn.Conv1d, nn.Conv2d))]
@@ -123,7 +139,10 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, inplace: bo
         else:
             _, _, act, note = fused.get(id(mod), (None, None, None, ""))
             new = _to_int8(mod, act, weight_only)
-            detail = "; ".join(filter(None, ("weight-only" if weight_only else "", f"{act} fused{note}" if act else "")))
+            how, input_scale = smoothed.get(id(mod), ("", None))
+            if input_scale is not None:
+                new.input_scale = input_scale
+            detail = "; ".join(filter(None, ("weight-only" if weight_only else "", f"{act} fused{note}" if act else "", how)))
         rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
         return new
 

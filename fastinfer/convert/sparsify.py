@@ -22,7 +22,10 @@ __all__ = ["sparse_int8_or_dense", "sparsify"]
 
 
 def sparse_int8_or_dense(layer: Int8Linear, rule: SparseRule = DEFAULT_RULE) -> nn.Module:
-    """SparseInt8Linear in the chosen format, or the dense Int8Linear itself."""
+    """SparseInt8Linear in the chosen format, or the dense Int8Linear itself (always for a layer
+    with SmoothQuant's input_scale: the sparse layers have none)."""
+    if layer.input_scale is not None:
+        return layer
     fmt = choose_format(layer.weight_int8, rule)
     return layer if fmt is None else SparseInt8Linear.from_int8linear(layer, fmt)
 

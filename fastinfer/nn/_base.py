@@ -145,6 +145,10 @@ class _FastForward:
     _WEIGHT: str
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._buffers.get("input_scale")
+        if scale is not None:  # SmoothQuant's per-channel input scaling (Int8Linear.input_scale)
+            _check_layer_input(self, x)
+            x = x * scale.to(x.dtype)
         # the compiler and torch.jit.trace see only dispatcher calls: they always take the op
         traced = torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
         fast = None if traced else _FAST.get(self)

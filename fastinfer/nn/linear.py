@@ -46,11 +46,14 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
     "relu" and "relu6".
 
     activation: None, or "gelu" to return gelu(y) (erf GELU, fused into the kernel's fp32 epilogue).
+    input_scale: None, or float32 [in_features] multiplying x before the layer (SmoothQuant's
+    smoothing where no norm before the layer can take it: quantize(..., QuantConfig(smoothquant=a))).
     """
 
     packed_weight: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
+    input_scale: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None) -> None:
         super().__init__()
@@ -62,6 +65,9 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         self.register_buffer("packed_weight", ops.pack_int8_weight(zero), persistent=False)
         self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
+        # SmoothQuant where no norm before the layer can take the smoothing: x * input_scale runs
+        # before the layer (float32 [in_features]; None: no scaling, the default)
+        self.register_buffer("input_scale", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, activation: str | None = None) -> Int8Linear:
@@ -109,6 +115,7 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         key, legacy = prefix + "weight_int8", prefix + "packed_weight"
         shape = [self.out_features, self.in_features]
         errors_before = len(error_msgs)
+        self._take_input_scale(prefix + "input_scale", state_dict, error_msgs)
         q = None
         if key in state_dict:
             w = state_dict[key]
@@ -138,6 +145,22 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         with torch.inference_mode(False):  # a version-tracked buffer even when loaded under inference_mode
             packed = ops.pack_int8_weight(q.to(dev).contiguous())
         self._buffers["packed_weight"] = packed  # a new object: a prepared fast call no longer matches
+
+    def _take_input_scale(self, key: str, state_dict, error_msgs: list[str]) -> None:
+        """A state_dict with an input_scale gives the layer one to load into (and checks it: finite,
+        > 0, [in_features]); one without it leaves the layer's as it is (a missing key if it has one)."""
+        incoming = state_dict.get(key)
+        if incoming is None:
+            return
+        if not isinstance(incoming, torch.Tensor) or incoming.dim() != 1 or incoming.shape[0] != self.in_features:
+            what = f"{incoming.dtype} {list(incoming.shape)}" if isinstance(incoming, torch.Tensor) else type(incoming).__name__
+            error_msgs.append(f"{key}: holds {what}, this layer needs float32 [{self.in_features}]")
+            return
+        if incoming.device.type != "meta" and not (torch.isfinite(incoming).all() and (incoming > 0).all()):
+            error_msgs.append(f"{key}: input scales must be finite and > 0")
+            return
+        if self.input_scale is None:
+            self.input_scale = torch.empty(self.in_features, dtype=torch.float32, device=self.weight_scale.device)
 
     @staticmethod
     def _legacy_weight(key: str, incoming, shape: list[int], error_msgs: list[str]) -> torch.Tensor | None:
@@ -175,8 +198,9 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
         return ops.unpack_int8_weight(self.packed_weight, self.out_features, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """float32 [out, in]: what this layer effectively multiplies by."""
-        return self.weight_int8.float() * self.weight_scale[:, None]
+        """float32 [out, in]: what this layer effectively multiplies x by (input_scale included)."""
+        w = self.weight_int8.float() * self.weight_scale[:, None]
+        return w if self.input_scale is None else w * self.input_scale[None, :]
 
     _WEIGHT = "packed_weight"
 
@@ -186,8 +210,11 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
     def _prepare(self):
         return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features, self._act_code())
 
+    def _smooth_repr(self) -> tuple[str, ...]:
+        return () if self.input_scale is None else ("input_scale=SmoothQuant",)
+
     def extra_repr(self) -> str:
-        return layer_repr(self, "weight=int8 per-channel", "act=int8 per-token", *self._act_repr())
+        return layer_repr(self, "weight=int8 per-channel", "act=int8 per-token", *self._act_repr(), *self._smooth_repr())
 
 
 class WeightOnlyInt8Linear(Int8Linear):
@@ -210,4 +237,4 @@ class WeightOnlyInt8Linear(Int8Linear):
                                    self._act_code(), "weight_only_linear")  # fmt: skip
 
     def extra_repr(self) -> str:
-        return layer_repr(self, "weight=int8 per-channel", "act=float (weight-only)", *self._act_repr())
+        return layer_repr(self, "weight=int8 per-channel", "act=float (weight-only)", *self._act_repr(), *self._smooth_repr())

@@ -113,8 +113,9 @@ def optimize(
         that moves from 0.9978 to 0.9979 (bench/RESULTS.md).
     time_budget_s: layers left when it is spent keep quantize()'s choice, unmeasured (the report
         says so); None: no limit.
-    config: the QuantConfig of the conversion (skip, filter_fn, fusions, attention...);
-        `activations` is ignored: dynamic and weight-only are both candidates.
+    config: the QuantConfig of the conversion (skip, filter_fn, fusions, attention, smoothquant
+        (calibrated on calibration_data, else example_inputs)...); `activations` is ignored:
+        dynamic and weight-only are both candidates.
     rounds: interleaved timing rounds per layer (medians are compared), and of the whole-model check.
 
     The layers are timed alone, where their inputs and weights stay in cache; inside the model they
@@ -156,7 +157,10 @@ def optimize(
     # touched, not even its train/eval mode)
     reference = (copy.deepcopy(reference) if reference is model else reference).eval()
     quiet = progress if progress is not None else config.progress
-    qm = quantize_model(reference, dataclasses.replace(config, activations="dynamic", progress=quiet))
+    calib = None
+    if config.smoothquant is not None:
+        calib = calibration_data if calibration_data is not None else [example_inputs]
+    qm = quantize_model(reference, dataclasses.replace(config, activations="dynamic", progress=quiet), calibration_data=calib)
     qm.eval()
 
     layers = _plan_layers(qm, reference, quantize)
@@ -261,7 +265,7 @@ def _candidates(mod: nn.Module, original: nn.Module, slots: list[tuple[str, nn.M
     if isinstance(mod, (Int8Linear, SparseInt8Linear)):
         dense = mod.to_int8linear() if isinstance(mod, SparseInt8Linear) else mod
         cands.append(_Candidate("int8 dynamic", dense, False, dense, _sig("int8 dynamic", dense)))
-        fmt = choose_format(dense.weight_int8)
+        fmt = choose_format(dense.weight_int8) if dense.input_scale is None else None  # sparse layers: no input_scale
         if fmt is not None:
             sp = mod if isinstance(mod, SparseInt8Linear) and mod.format == fmt else SparseInt8Linear.from_int8linear(dense, fmt)
             cands.append(_Candidate(f"int8 {fmt}", sp, False, sp, _sig(f"int8 {fmt}", sp)))
@@ -269,6 +273,8 @@ def _candidates(mod: nn.Module, original: nn.Module, slots: list[tuple[str, nn.M
         wo.set_weight(dense.weight_int8, dense.weight_scale.clone())
         if dense.bias is not None:
             wo.bias.copy_(dense.bias)
+        if dense.input_scale is not None:
+            wo.input_scale = dense.input_scale.clone()
         cands.append(_Candidate("int8 weight-only", wo, False, wo, _sig("int8 weight-only", wo)))
         weight, _ = linear_weight_and_bias(original)
         if weight is not None:
