@@ -33,9 +33,9 @@ def _pin_times(monkeypatch, table, model_ms=None):
 
     monkeypatch.setattr(planner, "_time_layer", fake)
 
-    def check(qm, swaps, example_inputs, rounds):
-        planner._apply(qm, swaps, True)
-        return model_ms or {"quantize": 1.0, "optimize": 1.0}
+    def check(root, variants, example_inputs, rounds):
+        ms = model_ms or {}
+        return {k: ms.get(k, ms.get("quantize", 1.0) if k != "optimize" else 1.0) for k in variants}
 
     monkeypatch.setattr(planner, "_model_check", check)
 
@@ -173,11 +173,13 @@ def test_model_check_swaps_in_and_out():
     """The real check: timed both ways, leaves the planned modules in, the undo restores the markers."""
     model = _mlp()
     q = fastinfer.quantize(model)
-    layers = planner._plan_layers(q, model, True)
+    layers = planner._plan_layers(q, model, {}, True)
     choices = {lay.name: (lay.candidates[0], "") for lay in layers}  # all float
     swaps = planner._swaps(q, layers, choices)
-    ms = planner._model_check(q, swaps, torch.randn(2, 64), rounds=2)
+    ms = planner._model_check(q, {"quantize": [], "optimize": swaps}, torch.randn(2, 64), rounds=2)
     assert set(ms) == {"quantize", "optimize"} and all(v > 0 for v in ms.values())
+    assert type(q[0]) is Int8Linear and type(q[1]) is Fused  # left as quantize() made it
+    assert planner._apply(q, swaps, True) is q
     assert type(q[0]) is nn.Linear and type(q[1]) is nn.GELU
     planner._apply(q, swaps, False)
     assert type(q[0]) is Int8Linear and type(q[1]) is Fused
@@ -258,3 +260,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="last dim must be 64"):  # the model's own error for a wrong input
         fastinfer.optimize(model, torch.randn(2, 63))
     assert model.training is False and type(model[0]) is nn.Linear  # the caller's model untouched
+
+
+def test_refuses_a_converted_model():
+    q = fastinfer.quantize(_mlp())
+    with pytest.raises(ValueError, match="takes the float model"):
+        fastinfer.optimize(q, torch.randn(2, 64))

@@ -101,10 +101,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
                          min_features=config.min_features)  # fmt: skip
     smoothed: dict[int, tuple[str, object]] = {}
     if config.smoothquant is not None:
-        linear_targets = [t for t in targets if not isinstance(t.module, (nn.Conv1d, nn.Conv2d, SparseLinear))]
-        smoothed = smooth(model, linear_targets, float(config.smoothquant), calibration_data)
-        for t in linear_targets:
-            smoothed.setdefault(id(t.module), ("SmoothQuant: not smoothed (calibration_data never reached it)", None))
+        smoothed = smooth_linear_targets(model, targets, float(config.smoothquant), calibration_data)
     weight_only = config.activations == "none"
     if weight_only:  # only linear layers have a weight-only kernel
         keep = [t for t in targets if not isinstance(t.module, (nn.Conv1d, nn.Conv2d))]
@@ -171,6 +168,16 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
         mark_converted(result)  # transformers' own from_pretrained then refuses its saved folders
     attach(result, report)
     return result
+
+
+def smooth_linear_targets(model: nn.Module, targets: list[Target], alpha: float, calibration_data) -> dict:
+    """SmoothQuant on the float linear layers among quantize()'s targets (in place): per layer id,
+    (what was done, the input_scale the int8 layer must apply, or None)."""
+    linear = [t for t in targets if not isinstance(t.module, (nn.Conv1d, nn.Conv2d, SparseLinear))]
+    done = smooth(model, linear, alpha, calibration_data)
+    for t in linear:
+        done.setdefault(id(t.module), ("SmoothQuant: not smoothed (calibration_data never reached it)", None))
+    return done
 
 
 def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list[LayerConversion]]:

@@ -142,8 +142,15 @@ def optimize(
 
     from fastinfer.convert import prune as prune_model
     from fastinfer.convert import quantize as quantize_model
+    from fastinfer.convert._select import scan
+    from fastinfer.convert.quantize import smooth_linear_targets
 
     start = time.monotonic()
+    _check_float_cpu_model(model)
+    if calibration_data is not None:  # read up to three times (wanda, SmoothQuant, SQNR): a generator once
+        calibration_data = list(batches_of(calibration_data))
+        if not calibration_data:
+            raise ValueError("optimize: calibration_data yielded no batches")
     reference = model
     if prune is not None:
         kwargs = {"sparsity": prune} if isinstance(prune, (int, float)) and not isinstance(prune, bool) else prune
@@ -157,13 +164,28 @@ def optimize(
     # touched, not even its train/eval mode)
     reference = (copy.deepcopy(reference) if reference is model else reference).eval()
     quiet = progress if progress is not None else config.progress
-    calib = None
-    if config.smoothquant is not None:
-        calib = calibration_data if calibration_data is not None else [example_inputs]
-    qm = quantize_model(reference, dataclasses.replace(config, activations="dynamic", progress=quiet), calibration_data=calib)
+    cfg = dataclasses.replace(config, activations="dynamic", progress=quiet, smoothquant=None)
+    if not quantize:  # what the planner does not plan must not become int8 either
+        cfg = dataclasses.replace(cfg, filter_fn=_unplanned_stay_float(reference, config.filter_fn))
+    floats = {}  # layer name -> the float module its "float" candidate is (default: reference's)
+    smoothing: dict[str, tuple[str, torch.Tensor | None]] = {}
+    source = reference
+    if config.smoothquant is not None and quantize:
+        # smooth a float copy first: its folded norms and scaled weights are what both the int8
+        # layers and the float candidates of those layers are built from
+        source = copy.deepcopy(reference)
+        targets, _ = scan(source, (SparseLinear,), convs=True, skip=config.skip, filter_fn=config.filter_fn,
+                          min_features=config.min_features)  # fmt: skip
+        done = smooth_linear_targets(source, targets, float(config.smoothquant),
+                                     calibration_data if calibration_data is not None else [example_inputs])  # fmt: skip
+        smoothing = {t.name: done[id(t.module)] for t in targets if id(t.module) in done}
+        floats = {n: reference.get_submodule(n) for n, (_, inv) in smoothing.items() if inv is not None}
+    qm = quantize_model(source, cfg)
     qm.eval()
+    _apply_smoothing(qm, smoothing)
 
-    layers = _plan_layers(qm, reference, quantize)
+    layers = _plan_layers(qm, source, floats, quantize)
+    kept = "quantize()'s choice kept" if quantize else "float kept"
     # timing inputs, layer by layer in chunks that fit _CAPTURE_BYTES; SQNR on the same pass when no
     # calibration data is given
     shapes = _input_sizes(qm, layers, example_inputs)
@@ -173,7 +195,7 @@ def optimize(
         todo = [lay for lay in layers if lay.name in shapes]
         for lay in layers:
             if lay.name not in shapes:
-                lay.note = "not called by example_inputs: quantize()'s choice kept, unmeasured"
+                lay.note = f"not called by example_inputs: {kept}, unmeasured"
         for i, lay in enumerate(todo):
             chunk.append(lay)
             budget += shapes[lay.name]
@@ -181,7 +203,7 @@ def optimize(
                 _capture(qm, chunk, example_inputs, sqnr=calibration_data is None)
                 for c in chunk:
                     if time_budget_s is not None and time.monotonic() - start > time_budget_s:
-                        c.note = "time_budget_s spent: quantize()'s choice kept, unmeasured"
+                        c.note = f"time_budget_s spent: {kept}, unmeasured"
                         c.x = None
                     else:
                         _time_layer(c, rounds)
@@ -189,32 +211,89 @@ def optimize(
                 chunk, budget = [], 0
     if calibration_data is not None:
         _capture(qm, [lay for lay in layers if lay.name in shapes], calibration_data, sqnr=True, keep=False)
-    choices = _choose(layers, min_sqnr_db)
-    swaps = _swaps(qm, layers, choices)
-    model_ms, reverted = None, ""
-    if swaps:  # the layers were timed alone: check the whole model, and keep quantize()'s if it is faster
-        model_ms = _model_check(qm, swaps, example_inputs, rounds)
-        if model_ms["optimize"] > model_ms["quantize"] * (1 + _MODEL_TIE):
-            _apply(qm, swaps, False)
-            reverted = (f"reverted: the whole model ran {model_ms['quantize']:.3g} ms with quantize()'s layers, "
-                        f"{model_ms['optimize']:.3g} ms with the planned ones")  # fmt: skip
-    plan = PlanReport(_rows(qm, layers, choices, reverted), measured=True, model_ms=model_ms)
-    attach_plan(qm, plan)
+    choices = _choose(layers, min_sqnr_db, quantize)
+    fallback = {lay.name: (_fallback(lay, quantize), "") for lay in layers}
+    base = "quantize" if quantize else "float"
+    planned, baseline = _swaps(qm, layers, choices), _swaps(qm, layers, fallback)
+    model_ms, reverted, use = None, "", planned
+    if any(choices[n][0] is not fallback[n][0] for n in choices):
+        # the layers were timed alone: check the whole model against the baseline (quantize()'s
+        # layers, or all float with quantize=False) and keep the baseline if it is faster
+        model_ms = _model_check(qm, {base: baseline, "optimize": planned}, example_inputs, rounds)
+        if model_ms["optimize"] > model_ms[base] * (1 + _MODEL_TIE):
+            use = baseline
+            reverted = (f"reverted: the whole model ran {model_ms[base]:.3g} ms with "
+                        f"{'quantize()' if quantize else 'float'}'s layers, {model_ms['optimize']:.3g} ms with the planned ones")  # fmt: skip
+    root = _apply(qm, use, True)
+    if root is not qm and "_fastinfer_report" in qm.__dict__:  # the model was the layer itself
+        root.__dict__["_fastinfer_report"] = qm.__dict__["_fastinfer_report"]
+    used = choices if not reverted else {
+        n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
+    plan = PlanReport(_rows(root, layers, used), measured=True, model_ms=model_ms)
+    attach_plan(root, plan)
     from fastinfer.plan.report import report
 
-    return qm, report(qm)
+    return root, report(root)
+
+
+def _check_float_cpu_model(model: nn.Module) -> None:
+    """optimize converts a float CPU model: a converted layer in it would be taken for its own float
+    reference, and the candidates are timed on the CPU kernels."""
+    from fastinfer.nn import Int8MultiheadAttention
+
+    kinds = (Int8Linear, SparseInt8Linear, Int8Conv2d, DepthwiseConv2d, Int8Conv1d, Int8MultiheadAttention)
+    for name, mod in model.named_modules():
+        if isinstance(mod, kinds):
+            raise ValueError(f"optimize takes the float model (it converts it itself); {name or '<model>'!r} is "
+                             f"already a {type(mod).__name__}")  # fmt: skip
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.device.type != "cpu":
+            raise ValueError(f"optimize measures the CPU kernels: move the model to the CPU first ({name!r} is on {t.device})")
+
+
+def _unplanned_stay_float(reference: nn.Module, user_filter):
+    """quantize()'s filter_fn for optimize(quantize=False): what the planner never plans (shared layers,
+    nn.MultiheadAttention) stays float."""
+    names: dict[int, list[str]] = {}
+    for name, mod in reference.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    shared = {n for group in names.values() if len(group) > 1 for n in group}  # by name: quantize() works on a copy
+
+    def keep(mod: nn.Module, name: str) -> bool:
+        if isinstance(mod, nn.MultiheadAttention) or name in shared:
+            return False
+        return user_filter(mod, name) if user_filter is not None else True
+
+    return keep
+
+
+def _apply_smoothing(qm: nn.Module, smoothing: dict) -> None:
+    """The input scales of the layers SmoothQuant could not fold, and the report's words for it."""
+    rep = qm.__dict__.get("_fastinfer_report")
+    index = {r.name: i for i, r in enumerate(rep)} if rep is not None else {}
+    for name, (how, inv) in smoothing.items():
+        layer = qm.get_submodule(name)
+        if inv is not None and isinstance(layer, Int8Linear):
+            layer.input_scale = inv
+        if name in index:
+            old = rep[index[name]]
+            rep[index[name]] = LayerConversion(old.name, old.kind, old.result, "; ".join(filter(None, (old.detail, how))))
 
 
 # ----------------------------------------------------------------------------------- candidates
 
 
-def _plan_layers(qm: nn.Module, reference: nn.Module, quantize: bool) -> list[_Layer]:
+def _plan_layers(qm: nn.Module, source: nn.Module, floats: dict[str, nn.Module], quantize: bool) -> list[_Layer]:
     """The layers quantize() converted, each with its candidates; fused modules looked up by the
-    Fused markers quantize() left (`into` names the layer)."""
+    Fused markers quantize() left (`into` names the layer), in the order the layer's forward runs
+    them (a BatchNorm before an activation: the only fusions quantize() makes are conv -> bn ->
+    act and linear -> act). The float candidate is source's module, or floats[name]."""
     fused: dict[str, list[tuple[str, nn.Module]]] = {}
     for name, mod in qm.named_modules():
         if isinstance(mod, Fused):
-            fused.setdefault(mod.into, []).append((name, reference.get_submodule(name)))
+            fused.setdefault(mod.into, []).append((name, source.get_submodule(name)))
+    for slots in fused.values():
+        slots.sort(key=lambda slot: 0 if isinstance(slot[1], nn.modules.batchnorm._BatchNorm) else 1)
     names: dict[int, list[str]] = {}
     for name, mod in qm.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), []).append(name)
@@ -222,16 +301,21 @@ def _plan_layers(qm: nn.Module, reference: nn.Module, quantize: bool) -> list[_L
     for name, mod in qm.named_modules():
         if not isinstance(mod, (Int8Linear, SparseInt8Linear, Int8Conv2d, DepthwiseConv2d, Int8Conv1d)):
             continue
-        if any(name.startswith(p + ".") for p in (lay.name for lay in out if isinstance(lay.layer, Int8Conv1d))):
+        if any(_inside(name, lay.name) for lay in out if isinstance(lay.layer, Int8Conv1d)):
             continue  # the Int8Conv2d inside an Int8Conv1d
         if len(names[id(mod)]) > 1 or name.endswith(("in_proj", "out_proj")) and _in_mha(qm, name):
             continue  # shared layers and MultiheadAttention's projections: quantize()'s choice
         slots = fused.get(name, [])
-        original = reference.get_submodule(name)
+        original = floats.get(name) or source.get_submodule(name)
         lay = _Layer(name, mod, slots, [])
         lay.candidates = [c for c in _candidates(mod, original, slots) if quantize or not c.name.startswith("int8")]
         out.append(lay)
     return out
+
+
+def _inside(name: str, container: str) -> bool:
+    """Whether the module named `name` sits below the one named `container` ("" is the root)."""
+    return name != container and (container == "" or name.startswith(container + "."))
 
 
 def _in_mha(qm: nn.Module, name: str) -> bool:
@@ -371,7 +455,7 @@ def _capture(qm: nn.Module, layers: list[_Layer], data, *, sqnr: bool, keep: boo
 def _time_layer(lay: _Layer, rounds: int, target_s: float = 0.003) -> None:
     """us per call of each candidate on lay.x, interleaved rounds, medians; cached."""
     x = lay.x
-    key_tail = (tuple(x.shape), x.dtype, _runtime.active_isa(), torch.get_num_threads())
+    key_tail = (tuple(x.shape), x.dtype, _runtime.active_isa(), _runtime.num_threads(), torch.get_num_threads())
     todo = [c for c in lay.candidates if (c.sig, *key_tail) not in _TIMINGS]
     if todo:
         with torch.inference_mode():
@@ -410,13 +494,24 @@ def _sqnr_of(lay: _Layer) -> dict[str, float]:
     return out
 
 
-def _choose(layers: list[_Layer], min_sqnr_db: float) -> dict[str, tuple[_Candidate, str]]:
+def _fallback(lay: _Layer, quantize: bool) -> _Candidate:
+    """What a layer keeps when nothing decides otherwise: quantize()'s module, or float."""
+    if not quantize:
+        return lay.candidates[0]
+    return next((c for c in lay.candidates if c.module is lay.layer), lay.candidates[0])
+
+
+def _choose(layers: list[_Layer], min_sqnr_db: float, quantize: bool = True) -> dict[str, tuple[_Candidate, str]]:
     """layer name -> (the candidate kept, a note): the fastest whose SQNR reaches min_sqnr_db."""
     out = {}
+    kept = "quantize()'s choice kept" if quantize else "float kept"
     for lay in layers:
         sqnr, times = _sqnr_of(lay), lay.times
         if times is None:
-            out[lay.name] = (next((c for c in lay.candidates if c.module is lay.layer), lay.candidates[0]), lay.note)
+            out[lay.name] = (_fallback(lay, quantize), lay.note)
+            continue
+        if lay.noise is None and len(lay.candidates) > 1:  # timed, but the SQNR data never reached it
+            out[lay.name] = (_fallback(lay, quantize), f"not reached by the SQNR data: {kept}, SQNR unmeasured")
             continue
         ok = [c for c in lay.candidates if sqnr.get(c.name, -math.inf) >= min_sqnr_db]
         best = min(times[c.name] for c in ok)
@@ -429,8 +524,9 @@ def _choose(layers: list[_Layer], min_sqnr_db: float) -> dict[str, tuple[_Candid
 
 
 def _swaps(qm: nn.Module, layers: list[_Layer], choices: dict) -> list[tuple[str, nn.Module, nn.Module]]:
-    """(qualified name, new module, the module there now) for every replacement the choices make:
-    the layer, and for a candidate that does not run its fusions itself, the fused modules back."""
+    """(qualified name, new module, the module there now) for every replacement the choices make in
+    quantize()'s model: the layer, and for a candidate that does not run its fusions itself, the
+    fused modules back."""
     swaps = []
     for lay in layers:
         chosen, _ = choices[lay.name]
@@ -441,43 +537,43 @@ def _swaps(qm: nn.Module, layers: list[_Layer], choices: dict) -> list[tuple[str
     return swaps
 
 
-def _apply(qm: nn.Module, swaps: list, forward: bool) -> None:
-    """Puts the swaps' new modules in (forward) or the old ones back."""
-    for name, new, old in swaps:
-        _put(qm, name, new if forward else old)
+def _apply(root: nn.Module, swaps: list, forward: bool) -> nn.Module:
+    """Puts the swaps' new modules in (forward) or the old ones back; returns the model (another
+    module when the model itself is the layer replaced)."""
+    for name, new, old in swaps if forward else reversed(swaps):
+        root = _put(root, name, new if forward else old)
+    return root
 
 
-def _model_check(qm: nn.Module, swaps: list, example_inputs, rounds: int) -> dict[str, float]:
-    """ms per forward of example_inputs with quantize()'s layers and with the planned ones, rounds
-    interleaved (the swaps are applied and undone in place); leaves the planned ones in."""
-    samples: dict[str, list[float]] = {"quantize": [], "optimize": []}
+def _model_check(root: nn.Module, variants: dict[str, list], example_inputs, rounds: int) -> dict[str, float]:
+    """ms per forward of example_inputs for each variant (swaps from quantize()'s model), rounds
+    interleaved in a rotating order; the model is left as quantize() made it."""
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants)
     with torch.inference_mode():
         for r in range(rounds + 1):
-            for name, fwd in (("optimize", True), ("quantize", False)) if r % 2 else (("quantize", False), ("optimize", True)):
-                _apply(qm, swaps, fwd)
-                run_batch(qm, example_inputs)  # untimed: settles caches after the swap
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                model = _apply(root, variants[name], True)
+                run_batch(model, example_inputs)  # untimed: settles caches after the swap
                 t0 = time.perf_counter()
-                run_batch(qm, example_inputs)
-                if r:  # round 0 warms both
+                run_batch(model, example_inputs)
+                if r:  # round 0 warms every variant
                     samples[name].append((time.perf_counter() - t0) * 1e3)
-    _apply(qm, swaps, True)
+                root = _apply(model, variants[name], False)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _rows(qm: nn.Module, layers: list[_Layer], choices: dict, reverted: str) -> list[LayerPlan]:
+def _rows(root: nn.Module, layers: list[_Layer], choices: dict) -> list[LayerPlan]:
     rows = []
-    conv_report = qm.__dict__.get("_fastinfer_report")
+    conv_report = root.__dict__.get("_fastinfer_report")
     index = {r.name: i for i, r in enumerate(conv_report)} if conv_report is not None else {}
     for lay in layers:
         chosen, note = choices[lay.name]
-        if reverted and chosen.module is not lay.layer:
-            note = reverted
-            chosen = next((c for c in lay.candidates if c.module is lay.layer), chosen)
-        elif lay.name in index and chosen.module is not lay.layer:
+        if lay.name in index and chosen.module is not lay.layer:
             old = conv_report[index[lay.name]]
             now = "float" if chosen.name == "float" else type(chosen.module).__name__
             conv_report[index[lay.name]] = LayerConversion(old.name, old.kind, now, f"optimize: {chosen.name}")
-        now = qm.get_submodule(lay.name)
+        now = root.get_submodule(lay.name)
         kernel, shape, sparsity, nbytes = describe(now)
         sqnr, times = _sqnr_of(lay), lay.times or {}
         cands = {c.name: (times.get(c.name), sqnr.get(c.name, math.nan)) for c in lay.candidates}
@@ -487,6 +583,9 @@ def _rows(qm: nn.Module, layers: list[_Layer], choices: dict, reverted: str) -> 
     return rows
 
 
-def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+def _put(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    if name == "":
+        return module
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
+    setattr(root.get_submodule(parent), child, module)
+    return root

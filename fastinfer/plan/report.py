@@ -79,7 +79,7 @@ class PlanReport(list):
         self.measured = measured
         self.model_ms = model_ms  # optimize's whole-model check: ms per forward, "quantize" and "optimize"
         self.isa = isa or _runtime.active_isa()
-        self.threads = threads or torch.get_num_threads()
+        self.threads = threads or _runtime.num_threads()  # fastinfer's kernels' threads
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
@@ -103,8 +103,9 @@ class PlanReport(list):
             ours, flt = sum(r.time_us for r in timed), sum(r.float_us for r in timed)
             line += f"; measured layers {flt / 1e3:.2f} ms float -> {ours / 1e3:.2f} ms ({flt / ours:.2f}x)"
         if self.model_ms:
-            line += (f"; whole model on the example: {self.model_ms['quantize']:.3g} ms with quantize()'s layers, "
-                     f"{self.model_ms['optimize']:.3g} ms planned")  # fmt: skip
+            base = next(k for k in self.model_ms if k != "optimize")
+            line += (f"; whole model on the example: {self.model_ms[base]:.3g} ms with "
+                     f"{'quantize()' if base == 'quantize' else base}'s layers, {self.model_ms['optimize']:.3g} ms planned")  # fmt: skip
         return line + f" ({self.isa}, {self.threads} threads)"
 
     def __str__(self) -> str:
@@ -185,7 +186,7 @@ def report(model: nn.Module) -> PlanReport:
     measured = {r.name: r for r in plan} if plan is not None else {}
     rows, seen, inside = [], set(), set()
     for name, mod in model.named_modules():
-        if id(mod) in seen or any(name.startswith(p + ".") for p in inside):
+        if id(mod) in seen or any(name != p and (p == "" or name.startswith(p + ".")) for p in inside):
             continue
         d = describe(mod)
         if d is None:
