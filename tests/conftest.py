@@ -271,3 +271,30 @@ def run_python(code: str, env: dict | None = None, timeout: float = 300) -> subp
         p.communicate()
         raise
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def pin_planner_times(monkeypatch, table, model_ms: dict | None = None, default: float | None = None) -> None:
+    """Pins fastinfer.optimize's measurements, so its decisions can be tested without timing:
+    each candidate takes table[name] us (a dict, or a callable (layer, name) -> us; a name missing
+    from the dict takes `default`, or is an error), and the whole-model check reports model_ms
+    (default: every variant equally fast; a variant absent from model_ms takes its "quantize" entry)."""
+    from fastinfer.plan import planner
+
+    def time_layer(lay, rounds, target_s=0.003):
+        x = lay.x
+
+        def us(name):
+            if callable(table):
+                return table(lay, name)
+            return table[name] if default is None else table.get(name, default)
+
+        lay.times = {c.name: us(c.name) for c in lay.candidates}
+        lay.input = "x".join(map(str, x.shape))
+        lay.x = None
+
+    def model_check(root, variants, example_inputs, rounds):
+        ms = model_ms or {}
+        return {k: ms.get(k, ms.get("quantize", 1.0) if k != "optimize" else 1.0) for k in variants}
+
+    monkeypatch.setattr(planner, "_time_layer", time_layer)
+    monkeypatch.setattr(planner, "_model_check", model_check)

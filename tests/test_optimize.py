@@ -16,28 +16,13 @@ import torch
 from torch import nn
 
 import fastinfer
-from conftest import assert_same, sqnr
+from conftest import assert_same, pin_planner_times, sqnr
 from fastinfer.nn import DepthwiseConv2d, Fused, Int8Conv2d, Int8Linear, SparseInt8Linear, WeightOnlyInt8Linear
 from fastinfer.plan import planner
 
 
 def _pin_times(monkeypatch, table, model_ms=None):
-    """_time_layer gives each candidate table[name] us (a dict, or a callable (layer, name) -> us);
-    the whole-model check finds the planned model as fast as quantize()'s (or gives model_ms)."""
-
-    def fake(lay, rounds, target_s=0.003):
-        x = lay.x
-        lay.times = {c.name: (table(lay, c.name) if callable(table) else table[c.name]) for c in lay.candidates}
-        lay.input = "x".join(map(str, x.shape))
-        lay.x = None
-
-    monkeypatch.setattr(planner, "_time_layer", fake)
-
-    def check(root, variants, example_inputs, rounds):
-        ms = model_ms or {}
-        return {k: ms.get(k, ms.get("quantize", 1.0) if k != "optimize" else 1.0) for k in variants}
-
-    monkeypatch.setattr(planner, "_model_check", check)
+    pin_planner_times(monkeypatch, table, model_ms)
 
 
 def _mlp():

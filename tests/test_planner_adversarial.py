@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import fastinfer
-from conftest import ISAS, assert_same, fma_f32, sqnr
+from conftest import ISAS, assert_same, fma_f32, pin_planner_times, sqnr
 from fastinfer import QuantConfig, ops
 from fastinfer.nn import (
     Int8Conv2d,
@@ -36,22 +36,8 @@ from fastinfer.plan import planner
 
 
 def _pin(monkeypatch, table, model_ms=None):
-    """Pins the planner's per-layer timings (table: dict name -> us, or callable (layer, name) -> us;
-    missing names 50 us) and its whole-model check (model_ms, default: both equally fast)."""
-
-    def fake(lay, rounds, target_s=0.003):
-        x = lay.x
-        lay.times = {c.name: (table(lay, c.name) if callable(table) else table.get(c.name, 50.0)) for c in lay.candidates}
-        lay.input = "x".join(map(str, x.shape))
-        lay.x = None
-
-    monkeypatch.setattr(planner, "_time_layer", fake)
-
-    def check(root, variants, example_inputs, rounds):
-        ms = model_ms or {}
-        return {k: ms.get(k, ms.get("quantize", 1.0) if k != "optimize" else 1.0) for k in variants}
-
-    monkeypatch.setattr(planner, "_model_check", check)
+    """Pinned planner timings (conftest.pin_planner_times); names missing from a table take 50 us."""
+    pin_planner_times(monkeypatch, table, model_ms, default=50.0)
 
 
 def _mlp():

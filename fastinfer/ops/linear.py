@@ -14,7 +14,6 @@ from fastinfer import _cuda_layout
 from fastinfer._runtime import _C
 from fastinfer.ops import _prepared, _schema  # noqa: F401  (_schema: the ops these kernels serve)
 from fastinfer.ops._common import (
-    activation_code,
     activation_name,
     aligned_empty,
     check_device,
@@ -23,8 +22,8 @@ from fastinfer.ops._common import (
     check_int8_linear_params,
     check_int8_matmul_args,
     check_tensor,
-    eager_fast_path,
     has_data,
+    linear_entry,
     register,
     rows,
     ValidatedBuffers,
@@ -220,14 +219,7 @@ def int8_linear(
 
     activation: None, or "gelu" (erf GELU fused into the epilogue, computed in fp32 with Eigen's erf
     approximation: bit-identical on every ISA, within 4e-7 of the exact erf)."""
-    x = check_tensor("int8_linear", "x", x)
-    act = activation_code("int8_linear", activation)
-    check_device("int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
-    if eager_fast_path(x):
-        # Same kernel function the op registers; skips ~5 us of dispatcher overhead per call,
-        # which is 5% of a 4096x4096 layer at M=1.
-        return _int8_linear_cpu(x, packed, w_scale, bias, act)
-    return torch.ops.fastinfer.int8_linear(x, packed, w_scale, bias, act)
+    return linear_entry("int8_linear", _int8_linear_cpu, x, packed, w_scale, bias, activation)
 
 
 def weight_only_linear(
@@ -243,9 +235,4 @@ def weight_only_linear(
     every ISA gives the same bits; the output has x's dtype. Same weight side and activations as
     int8_linear: the accurate choice where activation outliers hurt int8, and about as fast at one
     to a few rows (it streams the same int8 bytes); from ~8 rows up int8_linear is faster. CPU only."""
-    x = check_tensor("weight_only_linear", "x", x)
-    act = activation_code("weight_only_linear", activation)
-    check_device("weight_only_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
-    if eager_fast_path(x):
-        return _weight_only_linear_cpu(x, packed, w_scale, bias, act)
-    return torch.ops.fastinfer.weight_only_linear(x, packed, w_scale, bias, act)
+    return linear_entry("weight_only_linear", _weight_only_linear_cpu, x, packed, w_scale, bias, activation)

@@ -17,7 +17,6 @@ import torch
 from fastinfer._runtime import _C
 from fastinfer.ops import _prepared, _schema  # noqa: F401  (_schema: the ops these kernels serve)
 from fastinfer.ops._common import (
-    activation_code,
     activation_name,
     aligned_empty,
     check_device,
@@ -26,6 +25,7 @@ from fastinfer.ops._common import (
     check_tensor,
     eager_fast_path,
     has_data,
+    linear_entry,
     register,
     ValidatedBuffers,
 )
@@ -240,12 +240,7 @@ def sparse_int8_linear(
     """int8_linear with a packed sparse int8 weight: same per-token quantization, exact int32
     accumulation over the stored nonzeros, same fp32 epilogue and activation (None or "gelu";
     equal to the dense Int8Linear bit for bit)."""
-    x = check_tensor("sparse_int8_linear", "x", x)
-    act = activation_code("sparse_int8_linear", activation)
-    check_device("sparse_int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias)
-    if eager_fast_path(x):
-        return _sparse_int8_linear_cpu(x, packed, w_scale, bias, act)
-    return torch.ops.fastinfer.sparse_int8_linear(x, packed, w_scale, bias, act)
+    return linear_entry("sparse_int8_linear", _sparse_int8_linear_cpu, x, packed, w_scale, bias, activation)
 
 
 def sparse_int8_matmul(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
