@@ -111,8 +111,8 @@ def optimize(
         layer whose activations have outliers that per-token int8 cannot hold; 30 dB there sends
         the four FFN input layers at 27 dB to weight-only, 1.3x slower end to end for a cosine
         that moves from 0.9978 to 0.9979 (bench/RESULTS.md).
-    time_budget_s: layers left when it is spent keep quantize()'s choice, unmeasured (the report
-        says so); None: no limit.
+    time_budget_s: layers left when it is spent keep quantize()'s choice (float with
+        quantize=False), unmeasured (the report says so); None: no limit.
     config: the QuantConfig of the conversion (skip, filter_fn, fusions, attention, smoothquant
         (calibrated on calibration_data, else example_inputs)...); `activations` is ignored:
         dynamic and weight-only are both candidates.
@@ -120,8 +120,13 @@ def optimize(
 
     The layers are timed alone, where their inputs and weights stay in cache; inside the model they
     may not. So the result is checked whole: example_inputs run through the model with quantize()'s
-    layers and with the planned ones, rounds interleaved; where the planned model is more than 2%
-    slower, quantize()'s layers are kept (each row's note says so) and report.model_ms gives both.
+    layers (all float with quantize=False) and with the planned ones, rounds interleaved; where the
+    planned model is more than 2% slower, that baseline is kept (the rows' notes say so) and
+    report.model_ms gives both times.
+
+    quantize=False also keeps float what is never planned (nn.MultiheadAttention, a layer
+    registered under several names). The model must be a float CPU model (a converted one is
+    refused: its layers would be taken for their own float reference).
 
     Layers planned: linear layers (nn.Linear, transformers Conv1D), Conv2d and Conv1d.
     nn.MultiheadAttention and the transformers attention switch follow quantize() unmeasured.
