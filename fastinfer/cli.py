@@ -117,7 +117,8 @@ DEMO_CASES = ("minilm-8x128", "minilm-32x16", "mobilenet_v2-b16")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """A MiniLM-shaped encoder and a MobileNetV2, built here (no network), timed side by side."""
+    """A MiniLM-shaped encoder and a MobileNetV2, built here (no network), or a local model folder
+    (--model), timed side by side."""
     import torch
 
     from fastinfer.bench import models as bench_models, ops as bench_ops
@@ -125,10 +126,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.image_size < 32:
         print("fastinfer demo: error: --image-size must be >= 32", file=sys.stderr)
         return 2
+    builders = None
+    if args.model is not None:
+        import os
+
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            print(f"fastinfer demo: error: --model {args.model!r} is not a transformers model folder (no config.json)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            batch, tokens = (int(v) for v in args.shape.lower().split("x"))
+            assert batch >= 1 and tokens >= 1
+        except (ValueError, AssertionError):
+            print(f"fastinfer demo: error: --shape must be BATCHxTOKENS such as 8x128, got {args.shape!r}", file=sys.stderr)
+            return 2
+        builders = [lambda: bench_models.folder_case(args.model, batch, tokens)]
     torch.set_num_threads(args.threads)
     meta = bench_ops.environment_meta(command=_command(args), dram=False, peaks=False)
     results = bench_models.run(list(DEMO_CASES), quick=not args.full, threads=args.threads, onnx=args.peers,
-                               progress=not args.no_progress, image_size=args.image_size)  # fmt: skip
+                               progress=not args.no_progress, image_size=args.image_size, builders=builders)  # fmt: skip
     print(bench_models.format_markdown(results, meta), end="")
     if args.chart:
         try:
@@ -372,12 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
         "is installed, else random ones) and a MobileNetV2 here, with no network; times fp32, "
         "model.bfloat16(), torch.ao dynamic int8 and fastinfer side by side (rounds interleaved) and "
         "prints speed and fidelity tables; writes a PNG chart of speed vs fidelity (needs matplotlib: "
-        "pip install \"fastinfer[demo]\").",
+        "pip install \"fastinfer[demo]\"). --model FOLDER runs a local transformers model folder instead.",
     )
     p.add_argument("--chart", default="fastinfer-demo.png", metavar="FILE.png", help="chart file ('' for none)")
     p.add_argument("--full", action="store_true", help="the full number of rounds (default: quick)")
     p.add_argument("--peers", action="store_true", help="also ONNX Runtime and OpenVINO where installed")
     p.add_argument("--image-size", type=int, default=160, help="MobileNetV2 image side (default 160)")
+    p.add_argument("--model", metavar="FOLDER", help="a local transformers model folder to run instead of the built-in "
+                   "cases (an encoder on random ids, or a causal LM generating 16 tokens)")
+    p.add_argument("--shape", default="8x128", help="with --model: BATCHxTOKENS (default 8x128)")
     p.add_argument("--threads", type=int, default=2, help="torch (and fastinfer) threads (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)

@@ -568,6 +568,28 @@ def test_demo_end_to_end(tmp_path):
     assert (tmp_path / "d.png").stat().st_size > 5000
 
 
+def test_demo_on_a_model_folder(tmp_path):
+    """fastinfer demo --model FOLDER: an encoder folder and a causal LM folder, every peer in the table."""
+    transformers, bert = _tiny_bert()
+    bert.save_pretrained(tmp_path / "bert")
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=120, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                                               architectures=["GPT2LMHeadModel"])).eval()  # fmt: skip
+    gpt.save_pretrained(tmp_path / "gpt")
+    for folder, case in (("bert", "## bert 2x8"), ("gpt", "## gpt generate b1 8+16")):
+        shape = "2x8" if folder == "bert" else "1x8"
+        r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['demo', '--model', {str(tmp_path / folder)!r}, "
+                       f"'--shape', {shape!r}, '--no-progress', '--chart', '']))", timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert case in r.stdout, r.stdout[:3000]
+        for peer in ("| fp32 |", "| fastinfer |", "| fastinfer weight-only |", "| fastinfer smoothquant |", "| fastinfer optimize |"):
+            assert peer in r.stdout, (peer, r.stdout[:3000])
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['demo', '--model', {str(tmp_path)!r}]))")
+    assert r.returncode == 2 and "not a transformers model folder" in r.stderr
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['demo', '--model', {str(tmp_path / 'bert')!r}, '--shape', '8']))")
+    assert r.returncode == 2 and "--shape must be BATCHxTOKENS" in r.stderr
+
+
 def test_transformers_round_trip_of_a_converted_model_is_refused_not_random(tmp_path):
     """transformers' save_pretrained then from_pretrained of a converted model used to return a
     float model whose int8 layers were 'newly initialized' (random), with a warning only. quantize()

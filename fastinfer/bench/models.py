@@ -154,7 +154,7 @@ def _encode(tok, batch: int, seq: int, offset: int = 0) -> dict[str, torch.Tenso
 
 def _random_ids(vocab: int, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab, (batch, seq), generator=g)
+    ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq), generator=g)  # past BERT's special tokens
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -255,6 +255,29 @@ def default_cases(names: list[str] | None = None, image_size: int = IMAGE_SIZE) 
         # a full key selects that case alone ("mobilenet_v2-b1" is not "mobilenet_v2-b16"), else a prefix
         builders = [(n, f) for n, f in builders if any(n == x or (x not in known and n.startswith(x)) for x in names)]
     return [f for _, f in builders]
+
+
+def folder_case(folder: str, batch: int, tokens: int) -> Case:
+    """A case from a local transformers model folder: a causal LM (an *LMHeadModel / *ForCausalLM
+    architecture) generates 16 tokens after `tokens` random prompt tokens per sequence; anything
+    else runs as an encoder on random ids [batch, tokens] (last_hidden_state, mask-mean pooled).
+    No tokenizer is needed: ids are drawn from the config's vocabulary."""
+    tf = _transformers()
+    from fastinfer.hf import architecture_class
+
+    config = tf.AutoConfig.from_pretrained(folder)
+    cls = architecture_class(config) or tf.AutoModel
+    model = cls.from_pretrained(folder).eval()
+    vocab = int(getattr(config, "vocab_size", 1000))
+    name = os.path.basename(os.path.normpath(folder))
+    causal = any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in (getattr(config, "architectures", None) or []))
+    if causal:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (batch, tokens), generator=g)
+        return Case(f"{name} generate b{batch} {tokens}+16", "generate", model, {"input_ids": ids}, new_tokens=16,
+                    note=f"{folder}, random prompt ids, greedy, 16 new tokens")  # fmt: skip
+    return Case(f"{name} {batch}x{tokens}", "encoder", model, _random_ids(vocab, batch, tokens, 0),
+                calib=[_random_ids(vocab, batch, tokens, i + 1) for i in range(4)], note=f"{folder}, random ids")  # fmt: skip
 
 
 CASE_NAMES = ("minilm", "bert-base", "gpt2-generate", "mobilenet_v2", "resnet50", "efficientnet_lite0", "resnet18", "image")
@@ -728,13 +751,14 @@ def run_case(case: Case, rounds: int, min_clean: int, threads: int, engine: str,
 
 def run(names: list[str] | None = None, quick: bool = False, rounds: int | None = None, threads: int = 2,
         engine: str | None = None, onnx: bool = True, progress: bool = True,
-        image_size: int = IMAGE_SIZE) -> list[dict]:  # fmt: skip
+        image_size: int = IMAGE_SIZE, builders: list[Callable[[], Case]] | None = None) -> list[dict]:  # fmt: skip
+    """Runs the cases `names` (default_cases), or the given case builders, and returns their results."""
     d_rounds, d_min = QUICK_TIMING if quick else DEFAULT_TIMING
     rounds = rounds or d_rounds
     min_clean = min(d_min, rounds)
     engines = torch.backends.quantized.supported_engines
     engine = engine or ("onednn" if "onednn" in engines else "x86" if "x86" in engines else engines[-1])
-    builders = default_cases(names, image_size)
+    builders = builders if builders is not None else default_cases(names, image_size)
     results = []
     with progress_bar(len(builders) * rounds, "fastinfer bench models", "round", progress) as bar:
         for build in builders:
