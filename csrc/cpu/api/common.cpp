@@ -38,6 +38,14 @@ thread_local Scratch t_scratch;
 
 // Row blocks of MR-multiples and groups of up to 4 channel blocks, spread over the threads.
 // Small M: one task per channel group covers every row, so each weight byte is read once.
+Status check_linear_io(const char* name, DType dt, DType out_dt, int act) {
+    if (dt != DType::kF32 && dt != DType::kBF16) return Status::invalid(std::string(name) + ": x must be float32 or bfloat16");
+    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
+        return Status::invalid(std::string(name) + ": out must be float32 or bfloat16");
+    if (!valid_act(act)) return Status::invalid(std::string(name) + ": unknown activation code " + std::to_string(act));
+    return Status::ok();
+}
+
 WorkSplit work_split(int64_t m, int64_t nblocks, int64_t many_rows) {
     WorkSplit s;
     // Few rows: about 4 tasks per thread (each task's claim and loop setup costs ~1 us: 10% of a

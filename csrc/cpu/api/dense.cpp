@@ -68,11 +68,7 @@ Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uin
 Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes_, const float* sw,
                    const float* bias, void* out, DType out_dt, int64_t ldo, int act) {
-    if (dt != DType::kF32 && dt != DType::kBF16)
-        return Status::invalid("int8_linear: x must be float32 or bfloat16");
-    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
-        return Status::invalid("int8_linear: out must be float32 or bfloat16");
-    if (!valid_act(act)) return Status::invalid("int8_linear: unknown activation code " + std::to_string(act));
+    if (Status io = check_linear_io("int8_linear", dt, out_dt, act); !io.is_ok()) return io;
     PackedW w;
     Status st = check_gemm("int8_linear", m, k, ldx, packed, packed_nbytes_, ldo, &w);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;
@@ -89,12 +85,7 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
 Status weight_only_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
                           int64_t packed_nbytes_, const float* sw, const float* bias, void* out, DType out_dt,
                           int64_t ldo, int act) {
-    if (dt != DType::kF32 && dt != DType::kBF16)
-        return Status::invalid("weight_only_linear: x must be float32 or bfloat16");
-    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
-        return Status::invalid("weight_only_linear: out must be float32 or bfloat16");
-    if (!valid_act(act))
-        return Status::invalid("weight_only_linear: unknown activation code " + std::to_string(act));
+    if (Status io = check_linear_io("weight_only_linear", dt, out_dt, act); !io.is_ok()) return io;
     PackedW w;
     Status st = check_gemm("weight_only_linear", m, k, ldx, packed, packed_nbytes_, ldo, &w);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;

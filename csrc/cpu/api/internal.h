@@ -35,6 +35,9 @@ struct WorkSplit {
     int64_t m0(int64_t t) const { return t % nmchunks * mchunk; }
     int64_t nb0(int64_t t) const { return t / nmchunks * group; }
 };
+// The dtypes and activation code of a float-in, float-out linear entry (int8_linear,
+// weight_only_linear, sparse_int8_linear): fp32/bf16 in and out, a valid_act code.
+Status check_linear_io(const char* name, DType dt, DType out_dt, int act);
 // many_rows: the row chunk when m > 24 (the int8 kernels 96; fp32 ell 48, its rows are 4x wider).
 WorkSplit work_split(int64_t m, int64_t nblocks, int64_t many_rows = 96);
 // m rows of kp bytes (64-byte aligned) and m floats, from t_scratch.

@@ -212,12 +212,7 @@ Status sparse_int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, co
 Status sparse_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* buf,
                           int64_t nbytes, const float* sw, const float* bias, void* out, DType out_dt,
                           int64_t ldo, int act) {
-    if (dt != DType::kF32 && dt != DType::kBF16)
-        return Status::invalid("sparse_int8_linear: x must be float32 or bfloat16");
-    if (out_dt != DType::kF32 && out_dt != DType::kBF16)
-        return Status::invalid("sparse_int8_linear: out must be float32 or bfloat16");
-    if (!valid_act(act))
-        return Status::invalid("sparse_int8_linear: unknown activation code " + std::to_string(act));
+    if (Status io = check_linear_io("sparse_int8_linear", dt, out_dt, act); !io.is_ok()) return io;
     SparseView w;
     const FormatTraits* f;
     Status st = check_sparse("sparse_int8_linear", m, k, ldx, buf, nbytes, ldo, &w, true, &f);
