@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fastinfer import _runtime
-from fastinfer.convert._swap import route_fused_layers_through_modules
+from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
 from fastinfer.convert.attention import HF_NAME, enable_fast_attention, is_hf_model
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.report import ConversionReport, LayerConversion
@@ -471,11 +471,7 @@ def _install_layers(f: _File, model: nn.Module) -> nn.Module:
             new = _build(f, name, entry)
             new.train(current.training)
             built[id(current)] = new
-        if name == "":
-            model = new
-        else:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+        model = set_module(model, name, new)
     route_fused_layers_through_modules(model)
     return model
 

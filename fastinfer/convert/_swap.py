@@ -9,6 +9,16 @@ from torch import nn
 from fastinfer.convert._select import Target, progress_bar
 
 
+def set_module(root: nn.Module, fqn: str, module: nn.Module) -> nn.Module:
+    """Puts `module` at the qualified name `fqn` of `root`; returns the model, which is `module`
+    itself when fqn is "" (the model replaced)."""
+    if fqn == "":
+        return module
+    parent, _, child = fqn.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
+    return root
+
+
 def swap(model: nn.Module, targets: list[Target], convert: Callable[[nn.Module], nn.Module],
          progress: bool | None, desc: str) -> nn.Module:  # fmt: skip
     """Replaces each target by convert(layer), called once per layer and set under each of its names
@@ -20,8 +30,7 @@ def swap(model: nn.Module, targets: list[Target], convert: Callable[[nn.Module],
                 return convert(model)
             new = convert(target.module)
             for fqn in target.names:
-                parent_name, _, child = fqn.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, new)
+                set_module(model, fqn, new)
             bar.update(1)
     route_fused_layers_through_modules(model)
     return model

@@ -33,18 +33,16 @@ def _setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(x if act in _NEEDS_INPUT else None, packed, w_scale, bias, output if act in (2, 3) else None)
 
 
-def _int8_linear_backward(ctx, grad):
-    x, packed, w_scale, bias, out = ctx.saved_tensors
-    shape, dtype, act = ctx.meta
-    wf = unpack_int8_weight(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
-    return _input_gradient("int8_linear", grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
+def _dense_int8_backward(name: str):
+    """The backward of int8_linear and weight_only_linear: one packed int8 weight, two kernels."""
 
+    def backward(ctx, grad):
+        x, packed, w_scale, bias, out = ctx.saved_tensors
+        shape, dtype, act = ctx.meta
+        wf = unpack_int8_weight(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
+        return _input_gradient(name, grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
 
-def _weight_only_linear_backward(ctx, grad):
-    x, packed, w_scale, bias, out = ctx.saved_tensors
-    shape, dtype, act = ctx.meta
-    wf = unpack_int8_weight(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
-    return _input_gradient("weight_only_linear", grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
+    return backward
 
 
 def _sparse_int8_linear_backward(ctx, grad):
@@ -67,7 +65,7 @@ def _sparse_linear_backward(ctx, grad):
     return _input_gradient("sparse_linear", grad, None, None, wf, bias, act, shape, dtype), None, None, None
 
 
-torch.library.register_autograd("fastinfer::int8_linear", _int8_linear_backward, setup_context=_setup)
-torch.library.register_autograd("fastinfer::weight_only_linear", _weight_only_linear_backward, setup_context=_setup)
+for _name in ("int8_linear", "weight_only_linear"):
+    torch.library.register_autograd(f"fastinfer::{_name}", _dense_int8_backward(_name), setup_context=_setup)
 torch.library.register_autograd("fastinfer::sparse_int8_linear", _sparse_int8_linear_backward, setup_context=_setup)
 torch.library.register_autograd("fastinfer::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup)

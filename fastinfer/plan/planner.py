@@ -26,6 +26,7 @@ from torch import nn
 from fastinfer import _runtime
 from fastinfer.config import QuantConfig
 from fastinfer.convert._select import progress_bar
+from fastinfer.convert._swap import set_module
 from fastinfer.convert.calibrate import batches_of, run_batch
 from fastinfer.convert.report import LayerConversion
 from fastinfer.nn import (
@@ -546,7 +547,7 @@ def _apply(root: nn.Module, swaps: list, forward: bool) -> nn.Module:
     """Puts the swaps' new modules in (forward) or the old ones back; returns the model (another
     module when the model itself is the layer replaced)."""
     for name, new, old in swaps if forward else reversed(swaps):
-        root = _put(root, name, new if forward else old)
+        root = set_module(root, name, new if forward else old)
     return root
 
 
@@ -586,11 +587,3 @@ def _rows(root: nn.Module, layers: list[_Layer], choices: dict) -> list[LayerPla
                               sqnr_db=sqnr.get(chosen.name) if lay.noise else None, time_us=times.get(chosen.name),
                               float_us=times.get("float"), note=note, candidates=cands))  # fmt: skip
     return rows
-
-
-def _put(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    if name == "":
-        return module
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent), child, module)
-    return root
