@@ -73,7 +73,14 @@ class QuantConfig:
         for decoding at one to a few rows, where it streams the same int8 bytes at about the same
         speed. With "none" only linear layers convert: convolutions and nn.MultiheadAttention stay
         float (their weight-only kernels are not built; the report says so), and a SparseLinear
-        becomes a dense WeightOnlyInt8Linear. "static" (calibrated per-tensor scales) is not built yet.
+        becomes a dense WeightOnlyInt8Linear. "static": StaticInt8Linear, one activation scale
+        per layer (max|x| / 127 over quantize(..., calibration_data=batches), one calibration pass)
+        instead of a scale per token: one pass over x at run time instead of two, but values past
+        the calibrated range saturate, and one scale for every token costs accuracy where tokens
+        differ in range (fastinfer.optimize measures that per layer and keeps the dynamic layer
+        where the static one loses too much). Static applies to linear layers; convolutions and
+        nn.MultiheadAttention keep their per-sample / per-token scales, a layer calibration
+        never reached (or saw only zeros, NaN or Inf) stays dynamic; the report says which.
     smoothquant: None, or SmoothQuant's alpha in [0, 1] (0.5 is the paper's default): before
         quantizing, each linear layer's input channels are divided by s_j = max|x_j|^alpha /
         max|W_j|^(1 - alpha) and its weight columns multiplied by it (exact in float), so
@@ -104,19 +111,14 @@ class QuantConfig:
     smoothquant: float | None = None
 
     def __post_init__(self) -> None:
-        if self.activations == "static":
-            raise NotImplementedError(
-                "QuantConfig(activations='static'): calibrated static activation scales are not built yet; "
-                "use 'dynamic' (per-token scales at run time) or 'none' (weight-only int8)"
-            )
-        if self.activations not in ("dynamic", "none"):
-            raise ValueError(f"QuantConfig.activations must be 'dynamic' or 'none', got {self.activations!r}")
+        if self.activations not in ("dynamic", "static", "none"):
+            raise ValueError(f"QuantConfig.activations must be 'dynamic', 'static' or 'none', got {self.activations!r}")
         if self.smoothquant is not None:
             a = self.smoothquant
             if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= a <= 1.0:
                 raise ValueError(f"QuantConfig.smoothquant must be None or an alpha in [0, 1], got {a!r}")
-            if self.activations != "dynamic":
-                raise ValueError("QuantConfig.smoothquant smooths int8 activations: it needs activations='dynamic'")
+            if self.activations == "none":
+                raise ValueError("QuantConfig.smoothquant smooths int8 activations: it needs activations='dynamic' or 'static'")
         if self.depthwise not in ("float", "int8"):
             raise ValueError(f"QuantConfig.depthwise must be 'float' or 'int8', got {self.depthwise!r}")
         object.__setattr__(self, "skip", skip_patterns(self.skip))

@@ -43,6 +43,7 @@ from fastinfer.nn import (
     Int8MultiheadAttention,
     SparseInt8Linear,
     SparseLinear,
+    StaticInt8Linear,
     WeightOnlyInt8Linear,
     linear_weight_and_bias,
 )
@@ -155,6 +156,9 @@ _KINDS: dict[str, _Kind] = {
         {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT, "input_scale": _BOOL}),
     "WeightOnlyInt8Linear": _Kind(
         WeightOnlyInt8Linear, _int8_linear_config, lambda c: _build_int8_linear(WeightOnlyInt8Linear, c), _fits_linear,
+        True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT, "input_scale": _BOOL}),
+    "StaticInt8Linear": _Kind(
+        StaticInt8Linear, _int8_linear_config, lambda c: _build_int8_linear(StaticInt8Linear, c), _fits_linear,
         True, {"in_features": _INT, "out_features": _INT, "bias": _BOOL, "activation": _ACT, "input_scale": _BOOL}),
     "SparseInt8Linear": _Kind(
         SparseInt8Linear, lambda m: {**_linear_config(m), "activation": m.activation},

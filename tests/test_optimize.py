@@ -33,12 +33,12 @@ def _mlp():
 def test_fastest_qualifying_candidate_is_kept(monkeypatch):
     model = _mlp()
     x = torch.randn(4, 16, 64)
-    _pin_times(monkeypatch, {"float": 100.0, "int8 dynamic": 20.0, "int8 weight-only": 50.0})
+    _pin_times(monkeypatch, {"float": 100.0, "int8 dynamic": 20.0, "int8 weight-only": 50.0, "int8 static": 60.0})
     fast, plan = fastinfer.optimize(model, x)
     assert [type(fast[i]) for i in (0, 2, 4)] == [Int8Linear] * 3
     assert fast[0].activation == "gelu" and type(fast[1]) is Fused
     assert [r.time_us for r in plan] == [20.0] * 3 and [r.float_us for r in plan] == [100.0] * 3
-    assert all(r.sqnr_db > 30 and set(r.candidates) == {"float", "int8 dynamic", "int8 weight-only"} for r in plan)
+    assert all(r.sqnr_db > 30 and set(r.candidates) == {"float", "int8 dynamic", "int8 static", "int8 weight-only"} for r in plan)
     assert plan[0].input == "4x16x64" and plan[0].speedup == 5.0
     # the same outputs as quantize() gives (the same modules)
     with torch.inference_mode():
@@ -49,7 +49,7 @@ def test_fastest_qualifying_candidate_is_kept(monkeypatch):
 def test_accuracy_budget_and_ties(monkeypatch):
     model = _mlp()
     x = torch.randn(8, 64)
-    _pin_times(monkeypatch, {"float": 100.0, "int8 dynamic": 20.0, "int8 weight-only": 50.0})
+    _pin_times(monkeypatch, {"float": 100.0, "int8 dynamic": 20.0, "int8 weight-only": 50.0, "int8 static": 60.0})
     fast, plan = fastinfer.optimize(model, x, min_sqnr_db=80.0)  # int8 cannot reach 80 dB: all float
     assert [type(fast[i]) for i in (0, 2, 4)] == [nn.Linear] * 3
     assert type(fast[1]) is nn.GELU and type(fast[3]) is nn.ReLU  # fused modules restored
@@ -67,7 +67,7 @@ def test_accuracy_budget_and_ties(monkeypatch):
     assert fast[0].activation == "gelu" and type(fast[1]) is Fused
 
     # within 5% of the fastest counts as a tie: the more accurate candidate wins
-    _pin_times(monkeypatch, {"float": 21.0, "int8 dynamic": 20.0, "int8 weight-only": 50.0})
+    _pin_times(monkeypatch, {"float": 21.0, "int8 dynamic": 20.0, "int8 weight-only": 50.0, "int8 static": 60.0})
     fast, _ = fastinfer.optimize(model, x)
     assert all(type(fast[i]) is nn.Linear for i in (0, 2, 4))
 
@@ -144,7 +144,7 @@ def test_save_load_and_time_budget(monkeypatch, tmp_path):
 def test_whole_model_check_reverts_to_quantize(monkeypatch):
     model = _mlp()
     x = torch.randn(3, 64)
-    _pin_times(monkeypatch, {"float": 1.0, "int8 dynamic": 10.0, "int8 weight-only": 30.0},
+    _pin_times(monkeypatch, {"float": 1.0, "int8 dynamic": 10.0, "int8 weight-only": 30.0, "int8 static": 60.0},
                model_ms={"quantize": 1.0, "optimize": 1.5})  # fmt: skip
     fast, plan = fastinfer.optimize(model, x)
     assert all(type(fast[i]) is Int8Linear for i in (0, 2, 4)) and type(fast[1]) is Fused

@@ -252,7 +252,7 @@ def test_optimize_tuple_dict_inputs_dict_outputs_never_called_layer(monkeypatch)
 
     torch.manual_seed(0)
     model = Two().eval()
-    _pin(monkeypatch, {"int8 weight-only": 1.0})
+    _pin(monkeypatch, {"int8 weight-only": 1.0, "int8 static": 60.0})
     x, y = torch.randn(2, 32), torch.randn(2, 32)
     for example in ((x, y), {"x": x, "y": y}):
         fast, plan = fastinfer.optimize(model, example, progress=False)
@@ -268,7 +268,7 @@ def test_optimize_leaves_the_callers_model_alone(monkeypatch):
     model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 4))
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _pin(monkeypatch, {"int8 weight-only": 1.0})
+    _pin(monkeypatch, {"int8 weight-only": 1.0, "int8 static": 60.0})
     xi = torch.randn(5, 16, requires_grad=True)
     fast, _ = fastinfer.optimize(model, xi, prune={"sparsity": 0.5, "method": "wanda"}, progress=False)
     assert model.training and all(m.training for m in model.modules())
@@ -282,7 +282,7 @@ def test_optimize_leaves_the_callers_model_alone(monkeypatch):
 
 def test_optimize_save_load_mixed_plan(monkeypatch, tmp_path):
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
-    _pin(monkeypatch, lambda lay, name: {"0": {"int8 weight-only": 1.0}, "2": {"float": 1.0}}.get(lay.name, {"int8 dynamic": 1.0}).get(name, 50.0))
+    _pin(monkeypatch, lambda lay, name: {"0": {"int8 weight-only": 1.0, "int8 static": 60.0}, "2": {"float": 1.0}}.get(lay.name, {"int8 dynamic": 1.0}).get(name, 50.0))
     x = torch.randn(3, 64)
     fast, plan = fastinfer.optimize(model, x, progress=False)
     assert [type(m) for m in fast][:4] == [WeightOnlyInt8Linear, fastinfer.nn.Fused, nn.Linear, nn.ReLU]

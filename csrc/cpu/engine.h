@@ -31,6 +31,14 @@ Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes, const float* sw,
                    const float* bias, void* out, DType out_dt, int64_t ldo, int act);
 
+// Static int8 linear: as int8_linear, but every row quantized with the one calibrated scale
+// s = *x_scale (q = clamp(round(x / s), -127, 127): one pass over x, values past the calibrated
+// range saturate); a row holding NaN or Inf gives a NaN output row. s must be finite, > 0 and
+// 1 / s finite (else an error).
+Status static_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
+                          int64_t packed_nbytes, const float* sw, const float* bias, void* out, DType out_dt,
+                          int64_t ldo, int act, const float* x_scale);
+
 // Weight-only int8 (W8A32): out [m, n] = act(fma(x @ float(W)^T, sw, bias)) in fp32, x (fp32, or bf16
 // widened exactly) never quantized; the sums run over k in order, one fma chain per output, so every
 // ISA gives the same bits (KernelTable::wo_gemm). Arguments as int8_linear's.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 from torch import nn
 from torch.nn import functional as F
@@ -10,6 +11,7 @@ from torch.nn import functional as F
 from fastinfer.config import QuantConfig
 from fastinfer.convert._select import LeftFloat, Target, config_reason, scan
 from fastinfer.convert._swap import swap
+from fastinfer.convert.calibrate import input_absmax, materialize
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.fuse import ConvFusion, conv_fusions, fx_graph
@@ -25,6 +27,7 @@ from fastinfer.nn import (
     Int8Linear,
     Int8MultiheadAttention,
     SparseLinear,
+    StaticInt8Linear,
     WeightOnlyInt8Linear,
     quantize_weight_per_channel,
 )
@@ -77,6 +80,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
     attention on the fused kernel (torch's SDPA with attention=False); torch's fused encoder fast
     path is turned off for them (it reads float weights).
 
+    With QuantConfig(activations="static"), calibration_data (batches as fastinfer.prune takes them)
+    is run through the float model (after any smoothing) once to find each linear layer's input
+    range: those layers become StaticInt8Linear (one activation scale, max|x| / 127). Convolutions
+    and nn.MultiheadAttention keep their run-time scales, and so does a layer calibration never
+    reached; the report says which.
+
     With QuantConfig(smoothquant=alpha), calibration_data (batches as fastinfer.prune takes them)
     is run through the float model once to find each layer's input channel maxima; see
     QuantConfig.smoothquant and fastinfer/convert/smooth.py. The report says, per layer, where
@@ -94,6 +103,12 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
     if config.smoothquant is not None and calibration_data is None:
         raise ValueError("QuantConfig(smoothquant=...) needs quantize(..., calibration_data=batches): the "
                          "smoothing factors come from the inputs' channel maxima")  # fmt: skip
+    static = config.activations == "static"
+    if static and calibration_data is None:
+        raise ValueError("QuantConfig(activations='static') needs quantize(..., calibration_data=batches): the "
+                         "layers' input scales come from the inputs' ranges")  # fmt: skip
+    if calibration_data is not None and (config.smoothquant is not None or static):
+        calibration_data = materialize(calibration_data)  # one or two passes over the same batches
     if not inplace:
         model = copy.deepcopy(model)
     model, mha_rows = _convert_mha(model, config)
@@ -110,6 +125,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
     convs = {id(t.module): t.module for t in targets if isinstance(t.module, nn.Conv2d)}
     convs1d = {id(t.module) for t in targets if isinstance(t.module, nn.Conv1d)}
     linears = [t for t in targets if id(t.module) not in convs and id(t.module) not in convs1d]
+    x_scales = static_input_scales(model, linears, smoothed, calibration_data, config.progress) if static else {}
     # one trace for both kinds of fusion (None: fx cannot trace the model); the layers and the
     # activations a fusion may take stay call_module nodes even when they are not torch.nn's
     leaves = tuple(t.module for t in targets) + tuple(m for m in model.modules() if linear_activation(m))
@@ -123,7 +139,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
 
     def convert(mod: nn.Module) -> nn.Module:
         if id(mod) in convs1d:
-            new, detail = Int8Conv1d.from_conv(mod), ""
+            new, detail = Int8Conv1d.from_conv(mod), _STATIC_CONV if static else ""
         elif id(mod) in convs:
             f = cfused.get(id(mod), ConvFusion())
             kw = dict(bn=f.module("bn"), activation=f.act_name if f.act else None)
@@ -133,13 +149,16 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
                 detail = "; ".join(filter(None, ("depthwise: fp32 kernel", detail)))
             else:
                 new = Int8Conv2d.from_conv(mod, **kw)
+                detail = "; ".join(filter(None, (detail, _STATIC_CONV if static else "")))
         else:
             _, _, act, note = fused.get(id(mod), (None, None, None, ""))
-            new = _to_int8(mod, act, weight_only)
+            x_scale, why = x_scales.get(id(mod), (None, ""))
+            new = _to_int8(mod, act, weight_only, x_scale)
             how, input_scale = smoothed.get(id(mod), ("", None))
             if input_scale is not None:
                 new.input_scale = input_scale
-            detail = "; ".join(filter(None, ("weight-only" if weight_only else "", f"{act} fused{note}" if act else "", how)))
+            mode = "weight-only" if weight_only else (f"static (input scale {x_scale:.4g})" if x_scale else why)
+            detail = "; ".join(filter(None, (mode, f"{act} fused{note}" if act else "", how)))
         rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
         return new
 
@@ -180,6 +199,42 @@ def smooth_linear_targets(model: nn.Module, targets: list[Target], alpha: float,
     return done
 
 
+_STATIC_CONV = "per-sample activation scales (static scales are built for linear layers only)"
+
+
+def static_input_scales(model: nn.Module, linears: list[Target], smoothed: dict, calibration_data,
+                        progress: bool | None) -> dict[int, tuple[float | None, str]]:  # fmt: skip
+    """One calibration pass over the (already smoothed) float model: per linear layer id,
+    (its StaticInt8Linear input scale max|x| / 127, "") or (None, why it stays dynamic)."""
+    layers = {t.name: t.module for t in linears}
+    # a layer SmoothQuant gave an input_scale has its weight columns scaled already: in this float
+    # model its input must be scaled too (as the int8 layer will), or every layer after it sees
+    # wrong values; the observing hooks, registered later, run after these and see x * scale
+    handles = []
+    for t in linears:
+        inv = smoothed.get(id(t.module), ("", None))[1]
+        if inv is not None:
+            handles.append(t.module.register_forward_pre_hook(
+                lambda mod, args, inv=inv: (args[0] * inv.to(args[0]), *args[1:]) if args else None))
+    try:
+        amax = input_absmax(model, layers, calibration_data, None, progress)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[int, tuple[float | None, str]] = {}
+    for t in linears:
+        a = amax.get(t.name)
+        if a is None:
+            out[id(t.module)] = (None, "dynamic: static calibration never reached it")
+        elif not math.isfinite(a):
+            out[id(t.module)] = (None, "dynamic: static calibration saw NaN or Inf inputs")
+        elif not 1e-30 <= a / 127.0 <= 1e30:  # StaticInt8Linear's range
+            out[id(t.module)] = (None, f"dynamic: static calibration saw max|x| = {a:.3g} (zero, or outside float32's range for a scale)")
+        else:
+            out[id(t.module)] = (a / 127.0, "")
+    return out
+
+
 def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list[LayerConversion]]:
     """Replaces each nn.MultiheadAttention that can be (mha_float_reason) and is not skipped by an
     Int8MultiheadAttention, under every name it has; returns the model (itself replaced when it is
@@ -198,6 +253,8 @@ def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list
             continue
         targets.append(Target(tuple(names), mod))
         detail = "in_proj and out_proj int8; attention: " + ("fastinfer kernel" if config.attention else "torch SDPA")
+        if config.activations == "static":
+            detail += "; per-token activation scales (static scales are built for linear layers only)"
         rows.append(LayerConversion(names[0], type(mod).__name__, "Int8MultiheadAttention", detail))
     if targets:
         model = swap(model, targets, lambda m: Int8MultiheadAttention.from_mha(m, fused_attention=config.attention),
@@ -205,17 +262,20 @@ def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list
     return model, rows
 
 
-def _to_int8(mod: nn.Module, activation: str | None = None, weight_only: bool = False) -> nn.Module:
+def _to_int8(mod: nn.Module, activation: str | None = None, weight_only: bool = False,
+             x_scale: float | None = None) -> nn.Module:  # fmt: skip
     """Int8Linear for a float linear layer; for a SparseLinear, the same quantization of its weights
     (zeros stay zero) stored in the int8 sparse format sparsify() would pick, or dense if none pays.
-    weight_only: WeightOnlyInt8Linear instead (dense: no sparse weight-only kernel).
+    weight_only: WeightOnlyInt8Linear instead; x_scale: StaticInt8Linear with that input scale
+    (both dense: no sparse weight-only or static kernels).
     activation: fused after the layer (None or an epilogue name, see convert/patterns.py)."""
-    cls = WeightOnlyInt8Linear if weight_only else Int8Linear
+    cls = WeightOnlyInt8Linear if weight_only else (StaticInt8Linear if x_scale else Int8Linear)
+    kw = {"x_scale": x_scale} if x_scale else {}
     if not isinstance(mod, SparseLinear):
-        return cls.from_linear(mod, activation=activation)
-    dense = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, activation=activation)
+        return cls.from_linear(mod, activation=activation, **kw)
+    dense = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, activation=activation, **kw)
     dense.set_weight(*quantize_weight_per_channel(mod.dense_weight()))
     if mod.bias is not None:
         dense.bias.copy_(mod.bias)
     dense.train(mod.training)
-    return dense if weight_only else sparse_int8_or_dense(dense)
+    return dense if weight_only or x_scale else sparse_int8_or_dense(dense)

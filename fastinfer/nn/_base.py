@@ -98,7 +98,8 @@ class _FastCall:
     @staticmethod
     def names(layer: nn.Module) -> tuple[str, ...]:
         """The buffers the layer's kernel reads."""
-        return (layer._WEIGHT, "weight_scale", "bias") if "weight_scale" in layer._buffers else (layer._WEIGHT, "bias")
+        extra = getattr(layer, "_EXTRA", ())  # more buffers the kernel reads (StaticInt8Linear's x_scale)
+        return (layer._WEIGHT, "weight_scale", "bias", *extra) if "weight_scale" in layer._buffers else (layer._WEIGHT, "bias")
 
     def valid_for(self, layer: nn.Module) -> bool:
         bufs = layer._buffers

@@ -1,4 +1,5 @@
-"""Int8Linear: the dense int8 layer, and the per-channel weight quantization it stores."""
+"""Int8Linear (dynamic), StaticInt8Linear and WeightOnlyInt8Linear: the dense int8 layers, and the
+per-channel weight quantization they store."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fastinfer.nn._base import (
     layer_repr,
     linear_weight_and_bias,
 )
-from fastinfer.ops.linear import check_packed, prepare_int8_linear
+from fastinfer.ops.linear import check_packed, prepare_int8_linear, prepare_static_int8_linear
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,3 +239,81 @@ class WeightOnlyInt8Linear(Int8Linear):
 
     def extra_repr(self) -> str:
         return layer_repr(self, "weight=int8 per-channel", "act=float (weight-only)", *self._act_repr(), *self._smooth_repr())
+
+
+class StaticInt8Linear(Int8Linear):
+    """y = x @ W^T + b with int8 weights (per output channel) and int8 activations quantized with one
+    calibrated scale (fastinfer.ops.static_int8_linear): x_scale, a float32 buffer of one element,
+    is max|x| over the calibration inputs / 127. One pass over x instead of per-token quantization's
+    two; values past the calibrated range saturate at +-127 (a per-token scale would follow them),
+    so the error depends on how well the calibration data covers the inputs; a row holding NaN or
+    Inf gives a NaN row. QuantConfig(activations="static") with calibration_data makes quantize()
+    build these (fastinfer.optimize keeps one only where its output's SQNR stays within budget).
+
+    Same weights, state_dict (plus x_scale), conversions and backward as Int8Linear.
+    """
+
+    x_scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
+                 x_scale: float = 1.0) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias=bias, activation=activation)
+        self.register_buffer("x_scale", torch.tensor([_check_x_scale(x_scale)], dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, activation: str | None = None, x_scale: float = 1.0) -> StaticInt8Linear:
+        """Quantizes the weights of an nn.Linear (or transformers Conv1D) as Int8Linear.from_linear
+        does; x_scale: the input's scale (max|x| / 127 over calibration inputs, finite and > 0)."""
+        _check_x_scale(x_scale)
+        mod = super().from_linear(linear, activation=activation)
+        mod.x_scale.fill_(x_scale)
+        return mod
+
+    @classmethod
+    def from_int8linear(cls, layer: Int8Linear, x_scale: float) -> StaticInt8Linear:
+        """The same weights, bias, activation and input_scale as `layer` (copies), activations
+        quantized with x_scale."""
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, activation=layer.activation,
+                  x_scale=x_scale)  # fmt: skip
+        new.set_weight(layer.weight_int8, layer.weight_scale.clone())
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+        if layer.input_scale is not None:
+            new.input_scale = layer.input_scale.clone()
+        new.train(layer.training)
+        return new.to(layer.weight_scale.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # fmt: skip
+        xs = state_dict.get(prefix + "x_scale")
+        if isinstance(xs, torch.Tensor) and xs.device.type != "meta":
+            if xs.dtype != torch.float32 or xs.numel() != 1:
+                error_msgs.append(f"{prefix}x_scale: holds {xs.dtype} {list(xs.shape)}, this layer needs float32 [1]")
+            elif not (torch.isfinite(xs).all() and (xs > 0).all() and torch.isfinite(1.0 / xs).all()):
+                error_msgs.append(f"{prefix}x_scale: the input scale must be finite and > 0")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+
+    _EXTRA = ("x_scale",)
+
+    def _op(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.static_int8_linear(x, self.packed_weight, self.weight_scale, self.bias, self.x_scale, self.activation)
+
+    def _prepare(self):
+        return prepare_static_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.x_scale,
+                                          self.in_features, self._act_code())  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return layer_repr(self, "weight=int8 per-channel", f"act=int8 static (scale {float(self.x_scale):.4g})",
+                          *self._act_repr(), *self._smooth_repr())  # fmt: skip
+
+
+def _check_x_scale(x_scale: object) -> float:
+    if isinstance(x_scale, torch.Tensor):
+        x_scale = float(x_scale.reshape(-1)[0]) if x_scale.numel() == 1 else x_scale
+    if not isinstance(x_scale, (int, float)) or isinstance(x_scale, bool):
+        raise TypeError(f"x_scale must be a float, got {type(x_scale).__name__}")
+    v = float(x_scale)
+    if not 1e-30 <= v <= 1e30:  # inside float32's range, and so is 1 / v
+        raise ValueError(f"x_scale must be in [1e-30, 1e30] (finite and > 0), got {x_scale!r}")
+    return v

@@ -7,7 +7,7 @@ torch.export and passes opcheck.
     attention.py  fused scaled dot-product attention (CPU)
     conv.py       int8 Conv2d: pack_conv_weight, int8_conv2d (CPU)
     linear.py     dense int8: quantize_per_token, pack/unpack, int8_matmul, int8_linear,
-                  weight_only_linear (CPU)
+                  static_int8_linear, weight_only_linear (CPU)
     sparse.py     the sparse formats, pack_sparse, validation, the sparse ops (CPU)
     cuda.py       the CUDA kernels
     autograd.py   the linear ops' gradients with respect to their input
@@ -23,6 +23,7 @@ from fastinfer.ops.linear import (
     int8_matmul_packed,
     pack_int8_weight,
     quantize_per_token,
+    static_int8_linear,
     unpack_int8_weight,
     validate_int8_weight,
     weight_only_linear,
@@ -43,6 +44,6 @@ from fastinfer.ops.sparse import (
 __all__ = [
     "LARGE_OUTPUT_BYTES", "SPARSE_FORMATS", "attention", "attention_native", "int8_conv2d", "int8_linear", "int8_matmul", "int8_matmul_packed", "pack_conv_weight", "pack_int8_weight",
     "pack_sparse", "packed_nbytes", "quantize_per_token", "sparse_info", "sparse_int8_linear", "sparse_int8_matmul",
-    "sparse_linear", "sparse_nonzeros", "sparse_validate", "unpack_conv_weight", "unpack_int8_weight", "unpack_sparse",
+    "sparse_linear", "sparse_nonzeros", "sparse_validate", "static_int8_linear", "unpack_conv_weight", "unpack_int8_weight", "unpack_sparse",
     "validate_int8_weight", "weight_only_linear",
 ]  # fmt: skip

@@ -165,6 +165,14 @@ def check_int8_linear_params(packed: torch.Tensor, w_scale: torch.Tensor, bias: 
     return n
 
 
+def check_input_scale(name: str, x_scale: object) -> None:
+    """A static layer's input scale: a float32 tensor of one element (its value, finite and > 0, is
+    checked by the kernel where it reads it)."""
+    if not isinstance(x_scale, torch.Tensor) or x_scale.dtype != torch.float32 or x_scale.numel() != 1:
+        what = f"{x_scale.dtype} {tuple(x_scale.shape)}" if isinstance(x_scale, torch.Tensor) else type(x_scale).__name__
+        raise TypeError(f"fastinfer.{name}: x_scale must be a float32 tensor of one element, got {what}")
+
+
 def has_data(t: torch.Tensor) -> bool:
     """True for a real CPU tensor whose bytes can be read (not meta, not a FakeTensor)."""
     if t.device.type != "cpu":

@@ -22,22 +22,27 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 class Int8LinearCall:
-    """y [..., n] = kernel(x [..., k]) for _C.int8_linear and _C.sparse_int8_linear (one signature):
-    per-token int8 quantization of x, exact int32 accumulation, fp32 epilogue
+    """y [..., n] = kernel(x [..., k]) for _C.int8_linear, _C.weight_only_linear and
+    _C.sparse_int8_linear (one signature), and _C.static_int8_linear (x_scale given): per-token (or
+    static) int8 quantization of x, exact int32 accumulation, fp32 epilogue
     act(acc * sa[m] * w_scale[n] + bias[n]), output in x's dtype.
 
     weight: the checked, 64-byte aligned packed buffer (K4N16 or sparse); w_scale float32 [n];
     bias float32 [n] or None; act: the checked activation code (ACTIVATION_CODE, 0 none).
     The call holds every tensor whose address it passes."""
 
-    __slots__ = ("kernel", "weight", "w_scale", "bias", "n", "k", "act", "_ptrs")
+    __slots__ = ("kernel", "weight", "w_scale", "bias", "n", "k", "act", "x_scale", "_ptrs", "_extra")
 
     def __init__(self, kernel, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 n: int, k: int, act: int = 0) -> None:  # fmt: skip
+                 n: int, k: int, act: int = 0, x_scale: torch.Tensor | None = None) -> None:  # fmt: skip
         self.kernel, self.weight, self.n, self.k, self.act = kernel, weight, n, k, act
         self.w_scale = w_scale.contiguous()
         self.bias = bias.contiguous() if bias is not None else None
         self._ptrs = (weight.data_ptr(), weight.numel(), self.w_scale.data_ptr(), _ptr(self.bias))
+        # _C.static_int8_linear: the input's one calibrated scale (float32, one element), read by the
+        # kernel at each call; the per-token kernels take no such argument
+        self.x_scale = x_scale
+        self._extra = () if x_scale is None else (x_scale.data_ptr(),)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.n, self.k
@@ -55,7 +60,8 @@ class Int8LinearCall:
         x2, ld = rows(x)
         code = DTYPE_CODE[x.dtype]
         w, w_nbytes, s, b = self._ptrs
-        self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n, self.act)
+        self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n, self.act,
+                    *self._extra)  # fmt: skip
         return out
 
 

@@ -9,6 +9,7 @@ import torch
 from fastinfer.ops._common import (
     activation_name,
     check_float_input,
+    check_input_scale,
     check_int8_2d,
     check_int8_linear_params,
     check_scale_bias,
@@ -23,6 +24,10 @@ torch.library.define("fastinfer::int8_matmul", "(Tensor a, Tensor w) -> Tensor")
 torch.library.define("fastinfer::int8_matmul_packed", "(Tensor a, Tensor packed, int n) -> Tensor")
 torch.library.define(
     "fastinfer::int8_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor"
+)
+torch.library.define(
+    "fastinfer::static_int8_linear",
+    "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, Tensor x_scale, int act=0) -> Tensor",
 )
 torch.library.define(
     "fastinfer::weight_only_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor"
@@ -72,6 +77,15 @@ def _int8_linear_fake(x, packed, w_scale, bias, act=0):
     check_float_input("int8_linear", x)
     activation_name("int8_linear", act)
     n = check_int8_linear_params(packed, w_scale, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("fastinfer::static_int8_linear")
+def _static_int8_linear_fake(x, packed, w_scale, bias, x_scale, act=0):
+    check_float_input("static_int8_linear", x)
+    activation_name("static_int8_linear", act)
+    check_input_scale("static_int8_linear", x_scale)
+    n = check_int8_linear_params(packed, w_scale, bias, "static_int8_linear")
     return x.new_empty((*x.shape[:-1], n))
 
 

@@ -27,7 +27,8 @@ def _input_gradient(name: str, grad: torch.Tensor, x: torch.Tensor | None, out: 
 
 
 def _setup(ctx, inputs, output) -> None:
-    """int8_linear, weight_only_linear and sparse_int8_linear: (x, packed, w_scale, bias, act)."""
+    """int8_linear, weight_only_linear and sparse_int8_linear: (x, packed, w_scale, bias, act)
+    (static_int8_linear's through _static_setup)."""
     x, packed, w_scale, bias, act = inputs
     ctx.meta = (tuple(x.shape), x.dtype, act)
     ctx.save_for_backward(x if act in _NEEDS_INPUT else None, packed, w_scale, bias, output if act in (2, 3) else None)
@@ -43,6 +44,16 @@ def _dense_int8_backward(name: str):
         return _input_gradient(name, grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
 
     return backward
+
+
+def _static_setup(ctx, inputs, output) -> None:
+    """static_int8_linear: (x, packed, w_scale, bias, x_scale, act); x_scale gets no gradient."""
+    x, packed, w_scale, bias, _x_scale, act = inputs
+    _setup(ctx, (x, packed, w_scale, bias, act), output)
+
+
+def _static_int8_backward(ctx, grad):
+    return (*_dense_int8_backward("static_int8_linear")(ctx, grad)[:4], None, None)
 
 
 def _sparse_int8_linear_backward(ctx, grad):
@@ -67,5 +78,6 @@ def _sparse_linear_backward(ctx, grad):
 
 for _name in ("int8_linear", "weight_only_linear"):
     torch.library.register_autograd(f"fastinfer::{_name}", _dense_int8_backward(_name), setup_context=_setup)
+torch.library.register_autograd("fastinfer::static_int8_linear", _static_int8_backward, setup_context=_static_setup)
 torch.library.register_autograd("fastinfer::sparse_int8_linear", _sparse_int8_linear_backward, setup_context=_setup)
 torch.library.register_autograd("fastinfer::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup)

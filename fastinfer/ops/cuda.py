@@ -154,6 +154,14 @@ def int8_linear(
     return out
 
 
+@register("static_int8_linear", "cuda")
+def static_int8_linear(*args, **kwargs):
+    raise RuntimeError(
+        "fastinfer.static_int8_linear: static int8 runs on the CPU only (no CUDA kernel yet); on CUDA "
+        "quantize with the default QuantConfig(activations='dynamic') (Int8Linear), or keep the layer on the CPU"
+    )
+
+
 @register("weight_only_linear", "cuda")
 def weight_only_linear(*args, **kwargs):
     raise RuntimeError(

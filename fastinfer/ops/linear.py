@@ -1,5 +1,5 @@
 """Dense int8 ops on the CPU: per-token quantization, K4N16 weight packing, the exact int8 matmul
-and the int8 linear (their CPU kernels and public functions; schemas and fakes in
+and the int8 linears (dynamic, static, weight-only) (their CPU kernels and public functions; schemas and fakes in
 fastinfer/ops/_schema.py).
 
 Tensors reach the compiled kernels as data_ptr() integers with sizes and row strides (see
@@ -14,14 +14,17 @@ from fastinfer import _cuda_layout
 from fastinfer._runtime import _C
 from fastinfer.ops import _prepared, _schema  # noqa: F401  (_schema: the ops these kernels serve)
 from fastinfer.ops._common import (
+    activation_code,
     activation_name,
     aligned_empty,
     check_device,
     check_float_input,
+    check_input_scale,
     check_int8_2d,
     check_int8_linear_params,
     check_int8_matmul_args,
     check_tensor,
+    eager_fast_path,
     has_data,
     linear_entry,
     register,
@@ -82,6 +85,20 @@ def prepare_int8_linear(
     return _prepared.Int8LinearCall(getattr(_C, name), packed, w_scale, bias, n, k, act)
 
 
+def prepare_static_int8_linear(
+    packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, x_scale: torch.Tensor, k: int,
+    act: int = 0,
+) -> _prepared.Int8LinearCall:  # fmt: skip
+    """The checked weight side of static_int8_linear: int8_linear's, and the input's one scale (a
+    CPU float32 tensor of one element; finite and > 0, checked by the kernel at each call)."""
+    check_input_scale("static_int8_linear", x_scale)
+    if x_scale.device.type != "cpu":
+        raise ValueError("fastinfer.static_int8_linear: x_scale must be on the CPU")
+    call = prepare_int8_linear(packed, w_scale, bias, k, act, "static_int8_linear")
+    return _prepared.Int8LinearCall(call.kernel, call.weight, call.w_scale, call.bias, call.n, k, act,
+                                    x_scale.reshape(1).contiguous())  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------- CPU kernels
 
 
@@ -140,6 +157,15 @@ def _int8_linear_cpu(
 ) -> torch.Tensor:
     check_float_input("int8_linear", x)
     return prepare_int8_linear(packed, w_scale, bias, x.shape[-1], act)(x)
+
+
+@register("static_int8_linear", "cpu")
+def _static_int8_linear_cpu(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+    x_scale: torch.Tensor, act: int = 0,
+) -> torch.Tensor:  # fmt: skip
+    check_float_input("static_int8_linear", x)
+    return prepare_static_int8_linear(packed, w_scale, bias, x_scale, x.shape[-1], act)(x)
 
 
 @register("weight_only_linear", "cpu")
@@ -220,6 +246,28 @@ def int8_linear(
     activation: None, or "gelu" (erf GELU fused into the epilogue, computed in fp32 with Eigen's erf
     approximation: bit-identical on every ISA, within 4e-7 of the exact erf)."""
     return linear_entry("int8_linear", _int8_linear_cpu, x, packed, w_scale, bias, activation)
+
+
+def static_int8_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Static int8 linear: as int8_linear, but x [..., K] is quantized with one calibrated scale
+    s = x_scale (float32, one element, finite and > 0) instead of a scale per token:
+    q = clamp(round_half_even(x / s), -127, 127) computed as x * (1 / s) in float32, so values
+    past the calibrated range saturate at +-127. One pass over x (no range to find first); the
+    integer product and the epilogue act(acc * s * w_scale[n] + bias[n]) are int8_linear's, and
+    a row holding NaN or Inf gives a NaN output row. CPU only."""
+    x = check_tensor("static_int8_linear", "x", x)
+    act = activation_code("static_int8_linear", activation)
+    check_device("static_int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias, x_scale=x_scale)
+    if eager_fast_path(x):
+        return _static_int8_linear_cpu(x, packed, w_scale, bias, x_scale, act)
+    return torch.ops.fastinfer.static_int8_linear(x, packed, w_scale, bias, x_scale, act)
 
 
 def weight_only_linear(

@@ -3,7 +3,8 @@
 quantize() decides by rule (every linear layer int8, depthwise convs fp32, sparse formats by
 density thresholds). optimize() decides by measurement: it converts the model as quantize() does
 (same fusions, BatchNorm folding), then for each converted layer builds every candidate that can
-run it -- float (the original modules, fusions undone), int8 dynamic, int8 weight-only, the sparse
+run it -- float (the original modules, fusions undone), int8 dynamic, int8 static (input scale
+calibrated on the same data), int8 weight-only, the sparse
 format its zeros allow, fp32 depthwise -- times each at the input shape the layer really gets
 from `example_inputs` on this machine (interleaved rounds, median), measures each one's output
 SQNR against float on `calibration_data` (or the example inputs), and keeps the fastest that meets
@@ -27,7 +28,7 @@ from fastinfer import _runtime
 from fastinfer.config import QuantConfig
 from fastinfer.convert._select import progress_bar
 from fastinfer.convert._swap import set_module
-from fastinfer.convert.calibrate import batches_of, run_batch
+from fastinfer.convert.calibrate import batches_of, input_absmax, run_batch
 from fastinfer.convert.report import LayerConversion
 from fastinfer.nn import (
     DepthwiseConv2d,
@@ -37,6 +38,7 @@ from fastinfer.nn import (
     Int8Linear,
     SparseInt8Linear,
     SparseLinear,
+    StaticInt8Linear,
     WeightOnlyInt8Linear,
     linear_weight_and_bias,
 )
@@ -58,7 +60,7 @@ _CAPTURE_BYTES = 512 << 20
 
 @dataclass
 class _Candidate:
-    name: str  # "float", "int8 dynamic", "int8 weight-only", "int8 2:4", "fp32 ell", "fp32 depthwise"
+    name: str  # "float", "int8 dynamic", "int8 static", "int8 weight-only", "int8 2:4", "fp32 ell", "fp32 depthwise"
     module: nn.Module  # what goes in the layer's place
     restore: bool  # the fused modules come back (the candidate does not run them itself)
     run: Callable[[torch.Tensor], torch.Tensor]  # the layer plus what it fused, as the model runs it
@@ -116,7 +118,8 @@ def optimize(
         quantize=False), unmeasured (the report says so); None: no limit.
     config: the QuantConfig of the conversion (skip, filter_fn, fusions, attention, smoothquant
         (calibrated on calibration_data, else example_inputs)...); `activations` is ignored:
-        dynamic and weight-only are both candidates.
+        dynamic, static (scales from calibration_data, else example_inputs) and weight-only are
+        all candidates.
     rounds: interleaved timing rounds per layer (medians are compared), and of the whole-model check.
 
     The layers are timed alone, where their inputs and weights stay in cache; inside the model they
@@ -190,7 +193,8 @@ def optimize(
     qm.eval()
     _apply_smoothing(qm, smoothing)
 
-    layers = _plan_layers(qm, source, floats, quantize)
+    x_scales = _static_scales(qm, calibration_data if calibration_data is not None else [example_inputs]) if quantize else {}
+    layers = _plan_layers(qm, source, floats, quantize, x_scales)
     kept = "quantize()'s choice kept" if quantize else "float kept"
     # timing inputs, layer by layer in chunks that fit _CAPTURE_BYTES; SQNR on the same pass when no
     # calibration data is given
@@ -289,7 +293,18 @@ def _apply_smoothing(qm: nn.Module, smoothing: dict) -> None:
 # ----------------------------------------------------------------------------------- candidates
 
 
-def _plan_layers(qm: nn.Module, source: nn.Module, floats: dict[str, nn.Module], quantize: bool) -> list[_Layer]:
+def _static_scales(qm: nn.Module, data) -> dict[str, float]:
+    """The "int8 static" candidates' input scales: max|x| / 127 over data of what each linear layer
+    quantize() converted gets in qm (x times the layer's SmoothQuant input scale where it has one:
+    what it quantizes). A layer data never reached, or that saw only zeros, NaN or Inf, has none."""
+    layers = {n: m for n, m in qm.named_modules() if isinstance(m, (Int8Linear, SparseInt8Linear))}
+    scales = {n: m.input_scale for n, m in layers.items() if getattr(m, "input_scale", None) is not None}
+    amax = input_absmax(qm, layers, data, scales, progress=False)
+    return {n: a / 127.0 for n, a in amax.items() if 1e-30 <= a / 127.0 <= 1e30}  # StaticInt8Linear's range (NaN fails)
+
+
+def _plan_layers(qm: nn.Module, source: nn.Module, floats: dict[str, nn.Module], quantize: bool,
+                 x_scales: dict[str, float] | None = None) -> list[_Layer]:  # fmt: skip
     """The layers quantize() converted, each with its candidates; fused modules looked up by the
     Fused markers quantize() left (`into` names the layer), in the order the layer's forward runs
     them (a BatchNorm before an activation: the only fusions quantize() makes are conv -> bn ->
@@ -314,7 +329,8 @@ def _plan_layers(qm: nn.Module, source: nn.Module, floats: dict[str, nn.Module],
         slots = fused.get(name, [])
         original = floats.get(name) or source.get_submodule(name)
         lay = _Layer(name, mod, slots, [])
-        lay.candidates = [c for c in _candidates(mod, original, slots) if quantize or not c.name.startswith("int8")]
+        lay.candidates = [c for c in _candidates(mod, original, slots, (x_scales or {}).get(name))
+                          if quantize or not c.name.startswith("int8")]  # fmt: skip
         out.append(lay)
     return out
 
@@ -345,7 +361,8 @@ def _sig(name: str, mod: nn.Module, extra=()) -> tuple:
     return (name, type(mod).__name__, d[0], d[1], round(d[2], 2), getattr(mod, "activation", None), *extra)
 
 
-def _candidates(mod: nn.Module, original: nn.Module, slots: list[tuple[str, nn.Module]]) -> list[_Candidate]:
+def _candidates(mod: nn.Module, original: nn.Module, slots: list[tuple[str, nn.Module]],
+                x_scale: float | None = None) -> list[_Candidate]:  # fmt: skip
     after = [m for _, m in slots]
     float_run = _chain(original, *after)
     flt = _Candidate("float", original, True, float_run, _sig("float", original, tuple(type(m).__name__ for m in after)))
@@ -355,6 +372,9 @@ def _candidates(mod: nn.Module, original: nn.Module, slots: list[tuple[str, nn.M
     if isinstance(mod, (Int8Linear, SparseInt8Linear)):
         dense = mod.to_int8linear() if isinstance(mod, SparseInt8Linear) else mod
         cands.append(_Candidate("int8 dynamic", dense, False, dense, _sig("int8 dynamic", dense)))
+        if x_scale is not None:
+            st = StaticInt8Linear.from_int8linear(dense, x_scale)
+            cands.append(_Candidate("int8 static", st, False, st, _sig("int8 static", st)))
         fmt = choose_format(dense.weight_int8) if dense.input_scale is None else None  # sparse layers: no input_scale
         if fmt is not None:
             sp = mod if isinstance(mod, SparseInt8Linear) and mod.format == fmt else SparseInt8Linear.from_int8linear(dense, fmt)

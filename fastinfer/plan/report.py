@@ -22,6 +22,7 @@ from fastinfer.nn import (
     Int8MultiheadAttention,
     SparseInt8Linear,
     SparseLinear,
+    StaticInt8Linear,
     WeightOnlyInt8Linear,
     linear_weight_and_bias,
 )
@@ -144,6 +145,9 @@ def describe(mod: nn.Module) -> tuple[str, str, float, int] | None:
     if type(mod) is Int8Linear:
         w = mod.weight_int8
         return "int8 dynamic", shape, _zeros(w), w.numel() + _nbytes(mod.weight_scale, mod.bias)
+    if type(mod) is StaticInt8Linear:
+        w = mod.weight_int8
+        return "int8 static", shape, _zeros(w), w.numel() + _nbytes(mod.weight_scale, mod.bias, mod.x_scale)
     if isinstance(mod, (SparseInt8Linear, SparseLinear)):
         nnz, numel = mod.sparsity_stats()
         dtype = "int8" if isinstance(mod, SparseInt8Linear) else "fp32"

@@ -1,4 +1,5 @@
-// Dense int8 entry points: per-token quantization, the exact int8 matmul and the int8 linear. Each
+// Dense int8 entry points: per-token quantization, the exact int8 matmul and the int8 linears (dynamic,
+// static, weight-only). Each
 // reads the kernel table once and runs the whole call on it.
 #include <algorithm>
 #include <string>
@@ -65,21 +66,56 @@ Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uin
     return Status::ok();
 }
 
-Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
-                   const uint8_t* packed, int64_t packed_nbytes_, const float* sw,
-                   const float* bias, void* out, DType out_dt, int64_t ldo, int act) {
-    if (Status io = check_linear_io("int8_linear", dt, out_dt, act); !io.is_ok()) return io;
+namespace {
+
+// int8_linear and static_int8_linear: xs null quantizes per token, else with the one scale *xs.
+Status linear_int8(const char* name, const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
+                   const uint8_t* packed, int64_t packed_nbytes_, const float* sw, const float* bias, void* out,
+                   DType out_dt, int64_t ldo, int act, const float* xs) {
+    if (Status io = check_linear_io(name, dt, out_dt, act); !io.is_ok()) return io;
+    float s = 0.f, inv = 0.f;
+    if (xs) {
+        s = *xs;
+        inv = 1.f / s;
+        if (!(s > 0.f) || !(s < __builtin_inff()) || !(inv < __builtin_inff()))
+            return Status::invalid(std::string(name) + ": the input scale must be finite and > 0, with 1 / scale finite");
+    }
     PackedW w;
-    Status st = check_gemm("int8_linear", m, k, ldx, packed, packed_nbytes_, ldo, &w);
+    Status st = check_gemm(name, m, k, ldx, packed, packed_nbytes_, ldo, &w);
     if (!st.is_ok() || m == 0 || w.n == 0) return st;
     const KernelTable& kt = active_kernels();
     int8_t* q;
     float* sa;
     if (!(st = prepare_activations(m, w.kp, &q, &sa)).is_ok()) return st;
-    quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, kt.shift_u8);
+    if (xs) {
+        const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+        parallel_for((m + rows - 1) / rows, [&](int64_t t) {
+            kt.quantize_static(x, dt, ldx, t * rows, std::min(m, (t + 1) * rows), k, inv, s, q, w.kp, w.kp, sa,
+                               kt.shift_u8);
+        });
+    } else {
+        quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, kt.shift_u8);
+    }
     const Epilogue ep{out_dt, out, ldo, sa, sw, bias, act};
     run_gemm(kt, Activations{q, m, w.kp}, w, ep);
     return Status::ok();
+}
+
+}  // namespace
+
+Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
+                   int64_t packed_nbytes_, const float* sw, const float* bias, void* out, DType out_dt, int64_t ldo,
+                   int act) {
+    return linear_int8("int8_linear", x, dt, m, k, ldx, packed, packed_nbytes_, sw, bias, out, out_dt, ldo, act,
+                       nullptr);
+}
+
+Status static_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
+                          int64_t packed_nbytes_, const float* sw, const float* bias, void* out, DType out_dt,
+                          int64_t ldo, int act, const float* x_scale) {
+    if (!x_scale) return Status::invalid("static_int8_linear: no input scale");
+    return linear_int8("static_int8_linear", x, dt, m, k, ldx, packed, packed_nbytes_, sw, bias, out, out_dt, ldo,
+                       act, x_scale);
 }
 
 Status weight_only_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,

@@ -34,6 +34,7 @@ Tables fill_tables() {
     t.name = "ref";
     t.isa = Isa::kRef;
     t.quantize_rows = ref::quantize_rows;
+    t.quantize_static = ref::quantize_static;
     t.gemm = ref::gemm;
     t.wo_gemm = ref::wo_gemm;
     t.csr = {ref::csr_f32, ref::csr_i8, 0, false};
@@ -52,6 +53,7 @@ Tables fill_tables() {
     t.name = "avx2";
     t.isa = Isa::kAvx2;
     t.quantize_rows = avx2::quantize_rows;
+    t.quantize_static = avx2::quantize_static;
     t.gemm = avx2::gemm;
     t.wo_gemm = avx2::wo_gemm;
     t.dot_peak = avx2::dot_peak;
@@ -62,6 +64,7 @@ Tables fill_tables() {
     t.name = "avx512_vnni";
     t.isa = Isa::kAvx512Vnni;
     t.quantize_rows = avx512_vnni::quantize_rows;
+    t.quantize_static = avx512_vnni::quantize_static;
     t.gemm = avx512_vnni::gemm;
     t.wo_gemm = avx512_vnni::wo_gemm;
     t.shift_u8 = true;  // every kernel reading quantized activations is replaced here (none is inherited)

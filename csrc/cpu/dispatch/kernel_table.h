@@ -24,6 +24,13 @@ namespace fastinfer::cpu {
 // zero padded from k to kp; stored as q + 128 when shift_u8) and scale (quantize_per_token's rule).
 using QuantizeRowsKernel = void(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
                                 int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8);
+// Static (per-tensor) quantization of rows [m0, m1): q = clamp(x * inv rounded in the current mode,
+// -127, 127) (quantize_rows' rounding; values past the calibrated range saturate), stored and padded
+// as quantize_rows does; scale[m] = s, or NaN for a row holding NaN or Inf (its q all zero).
+// inv = 1 / s is computed once by the entry, so every ISA multiplies by the same float.
+using QuantizeStaticKernel = void(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
+                                  float inv, float s, int8_t* q, int64_t ldq, int64_t kp, float* scale,
+                                  bool shift_u8);
 // Exact int32 sums of a @ W^T (W packed K4N16) through the epilogue.
 using GemmKernel = void(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
                         int64_t nb0, int64_t nb1);
@@ -174,6 +181,7 @@ struct KernelTable {
     // is u8 x s8, and subtract 128 * colsum); the entry points quantize or copy accordingly. A level
     // that changes shift_u8 replaces every kernel that reads quantized activations.
     QuantizeRowsKernel* quantize_rows = nullptr;
+    QuantizeStaticKernel* quantize_static = nullptr;
     GemmKernel* gemm = nullptr;
     bool shift_u8 = false;
     GemmKernel* amx_gemm = nullptr;  // AMX tiles (tdpbssd): not built yet, null on every CPU

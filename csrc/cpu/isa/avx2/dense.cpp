@@ -245,6 +245,42 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
     }
 }
 
+void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k, float inv, float s,
+                     int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256 lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    const uint8_t bias = shift_u8 ? 0x80 : 0;
+    for (int64_t m = m0; m < m1; ++m) {
+        const int64_t row = m * ldx;
+        int8_t* qr = q + m * ldq;
+        __m256 vbad = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) {
+            const __m256 v = load_x8(x, dt, row + i);
+            vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), inf, _CMP_NLT_UQ));
+            // clamped in float first: past the calibrated range x * inv may leave int32 (cvt's INT_MIN)
+            const __m256i r = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, vinv), lo), hi));
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
+            uint32_t b0 = uint32_t(_mm256_extract_epi32(p, 0)) ^ (0x01010101u * bias);
+            uint32_t b1 = uint32_t(_mm256_extract_epi32(p, 4)) ^ (0x01010101u * bias);
+            std::memcpy(qr + i, &b0, 4);
+            std::memcpy(qr + i + 4, &b1, 4);
+        }
+        bool bad = _mm256_movemask_ps(vbad) != 0;
+        for (; i < k; ++i) {
+            const float v = load_x1(x, dt, row + i);
+            if (!std::isfinite(v)) bad = true;
+            const float r = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, v * inv)));
+            qr[i] = int8_t(uint8_t(int(r)) ^ bias);
+        }
+        std::memset(qr + k, bias, size_t(kp - k));
+        scale[m] = bad ? NAN : s;
+        if (bad) std::memset(qr, bias, size_t(kp));
+    }
+}
+
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
           int64_t nb0, int64_t nb1) {
     // Widen this task's rows once (m1 - m0 rows of kp bytes: ~1/(4 * channels) of the multiply work).

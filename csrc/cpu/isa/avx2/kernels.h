@@ -7,6 +7,7 @@
 namespace fastinfer::cpu::avx2 {
 
 QuantizeRowsKernel quantize_rows;
+QuantizeStaticKernel quantize_static;
 GemmKernel gemm;
 WoGemmKernel wo_gemm;
 DotPeakKernel dot_peak;  // iters * 12 * 16 multiply-adds

@@ -105,6 +105,32 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
     }
 }
 
+void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k, float inv, float s,
+                     int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 inf = _mm512_set1_ps(__builtin_inff());
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    const uint8_t bias = shift_u8 ? 0x80 : 0;
+    const __m128i flip = _mm_set1_epi8(char(bias));
+    for (int64_t m = m0; m < m1; ++m) {
+        const int64_t row = m * ldx;
+        int8_t* qr = q + m * ldq;
+        __mmask16 bad = 0;
+        for (int64_t i = 0; i < k; i += 16) {  // one pass: no range to find first
+            const __mmask16 mk = tail_mask(k - i);
+            const __m512 v = load_x16(x, dt, row + i, mk);
+            bad |= _mm512_cmp_ps_mask(_mm512_and_ps(v, abs_mask), inf, _CMP_NLT_UQ);  // Inf or NaN
+            // clamped in float first: past the calibrated range x * inv may leave int32 (cvt's INT_MIN)
+            const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), lo), hi);
+            _mm_mask_storeu_epi8(qr + i, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y)), flip));
+        }
+        std::memset(qr + k, bias, size_t(kp - k));
+        scale[m] = bad ? __builtin_nanf("") : s;
+        if (bad) std::memset(qr, bias, size_t(kp));
+    }
+}
+
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
           int64_t nb0, int64_t nb1) {
     for (int64_t nb = nb0; nb < nb1; nb += 4) {

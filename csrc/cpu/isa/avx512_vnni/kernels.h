@@ -7,6 +7,7 @@
 namespace fastinfer::cpu::avx512_vnni {
 
 QuantizeRowsKernel quantize_rows;
+QuantizeStaticKernel quantize_static;
 GemmKernel gemm;
 WoGemmKernel wo_gemm;
 DotPeakKernel dot_peak;  // iters * 24 * 64 multiply-adds

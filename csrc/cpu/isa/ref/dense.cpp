@@ -39,6 +39,29 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
     }
 }
 
+void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k, float inv, float s,
+                     int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    const uint8_t bias = shift_u8 ? 0x80 : 0;
+    for (int64_t m = m0; m < m1; ++m) {
+        auto load = [&](int64_t i) -> float {
+            if (dt == DType::kF32) return static_cast<const float*>(x)[m * ldx + i];
+            return bf16_to_f32(static_cast<const uint16_t*>(x)[m * ldx + i]);
+        };
+        int8_t* qr = q + m * ldq;
+        bool finite = true;
+        for (int64_t i = 0; i < k; ++i) {
+            const float v = load(i);
+            if (!std::isfinite(v)) finite = false;
+            // clamped before rounding (the same for integer bounds); NaN gives -127 here, zeroed below
+            const float r = std::nearbyint(std::fmin(127.f, std::fmax(-127.f, v * inv)));
+            qr[i] = int8_t(uint8_t(int(r)) ^ bias);
+        }
+        std::memset(qr + k, int(bias), size_t(kp - k));
+        scale[m] = finite ? s : NAN;
+        if (!finite) std::memset(qr, int(bias), size_t(kp));
+    }
+}
+
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
           int64_t nb0, int64_t nb1) {
     for (int64_t m = m0; m < m1; ++m) {

@@ -7,6 +7,7 @@
 namespace fastinfer::cpu::ref {
 
 QuantizeRowsKernel quantize_rows;
+QuantizeStaticKernel quantize_static;
 GemmKernel gemm;
 WoGemmKernel wo_gemm;
 CsrF32Kernel csr_f32;  // reads x, never xt
