@@ -71,6 +71,33 @@ def _example_batch(model, is_hf: bool, spec: str):
     return torch.randn(shape, generator=gen)
 
 
+def _calibration_batches(path: str, is_hf: bool, batch: int) -> list:
+    """--calibration FILE: a safetensors file of calibration inputs split along dim 0 into batches
+    of `batch` rows: its tensors are the keyword arguments of a transformers model (input_ids,
+    attention_mask, ...), or one tensor (any name) that is the input of any other model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if batch < 1:
+        raise SystemExit(f"fastinfer optimize: --calibration-batch must be >= 1, got {batch}")
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError, ValueError) as e:
+        raise SystemExit(f"fastinfer optimize: --calibration {path!r} is not a readable safetensors file ({e})") from None
+    rows = {t.shape[0] if t.dim() else 0 for t in tensors.values()}
+    if not tensors or len(rows) != 1 or 0 in rows:
+        raise SystemExit(f"fastinfer optimize: --calibration {path!r} must hold tensors with the same number "
+                         f"(>= 1) of rows, got {', '.join(f'{k} {list(v.shape)}' for k, v in tensors.items()) or 'none'}")  # fmt: skip
+    if not is_hf and len(tensors) != 1:
+        raise SystemExit(f"fastinfer optimize: --calibration for a module:function model holds one tensor (its input), "
+                         f"got {sorted(tensors)}")  # fmt: skip
+    n = rows.pop()
+    if is_hf:
+        return [{k: v[i : i + batch] for k, v in tensors.items()} for i in range(0, n, batch)]
+    (x,) = tensors.values()
+    return [x[i : i + batch] for i in range(0, n, batch)]
+
+
 def _cmd_optimize(args: argparse.Namespace) -> int:
     import os
 
@@ -79,18 +106,25 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.sparsity is not None and not 0 < args.sparsity < 1:
         raise SystemExit(f"fastinfer optimize: --sparsity must be between 0 and 1, got {args.sparsity}")
     progress = False if args.no_progress else None  # None: a bar for long conversions only
+    if args.activations == "static" and not args.calibration:
+        raise SystemExit("fastinfer optimize: --activations static needs --calibration FILE (its inputs' ranges give the scales)")
+    if args.smoothquant is not None and not args.calibration:
+        raise SystemExit("fastinfer optimize: --smoothquant needs --calibration FILE (its inputs' channel maxima)")
     model, is_hf = _load_source(args.src)
+    calib = _calibration_batches(args.calibration, is_hf, args.calibration_batch) if args.calibration else None
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if args.plan:
         example = _example_batch(model, is_hf, args.plan)
         prune = {"sparsity": args.sparsity, "pattern": args.pattern} if args.sparsity else None
-        model, _ = fastinfer.optimize(model, example, quantize=not args.no_quantize, prune=prune,
-                                      min_sqnr_db=args.min_sqnr, progress=progress)  # fmt: skip
+        cfg = fastinfer.QuantConfig(progress=progress, smoothquant=args.smoothquant)
+        model, _ = fastinfer.optimize(model, example, quantize=not args.no_quantize, prune=prune, config=cfg,
+                                      calibration_data=calib, min_sqnr_db=args.min_sqnr, progress=progress)  # fmt: skip
     else:
         if args.sparsity:
             model = fastinfer.prune(model, args.sparsity, pattern=args.pattern, progress=progress)
         if not args.no_quantize:
-            model = fastinfer.quantize(model, fastinfer.QuantConfig(progress=progress, activations=args.activations))
+            cfg = fastinfer.QuantConfig(progress=progress, activations=args.activations, smoothquant=args.smoothquant)
+            model = fastinfer.quantize(model, cfg, calibration_data=calib)
         if args.sparsity:
             model = fastinfer.sparsify(model, progress=progress)
     if is_hf:
@@ -366,15 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
         "fastinfer.load) and prints the per-layer report. With --plan SHAPE, fastinfer.optimize "
         "decides instead, layer by layer: each candidate (float, int8 dynamic, int8 weight-only, the "
         "sparse format the zeros allow) is timed at the shapes an example batch of SHAPE gives, and "
-        "the fastest within --min-sqnr is kept. Static activation scales (calibration) are not built yet.",
+        "the fastest within --min-sqnr is kept (static int8 among the candidates when --calibration is given).",
     )
     p.add_argument("src", help="model folder (config.json + weights) or module:function")
     p.add_argument("--out", required=True, help="output folder (transformers SRC) or .safetensors file")
     p.add_argument("--sparsity", type=float, help="prune this fraction of each layer's weights first (0 < s < 1)")
     p.add_argument("--pattern", default="unstructured", help="pruning pattern: unstructured, 2:4, block (default unstructured)")
     p.add_argument("--no-quantize", action="store_true", help="prune and sparsify only (float sparse layers)")
-    p.add_argument("--activations", choices=("dynamic", "none"), default="dynamic",
-                   help="dynamic: int8 activations per token (default); none: weight-only int8")
+    p.add_argument("--activations", choices=("dynamic", "static", "none"), default="dynamic",
+                   help="dynamic: int8 activations per token (default); static: one calibrated scale per layer "
+                   "(needs --calibration); none: weight-only int8")
+    p.add_argument("--calibration", metavar="FILE", help="a .safetensors file of calibration inputs (transformers: "
+                   "input_ids [N, L] and optionally attention_mask; else one tensor, the model's input), split into "
+                   "batches along dim 0: static scales, SmoothQuant, and --plan's SQNR")
+    p.add_argument("--calibration-batch", type=int, default=8, help="rows per calibration batch (default 8)")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="SmoothQuant with this alpha (needs --calibration)")
     p.add_argument("--plan", metavar="SHAPE", help="measure per layer at an example batch of SHAPE "
                    "(BATCHxTOKENS for a transformers model, else the input tensor's shape) and keep the fastest")
     p.add_argument("--min-sqnr", type=float, default=25.0, help="with --plan: output SQNR each layer must keep, dB (default 25)")

@@ -5,6 +5,7 @@ child process."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -619,3 +620,52 @@ def test_transformers_round_trip_of_a_converted_model_is_refused_not_random(tmp_
             print("refused", "model.safetensors" in str(e))
         """)
     assert r.returncode == 0 and "refused True" in r.stdout, (r.stdout, r.stderr[-800:])
+
+
+def test_cli_optimize_static_with_calibration_file(tmp_path):
+    """--activations static (and --smoothquant) read their calibration inputs from a safetensors
+    file; the written model loads back to the one quantize() gives on the same batches."""
+    from safetensors.torch import save_file
+
+    from fastinfer.nn import StaticInt8Linear
+
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def small():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path)}
+    calib = torch.randn(20, 64, generator=torch.Generator().manual_seed(3))
+    save_file({"x": calib}, tmp_path / "calib.safetensors")
+    out = tmp_path / "static.safetensors"
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', "
+                   f"{str(out)!r}, '--activations', 'static', '--smoothquant', '0.5', '--calibration', "
+                   f"{str(tmp_path / 'calib.safetensors')!r}, '--calibration-batch', '8']))", env=env)  # fmt: skip
+    assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+    assert re.search(r"0      Linear  StaticInt8Linear  static \(input scale [0-9.e-]+\); gelu fused; SmoothQuant", r.stdout), r.stdout
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    ref = fastinfer.quantize(model, fastinfer.QuantConfig(activations="static", smoothquant=0.5),
+                             calibration_data=[calib[:8], calib[8:16], calib[16:]])  # fmt: skip
+    loaded = fastinfer.load(out, copy.deepcopy(model))
+    assert type(loaded[0]) is StaticInt8Linear and torch.equal(loaded[0].x_scale, ref[0].x_scale)
+    x = torch.randn(4, 64)
+    assert torch.equal(loaded(x), ref(x))
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', "
+                   f"{str(out)!r}, '--activations', 'static']))", env=env)  # fmt: skip
+    assert r.returncode != 0 and "needs --calibration FILE" in r.stderr
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:small', '--out', "
+                   f"{str(out)!r}, '--activations', 'static', '--calibration', {str(tmp_path / 'junk.safetensors')!r}]))", env=env)  # fmt: skip
+    assert r.returncode != 0 and "not a readable safetensors file" in r.stderr, r.stderr[-2000:]
+    # a transformers folder: the file's tensors are the model's keyword inputs
+    transformers, bert = _tiny_bert()
+    bert.save_pretrained(tmp_path / "bert-float")
+    ids = torch.randint(0, 120, (6, 9), generator=torch.Generator().manual_seed(4))
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "ids.safetensors")
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', {str(tmp_path / 'bert-float')!r}, "
+                   f"'--out', {str(tmp_path / 'bert-static')!r}, '--activations', 'static', '--calibration', "
+                   f"{str(tmp_path / 'ids.safetensors')!r}, '--no-progress']))")  # fmt: skip
+    assert r.returncode == 0 and "StaticInt8Linear" in r.stdout, r.stderr[-2000:]
+    loaded = fastinfer.from_pretrained(tmp_path / "bert-static")
+    assert sum(type(m) is StaticInt8Linear for m in loaded.modules()) > 0

@@ -594,6 +594,14 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
         sq = fastinfer.quantize(m, fastinfer.QuantConfig(smoothquant=0.5), calibration_data=calib)
     peers.append(_torch_peer("fastinfer smoothquant", sq, case, ours=sq,
                              note=f"QuantConfig(smoothquant=0.5), {len(calib)} calibration batches"))  # fmt: skip
+    with _quiet():
+        st = fastinfer.quantize(m, fastinfer.QuantConfig(activations="static"), calibration_data=calib)
+    peers.append(_torch_peer("fastinfer static", st, case, ours=st,
+                             note=f"QuantConfig(activations='static'), {len(calib)} calibration batches"))  # fmt: skip
+    with _quiet():
+        sts = fastinfer.quantize(m, fastinfer.QuantConfig(activations="static", smoothquant=0.5), calibration_data=calib)
+    peers.append(_torch_peer("fastinfer static+smoothquant", sts, case, ours=sts,
+                             note=f"QuantConfig(activations='static', smoothquant=0.5), {len(calib)} calibration batches"))  # fmt: skip
     try:
         planned, note = _optimized(m, case)
         peers.append(_torch_peer("fastinfer optimize", planned, case, ours=planned, note=note))
@@ -648,7 +656,7 @@ def _fidelity(case: Case, y: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"token_match": float((y == ref).float().mean())}
 
 
-_OUR_LAYERS = ("Int8Linear", "WeightOnlyInt8Linear", "SparseInt8Linear", "SparseLinear", "Int8Conv2d", "DepthwiseConv2d")
+_OUR_LAYERS = ("Int8Linear", "WeightOnlyInt8Linear", "StaticInt8Linear", "SparseInt8Linear", "SparseLinear", "Int8Conv2d", "DepthwiseConv2d")
 
 
 def layer_share(peer: Peer, repeats: int = 3) -> float | None:

@@ -203,6 +203,7 @@ def _ours_int_name(isa_name: str) -> str:
 
 
 WEIGHT_ONLY = "ours WeightOnlyInt8Linear"
+STATIC = "ours StaticInt8Linear"
 
 
 def _qdyn_name(engine: str) -> str:
@@ -213,7 +214,7 @@ def peer_names(M: int, isas: Iterable[str] | None = None) -> list[str]:
     """Names of the peers build_peers makes for a shape with M rows (without read-bw probes)."""
     isas = list(isas) if isas is not None else default_isas()
     names = [_ours_name(i) for i in isas]
-    names += [WEIGHT_ONLY, _ours_int_name(isas[0]), "fp32 nn.Linear", "bf16 nn.Linear"]
+    names += [STATIC, WEIGHT_ONLY, _ours_int_name(isas[0]), "fp32 nn.Linear", "bf16 nn.Linear"]
     names += [_qdyn_name(e) for e in supported_engines()]
     if M > 16:
         names.append("torch._int_mm")
@@ -226,8 +227,8 @@ def build_peers(
     """All peers for one shape, on one input and one set of nn.Linear weights.
 
     Ours: Int8Linear (fp32 in/out, activation quantization included) per ISA in `isas` (default:
-    detected, then forced avx512_vnni and avx2 where available), WeightOnlyInt8Linear (same int8
-    weights, fp32 activations) and the integer core alone (ops.int8_matmul_packed on the same
+    detected, then forced avx512_vnni and avx2 where available), StaticInt8Linear (same int8
+    weights, one activation scale), WeightOnlyInt8Linear (same int8 weights, fp32 activations) and the integer core alone (ops.int8_matmul_packed on the same
     packed weights), both on the first of `isas`.
     Peers: fp32 nn.Linear, bf16 nn.Linear, quantize_dynamic per quantized engine, torch._int_mm
     (M > 16 only; integer-only, no activation quantization).
@@ -263,6 +264,14 @@ def build_peers(
             note="fp32 in/out, per-token activation quantization included",
         ))  # fmt: skip
         peers[-1].check = float_check(peers[-1].call)
+
+    # --- ours: static int8 (the same int8 weights, one input scale: max|x| / 127 of this input), detected ISA
+    st = fastinfer.nn.StaticInt8Linear.from_int8linear(ours, float(x.abs().max()) / 127.0).eval()
+    peers.append(Peer(
+        name=STATIC, kind="ours-static", isa=isas[0], fn=lambda: st(x), context=lambda n=isas[0]: isa(n),
+        weight_bytes=N * K, note="fp32 in/out, one calibrated activation scale (static): one pass over x",
+    ))  # fmt: skip
+    peers[-1].check = float_check(peers[-1].call)
 
     # --- ours: weight-only int8 (the same int8 weights, activations not quantized), detected ISA
     wo = fastinfer.nn.WeightOnlyInt8Linear.from_linear(lin).eval()
