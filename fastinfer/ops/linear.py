@@ -72,7 +72,7 @@ def validate_int8_weight(packed: torch.Tensor) -> None:
 
 def prepare_int8_linear(
     packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, k: int, act: int = 0,
-    name: str = "int8_linear",
+    name: str = "int8_linear", x_scale: torch.Tensor | None = None,
 ) -> _prepared.Int8LinearCall:  # fmt: skip
     """The checked weight side of int8_linear (or, with name="weight_only_linear", of the
     weight-only op: same weight side, another kernel) for inputs [..., k] and activation code act:
@@ -82,7 +82,7 @@ def prepare_int8_linear(
     packed, pn, pk = check_packed(name, packed)
     if pn != n or pk != k:
         raise ValueError(f"fastinfer.{name}: input has K={k} and w_scale N={n}, but the packed weight is [{pn}, {pk}]")
-    return _prepared.Int8LinearCall(getattr(_C, name), packed, w_scale, bias, n, k, act)
+    return _prepared.Int8LinearCall(getattr(_C, name), packed, w_scale, bias, n, k, act, x_scale)
 
 
 def prepare_static_int8_linear(
@@ -94,9 +94,7 @@ def prepare_static_int8_linear(
     check_input_scale("static_int8_linear", x_scale)
     if x_scale.device.type != "cpu":
         raise ValueError("fastinfer.static_int8_linear: x_scale must be on the CPU")
-    call = prepare_int8_linear(packed, w_scale, bias, k, act, "static_int8_linear")
-    return _prepared.Int8LinearCall(call.kernel, call.weight, call.w_scale, call.bias, call.n, k, act,
-                                    x_scale.reshape(1).contiguous())  # fmt: skip
+    return prepare_int8_linear(packed, w_scale, bias, k, act, "static_int8_linear", x_scale.reshape(1).contiguous())
 
 
 # ------------------------------------------------------------------------------------- CPU kernels

@@ -5,15 +5,21 @@
 #include "cpu/isa/ref/kernels.h"
 
 namespace fastinfer::cpu::ref {
+namespace {
+
+// Element i of an fp32 or bf16 array, as fp32 (bf16 widened exactly).
+float load_one(const void* x, DType dt, int64_t i) {
+    if (dt == DType::kF32) return static_cast<const float*>(x)[i];
+    return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+}
+
+}  // namespace
 
 void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
                    int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
     const uint8_t bias = shift_u8 ? 0x80 : 0;
     for (int64_t m = m0; m < m1; ++m) {
-        auto load = [&](int64_t i) -> float {
-            if (dt == DType::kF32) return static_cast<const float*>(x)[m * ldx + i];
-            return bf16_to_f32(static_cast<const uint16_t*>(x)[m * ldx + i]);
-        };
+        auto load = [&](int64_t i) { return load_one(x, dt, m * ldx + i); };
         float amax = 0.f;
         bool finite = true;
         for (int64_t i = 0; i < k; ++i) {
@@ -43,10 +49,7 @@ void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m
                      int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
     const uint8_t bias = shift_u8 ? 0x80 : 0;
     for (int64_t m = m0; m < m1; ++m) {
-        auto load = [&](int64_t i) -> float {
-            if (dt == DType::kF32) return static_cast<const float*>(x)[m * ldx + i];
-            return bf16_to_f32(static_cast<const uint16_t*>(x)[m * ldx + i]);
-        };
+        auto load = [&](int64_t i) { return load_one(x, dt, m * ldx + i); };
         int8_t* qr = q + m * ldq;
         bool finite = true;
         for (int64_t i = 0; i < k; ++i) {
