@@ -68,16 +68,19 @@ def eager_fast_path(x: torch.Tensor) -> bool:
     )
 
 
-def linear_entry(name: str, cpu_kernel, x, packed, w_scale, bias, activation: str | None) -> torch.Tensor:
+def linear_entry(name: str, cpu_kernel, x, packed, w_scale, bias, activation: str | None,
+                 x_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The public function of an int8 linear op (int8_linear, weight_only_linear, sparse_int8_linear:
-    one signature): argument checks, then in a plain eager CPU call the op's own CPU kernel directly
-    (skips ~5 us of dispatcher overhead per call, 5% of a 4096x4096 layer at M=1), else the op."""
+    one signature; static_int8_linear with its x_scale, passed after bias): argument checks, then in
+    a plain eager CPU call the op's own CPU kernel directly (skips ~5 us of dispatcher overhead per
+    call, 5% of a 4096x4096 layer at M=1), else the op."""
     x = check_tensor(name, "x", x)
     act = activation_code(name, activation)
-    check_device(name, x=x, packed=packed, w_scale=w_scale, bias=bias)
+    check_device(name, x=x, packed=packed, w_scale=w_scale, bias=bias, x_scale=x_scale)
+    extra = () if x_scale is None else (x_scale,)
     if eager_fast_path(x):
-        return cpu_kernel(x, packed, w_scale, bias, act)
-    return getattr(torch.ops.fastinfer, name)(x, packed, w_scale, bias, act)
+        return cpu_kernel(x, packed, w_scale, bias, *extra, act)
+    return getattr(torch.ops.fastinfer, name)(x, packed, w_scale, bias, *extra, act)
 
 
 def activation_grad(name: str, grad: torch.Tensor, act: int, out: torch.Tensor | None = None,

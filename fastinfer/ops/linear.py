@@ -14,7 +14,6 @@ from fastinfer import _cuda_layout
 from fastinfer._runtime import _C
 from fastinfer.ops import _prepared, _schema  # noqa: F401  (_schema: the ops these kernels serve)
 from fastinfer.ops._common import (
-    activation_code,
     activation_name,
     aligned_empty,
     check_device,
@@ -24,7 +23,6 @@ from fastinfer.ops._common import (
     check_int8_linear_params,
     check_int8_matmul_args,
     check_tensor,
-    eager_fast_path,
     has_data,
     linear_entry,
     register,
@@ -260,12 +258,9 @@ def static_int8_linear(
     past the calibrated range saturate at +-127. One pass over x (no range to find first); the
     integer product and the epilogue act(acc * s * w_scale[n] + bias[n]) are int8_linear's, and
     a row holding NaN or Inf gives a NaN output row. CPU only."""
-    x = check_tensor("static_int8_linear", "x", x)
-    act = activation_code("static_int8_linear", activation)
-    check_device("static_int8_linear", x=x, packed=packed, w_scale=w_scale, bias=bias, x_scale=x_scale)
-    if eager_fast_path(x):
-        return _static_int8_linear_cpu(x, packed, w_scale, bias, x_scale, act)
-    return torch.ops.fastinfer.static_int8_linear(x, packed, w_scale, bias, x_scale, act)
+    if not isinstance(x_scale, torch.Tensor):
+        check_input_scale("static_int8_linear", x_scale)  # None is not "no scale" here: a TypeError
+    return linear_entry("static_int8_linear", _static_int8_linear_cpu, x, packed, w_scale, bias, activation, x_scale)
 
 
 def weight_only_linear(
