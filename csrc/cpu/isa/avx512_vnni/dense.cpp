@@ -39,12 +39,14 @@ void micro(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m
             }
         }
     }
+    alignas(64) __m512i sums[MR * NR];
     _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i)
         _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) {
             __m512i t = acc[0][i][j];
             if constexpr (S == 2) t = _mm512_add_epi32(t, acc[S - 1][i][j]);
-            store_block(t, w, ep, m + i, nb + j);
+            sums[i * NR + j] = t;
         }
+    store_tile(sums, MR, NR, w.n, w.colsum, ep, m, nb * kNBlock);
 }
 
 template <int NR>
@@ -64,26 +66,48 @@ void rows(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0
 
 }  // namespace
 
-void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
-                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
-    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512 inf = _mm512_set1_ps(__builtin_inff());
+namespace {
+
+// 16 values from x + off (fp32 or bf16 widened), all lanes or those in mk.
+template <DType DT>
+inline __m512 load16(const void* x, int64_t off) {
+    if constexpr (DT == DType::kF32) return _mm512_loadu_ps(static_cast<const float*>(x) + off);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + off));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// quantize_rows for one input dtype. The range pass takes the integer max of the |x| bit patterns
+// (finite |x| order as their bits do; Inf and NaN lie above every finite pattern), so one
+// comparison at the end finds a non-finite row; full vectors run unmasked, the tail masked once.
+template <DType DT>
+void quantize_rows_as(const void* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, int8_t* q, int64_t ldq,
+                      int64_t kp, float* scale, bool shift_u8) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     const uint8_t bias = shift_u8 ? 0x80 : 0;
-    const size_t elt = dt == DType::kF32 ? 4 : 2;
+    const __m128i flip = _mm_set1_epi8(char(bias));
+    const size_t elt = DT == DType::kF32 ? 4 : 2;
+    const int64_t kf = k & ~int64_t(15);  // whole vectors
+    const __mmask16 tail = tail_mask(k - kf);
     for (int64_t m = m0; m < m1; ++m) {
         const int64_t row = m * ldx;
         if (m + 4 < m1) {  // rows stream from memory (a conv's pixels, a long batch of tokens): prefetch ahead
             const char* next = static_cast<const char*>(x) + size_t(row + 4 * ldx) * elt;
             for (size_t off = 0; off < size_t(k) * elt && off < 4096; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
         }
-        __m512 vmax = _mm512_setzero_ps();
-        __mmask16 bad = 0;
-        for (int64_t i = 0; i < k; i += 16) {
-            __m512 v = _mm512_and_ps(load_x16(x, dt, row + i, tail_mask(k - i)), abs_mask);
-            bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // Inf or NaN
-            vmax = _mm512_max_ps(vmax, v);
+        __m512i m0v = _mm512_setzero_si512(), m1v = _mm512_setzero_si512();
+        int64_t i = 0;
+        for (; i + 32 <= kf; i += 32) {
+            m0v = _mm512_max_epu32(m0v, _mm512_and_si512(_mm512_castps_si512(load16<DT>(x, row + i)), abs_mask));
+            m1v = _mm512_max_epu32(m1v, _mm512_and_si512(_mm512_castps_si512(load16<DT>(x, row + i + 16)), abs_mask));
         }
-        const float amax = _mm512_reduce_max_ps(vmax);
+        if (i < kf) m0v = _mm512_max_epu32(m0v, _mm512_and_si512(_mm512_castps_si512(load16<DT>(x, row + i)), abs_mask));
+        if (tail)
+            m1v = _mm512_max_epu32(m1v, _mm512_and_si512(_mm512_castps_si512(load_x16(x, DT, row + kf, tail)), abs_mask));
+        const uint32_t bits = uint32_t(_mm512_reduce_max_epu32(_mm512_max_epu32(m0v, m1v)));
+        const bool bad = bits >= 0x7f800000u;  // Inf or NaN
+        float amax;
+        std::memcpy(&amax, &bits, 4);
         const float inv = 127.f / amax;
         int8_t* qr = q + m * ldq;
         if (bad || amax == 0.f || !(inv < __builtin_inff())) {
@@ -93,16 +117,23 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
         }
         scale[m] = amax / 127.f;
         const __m512 vinv = _mm512_set1_ps(inv);
-        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-        const __m128i flip = _mm_set1_epi8(char(bias));
-        for (int64_t i = 0; i < k; i += 16) {
-            const __mmask16 mk = tail_mask(k - i);
-            __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, dt, row + i, mk), vinv));
-            r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
-            _mm_mask_storeu_epi8(qr + i, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(r), flip));
-        }
+        auto quant = [&](__m512 v) {
+            const __m512i r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, vinv)), lo), hi);
+            return _mm_xor_si128(_mm512_cvtepi32_epi8(r), flip);
+        };
+        for (i = 0; i < kf; i += 16)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), quant(load16<DT>(x, row + i)));
+        if (tail) _mm_mask_storeu_epi8(qr + kf, tail, quant(load_x16(x, DT, row + kf, tail)));
         std::memset(qr + k, bias, size_t(kp - k));
     }
+}
+
+}  // namespace
+
+void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k,
+                   int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    if (dt == DType::kF32) quantize_rows_as<DType::kF32>(x, ldx, m0, m1, k, q, ldq, kp, scale, shift_u8);
+    else quantize_rows_as<DType::kBF16>(x, ldx, m0, m1, k, q, ldq, kp, scale, shift_u8);
 }
 
 void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k, float inv, float s,
