@@ -136,15 +136,19 @@ void quantize_rows(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1,
     else quantize_rows_as<DType::kBF16>(x, ldx, m0, m1, k, q, ldq, kp, scale, shift_u8);
 }
 
-void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k, float inv, float s,
-                     int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
-    const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512 inf = _mm512_set1_ps(__builtin_inff());
+namespace {
+
+template <DType DT>
+void quantize_static_as(const void* x, int64_t ldx, int64_t m0, int64_t m1, int64_t k, float inv, float s, int8_t* q,
+                        int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
     const __m512 vinv = _mm512_set1_ps(inv);
     const __m512 lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
     const uint8_t bias = shift_u8 ? 0x80 : 0;
     const __m128i flip = _mm_set1_epi8(char(bias));
-    const size_t elt = dt == DType::kF32 ? 4 : 2;
+    const size_t elt = DT == DType::kF32 ? 4 : 2;
+    const int64_t kf = k & ~int64_t(15);  // whole vectors, unmasked; the tail masked once
+    const __mmask16 tail = tail_mask(k - kf);
     for (int64_t m = m0; m < m1; ++m) {
         const int64_t row = m * ldx;
         if (m + 2 < m1) {  // rows streaming from memory: the whole row two ahead prefetched (one pass
@@ -153,19 +157,30 @@ void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m
             for (size_t off = 0; off < size_t(k) * elt; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
         }
         int8_t* qr = q + m * ldq;
-        __mmask16 bad = 0;
-        for (int64_t i = 0; i < k; i += 16) {  // one pass: no range to find first
-            const __mmask16 mk = tail_mask(k - i);
-            const __m512 v = load_x16(x, dt, row + i, mk);
-            bad |= _mm512_cmp_ps_mask(_mm512_and_ps(v, abs_mask), inf, _CMP_NLT_UQ);  // Inf or NaN
+        // the largest |x| bit pattern: at or above Inf's, the row holds Inf or NaN (as in quantize_rows)
+        __m512i big = _mm512_setzero_si512();
+        auto quant = [&](__m512 v) {
+            big = _mm512_max_epu32(big, _mm512_and_si512(_mm512_castps_si512(v), abs_mask));
             // clamped in float first: past the calibrated range x * inv may leave int32 (cvt's INT_MIN)
             const __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, vinv), lo), hi);
-            _mm_mask_storeu_epi8(qr + i, mk, _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y)), flip));
-        }
+            return _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y)), flip);
+        };
+        for (int64_t i = 0; i < kf; i += 16)  // one pass: no range to find first
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), quant(load16<DT>(x, row + i)));
+        if (tail) _mm_mask_storeu_epi8(qr + kf, tail, quant(load_x16(x, DT, row + kf, tail)));
         std::memset(qr + k, bias, size_t(kp - k));
+        const bool bad = uint32_t(_mm512_reduce_max_epu32(big)) >= 0x7f800000u;
         scale[m] = bad ? __builtin_nanf("") : s;
         if (bad) std::memset(qr, bias, size_t(kp));
     }
+}
+
+}  // namespace
+
+void quantize_static(const void* x, DType dt, int64_t ldx, int64_t m0, int64_t m1, int64_t k, float inv, float s,
+                     int8_t* q, int64_t ldq, int64_t kp, float* scale, bool shift_u8) {
+    if (dt == DType::kF32) quantize_static_as<DType::kF32>(x, ldx, m0, m1, k, inv, s, q, ldq, kp, scale, shift_u8);
+    else quantize_static_as<DType::kBF16>(x, ldx, m0, m1, k, inv, s, q, ldq, kp, scale, shift_u8);
 }
 
 void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0, int64_t m1,
