@@ -191,7 +191,7 @@ void store_tile_as(const __m512i* acc, int mr, int nr, int64_t n, const int32_t*
 
 // One out-of-line copy per translation unit: the register tiles spill their sums to memory and call
 // it (inlined per vector into every tile size, the epilogue was most of each kernel's code).
-__attribute__((noinline)) void store_tile(const __m512i* acc, int mr, int nr, int64_t n, const int32_t* colsum,
+__attribute__((noinline)) inline void store_tile(const __m512i* acc, int mr, int nr, int64_t n, const int32_t* colsum,
                                           const Epilogue& ep, int64_t m, int64_t n0) {
     switch (ep.kind) {
         case DType::kI32: store_tile_as<DType::kI32, false>(acc, mr, nr, n, colsum, ep, m, n0); break;
