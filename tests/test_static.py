@@ -283,12 +283,49 @@ def test_planner_static_candidate(monkeypatch):
     x = data[0]
     times = {"float": 100.0, "int8 dynamic": 20.0, "int8 static": 10.0, "int8 weight-only": 50.0}
     pin_planner_times(monkeypatch, times)
-    fast, plan = fastinfer.optimize(model, x, calibration_data=data[1:], min_sqnr_db=10)
-    assert all("int8 static" in r.candidates for r in plan)
+    # layer budgets only (no whole-model accuracy check): static is the fastest above 10 dB
+    fast, plan = fastinfer.optimize(model, x, calibration_data=data[1:], min_sqnr_db=10, max_model_sqnr_drop_db=None)
+    assert all("int8 static" in r.candidates for r in plan) and plan.model_sqnr_db is None
     assert type(fast[0]) is StaticInt8Linear and type(fast[2]) is StaticInt8Linear
     assert plan[0].kernel == "int8 static"
     # the outlier channels cost the static layer more than the per-token one: a budget between them
     st, dyn = plan[0].candidates["int8 static"][1], plan[0].candidates["int8 dynamic"][1]
     assert dyn > st + 3, (st, dyn)
-    fast, plan = fastinfer.optimize(model, x, calibration_data=data[1:], min_sqnr_db=(st + dyn) / 2)
+    fast, plan = fastinfer.optimize(model, x, calibration_data=data[1:], min_sqnr_db=(st + dyn) / 2,
+                                    max_model_sqnr_drop_db=None)  # fmt: skip
     assert type(fast[0]) is Int8Linear and type(fast[0]) is not SparseInt8Linear
+
+
+def test_planner_whole_model_accuracy_check_reverts_static(monkeypatch):
+    """Each static layer passes its own 10 dB budget, but the model's output loses more than 1 dB
+    against quantize()'s (the outlier channels): the default check puts both back to int8 dynamic,
+    says why in the rows and keeps both figures; a looser allowance keeps the plan."""
+    model, data = _outlier_mlp()
+    x = data[0]
+    pin_planner_times(monkeypatch, {"float": 100.0, "int8 dynamic": 20.0, "int8 static": 10.0, "int8 weight-only": 50.0})
+    fast, plan = fastinfer.optimize(model, x, calibration_data=data[1:], min_sqnr_db=10)
+    q, o = plan.model_sqnr_db["quantize"], plan.model_sqnr_db["optimize"]
+    assert o < q - 1, plan.model_sqnr_db
+    assert type(fast[0]) is Int8Linear and type(fast[2]) is Int8Linear
+    assert all(r.kernel == "int8 dynamic" and "reverted to quantize()'s choice" in r.note for r in plan)
+    assert "model output SQNR vs float" in plan.summary()
+    # the reverted model is exactly quantize()'s
+    with torch.inference_mode():
+        assert torch.equal(fast(data[1]), fastinfer.quantize(model)(data[1]))
+    # an allowance larger than the measured drop keeps the static layers
+    fast, plan = fastinfer.optimize(model, x, calibration_data=data[1:], min_sqnr_db=10,
+                                    max_model_sqnr_drop_db=(q - o) + 1)  # fmt: skip
+    assert type(fast[0]) is StaticInt8Linear and plan.model_sqnr_db["optimize"] == pytest.approx(o)
+    with pytest.raises(ValueError, match="max_model_sqnr_drop_db"):
+        fastinfer.optimize(model, x, max_model_sqnr_drop_db=-1.0)
+
+
+def test_planner_output_tensors_of_nested_outputs():
+    """The whole-model check compares every floating tensor of an output: nested tuples, lists and
+    dicts (a transformers ModelOutput is a dict), in order; integers, None and int tensors skipped."""
+    from fastinfer.plan.planner import _output_tensors
+
+    a, b, c = torch.randn(2), torch.randn(3), torch.randn(1, dtype=torch.bfloat16)
+    got = _output_tensors({"last": a, "rest": (b, None, 3, [c, torch.arange(4)])})
+    assert len(got) == 3 and got[0] is a and got[1] is b and got[2] is c
+    assert _output_tensors(torch.arange(3)) == [] and _output_tensors(None) == []

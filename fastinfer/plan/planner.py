@@ -54,6 +54,8 @@ _TIMINGS: dict[tuple, float] = {}
 _TIE = 0.05
 # The whole model with the planned layers must not be slower than with quantize()'s by more than this.
 _MODEL_TIE = 0.02
+# The planned model's output SQNR against float may fall this far below quantize()'s (dB).
+_MODEL_SQNR_DROP = 1.0
 # Inputs kept at once while timing (a CNN at batch 16 has ~100 MB activations per layer).
 _CAPTURE_BYTES = 512 << 20
 
@@ -89,6 +91,7 @@ def optimize(
     prune: float | Mapping | None = None,
     calibration_data: Iterable | None = None,
     min_sqnr_db: float = 25.0,
+    max_model_sqnr_drop_db: float | None = _MODEL_SQNR_DROP,
     time_budget_s: float | None = 300.0,
     config: QuantConfig | None = None,
     rounds: int = 5,
@@ -114,6 +117,13 @@ def optimize(
         layer whose activations have outliers that per-token int8 cannot hold; 30 dB there sends
         the four FFN input layers at 27 dB to weight-only, 1.3x slower end to end for a cosine
         that moves from 0.9978 to 0.9979 (bench/RESULTS.md).
+    max_model_sqnr_drop_db: the whole model is checked too. Where some layers took a candidate
+        less accurate than quantize()'s (int8 static, typically), the model's output SQNR against
+        float is measured on the SQNR data with the plan and with quantize()'s layers; if the plan's
+        is lower by more than this, those layers go back to quantize()'s choice (their rows say so;
+        report.model_sqnr_db gives both figures). Layer budgets alone let errors add up: on the real
+        all-MiniLM-L6-v2 at 8x128, 26 static layers each above 25 dB took the embedding cosine
+        from 0.9978 to 0.9968. None: no whole-model check of accuracy. Not with quantize=False.
     time_budget_s: layers left when it is spent keep quantize()'s choice (float with
         quantize=False), unmeasured (the report says so); None: no limit.
     config: the QuantConfig of the conversion (skip, filter_fn, fusions, attention, smoothquant
@@ -142,6 +152,10 @@ def optimize(
         raise ValueError(f"min_sqnr_db must be a number, got {min_sqnr_db!r}")
     if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s >= 0):
         raise ValueError(f"time_budget_s must be None or a number >= 0, got {time_budget_s!r}")
+    if max_model_sqnr_drop_db is not None and not (
+            isinstance(max_model_sqnr_drop_db, (int, float)) and not isinstance(max_model_sqnr_drop_db, bool)
+            and max_model_sqnr_drop_db >= 0):  # fmt: skip
+        raise ValueError(f"max_model_sqnr_drop_db must be None or a number >= 0, got {max_model_sqnr_drop_db!r}")
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     config = QuantConfig() if config is None else config
@@ -224,6 +238,10 @@ def optimize(
     choices = _choose(layers, min_sqnr_db, quantize)
     fallback = {lay.name: (_fallback(lay, quantize), "") for lay in layers}
     base = "quantize" if quantize else "float"
+    model_sqnr = None
+    if quantize and max_model_sqnr_drop_db is not None:
+        choices, model_sqnr = _fidelity_check(qm, layers, choices, fallback, reference, float(max_model_sqnr_drop_db),
+                                              calibration_data if calibration_data is not None else [example_inputs])  # fmt: skip
     planned, baseline = _swaps(qm, layers, choices), _swaps(qm, layers, fallback)
     model_ms, reverted, use = None, "", planned
     if any(choices[n][0] is not fallback[n][0] for n in choices):
@@ -239,7 +257,7 @@ def optimize(
         root.__dict__["_fastinfer_report"] = qm.__dict__["_fastinfer_report"]
     used = choices if not reverted else {
         n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
-    plan = PlanReport(_rows(root, layers, used), measured=True, model_ms=model_ms)
+    plan = PlanReport(_rows(root, layers, used), measured=True, model_ms=model_ms, model_sqnr_db=model_sqnr)
     attach_plan(root, plan)
     from fastinfer.plan.report import report
 
@@ -547,6 +565,67 @@ def _choose(layers: list[_Layer], min_sqnr_db: float, quantize: bool = True) -> 
             "fastest" if len(ok) == len(lay.candidates) else f"the others below {min_sqnr_db:g} dB or slower")
         out[lay.name] = (chosen, note)
     return out
+
+
+def _output_tensors(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (a tensor, tuples/lists, dicts such as a
+    transformers ModelOutput), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _output_tensors(o)]
+    return []
+
+
+def _model_sqnr(root: nn.Module, variants: dict[str, list], reference: nn.Module, data) -> dict[str, float]:
+    """Output SQNR (dB) against the float reference over the batches of data, for each variant
+    (swaps from quantize()'s model): every floating output tensor, summed; the model is left as
+    quantize() made it."""
+    with torch.inference_mode():
+        refs = [[t.double() for t in _output_tensors(run_batch(reference, b))] for b in batches_of(data)]
+        out = {}
+        for name, swaps in variants.items():
+            model = _apply(root, swaps, True)
+            try:
+                signal = noise = 0.0
+                for ref, batch in zip(refs, batches_of(data)):
+                    got = _output_tensors(run_batch(model, batch))
+                    for r, g in zip(ref, got):
+                        if r.shape == g.shape:
+                            signal += float(r.square().sum())
+                            noise += float((g.double() - r).square().sum())
+            finally:
+                root = _apply(model, swaps, False)
+            out[name] = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 and math.isfinite(noise) else -math.inf)
+    return out
+
+
+def _fidelity_check(qm: nn.Module, layers: list[_Layer], choices: dict, fallback: dict, reference: nn.Module,
+                    max_drop: float, data) -> tuple[dict, dict[str, float] | None]:  # fmt: skip
+    """The whole model's accuracy against quantize()'s: where layers chose a candidate less accurate
+    than quantize()'s and the model's output SQNR fell by more than max_drop dB, those layers go back
+    to quantize()'s choice. Returns (the choices, {"quantize": dB, "optimize": dB} or None when no
+    layer chose a less accurate candidate)."""
+    worse = []
+    for lay in layers:
+        chosen, base = choices[lay.name][0], fallback[lay.name][0]
+        sqnr = _sqnr_of(lay)
+        if chosen is not base and lay.noise is not None and sqnr.get(chosen.name, -math.inf) < sqnr.get(base.name, -math.inf):
+            worse.append(lay.name)
+    if not worse:
+        return choices, None
+    variants = {"quantize": _swaps(qm, layers, fallback), "optimize": _swaps(qm, layers, choices)}
+    sqnr = _model_sqnr(qm, variants, reference, data)
+    if not sqnr["optimize"] < sqnr["quantize"] - max_drop:
+        return choices, sqnr
+    why = (f"reverted to quantize()'s choice: with the less accurate choices the model's output SQNR was "
+           f"{sqnr['optimize']:.1f} dB against {sqnr['quantize']:.1f} dB with quantize()'s layers")
+    out = dict(choices)
+    for name in worse:
+        out[name] = (fallback[name][0], why)
+    return out, sqnr
 
 
 def _swaps(qm: nn.Module, layers: list[_Layer], choices: dict) -> list[tuple[str, nn.Module, nn.Module]]:

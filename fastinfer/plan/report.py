@@ -75,10 +75,13 @@ class PlanReport(list):
     and `threads` are the machine state they were measured (or reported) under."""
 
     def __init__(self, rows=(), measured: bool = False, isa: str | None = None, threads: int | None = None,
-                 model_ms: dict[str, float] | None = None) -> None:  # fmt: skip
+                 model_ms: dict[str, float] | None = None, model_sqnr_db: dict[str, float] | None = None) -> None:  # fmt: skip
         super().__init__(rows)
         self.measured = measured
         self.model_ms = model_ms  # optimize's whole-model check: ms per forward, "quantize" and "optimize"
+        # optimize's whole-model accuracy check: output SQNR vs float, "quantize" and "optimize" (as
+        # first planned, before any layer went back)
+        self.model_sqnr_db = model_sqnr_db
         self.isa = isa or _runtime.active_isa()
         self.threads = threads or _runtime.num_threads()  # fastinfer's kernels' threads
 
@@ -107,6 +110,9 @@ class PlanReport(list):
             base = next(k for k in self.model_ms if k != "optimize")
             line += (f"; whole model on the example: {self.model_ms[base]:.3g} ms with "
                      f"{'quantize()' if base == 'quantize' else base}'s layers, {self.model_ms['optimize']:.3g} ms planned")  # fmt: skip
+        if self.model_sqnr_db:
+            line += (f"; model output SQNR vs float: {self.model_sqnr_db['quantize']:.1f} dB with quantize()'s layers, "
+                     f"{self.model_sqnr_db['optimize']:.1f} dB as planned")  # fmt: skip
         return line + f" ({self.isa}, {self.threads} threads)"
 
     def __str__(self) -> str:
@@ -206,7 +212,8 @@ def report(model: nn.Module) -> PlanReport:
             row.note, row.candidates = m.note, dict(m.candidates)
         rows.append(row)
     return PlanReport(rows, measured=bool(measured), isa=plan.isa if plan else None,
-                      threads=plan.threads if plan else None, model_ms=plan.model_ms if plan else None)  # fmt: skip
+                      threads=plan.threads if plan else None, model_ms=plan.model_ms if plan else None,
+                      model_sqnr_db=plan.model_sqnr_db if plan else None)  # fmt: skip
 
 
 def attach_plan(model: nn.Module, plan: PlanReport) -> None:
