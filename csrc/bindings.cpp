@@ -246,6 +246,20 @@ PYBIND11_MODULE(_C, m) {
     });
     m.def("attention_kernel", [] { return std::string(fc::active_kernels().attention_name); },
           "the attention kernel of the active ISA: ref, avx512_vnni (fp32 FMA) or avx512_bf16 (bf16 inputs on vdpbf16ps)");
+    // x, w, b, out: addresses; dt / wdt: dtype codes; m rows of h values (row strides ldx, ldo).
+    m.def("layer_norm", [](uintptr_t x, int dt, int64_t m, int64_t h, int64_t ldx, uintptr_t w, uintptr_t b, int wdt,
+                           float eps, uintptr_t out, int64_t ldo) {
+        const fc::LayerNormArgs a{ptr<const void>(x), dtype(dt), h, ldx, ptr<const void>(w), ptr<const void>(b),
+                                  dtype(wdt), eps, ptr<void>(out), ldo};
+        Status r;
+        {
+            py::gil_scoped_release nogil;
+            r = fc::layer_norm(a, m);
+        }
+        raise_if_error(r);
+    });
+    m.def("layer_norm_simd", [] { return fc::active_kernels().layer_norm_simd; },
+          "whether the active ISA has its own LayerNorm kernel (else the scalar reference runs)");
     m.def("attention_simd", [] { return fc::active_kernels().attention_simd; },
           "whether the active ISA has its own attention kernel (else the scalar reference runs)");
     m.def("apply_activation", [](uintptr_t y, int64_t n, int act) {

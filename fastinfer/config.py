@@ -95,6 +95,10 @@ class QuantConfig:
         per head, fp32 arithmetic). Calls that the kernel does not serve (autograd, dropout,
         output_attentions, GPUs, CPUs without AVX-512) take torch's SDPA as before. False keeps
         the model's attention as it is. Other models are not touched either way.
+    layernorm: every nn.LayerNorm (the class itself: a subclass may have its own forward) becomes
+        fastinfer.nn.LayerNorm, the same module on fastinfer's kernel (fp32 arithmetic, one
+        summation order on every ISA; 1.3-2x torch's own here). Calls it does not serve
+        (autograd, GPUs, CPUs without AVX-512) take torch's layer_norm. False keeps torch's.
 
     A layer registered under several names is converted under all of them (it stays one layer), or
     left in float when skip or filter_fn keeps any of its names: prune and sparsify agree.
@@ -107,6 +111,7 @@ class QuantConfig:
     fuse_activations: bool = True
     depthwise: str = "float"
     attention: bool = True
+    layernorm: bool = True
     activations: str = "dynamic"
     smoothquant: float | None = None
 
@@ -124,6 +129,8 @@ class QuantConfig:
         object.__setattr__(self, "skip", skip_patterns(self.skip))
         if not isinstance(self.attention, bool):
             raise TypeError(f"QuantConfig.attention must be a bool, got {self.attention!r}")
+        if not isinstance(self.layernorm, bool):
+            raise TypeError(f"QuantConfig.layernorm must be a bool, got {self.layernorm!r}")
         if not isinstance(self.fuse_activations, bool):
             raise TypeError(f"QuantConfig.fuse_activations must be a bool, got {self.fuse_activations!r}")
         if not isinstance(self.min_features, int) or self.min_features < 1:

@@ -33,6 +33,7 @@ from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
 from fastinfer.convert.attention import HF_NAME, enable_fast_attention, is_hf_model
 from fastinfer.convert.hf_quantizer import mark_converted
+from fastinfer.convert.quantize import fast_layernorms
 from fastinfer.convert.report import ConversionReport, LayerConversion
 from fastinfer.nn import (
     DepthwiseConv2d,
@@ -47,6 +48,7 @@ from fastinfer.nn import (
     WeightOnlyInt8Linear,
     linear_weight_and_bias,
 )
+from fastinfer.nn import LayerNorm as FastLayerNorm
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "load", "read_metadata", "save"]
 
@@ -288,10 +290,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "training": model.training,
         "layers": layers, "aliases": aliases, "versions": versions,
         "crc32": {k: zlib.crc32(_tensor_bytes(t)) for k, t in tensors.items()},
-        "report": None if report is None else {"entry": report.entry, "attention": report.attention,
+        "report": None if report is None else {"entry": report.entry, "attention": report.attention, "layernorm": report.layernorm,
                                                "rows": [[r.name, r.kind, r.result, r.detail] for r in report]},
         # the attention implementation of a transformers model, put back on load ("fastinfer": its kernel)
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+        # every name of a LayerNorm on fastinfer's kernel: put back on load
+        "layernorm": [n for n, m in model.named_modules(remove_duplicate=False) if type(m) is FastLayerNorm],
     }  # fmt: skip
     meta = dict(metadata or {})
     meta[_KEY] = json.dumps(info, separators=(",", ":"))
@@ -430,13 +434,32 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     report = info.get("report")
     if isinstance(report, dict) and isinstance(report.get("rows"), list):
         rows = [LayerConversion(*map(str, r)) for r in report["rows"] if isinstance(r, list) and len(r) == 4]
-        attention = report.get("attention")
+        attention, norms = report.get("attention"), report.get("layernorm")
         model.__dict__["_fastinfer_report"] = ConversionReport(str(report.get("entry", "fastinfer.quantize")), rows,
-                                                               attention if isinstance(attention, str) else None)  # fmt: skip
+                                                               attention if isinstance(attention, str) else None,
+                                                               norms if isinstance(norms, str) else None)  # fmt: skip
     if info.get("attention") == HF_NAME:
         enable_fast_attention(model)
+    model = _install_layernorms(f, model, info.get("layernorm", []))
     if info["layers"] and is_hf_model(model):
         mark_converted(model)  # as quantize() does: transformers' own from_pretrained refuses its folders
+    return model
+
+
+def _install_layernorms(f: _File, model: nn.Module, names: object) -> nn.Module:
+    """The file's LayerNorms on fastinfer's kernel again: each name must hold an nn.LayerNorm (or
+    already a fastinfer one)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise f.error("'layernorm' must be a list of module names")
+    for name in names:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise f.error(f"LayerNorm {name or '<model>'!r} (on fastinfer's kernel) has no module at that name "
+                          "in the given model") from None  # fmt: skip
+        if type(mod) not in (nn.LayerNorm, FastLayerNorm):
+            raise f.error(f"{name or '<model>'!r} is a LayerNorm in the file, a {type(mod).__name__} in the given model")
+    model, _ = fast_layernorms(model, set(names))
     return model
 
 

@@ -124,6 +124,16 @@ inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
+// The sum of LayerNormArgs from its 64 partial sums (kernel_table.h): the SIMD kernels add the same
+// values in the same order (four 16-lane vectors, then the lane halving).
+inline float layer_norm_sum(const float* part) {
+    float l[16];
+    for (int i = 0; i < 16; ++i) l[i] = (part[i] + part[16 + i]) + (part[32 + i] + part[48 + i]);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int i = 0; i < w; ++i) l[i] = l[i] + l[i + w];
+    return l[0];
+}
+
 inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
     uint32_t u;
     __builtin_memcpy(&u, &f, 4);

@@ -72,6 +72,9 @@ Status depthwise_conv2d_f32(const void* x, DType dt, const Conv2dShape& s, const
 constexpr int64_t kMaxHeadDim = 1 << 16;
 Status attention(const AttentionArgs& a);
 
+// LayerNorm of m rows (LayerNormArgs in dispatch/kernel_table.h: sizes, strides and pointers).
+Status layer_norm(const LayerNormArgs& a, int64_t m);
+
 // y[i] = act(y[i]) for n fp32 values, in place, with the epilogue's scalar code (outputs of a K = 0
 // linear, where no GEMM runs). erf_f32: out[i] = the epilogue's erf(x[i]) (tests).
 Status apply_activation(float* y, int64_t n, int act);

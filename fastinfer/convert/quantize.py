@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from fastinfer.config import QuantConfig
 from fastinfer.convert._select import LeftFloat, Target, config_reason, scan
-from fastinfer.convert._swap import swap
+from fastinfer.convert._swap import set_module, swap
 from fastinfer.convert.calibrate import input_absmax, materialize
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.hf_quantizer import mark_converted
@@ -32,6 +32,7 @@ from fastinfer.nn import (
     quantize_weight_per_channel,
 )
 from fastinfer.nn.attention import mha_float_reason
+from fastinfer.nn.norm import LayerNorm as FastLayerNorm
 from fastinfer.ops.conv import is_depthwise
 
 __all__ = ["quantize"]
@@ -183,10 +184,31 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
             report.append(LayerConversion(item.name, kind, now, detail))
         else:
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
+    if config.layernorm:
+        result, n = fast_layernorms(result)
+        report.layernorm = f"{n} on fastinfer's kernel" if n else None
+    else:
+        report.layernorm = "kept: QuantConfig(layernorm=False)"
     if report.converted and is_hf_model(result):
         mark_converted(result)  # transformers' own from_pretrained then refuses its saved folders
     attach(result, report)
     return result
+
+
+def fast_layernorms(model: nn.Module, names: list[str] | None = None) -> tuple[nn.Module, int]:
+    """Every nn.LayerNorm of the model (the class itself: a subclass may have its own forward), or
+    those at `names`, replaced by fastinfer.nn.LayerNorm sharing its parameters (a module under
+    several names stays one module); returns (the model, itself replaced when it is one, and how
+    many modules were replaced)."""
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        if type(mod) is nn.LayerNorm and (names is None or fqn in names):
+            found.setdefault(id(mod), (mod, []))[1].append(fqn)
+    for mod, fqns in found.values():
+        new = FastLayerNorm.from_layernorm(mod)
+        for fqn in fqns:
+            model = set_module(model, fqn, new)
+    return model, len(found)
 
 
 def smooth_linear_targets(model: nn.Module, targets: list[Target], alpha: float, calibration_data) -> dict:

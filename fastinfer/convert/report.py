@@ -53,10 +53,11 @@ class ConversionReport(list):
     """The LayerConversion of every layer a conversion looked at, in model order, and what became
     of the model's attention (`attention`: None when the conversion did not look at it)."""
 
-    def __init__(self, entry: str, rows=(), attention: str | None = None) -> None:
+    def __init__(self, entry: str, rows=(), attention: str | None = None, layernorm: str | None = None) -> None:
         super().__init__(rows)
         self.entry = entry
         self.attention = attention
+        self.layernorm = layernorm  # what became of the model's nn.LayerNorm modules (None: not looked at)
 
     @property
     def converted(self) -> list[LayerConversion]:
@@ -82,10 +83,13 @@ class ConversionReport(list):
             line += f"; {len(left)} left in float: {shown}" + ("; ..." if len(left) > 3 else "")
         if self.attention is not None:
             line += f"; attention: {self.attention}"
+        if self.layernorm:
+            line += f"; LayerNorm: {self.layernorm}"
         return line + ". fastinfer.conversion_report(model) lists every layer."
 
     def __str__(self) -> str:
-        tail = "" if self.attention is None else f"\nattention: {self.attention}"
+        tail = ("" if self.attention is None else f"\nattention: {self.attention}") + (
+            f"\nLayerNorm: {self.layernorm}" if self.layernorm else "")
         if not self:
             return f"{self.entry}: no convertible layers" + tail
         w = max(len("layer"), *(len(r.name or "<model>") for r in self)) + 2

@@ -6,6 +6,7 @@ torch.export and passes opcheck.
     _prepared.py  how each kernel's arguments are marshalled (shared with the layers' eager calls)
     attention.py  fused scaled dot-product attention (CPU)
     conv.py       int8 Conv2d: pack_conv_weight, int8_conv2d (CPU)
+    norm.py       LayerNorm (CPU)
     linear.py     dense int8: quantize_per_token, pack/unpack, int8_matmul, int8_linear,
                   static_int8_linear, weight_only_linear (CPU)
     sparse.py     the sparse formats, pack_sparse, validation, the sparse ops (CPU)
@@ -16,6 +17,7 @@ torch.export and passes opcheck.
 from fastinfer.ops import cuda  # noqa: F401  (registers the CUDA kernels)
 from fastinfer.ops.attention import attention, attention_native
 from fastinfer.ops.conv import int8_conv2d, pack_conv_weight, unpack_conv_weight
+from fastinfer.ops.norm import layer_norm, layer_norm_native
 from fastinfer.ops._common import LARGE_OUTPUT_BYTES, packed_nbytes
 from fastinfer.ops.linear import (
     int8_linear,
@@ -42,7 +44,7 @@ from fastinfer.ops.sparse import (
 )
 
 __all__ = [
-    "LARGE_OUTPUT_BYTES", "SPARSE_FORMATS", "attention", "attention_native", "int8_conv2d", "int8_linear", "int8_matmul", "int8_matmul_packed", "pack_conv_weight", "pack_int8_weight",
+    "LARGE_OUTPUT_BYTES", "SPARSE_FORMATS", "attention", "attention_native", "int8_conv2d", "int8_linear", "int8_matmul", "int8_matmul_packed", "layer_norm", "layer_norm_native", "pack_conv_weight", "pack_int8_weight",
     "pack_sparse", "packed_nbytes", "quantize_per_token", "sparse_info", "sparse_int8_linear", "sparse_int8_matmul",
     "sparse_linear", "sparse_nonzeros", "sparse_validate", "static_int8_linear", "unpack_conv_weight", "unpack_int8_weight", "unpack_sparse",
     "validate_int8_weight", "weight_only_linear",

@@ -46,6 +46,7 @@ Tables fill_tables() {
     t.depthwise_f32 = ref::depthwise_f32;
     t.gather_quantize = ref::gather_quantize;
     t.attention = ref::attention;
+    t.layer_norm = ref::layer_norm;
     s.level[kRefLevel] = t;
 
     const Isa isa = detected_isa();
@@ -80,6 +81,8 @@ Tables fill_tables() {
     t.attention = cpu_features().avx512bf16 ? avx512_bf16::attention : avx512_vnni::attention;  // bf16: vdpbf16ps
     t.attention_name = cpu_features().avx512bf16 ? "avx512_bf16" : "avx512_vnni";
     t.attention_simd = true;
+    t.layer_norm = cpu_features().avx512bf16 ? avx512_bf16::layer_norm : avx512_vnni::layer_norm;
+    t.layer_norm_simd = true;
     t.dot_peak = avx512_vnni::dot_peak;
     t.dot_peak_macs = 24 * 64;
     t.read_sum = avx512_vnni::read_sum;

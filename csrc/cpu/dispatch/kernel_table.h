@@ -164,6 +164,26 @@ inline AttentionLayout attention_layout(const AttentionArgs& a) {
 // Query rows [q0, q1) of head bh = b * heads + h.
 using AttentionKernel = void(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch);
 
+// LayerNorm over rows of h values: out = (x - mean) * rstd, times w, plus b (each when non-null;
+// with both, fma(y, w, b)), mean = sum(x) / h, var = sum((x - mean)^2) / h (the squares summed by
+// fma), rstd = 1 / sqrt(var + eps), all in fp32. Every sum is defined one way on every path: 64
+// partial sums (element i into partial i % 64, in order of i), partial p + 16 j combined as
+// (p0 + p1) + (p2 + p3) for lane p < 16, then the 16 lanes halved pairwise (l + l + 8, + 4, + 2,
+// + 1): layer_norm_sum in common.h. x and out are fp32 or bf16 (dt); w and b reach the kernels as
+// fp32 (wdt kF32: the entry widens bf16 ones).
+struct LayerNormArgs {
+    const void* x;
+    DType dt;
+    int64_t h, ldx;
+    const void* w;
+    const void* b;
+    DType wdt;
+    float eps;
+    void* out;
+    int64_t ldo;
+};
+using LayerNormKernel = void(const LayerNormArgs& a, int64_t m0, int64_t m1);
+
 // The CSR kernels of one ISA and the activation layout they read (the entry points build it).
 struct CsrKernels {
     CsrF32Kernel* f32 = nullptr;
@@ -197,6 +217,9 @@ struct KernelTable {
     AttentionKernel* attention = nullptr;
     bool attention_simd = false;
     const char* attention_name = "ref";
+    // LayerNorm; layer_norm_simd: the kernel is this ISA's own (not ref's).
+    LayerNormKernel* layer_norm = nullptr;
+    bool layer_norm_simd = false;
 
     // Sparse. A null int8 format kernel runs the format's blocks through panel + gemm (exact, not faster).
     CsrKernels csr;

@@ -59,7 +59,7 @@ inline void alternating_steps(int64_t t0, int64_t t1, Step& step, Acc* set0, Acc
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
 // fp32 -> bf16, round to nearest even, NaN kept quiet (same rule as f32_to_bf16).
-inline __m256i to_bf16(__m512 y) {
+inline __m256i to_bf16_int(__m512 y) {
     __m512i u = _mm512_castps_si512(y);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
@@ -67,6 +67,16 @@ inline __m256i to_bf16(__m512 y) {
                                             _mm512_set1_epi32(0x7f800000));
     r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
     return _mm512_cvtepi32_epi16(r);
+}
+
+// to_bf16_int's bits. Built with AVX512_BF16, vcvtneps2bf16 gives them in one instruction (round to
+// nearest even; a NaN keeps its top bits with the quiet bit set) except for subnormal inputs, which
+// it flushes to zero: a vector holding one takes the integer rounding.
+inline __m256i to_bf16(__m512 y) {
+#if defined(__AVX512BF16__)
+    if (!_mm512_fpclass_ps_mask(y, 0x20)) return (__m256i)_mm512_cvtneps_pbh(y);  // 0x20: denormal
+#endif
+    return to_bf16_int(y);
 }
 
 // gelu_f32 on 16 lanes: the same operations in the same order (common.h).

@@ -19,5 +19,6 @@ DepthwiseKernel depthwise;
 DepthwiseKernel depthwise_f32;
 GatherQuantizeKernel gather_quantize;
 AttentionKernel attention;
+LayerNormKernel layer_norm;
 
 }  // namespace fastinfer::cpu::ref
