@@ -446,6 +446,44 @@ def test_large_output_mappings_are_reused_after_release():
     assert e.data_ptr() != ptr and torch.equal(e, ref) and torch.equal(keep, ref[5:7])
 
 
+def test_large_output_mappings_serve_smaller_outputs_and_the_latest_releases():
+    """(A fresh process: the mapping cache is per process.) A released mapping also serves a smaller
+    output of more than half its size (a CNN's many output sizes), never a larger one; with more
+    sizes released than the cache holds, the oldest go and the latest stay; contents are always the
+    new result."""
+    code = """
+        import gc, torch
+        from fastinfer import ops
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-128, 128, (1024, 64), dtype=torch.int8, generator=g)
+        ws = {n: torch.randint(-128, 128, (n, 64), dtype=torch.int8, generator=g) for n in (2560, 4096, 8192)}
+        def out(n):
+            c = ops.int8_matmul(a, ws[n])
+            assert torch.equal(c, (a.long() @ ws[n].long().T).int())
+            return c
+        big = out(4096)  # 16 MiB
+        ptr = big.data_ptr()
+        del big; gc.collect()
+        small = out(2560)  # 10 MiB: more than half of it
+        assert small.data_ptr() == ptr, "a smaller output did not reuse the released mapping"
+        del small; gc.collect()
+        larger = out(8192)  # 32 MiB: the 16 MiB mapping cannot serve it
+        assert larger.data_ptr() != ptr
+        del larger; gc.collect()
+        # twenty more distinct sizes released: the cache keeps the latest
+        for k in range(20):
+            t = ops.int8_matmul(a, torch.randint(-128, 128, (2048 + 512 * (k + 1), 64), dtype=torch.int8, generator=g))
+            last = (t.data_ptr(), t.numel())
+            del t; gc.collect()
+        w = torch.randint(-128, 128, (last[1] // 1024, 64), dtype=torch.int8, generator=g)
+        again = ops.int8_matmul(a, w)
+        assert again.data_ptr() == last[0], "the latest released mapping was evicted"
+        print("ok")
+        """
+    res = run_python(code, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
 def test_large_outputs_on_their_own_mapping_behave_like_tensors():
     """Outputs >= ops.LARGE_OUTPUT_BYTES live on a huge-page mapping owned by the tensor: exact,
     alive as long as any view is, picklable, shareable, and unmapped only when the last view dies."""

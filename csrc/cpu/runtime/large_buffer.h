@@ -2,8 +2,9 @@
 // use transparent huge pages. A fresh 32 MiB tensor from the default allocator is a new mmap
 // every call (glibc maps anything >= 32 MiB), and first-touching it costs 8192 page faults: 8 ms
 // here, as long as the GEMM that fills it. With 2 MiB pages it is 16 faults (~1-2 ms), and a
-// released mapping is kept (up to 4 of them, 256 MiB) for the next buffer of the same size, whose
-// pages are then already in place. The contents of a new buffer are unspecified (like torch.empty).
+// released mapping is kept (up to 16 of them, 384 MiB, the oldest evicted first) for the next
+// buffer of its size or up to half of it, whose pages are then already in place. The contents of a
+// new buffer are unspecified (like torch.empty).
 #pragma once
 
 #include <cstddef>
