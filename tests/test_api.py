@@ -552,3 +552,25 @@ def test_steady_state_layer_then_torch_op_takes_no_page_faults():
     assert got["faults"] < 20, f"{got['faults']} page faults a step (a 3 MiB buffer is 768 pages)"
     res = run_python("import fastinfer; print(fastinfer.info()['malloc']['tuned'])", env={"FASTINFER_MALLOC_TUNE": "0"})
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr[-2000:]
+
+
+def test_outputs_past_the_streaming_size_are_the_same_bits():
+    """Outputs of 16 MiB or more are written with non-temporal stores (Epilogue::stream): the values
+    must be those of the same rows computed in small calls (cached stores), for the int8 convs (1x1
+    and 3x3), the fp32 depthwise conv and the int8 linear."""
+    torch.manual_seed(0)
+    convs = (nn.Conv2d(24, 96, 1), nn.Conv2d(24, 96, 3, padding=1), nn.Conv2d(96, 96, 3, padding=1, groups=96))
+    for conv in convs:
+        q = fastinfer.quantize(nn.Sequential(conv.eval()), fastinfer.QuantConfig(progress=False))
+        x = torch.randn(16, conv.in_channels, 56, 56).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            y = q(x)
+            per_sample = torch.cat([q(x[i : i + 1]) for i in range(16)])
+        assert y.numel() * 4 >= 16 << 20
+        assert torch.equal(y, per_sample), type(q[0]).__name__
+    lin = Int8Linear.from_linear(nn.Linear(64, 4096))
+    x = torch.randn(1100, 64)
+    with torch.inference_mode():
+        y = lin(x)
+        chunks = torch.cat([lin(x[i : i + 100]) for i in range(0, 1100, 100)])
+    assert y.numel() * 4 >= 16 << 20 and torch.equal(y, chunks)

@@ -69,6 +69,9 @@ struct Epilogue {
     // in the int8 range: int8_conv2d's rows that are all >= 0) then give sum(q * w) exactly.
     const int32_t* colsum_add = nullptr;
     const uint8_t* u8_rows = nullptr;
+    // A hint: the output is too large to stay in cache for its reader, so kernels may write whole
+    // 64-byte lines with non-temporal stores (no read for ownership); the values are the same.
+    bool stream = false;
 };
 
 // erf as a rational function, Eigen's generic_fast_erf_float (Eigen/src/SpecialFunctions/

@@ -205,6 +205,7 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
     const int64_t per_group = (nblocks + std::min(ngroups, nblocks) - 1) / std::min(ngroups, nblocks);
     ngroups = (nblocks + per_group - 1) / per_group;
     const uint8_t flip = kt.shift_u8 ? 0x80 : 0;
+    const bool stream = size_t(m) * size_t(s.cout) * out_elt >= kStreamBytes;
     std::atomic<bool> oom{false};
     parallel_for(s.groups * mchunks * ngroups, [&](int64_t t) {
         const int64_t g = t / (mchunks * ngroups), rem = t % (mchunks * ngroups);
@@ -218,7 +219,8 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
         uint8_t* u8 = reinterpret_cast<uint8_t*>(sa + mt);
         kt.gather_quantize(geom, cg, g, m0, m1, flip, tile, kp, sa, u8);
         const Epilogue ep{out_dt, static_cast<uint8_t*>(out) + size_t(m0 * s.cout + g * coutg) * out_elt, s.cout,
-                          sa, sw + g * coutg, bias ? bias + g * coutg : nullptr, act, blobs[size_t(g)].colsum, u8};
+                          sa, sw + g * coutg, bias ? bias + g * coutg : nullptr, act, blobs[size_t(g)].colsum, u8,
+                          stream};
         kt.gemm(Activations{reinterpret_cast<const int8_t*>(tile), m1 - m0, kp}, blobs[size_t(g)], ep, 0, m1 - m0,
                 nb0, std::min(nblocks, nb0 + per_group));
     });
@@ -241,7 +243,9 @@ Status depthwise_conv2d_f32(const void* x, DType dt, const Conv2dShape& s, const
         return Status::ok();
     }
     const KernelTable& kt = active_kernels();
-    DepthwiseArgs a{geometry(x, dt, s), nullptr, false, nullptr, wf, cp, Epilogue{out_dt, out, s.c, nullptr, nullptr, bias, act}};
+    const bool stream = size_t(m) * size_t(s.c) * elt_size(out_dt) >= kStreamBytes;
+    DepthwiseArgs a{geometry(x, dt, s), nullptr, false, nullptr, wf, cp,
+                    Epilogue{out_dt, out, s.c, nullptr, nullptr, bias, act, nullptr, nullptr, stream}};
     const int64_t rows = s.n * s.oh, per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.ow * cp / 16));
     parallel_for((rows + per_task - 1) / per_task, [&](int64_t t) {
         kt.depthwise_f32(a, t * per_task, std::min(rows, (t + 1) * per_task));

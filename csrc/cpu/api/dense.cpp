@@ -96,7 +96,8 @@ Status linear_int8(const char* name, const void* x, DType dt, int64_t m, int64_t
     } else {
         quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, kt.shift_u8);
     }
-    const Epilogue ep{out_dt, out, ldo, sa, sw, bias, act};
+    const bool stream = size_t(m) * size_t(ldo) * (out_dt == DType::kF32 ? 4 : 2) >= kStreamBytes;
+    const Epilogue ep{out_dt, out, ldo, sa, sw, bias, act, nullptr, nullptr, stream};
     run_gemm(kt, Activations{q, m, w.kp}, w, ep);
     return Status::ok();
 }

@@ -190,8 +190,13 @@ void store_tile_as(const __m512i* acc, int mr, int nr, int64_t n, const int32_t*
             } else {
                 __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(_mm512_set1_ps(ep.sa[m + i]), sw), b);
                 if constexpr (Act) y = act16(y, ep.act);
-                if constexpr (Kind == DType::kF32)
-                    _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + (m + i) * ep.ldo + c, mk, y);
+                float* o = static_cast<float*>(ep.out) + (m + i) * ep.ldo + c;
+                if constexpr (Kind == DType::kF32) {
+                    if (ep.stream && mk == 0xffff && (reinterpret_cast<uintptr_t>(o) & 63) == 0)
+                        _mm512_stream_ps(o, y);
+                    else
+                        _mm512_mask_storeu_ps(o, mk, y);
+                }
                 else
                     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + (m + i) * ep.ldo + c, mk, to_bf16(y));
             }

@@ -193,6 +193,7 @@ void gemm(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m0
             default: rows<1>(a, w, ep, m0, m1, nb); break;
         }
     }
+    if (ep.stream) _mm_sfence();  // the non-temporal stores visible before the task ends
 }
 
 }  // namespace fastinfer::cpu::avx512_vnni
