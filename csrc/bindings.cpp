@@ -228,7 +228,7 @@ PYBIND11_MODULE(_C, m) {
     // mask's (batch, head, row) and out's (batch, row, head); all in elements.
     m.def("attention", [](uintptr_t q, uintptr_t k, uintptr_t v, int dt, std::vector<int64_t> sizes,
                           std::vector<int64_t> strides, uintptr_t mask, int mask_kind, float scale, bool causal,
-                          uintptr_t out) {
+                          uintptr_t out, bool bf16_math) {
         if (sizes.size() != 7 || strides.size() != 15) throw py::value_error("attention: 7 sizes and 15 strides expected");
         const int64_t* z = sizes.data();
         const int64_t* st = strides.data();
@@ -236,7 +236,7 @@ PYBIND11_MODULE(_C, m) {
                                   z[0], z[1], z[2], z[3], z[4], z[5], z[6],
                                   st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8],
                                   ptr<const void>(mask), mask_kind, st[9], st[10], st[11], scale, causal,
-                                  ptr<void>(out), st[12], st[13], st[14]};  // fmt: skip
+                                  ptr<void>(out), st[12], st[13], st[14], bf16_math};  // fmt: skip
         Status r;
         {
             py::gil_scoped_release nogil;

@@ -31,7 +31,7 @@ from torch import nn
 
 from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
-from fastinfer.convert.attention import HF_NAME, enable_fast_attention, is_hf_model
+from fastinfer.convert.attention import HF_NAME, HF_NAME_BF16, enable_fast_attention, is_hf_model
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.quantize import fast_layernorms
 from fastinfer.convert.report import ConversionReport, LayerConversion
@@ -438,8 +438,8 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
         model.__dict__["_fastinfer_report"] = ConversionReport(str(report.get("entry", "fastinfer.quantize")), rows,
                                                                attention if isinstance(attention, str) else None,
                                                                norms if isinstance(norms, str) else None)  # fmt: skip
-    if info.get("attention") == HF_NAME:
-        enable_fast_attention(model)
+    if info.get("attention") in (HF_NAME, HF_NAME_BF16):
+        enable_fast_attention(model, bf16=info["attention"] == HF_NAME_BF16)
     model = _install_layernorms(f, model, info.get("layernorm", []))
     if info["layers"] and is_hf_model(model):
         mark_converted(model)  # as quantize() does: transformers' own from_pretrained refuses its folders

@@ -349,3 +349,61 @@ def test_a_converted_bert_compiles_and_exports_with_the_kernel_in_the_graph():
         ep = torch.export.export(q, (), batch)
         assert "fastinfer.attention.default" in {str(n.target) for n in ep.graph.nodes}
         assert (ep.module()(**batch).last_hidden_state - ref).abs().max().item() < 1e-5  # (SDPA in eager on ISAs without the kernel)
+
+
+# ----------------------------------------------------- bf16 arithmetic on fp32 tensors (attention="bf16")
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 16, 16, 32), (1, 3, 37, 41, 24), (2, 2, 9, 9, 33)], ids=str)
+def test_bf16_arithmetic_on_fp32_inputs(shape, isa):
+    """bf16=True on fp32 q, k, v: fp32 out within bf16's error. Where the bf16 kernel runs, it is
+    exactly the bf16-input kernel on the rounded inputs (its bf16 output is ours rounded); elsewhere,
+    and for decoding rows, the fp32 kernel's result as without the flag."""
+    b, h, lq, lk, d = shape
+    q, k, v = _qkv(b, h, lq, lk, d, packed=False, seed=d)
+    mask = torch.zeros(b, 1, 1, lk)
+    mask[0, ..., lk - 3 :] = -math.inf
+    got = attention(q, k, v, mask, bf16=True)
+    assert got.dtype == torch.float32
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask.double())
+    assert (got.double() - want).abs().max().item() <= TOL[torch.bfloat16]
+    if fastinfer._C.attention_kernel() == "avx512_bf16":
+        rounded = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16())
+        assert torch.equal(got.bfloat16(), rounded)
+        assert not torch.equal(got, attention(q, k, v, mask))  # the arithmetic did change
+    else:
+        assert torch.equal(got, attention(q, k, v, mask))
+    one = attention(q[:, :, :2], k, v, mask, bf16=True)  # decoding: the fp32 direct path
+    assert torch.equal(one, attention(q[:, :, :2], k, v, mask))
+    torch.library.opcheck(torch.ops.fastinfer.attention, (q, k, v, mask, 1 / math.sqrt(d), False, True))
+
+
+def test_quantize_with_bf16_attention(kernel_calls, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _native()
+    model = _bert(transformers)
+    fast = fastinfer.quantize(model, fastinfer.QuantConfig(attention="bf16"))
+    assert fast.config._attn_implementation == "fastinfer_bf16"
+    assert fastinfer.conversion_report(fast).attention == "fastinfer kernel, bf16 arithmetic (was sdpa)"
+    fp32 = fastinfer.quantize(model)
+    batch = _padded_batch()
+    real = batch["attention_mask"].bool()
+    with torch.inference_mode():
+        got = fast(**batch).last_hidden_state
+        assert len(kernel_calls) == 2
+        want = fp32(**batch).last_hidden_state
+        ref = model(**batch).last_hidden_state
+    cos = F.cosine_similarity(got[real].flatten(), ref[real].flatten(), dim=0).item()
+    assert cos > 0.999, cos
+    assert (got - want)[real].abs().max().item() < 0.1  # bf16's error, not a different model
+    path = tmp_path / "bert.safetensors"
+    fastinfer.save(fast, path)
+    loaded = fastinfer.load(path, copy.deepcopy(model))
+    assert loaded.config._attn_implementation == "fastinfer_bf16"
+    with torch.inference_mode():
+        assert torch.equal(loaded(**batch).last_hidden_state, got)
+    # a model already on the fp32 kernel switches when asked, and back
+    assert hf_attention.enable_fast_attention(fp32, bf16=True) == "fastinfer kernel, bf16 arithmetic (was fastinfer)"
+    assert hf_attention.enable_fast_attention(fp32) == "fastinfer kernel (was fastinfer_bf16)"
+    with pytest.raises(TypeError, match="True, False or 'bf16'"):
+        fastinfer.QuantConfig(attention="fp16")

@@ -12,6 +12,8 @@ installed), then every peer of it in one process:
                        transformers' SDPA attention switched to fastinfer's fused kernel)
   fastinfer unfused    the same with QuantConfig(fuse_activations=False), where anything was fused
   fastinfer, torch SDPA  the same with QuantConfig(attention=False), where the attention was switched
+  fastinfer, bf16 attention  the same with QuantConfig(attention="bf16") (fp32 q, k, v rounded to bf16 for
+                       the kernel's products), where the attention was switched
   fastinfer bf16       fastinfer.quantize(model.bfloat16())  (bf16 in/out)
   fastinfer weight-only  QuantConfig(activations="none"): int8 weights, activations not quantized
   fastinfer smoothquant  QuantConfig(smoothquant=0.5) calibrated on the case's calibration batches
@@ -585,6 +587,8 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
     if getattr(getattr(ours, "config", None), "_attn_implementation", None) == HF_NAME:
         sdpa = fastinfer.quantize(m, fastinfer.QuantConfig(attention=False))  # what the fused attention buys
         peers.append(_torch_peer("fastinfer, torch SDPA", sdpa, case, ours=sdpa, note="QuantConfig(attention=False)"))
+        bfa = fastinfer.quantize(m, fastinfer.QuantConfig(attention="bf16"))  # fp32 model, bf16 attention products
+        peers.append(_torch_peer("fastinfer, bf16 attention", bfa, case, ours=bfa, note="QuantConfig(attention='bf16')"))
     ours_bf = fastinfer.quantize(copy.deepcopy(m).bfloat16())
     peers.append(_torch_peer("fastinfer bf16", ours_bf, case, ours=ours_bf, note="quantize(model.bfloat16())"))
     wo = fastinfer.quantize(m, fastinfer.QuantConfig(activations="none"))

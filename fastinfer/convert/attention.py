@@ -21,9 +21,12 @@ from torch import nn
 from fastinfer.ops._common import eager_fast_path
 from fastinfer.ops.attention import attention_cpu, kernel_serves
 
-__all__ = ["HF_NAME", "enable_fast_attention", "hf_attention_forward", "is_hf_model", "register_hf_attention"]
+__all__ = ["HF_NAME", "HF_NAME_BF16", "enable_fast_attention", "hf_attention_forward", "is_hf_model",
+           "register_hf_attention"]  # fmt: skip
 
 HF_NAME = "fastinfer"
+# the same kernel with fp32 q, k, v rounded to bf16 for its two products (fastinfer.ops.attention's bf16)
+HF_NAME_BF16 = "fastinfer_bf16"
 # attn_implementation values fastinfer replaces: torch's SDPA. "eager" (often chosen to read the
 # attention weights), flash and flex attention are a user's choice and are kept.
 _REPLACES = ("sdpa",)
@@ -57,7 +60,7 @@ def _fused_applies(query, key, value, attention_mask, dropout, kwargs) -> bool:
 
 def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+                         is_causal: bool | None = None, *, _bf16: bool = False, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
     """transformers' attention-function contract (that of its sdpa_attention_forward): q [batch,
     heads, q_len, d], k / v [batch, kv_heads, keys, d] -> ([batch, q_len, heads, dv], None)."""
     if not _fused_applies(query, key, value, attention_mask, dropout, kwargs):
@@ -68,15 +71,22 @@ def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tens
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    return _kernel(query, key, value, attention_mask, scale, is_causal), None
+    return _kernel(query, key, value, attention_mask, scale, is_causal, _bf16), None
 
 
-def _kernel(q, k, v, mask, scale: float, is_causal: bool) -> torch.Tensor:
+def hf_attention_forward_bf16(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):  # fmt: skip
+    """hf_attention_forward with fp32 q, k, v rounded to bf16 for the kernel's products."""
+    return hf_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, _bf16=True,
+                                **kwargs)  # fmt: skip
+
+
+def _kernel(q, k, v, mask, scale: float, is_causal: bool, bf16: bool = False) -> torch.Tensor:
     """The fused op (one name the tests can watch); in plain eager calls its CPU kernel directly,
     as the layers' fast path does (the dispatcher adds ~12 us, a decoding step's whole attention)."""
     if eager_fast_path(q):
-        return attention_cpu(q, k, v, mask, scale, is_causal)
-    return torch.ops.fastinfer.attention(q, k, v, mask, scale, is_causal)
+        return attention_cpu(q, k, v, mask, scale, is_causal, bf16)
+    return torch.ops.fastinfer.attention(q, k, v, mask, scale, is_causal, bf16)
 
 
 def register_hf_attention() -> bool:
@@ -91,7 +101,9 @@ def register_hf_attention() -> bool:
     except ImportError:
         return False
     AttentionInterface.register(HF_NAME, hf_attention_forward)
+    AttentionInterface.register(HF_NAME_BF16, hf_attention_forward_bf16)
     AttentionMaskInterface.register(HF_NAME, sdpa_mask)  # the same masks SDPA gets
+    AttentionMaskInterface.register(HF_NAME_BF16, sdpa_mask)
     _registered = True
     return True
 
@@ -101,27 +113,30 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "set_attn_implementation") and config is not None and hasattr(config, "_attn_implementation")
 
 
-def enable_fast_attention(model: nn.Module) -> str | None:
+def enable_fast_attention(model: nn.Module, bf16: bool = False) -> str | None:
     """Switches a transformers model that runs torch's SDPA to fastinfer's attention kernel, in
-    place. Returns what was done, for the conversion report: "fastinfer kernel (was sdpa)", or why
-    nothing changed; None for a model that is not a transformers model (left as it is)."""
+    place (bf16: with fp32 q, k, v rounded to bf16 for its products, "fastinfer_bf16"). Returns what
+    was done, for the conversion report: "fastinfer kernel (was sdpa)", or why nothing changed; None
+    for a model that is not a transformers model (left as it is). A model already on one of the two
+    is switched to the one asked for."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"enable_fast_attention expects an nn.Module, got {type(model).__name__}")
     if not is_hf_model(model):
         return None
     current = model.config._attn_implementation
-    if current == HF_NAME:
-        return "fastinfer kernel"
-    if current not in _REPLACES:
+    name, what = (HF_NAME_BF16, "fastinfer kernel, bf16 arithmetic") if bf16 else (HF_NAME, "fastinfer kernel")
+    if current == name:
+        return what
+    if current not in (*_REPLACES, HF_NAME, HF_NAME_BF16):
         return f"kept: the model's config chose attn_implementation={current!r}"
     if not getattr(model, "_can_set_attn_implementation", lambda: False)():
         return f"kept ({current}): {type(model).__name__} does not dispatch through transformers' AttentionInterface"
     if not register_hf_attention():  # pragma: no cover - a transformers model without transformers
         return "kept: transformers is not importable"
-    model.set_attn_implementation(HF_NAME)
-    if model.config._attn_implementation != HF_NAME:
-        return f"kept ({current}): transformers refused attn_implementation={HF_NAME!r}"
-    return f"fastinfer kernel (was {current})"
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        return f"kept ({current}): transformers refused attn_implementation={name!r}"
+    return f"{what} (was {current})"
 
 
 # A model converted in another process (pickled, or deep-copied into a worker) names "fastinfer" in its

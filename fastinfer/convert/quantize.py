@@ -163,7 +163,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
         rows[id(mod)] = (type(mod).__name__, type(new).__name__, detail)
         return new
 
-    attention = enable_fast_attention(model) if config.attention else "kept: QuantConfig(attention=False)"
+    attention = (enable_fast_attention(model, bf16=config.attention == "bf16") if config.attention
+                 else "kept: QuantConfig(attention=False)")  # fmt: skip
     report = ConversionReport("fastinfer.quantize", attention=attention if is_hf_model(model) else None)
     position = {fqn: i for i, (fqn, _) in enumerate(model.named_modules(remove_duplicate=False))}
     order = sorted([*targets, *left, *mha_rows], key=lambda item: position[item.name])  # model order
@@ -279,7 +280,7 @@ def _convert_mha(model: nn.Module, config: QuantConfig) -> tuple[nn.Module, list
             detail += "; per-token activation scales (static scales are built for linear layers only)"
         rows.append(LayerConversion(names[0], type(mod).__name__, "Int8MultiheadAttention", detail))
     if targets:
-        model = swap(model, targets, lambda m: Int8MultiheadAttention.from_mha(m, fused_attention=config.attention),
+        model = swap(model, targets, lambda m: Int8MultiheadAttention.from_mha(m, fused_attention=bool(config.attention)),
                      config.progress, "fastinfer.quantize")  # fmt: skip
     return model, rows
 

@@ -135,6 +135,9 @@ struct AttentionArgs {
     bool causal;
     void* out;  // [batch][lq][heads][dv] (o_sb, o_sl, o_sh)
     int64_t o_sb, o_sl, o_sh;
+    // fp32 q, k, v rounded to bf16 (nearest even) for the two products, as bf16 inputs are: a CPU
+    // with AVX512_BF16 then runs the vdpbf16ps kernel on fp32 tensors (a request: elsewhere fp32)
+    bool bf16_math = false;
 };
 constexpr int kMaskNone = 0;
 constexpr int kMaskBool = 1;

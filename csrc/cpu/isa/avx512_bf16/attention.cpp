@@ -2,8 +2,9 @@
 // adds both products to fp32 sums, half the instructions of widening to fp32 and FMA. Pairs run
 // along the head dimension for q.k^T (K^T packed as [d/2][keys] dwords of two bf16: a 16x16 dword
 // transpose) and along the keys for P.V (V packed as [keys/2][dv] dwords, P rounded to bf16 in
-// place); scores, softmax and the 1/sum scaling stay fp32 (attention_inl.h). fp32 inputs and
-// decoding (fewer than 4 query rows) take avx512_vnni::attention.
+// place); scores, softmax and the 1/sum scaling stay fp32 (attention_inl.h). fp32 inputs take it
+// when the call asks for bf16 arithmetic (AttentionArgs::bf16_math: rounded to bf16 as they are
+// loaded), else avx512_vnni::attention, as decoding (fewer than 4 query rows) does.
 #include "cpu/isa/avx512_bf16/kernels.h"
 #include "cpu/isa/avx512_vnni/attention_inl.h"
 #include "cpu/isa/avx512_vnni/kernels.h"
@@ -16,10 +17,23 @@ inline __mmask32 lanes32(int64_t n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? 
 
 inline __m512 dot2(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 
-// The bf16 elements [0, n) of a row from element off on, as 16 dwords of pairs from pair c0 on (zero
-// past n: an odd head size pairs its last element with 0).
-inline __m512i load_pairs(const void* base, int64_t off, int64_t n, int64_t c0) {
+// The elements [0, n) of a row from element off on, as 16 dwords of bf16 pairs from pair c0 on (zero
+// past n: an odd head size pairs its last element with 0); fp32 rows rounded to bf16 (nearest even).
+inline __m512i load_pairs(const void* base, DType dt, int64_t off, int64_t n, int64_t c0) {
+    if (dt == DType::kF32) {
+        const float* p = static_cast<const float*>(base) + off + 2 * c0;
+        const __m512 lo = _mm512_maskz_loadu_ps(lanes(n - 2 * c0), p);
+        const __m512 hi = _mm512_maskz_loadu_ps(lanes(n - 2 * c0 - 16), p + 16);
+        return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
     return _mm512_maskz_loadu_epi16(lanes32(n - 2 * c0), static_cast<const uint16_t*>(base) + off + 2 * c0);
+}
+
+// 16 values of a row (those in mk) as bf16 in the low halves of 16 dwords.
+inline __m512i load_bf16_dwords(const void* base, DType dt, int64_t off, __mmask16 mk) {
+    if (dt == DType::kF32)
+        return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, static_cast<const float*>(base) + off)));
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(base) + off));
 }
 
 // kt2[c][j] = dims (2c, 2c + 1) of key j, c < d2 = ceil(d / 2), keys [0, round_up(lk, 16)) (zero past lk).
@@ -29,7 +43,7 @@ inline void pack_key_pairs(const AttentionArgs& a, int64_t kb, int64_t lk, int64
         for (int64_t j = j0 + 16; j < std::min(lk, j0 + 32); ++j) prefetch_row(a.k, a.dt, kb + j * a.k_sl, a.d);
         for (int64_t c0 = 0; c0 < d2; c0 += 16) {
             for (int i = 0; i < 16; ++i)
-                r[i] = j0 + i < lk ? _mm512_castsi512_ps(load_pairs(a.k, kb + (j0 + i) * a.k_sl, a.d, c0)) : _mm512_setzero_ps();
+                r[i] = j0 + i < lk ? _mm512_castsi512_ps(load_pairs(a.k, a.dt, kb + (j0 + i) * a.k_sl, a.d, c0)) : _mm512_setzero_ps();
             transpose16(r);
             for (int64_t c = 0; c < std::min<int64_t>(16, d2 - c0); ++c)
                 _mm512_store_ps(reinterpret_cast<float*>(kt2 + (c0 + c) * lkp + j0), r[c]);
@@ -39,13 +53,12 @@ inline void pack_key_pairs(const AttentionArgs& a, int64_t kb, int64_t lk, int64
 
 // v2[j'][c] = (v[2j'][c], v[2j' + 1][c]) for key pairs j' < ceil(lk / 2) (a missing odd key is 0), c < dvp.
 inline void pack_value_pairs(const AttentionArgs& a, int64_t vb, int64_t lk, uint32_t* v2, int64_t dvp) {
-    const uint16_t* v = static_cast<const uint16_t*>(a.v);
     for (int64_t j = 0; j < lk; j += 2) {
         for (int64_t t = j + 2; t < std::min(lk, j + 2 + kAhead); ++t) prefetch_row(a.v, a.dt, vb + t * a.v_sl, a.dv);
         for (int64_t c0 = 0; c0 < dvp; c0 += 16) {
             const __mmask16 mk = lanes(a.dv - c0);
-            const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, v + vb + j * a.v_sl + c0));
-            const __m512i hi = j + 1 < lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, v + vb + (j + 1) * a.v_sl + c0))
+            const __m512i lo = load_bf16_dwords(a.v, a.dt, vb + j * a.v_sl + c0, mk);
+            const __m512i hi = j + 1 < lk ? load_bf16_dwords(a.v, a.dt, vb + (j + 1) * a.v_sl + c0, mk)
                                           : _mm512_setzero_si512();  // fmt: skip
             _mm512_store_si512(v2 + j / 2 * dvp + c0, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
@@ -104,7 +117,7 @@ inline void to_bf16_pairs(float* p, int64_t jn) {
 }  // namespace
 
 void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch) {
-    if (a.dt != DType::kBF16 || a.lq < kDirectRows) return avx512_vnni::attention(a, bh, q0, q1, scratch);
+    if ((a.dt != DType::kBF16 && !a.bf16_math) || a.lq < kDirectRows) return avx512_vnni::attention(a, bh, q0, q1, scratch);
     const int64_t b = bh / a.heads, h = bh % a.heads, hk = h / (a.heads / a.kv_heads);
     const AttentionLayout l = attention_layout(a);
     // the fp32 layout's areas hold the pair layouts: K^T pairs [d2][lkp] in K^T's, V pairs
@@ -125,7 +138,7 @@ void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float
         const int64_t jn = a.causal ? std::min(a.lk, i0 + rows) : a.lk;
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c0 = 0; c0 < dp2; c0 += 16)
-                _mm512_store_si512(q2 + r * dp2 + c0, load_pairs(a.q, b * a.q_sb + h * a.q_sh + (i0 + r) * a.q_sl, a.d, c0));
+                _mm512_store_si512(q2 + r * dp2 + c0, load_pairs(a.q, a.dt, b * a.q_sb + h * a.q_sh + (i0 + r) * a.q_sl, a.d, c0));
         upto4(rows, [&](auto R) {
             for (int64_t j0 = 0; j0 < jn; j0 += 64)
                 upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
