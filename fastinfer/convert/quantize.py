@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Collection
 
 from torch import nn
 from torch.nn import functional as F
@@ -196,7 +197,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
     return result
 
 
-def fast_layernorms(model: nn.Module, names: list[str] | None = None) -> tuple[nn.Module, int]:
+def fast_layernorms(model: nn.Module, names: Collection[str] | None = None) -> tuple[nn.Module, int]:
     """Every nn.LayerNorm of the model (the class itself: a subclass may have its own forward), or
     those at `names`, replaced by fastinfer.nn.LayerNorm sharing its parameters (a module under
     several names stays one module); returns (the model, itself replaced when it is one, and how
