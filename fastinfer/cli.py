@@ -110,20 +110,23 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise SystemExit("fastinfer optimize: --activations static needs --calibration FILE (its inputs' ranges give the scales)")
     if args.smoothquant is not None and not args.calibration:
         raise SystemExit("fastinfer optimize: --smoothquant needs --calibration FILE (its inputs' channel maxima)")
+    attention = {"fp32": True, "bf16": "bf16", "torch": False}[args.attention]
     model, is_hf = _load_source(args.src)
     calib = _calibration_batches(args.calibration, is_hf, args.calibration_batch) if args.calibration else None
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if args.plan:
         example = _example_batch(model, is_hf, args.plan)
         prune = {"sparsity": args.sparsity, "pattern": args.pattern} if args.sparsity else None
-        cfg = fastinfer.QuantConfig(progress=progress, smoothquant=args.smoothquant)
+        cfg = fastinfer.QuantConfig(progress=progress, smoothquant=args.smoothquant, attention=attention)
         model, _ = fastinfer.optimize(model, example, quantize=not args.no_quantize, prune=prune, config=cfg,
-                                      calibration_data=calib, min_sqnr_db=args.min_sqnr, progress=progress)  # fmt: skip
+                                      calibration_data=calib, min_sqnr_db=args.min_sqnr,
+                                      max_model_sqnr_drop_db=args.max_model_sqnr_drop, progress=progress)  # fmt: skip
     else:
         if args.sparsity:
             model = fastinfer.prune(model, args.sparsity, pattern=args.pattern, progress=progress)
         if not args.no_quantize:
-            cfg = fastinfer.QuantConfig(progress=progress, activations=args.activations, smoothquant=args.smoothquant)
+            cfg = fastinfer.QuantConfig(progress=progress, activations=args.activations, smoothquant=args.smoothquant,
+                                        attention=attention)  # fmt: skip
             model = fastinfer.quantize(model, cfg, calibration_data=calib)
         if args.sparsity:
             model = fastinfer.sparsify(model, progress=progress)
@@ -418,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="SHAPE", help="measure per layer at an example batch of SHAPE "
                    "(BATCHxTOKENS for a transformers model, else the input tensor's shape) and keep the fastest")
     p.add_argument("--min-sqnr", type=float, default=25.0, help="with --plan: output SQNR each layer must keep, dB (default 25)")
+    p.add_argument("--max-model-sqnr-drop", type=float, default=1.0, metavar="DB",
+                   help="with --plan: how far the whole model's output SQNR may fall below plain quantization's "
+                   "before the less accurate layer choices go back (default 1)")
+    p.add_argument("--attention", choices=("fp32", "bf16", "torch"), default="fp32",
+                   help="a transformers model's attention: fastinfer's kernel in fp32 (default), with bf16 products "
+                   "for fp32 q, k, v (bf16), or torch's SDPA as it was (torch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_optimize)
 

@@ -500,6 +500,16 @@ def test_cli_optimize_module_function_and_hf_folder(tmp_path):
     ref = fastinfer.quantize(transformers.BertModel.from_pretrained(tmp_path / "bert-float").eval())
     ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
     assert torch.equal(loaded(ids).last_hidden_state, ref(ids).last_hidden_state)
+    # --attention bf16: the folder names the bf16 attention and loads with it
+    r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', {str(tmp_path / 'bert-float')!r}, "
+                   f"'--out', {str(tmp_path / 'bert-bf16')!r}, '--attention', 'bf16']))")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = fastinfer.from_pretrained(tmp_path / "bert-bf16")
+    if fastinfer.ops.attention_native():
+        assert loaded.config._attn_implementation == "fastinfer_bf16"
+    ref = fastinfer.quantize(transformers.BertModel.from_pretrained(tmp_path / "bert-float").eval(),
+                             fastinfer.QuantConfig(attention="bf16"))  # fmt: skip
+    assert torch.equal(loaded(ids).last_hidden_state, ref(ids).last_hidden_state)
 
 
 def test_cli_optimize_plan_and_weight_only(tmp_path):
