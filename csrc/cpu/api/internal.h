@@ -28,11 +28,11 @@ struct Scratch {
 };
 extern thread_local Scratch t_scratch;  // the calling thread's activation buffer
 
-// How a GEMM over m rows and nblocks 16-channel blocks is cut into parallel_for tasks: task t covers row
-// chunk t % nmchunks and blocks [g * group, (g + 1) * group) for g = t / nmchunks.
 // Outputs at least this large are written with non-temporal stores (Epilogue::stream): more than
 // half the L3 of the machines here, so their reader finds them in DRAM either way.
 constexpr size_t kStreamBytes = size_t(16) << 20;
+// How a GEMM over m rows and nblocks 16-channel blocks is cut into parallel_for tasks: task t covers row
+// chunk t % nmchunks and blocks [g * group, (g + 1) * group) for g = t / nmchunks.
 struct WorkSplit {
     int64_t group, ngroups, mchunk, nmchunks;
     int64_t m0(int64_t t) const { return t % nmchunks * mchunk; }
