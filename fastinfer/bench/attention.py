@@ -11,7 +11,8 @@ wanted as [batch, tokens, heads, d] (what the output projection reads). The peer
                converted models call it (fastinfer.convert.attention: the op's CPU kernel without
                the dispatcher in eager calls)
 
-Both run in fp32 and in bf16. The limit quoted is a matmul's: torch's fp32 (or bf16) matmul of
+Both run in fp32 and in bf16, and fastinfer once more on fp32 tensors with its products in bf16
+(QuantConfig(attention="bf16"); SDPA in fp32 there). The limit quoted is a matmul's: torch's fp32 (or bf16) matmul of
 1024^3 measured in the same rounds, GFLOP/s; attention does 4 * b * h * lq * lk * d FLOPs (2 for
 q.k, 2 for p.v; causal: about half). Rounds interleave the peers; a round in which another process
 used the CPU is dropped (fastinfer.bench.guard). Each case is checked against float64 SDPA first.
@@ -87,15 +88,18 @@ def run(quick: bool = False, rounds: int | None = None, progress: bool = True,
     results = []
     n = 1024
     mm = {dt: (torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)) for dt in (torch.float32, torch.bfloat16)}
-    with progress_bar(2 * len(cases) * rounds, "fastinfer bench attention", "round", progress) as bar:
+    # fp32, bf16, and fp32 tensors with bf16 products (ops.attention's bf16=True; matmul limit: bf16's)
+    modes = ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True))
+    with progress_bar(len(modes) * len(cases) * rounds, "fastinfer bench attention", "round", progress) as bar:
         for c in cases:
-            for dtype in (torch.float32, torch.bfloat16):
-                bar.set_postfix_str(f"{c.label} {str(dtype)[6:]}")
-                results.append(_run_case(c, dtype, rounds, target_s, settle_s, mm[dtype], bar.update))
+            for dtype, bf16 in modes:
+                bar.set_postfix_str(f"{c.label} {str(dtype)[6:]}{' bf16 math' if bf16 else ''}")
+                limit = mm[torch.bfloat16 if bf16 else dtype]
+                results.append(_run_case(c, dtype, rounds, target_s, settle_s, limit, bar.update, bf16))
     return results
 
 
-def _run_case(c: Case, dtype, rounds, target_s, settle_s, mm, tick: Callable) -> dict:
+def _run_case(c: Case, dtype, rounds, target_s, settle_s, mm, tick: Callable, bf16: bool = False) -> dict:
     from fastinfer.ops.attention import attention_native
 
     q, k, v, mask = _inputs(c, dtype)
@@ -105,7 +109,7 @@ def _run_case(c: Case, dtype, rounds, target_s, settle_s, mm, tick: Callable) ->
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=c.causal).transpose(1, 2).contiguous()
 
     def ours():
-        return hf_attention._kernel(q, k, v, mask, scale, c.causal)
+        return hf_attention._kernel(q, k, v, mask, scale, c.causal, bf16)
 
     with torch.inference_mode():
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
@@ -117,7 +121,7 @@ def _run_case(c: Case, dtype, rounds, target_s, settle_s, mm, tick: Callable) ->
         guard = CpuGuard()
         samples = time_peers(peers, rounds, target_s, settle_s, tick=tick, guard=guard)
     verdict = guard.verdict(min_clean_rounds(rounds))
-    row = {"case": c.label, "dtype": str(dtype).replace("torch.", ""), "shape": f"{c.b}x{c.h}x{c.lq}x{c.lk}x{c.d}",
+    row = {"case": c.label, "dtype": str(dtype).replace("torch.", "") + (" (bf16 math)" if bf16 else ""), "shape": f"{c.b}x{c.h}x{c.lq}x{c.lk}x{c.d}",
            "err": err, "verdict": verdict, "native": attention_native()}  # fmt: skip
     if verdict is None and samples["fastinfer"]:
         t = {name: statistics.median(v) for name, v in samples.items()}
@@ -141,7 +145,8 @@ def format_markdown(rows: list[dict], meta: dict | None = None) -> str:
         "- shape = batch x heads x queries x keys x head size; q/k/v are strided views of one projection (or a "
         "cache), output [batch, tokens, heads, d] for both peers; speedup = median over interleaved rounds of "
         "t(SDPA) / t(fastinfer); GFLOP/s counts 4 b h lq lk d (causal: half); limit = torch's 1024^3 matmul "
-        "in the same dtype and rounds; max err = vs float64 SDPA.",
+        "in the same dtype and rounds (bf16 for the bf16-math rows); max err = vs float64 SDPA; \"float32 (bf16 "
+        "math)\": fp32 tensors, the kernel's products in bf16 (QuantConfig(attention='bf16')), SDPA in fp32.",
         "",
         "| case | dtype | shape | SDPA ms | fastinfer ms | speedup | SDPA GFLOP/s | ours GFLOP/s | % of matmul | "
         "max err SDPA / ours |",
