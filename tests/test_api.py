@@ -455,8 +455,8 @@ def test_large_output_mappings_serve_smaller_outputs_and_the_latest_releases():
         import gc, torch
         from fastinfer import ops
         g = torch.Generator().manual_seed(0)
-        a = torch.randint(-128, 128, (1024, 64), dtype=torch.int8, generator=g)
-        ws = {n: torch.randint(-128, 128, (n, 64), dtype=torch.int8, generator=g) for n in (2560, 4096, 8192)}
+        a = torch.randint(-128, 128, (1024, 4), dtype=torch.int8, generator=g)  # K = 4: cheap on the ref kernel too
+        ws = {n: torch.randint(-128, 128, (n, 4), dtype=torch.int8, generator=g) for n in (2560, 4096, 8192)}
         def out(n):
             c = ops.int8_matmul(a, ws[n])
             assert torch.equal(c, (a.long() @ ws[n].long().T).int())
@@ -472,10 +472,10 @@ def test_large_output_mappings_serve_smaller_outputs_and_the_latest_releases():
         del larger; gc.collect()
         # twenty more distinct sizes released: the cache keeps the latest
         for k in range(20):
-            t = ops.int8_matmul(a, torch.randint(-128, 128, (2048 + 512 * (k + 1), 64), dtype=torch.int8, generator=g))
+            t = ops.int8_matmul(a, torch.randint(-128, 128, (2048 + 512 * (k + 1), 4), dtype=torch.int8, generator=g))
             last = (t.data_ptr(), t.numel())
             del t; gc.collect()
-        w = torch.randint(-128, 128, (last[1] // 1024, 64), dtype=torch.int8, generator=g)
+        w = torch.randint(-128, 128, (last[1] // 1024, 4), dtype=torch.int8, generator=g)
         again = ops.int8_matmul(a, w)
         assert again.data_ptr() == last[0], "the latest released mapping was evicted"
         print("ok")
@@ -559,7 +559,7 @@ def test_outputs_past_the_streaming_size_are_the_same_bits():
     must be those of the same rows computed in small calls (cached stores), for the int8 convs (1x1
     and 3x3), the fp32 depthwise conv and the int8 linear."""
     torch.manual_seed(0)
-    convs = (nn.Conv2d(24, 96, 1), nn.Conv2d(24, 96, 3, padding=1), nn.Conv2d(96, 96, 3, padding=1, groups=96))
+    convs = (nn.Conv2d(4, 96, 1), nn.Conv2d(4, 96, 3, padding=1), nn.Conv2d(96, 96, 3, padding=1, groups=96))
     for conv in convs:
         q = fastinfer.quantize(nn.Sequential(conv.eval()), fastinfer.QuantConfig(progress=False))
         x = torch.randn(16, conv.in_channels, 56, 56).contiguous(memory_format=torch.channels_last)
@@ -568,8 +568,8 @@ def test_outputs_past_the_streaming_size_are_the_same_bits():
             per_sample = torch.cat([q(x[i : i + 1]) for i in range(16)])
         assert y.numel() * 4 >= 16 << 20
         assert torch.equal(y, per_sample), type(q[0]).__name__
-    lin = Int8Linear.from_linear(nn.Linear(64, 4096))
-    x = torch.randn(1100, 64)
+    lin = Int8Linear.from_linear(nn.Linear(8, 4096))
+    x = torch.randn(1100, 8)
     with torch.inference_mode():
         y = lin(x)
         chunks = torch.cat([lin(x[i : i + 100]) for i in range(0, 1100, 100)])
