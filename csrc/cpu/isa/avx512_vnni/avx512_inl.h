@@ -160,8 +160,13 @@ inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epil
         _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0, mk, to_bf16(y));
 }
 
-inline void store_block(__m512i acc, const PackedW& w, const Epilogue& ep, int64_t m, int64_t nb) {
-    store_cols(acc, w.n, w.colsum, ep, m, nb * kNBlock);
+// 16 fp32 values to o (the lanes in mk); stream (Epilogue::stream): a whole aligned 64-byte line
+// goes out with a non-temporal store.
+inline void store_f32(float* o, __mmask16 mk, __m512 y, bool stream) {
+    if (stream && mk == 0xffff && (reinterpret_cast<uintptr_t>(o) & 63) == 0)
+        _mm512_stream_ps(o, y);
+    else
+        _mm512_mask_storeu_ps(o, mk, y);
 }
 
 // store_cols for a whole register tile: acc[i * nr + j] is row m + i, channels [n0 + 16 j, + 16).
@@ -190,13 +195,8 @@ void store_tile_as(const __m512i* acc, int mr, int nr, int64_t n, const int32_t*
             } else {
                 __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(_mm512_set1_ps(ep.sa[m + i]), sw), b);
                 if constexpr (Act) y = act16(y, ep.act);
-                float* o = static_cast<float*>(ep.out) + (m + i) * ep.ldo + c;
-                if constexpr (Kind == DType::kF32) {
-                    if (ep.stream && mk == 0xffff && (reinterpret_cast<uintptr_t>(o) & 63) == 0)
-                        _mm512_stream_ps(o, y);
-                    else
-                        _mm512_mask_storeu_ps(o, mk, y);
-                }
+                if constexpr (Kind == DType::kF32)
+                    store_f32(static_cast<float*>(ep.out) + (m + i) * ep.ldo + c, mk, y, ep.stream);
                 else
                     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + (m + i) * ep.ldo + c, mk, to_bf16(y));
             }

@@ -88,11 +88,8 @@ void dwf_strip(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox0, int
             if (i >= nx) break;
             const int64_t m = (img * g.oh + oy) * g.ow + ox0 + i;
             const __m512 y = act16(_mm512_add_ps(acc[i][j], b), ep.act);
-            float* o = static_cast<float*>(ep.out) + m * ep.ldo + c;
-            if (ep.kind == DType::kF32 && ep.stream && mk[j] == 0xffff && (reinterpret_cast<uintptr_t>(o) & 63) == 0)
-                _mm512_stream_ps(o, y);
-            else if (ep.kind == DType::kF32)
-                _mm512_mask_storeu_ps(o, mk[j], y);
+            if (ep.kind == DType::kF32)
+                store_f32(static_cast<float*>(ep.out) + m * ep.ldo + c, mk[j], y, ep.stream);
             else
                 _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + c, mk[j], to_bf16(y));
         }
