@@ -65,8 +65,10 @@ inline void pack_value_pairs(const AttentionArgs& a, int64_t vb, int64_t lk, uin
     }
 }
 
-template <int R, int NV>
-inline void score_tile(const uint32_t* q2, int64_t dp2, const uint32_t* kt2, int64_t lkp, int64_t d2, int64_t j0, float* s) {
+// s[r][j0, j0 + 16 NV) = finished scores (attention_inl.h) of query pair rows q2[r] and K^T pairs.
+template <int R, int NV, int Kind>
+inline void score_tile(const uint32_t* q2, int64_t dp2, const uint32_t* kt2, int64_t lkp, int64_t d2, int64_t j0, float* s,
+                       const AttentionArgs& a, ScoreRow* rows) {
     __m512 acc[R][NV];
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -79,8 +81,7 @@ inline void score_tile(const uint32_t* q2, int64_t dp2, const uint32_t* kt2, int
             for (int v = 0; v < NV; ++v) acc[r][v] = dot2(acc[r][v], qb, kv[v]);
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) _mm512_store_ps(s + r * lkp + j0 + 16 * v, acc[r][v]);
+    finish_tile<R, NV, Kind>(acc, a, rows, j0, s, lkp);
 }
 
 // out[r][c0 ...] = inv[r] * sum over key pairs j' < jn2 of p2[r][j'] . v2[j'][c0 ...]; p2 rows are
@@ -103,17 +104,6 @@ inline void value_tile(const uint32_t* p2, int64_t lkp, const uint32_t* v2, int6
     for (int r = 0; r < R; ++r) store_out<NV>(acc[r], inv[r], a, obase + (i0 + r) * a.o_sl, c0);
 }
 
-// Rewrites probabilities p[0, jn) (fp32, zero past each row's own keys) as bf16 in the same memory,
-// rounded to nearest even, with p[jn] = 0 when jn is odd (the pair of the last key).
-inline void to_bf16_pairs(float* p, int64_t jn) {
-    if (jn % 2) p[jn] = 0.f;  // jn odd: jn < round_up(jn, 16) <= the row's length
-    uint16_t* out = reinterpret_cast<uint16_t*>(p);
-    for (int64_t j = 0; j < jn + jn % 2; j += 16) {  // reads floats [j, j + 16) before writing bytes [2j, 2j + 32)
-        const __m256bh h = _mm512_cvtneps_pbh(_mm512_load_ps(p + j));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)h);
-    }
-}
-
 }  // namespace
 
 void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float* scratch) {
@@ -129,6 +119,7 @@ void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float
     float* s = scratch + l.s;
     const int64_t lk = a.causal ? std::min(a.lk, q1) : a.lk;
     const int64_t kb = b * a.k_sb + hk * a.k_sh, vb = b * a.v_sb + hk * a.v_sh;
+    for (int64_t i = q0; i < std::min(q1, q0 + 4); ++i) prefetch_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + i * a.q_sl, a.d);
     pack_key_pairs(a, kb, lk, d2, kt2, lkp);
     pack_value_pairs(a, vb, lk, v2, l.dvp);
 
@@ -139,15 +130,27 @@ void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t c0 = 0; c0 < dp2; c0 += 16)
                 _mm512_store_si512(q2 + r * dp2 + c0, load_pairs(a.q, a.dt, b * a.q_sb + h * a.q_sh + (i0 + r) * a.q_sl, a.d, c0));
+        for (int64_t i = i0 + 4; i < std::min(q1, i0 + 8); ++i)  // the next tile's rows
+            prefetch_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + i * a.q_sl, a.d);
         upto4(rows, [&](auto R) {
-            for (int64_t j0 = 0; j0 < jn; j0 += 64)
-                upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
-                      [&](auto NV) { score_tile<R, NV>(q2, dp2, kt2, lkp, d2, j0, s); });
+            ScoreRow sr[R];
+            for (int64_t r = 0; r < R; ++r)
+                sr[r] = score_row(b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, a.causal ? std::min(a.lk, i0 + r + 1) : a.lk);
+            with_mask_kind(a.mask_kind, [&](auto K) {
+                for (int64_t j0 = 0; j0 < jn; j0 += 64)
+                    upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
+                          [&](auto NV) { score_tile<R, NV, K>(q2, dp2, kt2, lkp, d2, j0, s, a, sr); });
+            });
             float inv[4];
             for (int64_t r = 0; r < R; ++r) {
-                const int64_t n = a.causal ? std::min(a.lk, i0 + r + 1) : a.lk;
-                softmax_row(s + r * lkp, n, jn, a, b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, &inv[r]);
-                to_bf16_pairs(s + r * lkp, jn);
+                // the numerators rounded to bf16 over the row's own floats: keys [j, j + 16) go to
+                // bytes [2j, 2j + 32), below the floats still to be read; keys past jn are zero, so
+                // an odd jn's last pair is (p, 0)
+                float* sp = s + r * lkp;
+                uint16_t* p16 = reinterpret_cast<uint16_t*>(sp);
+                inv[r] = softmax_exp<true>(sp, round_up(jn, 16), sr[r], [&](int64_t j, __m512 e) {
+                    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p16 + j), (__m256i)_mm512_cvtneps_pbh(e));
+                });
             }
             const uint32_t* p2 = reinterpret_cast<const uint32_t*>(s);
             for (int64_t c0 = 0; c0 < a.dv; c0 += 64)

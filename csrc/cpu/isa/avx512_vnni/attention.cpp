@@ -1,6 +1,7 @@
 // AVX-512 attention in fp32 FMA (AVX-512 F/BW/VL only). One task = query rows [q0, q1) of one head:
 // the head's K^T and V are widened to fp32 into scratch once, then 4 query rows at a time:
-// scores in register tiles of 4 rows x 64 keys, a whole-row softmax (scale, mask, max, exp, sum),
+// scores in register tiles of 4 rows x 64 keys (scaled, masked and their row maxima taken as they
+// leave the registers), a one-pass softmax over each row (exp, sum),
 // and P.V in tiles of 4 rows x 64 value columns, divided by the sum on the way out.
 #include "cpu/isa/avx512_vnni/attention_inl.h"
 #include "cpu/isa/avx512_vnni/kernels.h"
@@ -38,13 +39,18 @@ void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float
         for (int64_t i = i0 + 4; i < std::min(q1, i0 + 8); ++i)  // the next tile's rows
             prefetch_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + i * a.q_sl, a.d);
         upto4(rows, [&](auto R) {
-            for (int64_t j0 = 0; j0 < jn; j0 += 64)
-                upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
-                      [&](auto NV) { score_tile<R, NV>(qs, l.dp, kt, lkp, a.d, j0, s); });
+            ScoreRow sr[R];
+            for (int64_t r = 0; r < R; ++r)
+                sr[r] = score_row(b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, a.causal ? std::min(a.lk, i0 + r + 1) : a.lk);
+            with_mask_kind(a.mask_kind, [&](auto K) {
+                for (int64_t j0 = 0; j0 < jn; j0 += 64)
+                    upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
+                          [&](auto NV) { score_tile<R, NV, K>(qs, l.dp, kt, lkp, a.d, j0, s, a, sr); });
+            });
             float inv[4];
             for (int64_t r = 0; r < R; ++r) {
-                const int64_t n = a.causal ? std::min(a.lk, i0 + r + 1) : a.lk;
-                softmax_row(s + r * lkp, n, jn, a, b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, &inv[r]);
+                float* sp = s + r * lkp;
+                inv[r] = softmax_exp(sp, round_up(jn, 16), sr[r], [&](int64_t j, __m512 e) { _mm512_store_ps(sp + j, e); });
             }
             for (int64_t c0 = 0; c0 < a.dv; c0 += 64)
                 upto4((std::min<int64_t>(64, a.dv - c0) + 15) / 16,

@@ -96,9 +96,124 @@ inline void store_out(const __m512* acc, float inv, const AttentionArgs& a, int6
     }
 }
 
-// s[r][j0, j0 + 16 NV) = q[r] . K^T[:, j0 ...] for R rows (q rows of dp floats, K^T rows of lkp).
-template <int R, int NV>
-inline void score_tile(const float* q, int64_t dp, const float* kt, int64_t lkp, int64_t d, int64_t j0, float* s) {
+// A query row's state across its score tiles: where its mask row starts, how many keys it has
+// (causal rows fewer), the running max of its scores and the lanes that held NaN.
+struct ScoreRow {
+    int64_t mrow, n;
+    __m512 mx;
+    __mmask16 bad;
+};
+
+inline ScoreRow score_row(int64_t mrow, int64_t n) { return {mrow, n, _mm512_set1_ps(-__builtin_inff()), 0}; }
+
+// acc = q . k for keys [j, j + 16) of row r -> times the scale, plus the mask (of kind Kind), -inf
+// past the row's keys; stored at s and folded into the row's max (one pass over the scores fewer
+// than scaling them after the tile). NaN or +inf under a bool mask stays in the row (torch: a NaN
+// row). The mask kind is a template argument so that a tile's epilogue unrolls with its
+// accumulators in registers.
+template <int Kind>
+__attribute__((always_inline)) inline void finish_scores(__m512 acc, const AttentionArgs& a, ScoreRow& r, int64_t j,
+                                                         float* s) {
+    const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+    const __mmask16 mk = lanes(r.n - j);
+    __m512 x = _mm512_mul_ps(acc, _mm512_set1_ps(a.scale));
+    if constexpr (Kind == kMaskBool) {
+        const __m128i m8 = _mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(a.mask) + r.mrow + j);
+        x = _mm512_mask_add_ps(x, _mm_cmpeq_epi8_mask(m8, _mm_setzero_si128()), x, ninf);
+    } else if constexpr (Kind == kMaskF32) {
+        x = _mm512_add_ps(x, load_x16(a.mask, DType::kF32, r.mrow + j, mk));
+    } else if constexpr (Kind == kMaskBF16) {
+        x = _mm512_add_ps(x, load_x16(a.mask, DType::kBF16, r.mrow + j, mk));
+    }
+    x = _mm512_mask_blend_ps(mk, ninf, x);
+    _mm512_store_ps(s, x);
+    r.mx = _mm512_max_ps(r.mx, x);
+    r.bad |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+}
+
+// Calls f(std::integral_constant<int, kind>) for an AttentionArgs::mask_kind.
+template <class F>
+inline void with_mask_kind(int kind, F&& f) {
+    switch (kind) {
+        case kMaskBool: f(std::integral_constant<int, kMaskBool>{}); break;
+        case kMaskF32: f(std::integral_constant<int, kMaskF32>{}); break;
+        case kMaskBF16: f(std::integral_constant<int, kMaskBF16>{}); break;
+        default: f(std::integral_constant<int, kMaskNone>{}); break;
+    }
+}
+
+// finish_scores for an R x NV register tile of keys [j0, j0 + 16 NV); row r's scores at s + r * lkp.
+template <int R, int NV, int Kind>
+__attribute__((always_inline)) inline void finish_tile(const __m512 (&acc)[R][NV], const AttentionArgs& a, ScoreRow* rows,
+                                                       int64_t j0, float* s, int64_t lkp) {
+    // unrolled whole, or acc would be indexed and so kept in memory (slower than the epilogue itself)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) finish_scores<Kind>(acc[r][v], a, rows[r], j0 + 16 * v, s + r * lkp + j0 + 16 * v);
+}
+
+// exp(x) for x <= 0 or -inf (a score less its row's max): exp16's range reduction and polynomial,
+// 2^n applied by vscalefps (one instruction for exp16's four). Below kExpLo (masked keys, -inf)
+// the result is exactly 0 (exp16 clamps there): an underflowing scalef would give the subnormal
+// exp, but a subnormal result costs this CPU more than the whole rest of the exp.
+inline __m512 exp16_nonpos(__m512 x) {
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_CUR_DIRECTION);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpP0), r, _mm512_set1_ps(kExpP1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(normal, y, n);
+}
+
+// exp16_nonpos to bf16's precision, for numerators that are rounded to bf16 (the vdpbf16ps
+// kernel): ln 2 in one part and a degree-3 polynomial (relative error 1.0e-4, a fortieth of bf16's
+// rounding), 9 instructions instead of 16.
+inline __m512 exp16_nonpos_bf16(__m512 x) {
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_CUR_DIRECTION);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693147182f), x);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.165178701f), r, _mm512_set1_ps(0.504129171f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.00019586f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(normal, p, n);
+}
+
+// The softmax numerators of a row whose finished scores are s[0, jp) (jp a multiple of 16, -inf
+// past its keys): store(j, e) gets exp(s - max) for keys [j, j + 16), in one pass (Bf16: the exp
+// to bf16's precision); returns 1 / sum.
+// A row with NaN or +inf: zeros stored, NaN returned (a NaN output row); every key masked: zeros
+// and 0 (a zero row).
+template <bool Bf16 = false, class Store>
+inline float softmax_exp(const float* s, int64_t jp, const ScoreRow& r, Store&& store) {
+    const float mx = _mm512_reduce_max_ps(r.mx);
+    if (r.bad || mx == __builtin_inff() || mx == -__builtin_inff()) {
+        for (int64_t j = 0; j < jp; j += 16) store(j, _mm512_setzero_ps());
+        return r.bad || mx == __builtin_inff() ? __builtin_nanf("") : 0.f;
+    }
+    const __m512 vm = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < jp; j += 16) {
+        const __m512 x = _mm512_sub_ps(_mm512_load_ps(s + j), vm);
+        const __m512 e = Bf16 ? exp16_nonpos_bf16(x) : exp16_nonpos(x);
+        store(j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// s[r][j0, j0 + 16 NV) = finished scores q[r] . K^T[:, j0 ...] for R rows (q rows of dp floats, K^T
+// rows of lkp).
+template <int R, int NV, int Kind>
+inline void score_tile(const float* q, int64_t dp, const float* kt, int64_t lkp, int64_t d, int64_t j0, float* s,
+                       const AttentionArgs& a, ScoreRow* rows) {
     __m512 acc[R][NV];
     for (int r = 0; r < R; ++r)
         for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
@@ -111,8 +226,7 @@ inline void score_tile(const float* q, int64_t dp, const float* kt, int64_t lkp,
             for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(qb, kv[v], acc[r][v]);
         }
     }
-    for (int r = 0; r < R; ++r)
-        for (int v = 0; v < NV; ++v) _mm512_store_ps(s + r * lkp + j0 + 16 * v, acc[r][v]);
+    finish_tile<R, NV, Kind>(acc, a, rows, j0, s, lkp);
 }
 
 // out[r][c0, c0 + 16 NV) = inv[r] * sum_{j < jn} p[r][j] v[j][c0 ...] (only columns < dv stored).
@@ -134,47 +248,15 @@ inline void value_tile(const float* p, int64_t lkp, const float* vp, int64_t dvp
     for (int r = 0; r < R; ++r) store_out<NV>(acc[r], inv[r], a, obase + (i0 + r) * a.o_sl, c0);
 }
 
-// Scores [0, n) of one row -> probabilities times the sum (returned as 1 / sum in *inv), zeros in
-// [n, jn) (the keys a longer row of the tile reads). NaN or +Inf scores: NaN row; all masked: zeros.
-inline void softmax_row(float* s, int64_t n, int64_t jn, const AttentionArgs& a, int64_t mrow, float* inv) {
-    const __m512 scale = _mm512_set1_ps(a.scale), ninf = _mm512_set1_ps(-__builtin_inff());
-    __m512 vmx = ninf;
-    __mmask16 bad = 0;
-    for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 mk = lanes(n - j);
-        __m512 x = _mm512_mul_ps(_mm512_load_ps(s + j), scale);
-        switch (a.mask_kind) {
-            case kMaskBool: {
-                const __m128i m8 = _mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(a.mask) + mrow + j);
-                // -inf added, not stored: a NaN or +inf score under the mask still makes the row NaN (torch)
-                x = _mm512_mask_add_ps(x, _mm_cmpeq_epi8_mask(m8, _mm_setzero_si128()), x, ninf);
-                break;
-            }
-            case kMaskF32: x = _mm512_add_ps(x, load_x16(a.mask, DType::kF32, mrow + j, mk)); break;
-            case kMaskBF16: x = _mm512_add_ps(x, load_x16(a.mask, DType::kBF16, mrow + j, mk)); break;
-            default: break;
-        }
-        _mm512_store_ps(s + j, x);
-        vmx = _mm512_mask_max_ps(vmx, mk, vmx, x);
-        bad |= _mm512_mask_cmp_ps_mask(mk, x, x, _CMP_UNORD_Q);
-    }
-    const float mx = _mm512_reduce_max_ps(vmx);
-    if (bad || mx == __builtin_inff() || mx == -__builtin_inff()) {
-        *inv = bad || mx == __builtin_inff() ? __builtin_nanf("") : 0.f;
-        for (int64_t j = 0; j < jn; j += 16) _mm512_store_ps(s + j, _mm512_setzero_ps());
-        return;
-    }
-    const __m512 vm = _mm512_set1_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j += 16) {
-        const __m512 x = _mm512_load_ps(s + j);
-        const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes(n - j), x, ninf, _CMP_NEQ_OQ);
-        const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(x, vm)));
-        _mm512_store_ps(s + j, e);
-        sum = _mm512_add_ps(sum, e);
-    }
-    for (int64_t j = round_up(n, 16); j < jn; j += 16) _mm512_store_ps(s + j, _mm512_setzero_ps());
-    *inv = 1.f / _mm512_reduce_add_ps(sum);
+// Raw scores s[0, n) of one row (anything past n) -> softmax numerators in s[0, round_up(n, 16)),
+// zeros past n; returns 1 / sum (NaN for a NaN row, 0 when every key is masked): softmax_exp.
+inline float softmax_row(float* s, int64_t n, const AttentionArgs& a, int64_t mrow) {
+    ScoreRow r = score_row(mrow, n);
+    const int64_t np = round_up(n, 16);
+    with_mask_kind(a.mask_kind, [&](auto K) {
+        for (int64_t j = 0; j < np; j += 16) finish_scores<K>(_mm512_load_ps(s + j), a, r, j, s + j);
+    });
+    return softmax_exp(s, np, r, [&](int64_t j, __m512 e) { _mm512_store_ps(s + j, e); });
 }
 
 // Few query rows (decoding: one new token over a cache): packing K^T and V would cost more than
@@ -204,8 +286,7 @@ inline void attention_direct(const AttentionArgs& a, int64_t b, int64_t h, int64
             for (int64_t c0 = 0; c0 < a.d; c0 += 16) acc = _mm512_fmadd_ps(_mm512_load_ps(qs + c0), key(j, c0), acc);
             s[j] = _mm512_reduce_add_ps(acc);
         }
-        float inv;
-        softmax_row(s, n, n, a, b * a.m_sb + h * a.m_sh + i * a.m_sl, &inv);
+        const float inv = softmax_row(s, n, a, b * a.m_sb + h * a.m_sh + i * a.m_sl);
         const int64_t o = b * a.o_sb + h * a.o_sh + i * a.o_sl;
         for (int64_t c0 = 0; c0 < a.dv; c0 += 64) {
             upto4((std::min<int64_t>(64, a.dv - c0) + 15) / 16, [&](auto NV) {
