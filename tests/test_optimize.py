@@ -251,3 +251,77 @@ def test_refuses_a_converted_model():
     q = fastinfer.quantize(_mlp())
     with pytest.raises(ValueError, match="takes the float model"):
         fastinfer.optimize(q, torch.randn(2, 64))
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)  # fmt: skip
+    batch = {"input_ids": torch.randint(0, 100, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    return transformers.BertModel(cfg).eval(), batch
+
+
+def _pin_attention(monkeypatch, ms: dict, sqnr: dict | None = None):
+    monkeypatch.setattr(planner, "_time_attention", lambda root, impls, ex, rounds: {k: ms[k] for k in impls})
+    if sqnr is not None:
+        monkeypatch.setattr(planner, "_attention_sqnr", lambda root, impls, ref, data: {k: sqnr[k] for k in impls})
+
+
+FP32, BF16, SDPA = "fastinfer kernel", "fastinfer kernel, bf16 arithmetic", "torch SDPA"
+
+
+def test_attention_choice_rule():
+    """The fastest qualifying implementation; bf16 arithmetic only within the SQNR allowance; an
+    fp32 one within 2% of the fastest is preferred (ours first)."""
+    ms = {FP32: 10.0, SDPA: 12.0, BF16: 8.0}
+    assert planner._choose_attention(ms, {FP32: 40.0, BF16: 39.5}, 1.0)[0] == BF16
+    chosen, note = planner._choose_attention(ms, {FP32: 40.0, BF16: 38.0}, 1.0)
+    assert chosen == FP32 and "bf16 arithmetic left out" in note and "38.0 dB" in note
+    assert planner._choose_attention(ms, {FP32: 40.0, BF16: 39.5}, None)[0] == FP32  # no allowance: no bf16
+    assert planner._choose_attention(ms, {FP32: 40.0, BF16: float("nan")}, 1.0)[0] == FP32
+    assert planner._choose_attention({FP32: 10.0, SDPA: 8.0}, None, None)[0] == SDPA
+    assert planner._choose_attention({FP32: 8.1, SDPA: 8.0}, None, None)[0] == FP32  # tie: ours
+    assert planner._choose_attention({FP32: 8.1, SDPA: 8.0, BF16: 7.99}, {FP32: 40.0, BF16: 40.0}, 1.0)[0] == FP32
+
+
+def test_transformers_attention_is_planned(monkeypatch):
+    model, batch = _tiny_bert()
+    pin_planner_times(monkeypatch, {}, default=5.0)
+    bf16_kernel = fastinfer._C.attention_kernel() == "avx512_bf16"
+    _pin_attention(monkeypatch, {FP32: 3.0, SDPA: 2.0, BF16: 1.0}, {FP32: 40.0, BF16: 39.9})
+    fast, plan = fastinfer.optimize(model, batch)
+    att = plan.attention
+    assert att is not None and set(att.ms) == ({FP32, SDPA, BF16} if bf16_kernel else {FP32, SDPA})
+    want = (BF16, "fastinfer_bf16") if bf16_kernel else (SDPA, "sdpa")
+    assert (att.chosen, att.implementation) == want and fast.config._attn_implementation == want[1]
+    assert f"attention: {want[0]}" in plan.summary() and fastinfer.report(fast).attention == att
+    assert "chosen by optimize" in fastinfer.conversion_report(fast).attention
+    with torch.inference_mode():  # the model runs what was chosen
+        got = fast(**batch).last_hidden_state
+        fast.set_attn_implementation("fastinfer")
+        assert fastinfer.report(fast).attention is None  # switched since: the plan no longer says what runs
+        if bf16_kernel:
+            assert not torch.equal(fast(**batch).last_hidden_state, got)
+    model, batch = _tiny_bert()
+    _pin_attention(monkeypatch, {FP32: 3.0, SDPA: 2.0, BF16: 1.0}, {FP32: 40.0, BF16: 30.0})  # bf16 loses 10 dB
+    fast, plan = fastinfer.optimize(model, batch)
+    assert plan.attention.chosen == SDPA and fast.config._attn_implementation == "sdpa"
+    assert ("bf16 arithmetic left out" in plan.attention.note) == bf16_kernel
+    fast, plan = fastinfer.optimize(model, batch, max_model_sqnr_drop_db=None)  # no allowance: no bf16 candidate
+    assert BF16 not in plan.attention.ms and plan.attention.sqnr_db is None
+    fast, plan = fastinfer.optimize(model, batch, config=fastinfer.QuantConfig(attention=False))
+    assert plan.attention is None and fast.config._attn_implementation == "sdpa"
+    fast, plan = fastinfer.optimize(model, batch, config=fastinfer.QuantConfig(attention="bf16"))
+    assert plan.attention is None and fast.config._attn_implementation == "fastinfer_bf16"  # asked for: kept
+
+
+def test_transformers_attention_real_timing():
+    model, batch = _tiny_bert()
+    fast, plan = fastinfer.optimize(model, batch, rounds=1)
+    att = plan.attention
+    assert att is not None and all(v > 0 for v in att.ms.values()) and fast.config._attn_implementation == att.implementation
+    if att.sqnr_db is not None:
+        assert att.sqnr_db[FP32] > 25 and att.sqnr_db[BF16] > 25
+    with torch.inference_mode():
+        assert sqnr(model(**batch).last_hidden_state, fast(**batch).last_hidden_state) > 25

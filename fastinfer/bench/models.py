@@ -20,7 +20,8 @@ installed), then every peer of it in one process:
                        (generate: the prompt)
   fastinfer optimize   fastinfer.optimize(model, the case's inputs): per layer the fastest of float,
                        int8 dynamic and weight-only within 25 dB (generate: timed at one new token
-                       per sequence, the decode step's rows)
+                       per sequence, the decode step's rows), then the attention: fastinfer's
+                       kernel, its bf16 arithmetic or torch's SDPA, timed whole
   onnxruntime int8     exported to ONNX, quantize_dynamic(per_channel=True)   (if installed)
   openvino int8        ov.convert_model + nncf.quantize (static, calibrated)  (if installed)
 
@@ -632,7 +633,8 @@ def _optimized(model: nn.Module, case: Case, image: torch.Tensor | None = None) 
     kinds: dict[str, int] = {}
     for r in plan:
         kinds[r.kernel] = kinds.get(r.kernel, 0) + 1
-    return planned, "fastinfer.optimize(model, example): " + ", ".join(f"{n} {k}" for k, n in kinds.items())
+    attention = f"; attention: {plan.attention.chosen}" if plan.attention is not None else ""
+    return planned, "fastinfer.optimize(model, example): " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + attention
 
 
 # ---------------------------------------------------------------------------------------- measure

@@ -9,7 +9,8 @@ format its zeros allow, fp32 depthwise -- times each at the input shape the laye
 from `example_inputs` on this machine (interleaved rounds, median), measures each one's output
 SQNR against float on `calibration_data` (or the example inputs), and keeps the fastest that meets
 `min_sqnr_db`. Timings are cached per (candidate, shapes, ISA, threads), so layers of the same
-shape (the 12 blocks of a BERT) are timed once.
+shape (the 12 blocks of a BERT) are timed once. A transformers model's attention is then chosen
+the same way, whole: fastinfer's kernel, its bf16 arithmetic or torch's SDPA.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from fastinfer.nn import (
     linear_weight_and_bias,
 )
 from fastinfer.ops.conv import is_depthwise
-from fastinfer.plan.report import LayerPlan, PlanReport, attach_plan, describe
+from fastinfer.plan.report import AttentionPlan, LayerPlan, PlanReport, attach_plan, describe
 from fastinfer.plan.rules import choose_format
 
 __all__ = ["optimize"]
@@ -143,7 +144,13 @@ def optimize(
     refused: its layers would be taken for their own float reference).
 
     Layers planned: linear layers (nn.Linear, transformers Conv1D), Conv2d and Conv1d.
-    nn.MultiheadAttention and the transformers attention switch follow quantize() unmeasured.
+    nn.MultiheadAttention follows quantize() unmeasured. A transformers model's attention (with
+    config.attention=True, the default) is planned whole after the layers: the model is timed on
+    the example with fastinfer's kernel, with torch's SDPA, and (with quantize=True and
+    max_model_sqnr_drop_db set, on an fp32 model where the CPU has AVX512_BF16) with the kernel's bf16
+    arithmetic, which qualifies only if the model's output SQNR vs float stays within
+    max_model_sqnr_drop_db of the fp32 kernel's. The fastest qualifying one is set (within 2%, an
+    fp32 one); report.attention says what was measured.
     fastinfer.report(model) prints the plan: kernel per layer, SQNR, us per call vs float.
     """
     if not isinstance(model, nn.Module):
@@ -257,7 +264,14 @@ def optimize(
         root.__dict__["_fastinfer_report"] = qm.__dict__["_fastinfer_report"]
     used = choices if not reverted else {
         n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
-    plan = PlanReport(_rows(root, layers, used), measured=True, model_ms=model_ms, model_sqnr_db=model_sqnr)
+    attention = None
+    if config.attention is True and (time_budget_s is None or time.monotonic() - start <= time_budget_s):
+        bf16_ok = quantize and max_model_sqnr_drop_db is not None
+        attention = _plan_attention(root, reference, example_inputs,
+                                    calibration_data if calibration_data is not None else [example_inputs], rounds,
+                                    float(max_model_sqnr_drop_db) if bf16_ok else None)  # fmt: skip
+    plan = PlanReport(_rows(root, layers, used), measured=True, model_ms=model_ms, model_sqnr_db=model_sqnr,
+                      attention=attention)  # fmt: skip
     attach_plan(root, plan)
     from fastinfer.plan.report import report
 
@@ -666,6 +680,94 @@ def _model_check(root: nn.Module, variants: dict[str, list], example_inputs, rou
                     samples[name].append((time.perf_counter() - t0) * 1e3)
                 root = _apply(model, variants[name], False)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# ------------------------------------------------------------------------------------ attention
+
+_ATTN_FP32, _ATTN_BF16, _ATTN_SDPA = "fastinfer kernel", "fastinfer kernel, bf16 arithmetic", "torch SDPA"
+
+
+def _plan_attention(root: nn.Module, reference: nn.Module, example_inputs, data, rounds: int,
+                    max_drop: float | None) -> AttentionPlan | None:  # fmt: skip
+    """The attention of a transformers model that quantize() switched to fastinfer's kernel, timed
+    whole on the example with each candidate: the kernel, the kernel with bf16 arithmetic (when
+    max_drop is given, the model is fp32 and the CPU runs the vdpbf16ps kernel; kept only if the
+    model's output SQNR vs float is at most max_drop dB below the fp32 kernel's) and torch's SDPA.
+    Sets the fastest (within _MODEL_TIE the exact one) on root; None when there is nothing to plan."""
+    from fastinfer.convert.attention import HF_NAME, HF_NAME_BF16, is_hf_model
+
+    if not is_hf_model(root) or root.config._attn_implementation != HF_NAME:
+        return None
+    impls = {_ATTN_FP32: HF_NAME, _ATTN_SDPA: "sdpa"}
+    dtypes = {p.dtype for p in root.parameters() if p.is_floating_point()}
+    if max_drop is not None and dtypes == {torch.float32} and _runtime._C.attention_kernel() == "avx512_bf16":
+        impls[_ATTN_BF16] = HF_NAME_BF16
+    try:
+        ms = _time_attention(root, impls, example_inputs, rounds)
+        sqnr = _attention_sqnr(root, {k: impls[k] for k in (_ATTN_FP32, _ATTN_BF16)}, reference, data) if _ATTN_BF16 in impls else None
+    finally:
+        root.set_attn_implementation(HF_NAME)
+    chosen, note = _choose_attention(ms, sqnr, max_drop)
+    root.set_attn_implementation(impls[chosen])
+    if root.config._attn_implementation != impls[chosen]:  # pragma: no cover - transformers refused it
+        root.set_attn_implementation(HF_NAME)
+        chosen, note = _ATTN_FP32, f"transformers refused attn_implementation={impls[chosen]!r}"
+    rep = root.__dict__.get("_fastinfer_report")
+    if rep is not None:
+        rep.attention = f"{chosen} (chosen by optimize)" if chosen != _ATTN_SDPA else "torch SDPA (chosen by optimize)"
+    return AttentionPlan(chosen, impls[chosen], ms, sqnr, note)
+
+
+def _time_attention(root: nn.Module, impls: dict[str, str], example_inputs, rounds: int) -> dict[str, float]:
+    """ms per forward of example_inputs with each attn_implementation, rounds interleaved in a
+    rotating order (round 0 warms every one); the last one stays set."""
+    samples: dict[str, list[float]] = {k: [] for k in impls}
+    order = list(impls)
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for label in order[r % len(order):] + order[: r % len(order)]:
+                root.set_attn_implementation(impls[label])
+                run_batch(root, example_inputs)  # untimed
+                t0 = time.perf_counter()
+                run_batch(root, example_inputs)
+                if r:
+                    samples[label].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _attention_sqnr(root: nn.Module, impls: dict[str, str], reference: nn.Module, data) -> dict[str, float]:
+    """The model's output SQNR (dB) vs the float reference over data, per attn_implementation."""
+    out = {}
+    with torch.inference_mode():
+        refs = [[t.double() for t in _output_tensors(run_batch(reference, b))] for b in batches_of(data)]
+        for label, impl in impls.items():
+            root.set_attn_implementation(impl)
+            signal = noise = 0.0
+            for ref, batch in zip(refs, batches_of(data)):
+                for r, g in zip(ref, _output_tensors(run_batch(root, batch))):
+                    if r.shape == g.shape:
+                        signal += float(r.square().sum())
+                        noise += float((g.double() - r).square().sum())
+            out[label] = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 and math.isfinite(noise) else -math.inf)
+    return out
+
+
+def _choose_attention(ms: dict[str, float], sqnr: dict[str, float] | None, max_drop: float | None) -> tuple[str, str]:
+    """(label, note): the fastest candidate whose accuracy qualifies; one within _MODEL_TIE of it
+    that computes in fp32 (the fastinfer kernel first, then SDPA) is preferred to bf16 arithmetic."""
+    notes = []
+    ok = dict(ms)
+    if _ATTN_BF16 in ok and (sqnr is None or max_drop is None or not sqnr[_ATTN_BF16] >= sqnr[_ATTN_FP32] - max_drop):
+        del ok[_ATTN_BF16]
+        if sqnr is not None:
+            notes.append(f"bf16 arithmetic left out: model output SQNR {sqnr[_ATTN_BF16]:.1f} dB against "
+                         f"{sqnr[_ATTN_FP32]:.1f} dB")  # fmt: skip
+    fastest = min(ok, key=ok.get)
+    exact = [k for k in (_ATTN_FP32, _ATTN_SDPA) if k in ok and ok[k] <= ok[fastest] * (1 + _MODEL_TIE)]
+    chosen = exact[0] if exact else fastest
+    if sqnr is not None and chosen == _ATTN_BF16:
+        notes.append(f"model output SQNR {sqnr[_ATTN_BF16]:.1f} dB against {sqnr[_ATTN_FP32]:.1f} dB in fp32")
+    return chosen, "; ".join(notes)
 
 
 def _rows(root: nn.Module, layers: list[_Layer], choices: dict) -> list[LayerPlan]:

@@ -27,7 +27,7 @@ from fastinfer.nn import (
     linear_weight_and_bias,
 )
 
-__all__ = ["LayerPlan", "PlanReport", "report"]
+__all__ = ["AttentionPlan", "LayerPlan", "PlanReport", "report"]
 
 
 @dataclass
@@ -57,6 +57,25 @@ class LayerPlan:
         return None
 
 
+@dataclass
+class AttentionPlan:
+    """What optimize() chose for a transformers model's attention: `chosen` (a label below) is the
+    attn_implementation `implementation`; ms = the whole model's time per forward on the example
+    with each candidate (labels "fastinfer kernel", "fastinfer kernel, bf16 arithmetic", "torch
+    SDPA"); sqnr_db = the model's output SQNR vs float with the fastinfer kernel and with bf16
+    arithmetic (None when bf16 arithmetic was not a candidate)."""
+
+    chosen: str
+    implementation: str
+    ms: dict[str, float]
+    sqnr_db: dict[str, float] | None = None
+    note: str = ""
+
+    def summary(self) -> str:
+        times = ", ".join(f"{k} {v:.3g} ms" for k, v in self.ms.items())
+        return f"attention: {self.chosen} ({times}{'; ' + self.note if self.note else ''})"
+
+
 _COLUMNS = ("layer", "module", "kernel", "shape", "input", "sparsity", "weight KiB", "SQNR dB", "us", "float us",
             "vs float", "note")  # fmt: skip
 
@@ -75,9 +94,11 @@ class PlanReport(list):
     and `threads` are the machine state they were measured (or reported) under."""
 
     def __init__(self, rows=(), measured: bool = False, isa: str | None = None, threads: int | None = None,
-                 model_ms: dict[str, float] | None = None, model_sqnr_db: dict[str, float] | None = None) -> None:  # fmt: skip
+                 model_ms: dict[str, float] | None = None, model_sqnr_db: dict[str, float] | None = None,
+                 attention: AttentionPlan | None = None) -> None:  # fmt: skip
         super().__init__(rows)
         self.measured = measured
+        self.attention = attention  # optimize's choice of a transformers model's attention, or None
         self.model_ms = model_ms  # optimize's whole-model check: ms per forward, "quantize" and "optimize"
         # optimize's whole-model accuracy check: output SQNR vs float, "quantize" and "optimize" (as
         # first planned, before any layer went back)
@@ -113,6 +134,8 @@ class PlanReport(list):
         if self.model_sqnr_db:
             line += (f"; model output SQNR vs float: {self.model_sqnr_db['quantize']:.1f} dB with quantize()'s layers, "
                      f"{self.model_sqnr_db['optimize']:.1f} dB as planned")  # fmt: skip
+        if self.attention is not None:
+            line += "; " + self.attention.summary()
         return line + f" ({self.isa}, {self.threads} threads)"
 
     def __str__(self) -> str:
@@ -211,9 +234,13 @@ def report(model: nn.Module) -> PlanReport:
             row.input, row.sqnr_db, row.time_us, row.float_us = m.input, m.sqnr_db, m.time_us, m.float_us
             row.note, row.candidates = m.note, dict(m.candidates)
         rows.append(row)
+    attention = plan.attention if plan else None
+    config = getattr(model, "config", None)
+    if attention is not None and getattr(config, "_attn_implementation", None) != attention.implementation:
+        attention = None  # switched since optimize() chose it
     return PlanReport(rows, measured=bool(measured), isa=plan.isa if plan else None,
                       threads=plan.threads if plan else None, model_ms=plan.model_ms if plan else None,
-                      model_sqnr_db=plan.model_sqnr_db if plan else None)  # fmt: skip
+                      model_sqnr_db=plan.model_sqnr_db if plan else None, attention=attention)  # fmt: skip
 
 
 def attach_plan(model: nn.Module, plan: PlanReport) -> None:
