@@ -110,7 +110,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise SystemExit("fastinfer optimize: --activations static needs --calibration FILE (its inputs' ranges give the scales)")
     if args.smoothquant is not None and not args.calibration:
         raise SystemExit("fastinfer optimize: --smoothquant needs --calibration FILE (its inputs' channel maxima)")
-    attention = {"fp32": True, "bf16": "bf16", "torch": False}[args.attention]
+    attention = {"auto": True, "fp32": "fp32", "bf16": "bf16", "torch": False}[args.attention]
     model, is_hf = _load_source(args.src)
     calib = _calibration_batches(args.calibration, is_hf, args.calibration_batch) if args.calibration else None
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -424,9 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-sqnr-drop", type=float, default=1.0, metavar="DB",
                    help="with --plan: how far the whole model's output SQNR may fall below plain quantization's "
                    "before the less accurate layer choices go back (default 1)")
-    p.add_argument("--attention", choices=("fp32", "bf16", "torch"), default="fp32",
-                   help="a transformers model's attention: fastinfer's kernel in fp32 (default), with bf16 products "
-                   "for fp32 q, k, v (bf16), or torch's SDPA as it was (torch)")
+    p.add_argument("--attention", choices=("auto", "fp32", "bf16", "torch"), default="auto",
+                   help="a transformers model's attention: fastinfer's kernel in fp32 (fp32), with bf16 products "
+                   "for fp32 q, k, v (bf16), or torch's SDPA as it was (torch); auto (default): fp32, or with "
+                   "--plan the fastest of the three within --max-model-sqnr-drop, measured")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_optimize)
 

@@ -98,7 +98,10 @@ class QuantConfig:
         kernel's two products (bf16 inputs always are): on CPUs with AVX512_BF16 1.3-1.6x the fp32
         kernel here, with bf16's error in the attention output (~4e-3 on values ~N(0, 1));
         transformers models only (nn.MultiheadAttention keeps fp32 arithmetic). Other models are
-        not touched either way.
+        not touched either way. fastinfer.optimize plans the attention when it is True (the
+        default: the kernel, its bf16 arithmetic or SDPA, the fastest within the accuracy
+        allowance) and keeps what is asked for otherwise: "fp32" (the kernel in fp32, as True in
+        quantize()), "bf16" or False.
     layernorm: every nn.LayerNorm (the class itself: a subclass may have its own forward) becomes
         fastinfer.nn.LayerNorm, the same module on fastinfer's kernel (fp32 arithmetic, one
         summation order on every ISA; 1.3-2x torch's own here). Calls it does not serve
@@ -131,8 +134,8 @@ class QuantConfig:
         if self.depthwise not in ("float", "int8"):
             raise ValueError(f"QuantConfig.depthwise must be 'float' or 'int8', got {self.depthwise!r}")
         object.__setattr__(self, "skip", skip_patterns(self.skip))
-        if not (isinstance(self.attention, bool) or self.attention == "bf16"):
-            raise TypeError(f"QuantConfig.attention must be True, False or 'bf16', got {self.attention!r}")
+        if not (isinstance(self.attention, bool) or self.attention in ("bf16", "fp32")):
+            raise TypeError(f"QuantConfig.attention must be True, False, 'fp32' or 'bf16', got {self.attention!r}")
         if not isinstance(self.layernorm, bool):
             raise TypeError(f"QuantConfig.layernorm must be a bool, got {self.layernorm!r}")
         if not isinstance(self.fuse_activations, bool):

@@ -405,5 +405,5 @@ def test_quantize_with_bf16_attention(kernel_calls, tmp_path):
     # a model already on the fp32 kernel switches when asked, and back
     assert hf_attention.enable_fast_attention(fp32, bf16=True) == "fastinfer kernel, bf16 arithmetic (was fastinfer)"
     assert hf_attention.enable_fast_attention(fp32) == "fastinfer kernel (was fastinfer_bf16)"
-    with pytest.raises(TypeError, match="True, False or 'bf16'"):
+    with pytest.raises(TypeError, match="True, False, 'fp32' or 'bf16'"):
         fastinfer.QuantConfig(attention="fp16")

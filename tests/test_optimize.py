@@ -314,6 +314,11 @@ def test_transformers_attention_is_planned(monkeypatch):
     assert plan.attention is None and fast.config._attn_implementation == "sdpa"
     fast, plan = fastinfer.optimize(model, batch, config=fastinfer.QuantConfig(attention="bf16"))
     assert plan.attention is None and fast.config._attn_implementation == "fastinfer_bf16"  # asked for: kept
+    fast, plan = fastinfer.optimize(model, batch, config=fastinfer.QuantConfig(attention="fp32"))
+    assert plan.attention is None and fast.config._attn_implementation == "fastinfer"
+    assert fastinfer.quantize(model, fastinfer.QuantConfig(attention="fp32")).config._attn_implementation == "fastinfer"
+    with pytest.raises(TypeError, match="'fp32' or 'bf16'"):
+        fastinfer.QuantConfig(attention="fp16")
 
 
 def test_transformers_attention_real_timing():
