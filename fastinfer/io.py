@@ -70,6 +70,26 @@ def _linear_config(m) -> dict:
     return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
 
 
+_OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _output_config(m) -> dict:
+    """A conv layer's output dtype (QuantConfig.conv_handoff): None, "float32" or "bfloat16", and
+    whether it follows the model's casts."""
+    dt = m.output_dtype
+    return {"output_dtype": None if dt is None else str(dt).replace("torch.", ""),
+            "follows_model_dtype": bool(m._follows_model_dtype)}
+
+
+def _set_output(layer, c: dict):
+    if c["output_dtype"] is not None:
+        if c["output_dtype"] not in _OUTPUT_DTYPES:
+            raise ValueError(f"output_dtype {c['output_dtype']!r} is not float32, bfloat16 or null")
+        layer.output_dtype = _OUTPUT_DTYPES[c["output_dtype"]]
+    layer._follows_model_dtype = c["follows_model_dtype"]
+    return layer
+
+
 def _conv_config(m: Int8Conv2d) -> dict:
     return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
             "stride": list(m.stride), "padding": list(m.padding), "dilation": list(m.dilation),
@@ -79,7 +99,7 @@ def _conv_config(m: Int8Conv2d) -> dict:
 def _dw_config(m: DepthwiseConv2d) -> dict:
     return {"channels": m.in_channels, "kernel_size": list(m.kernel_size), "stride": list(m.stride),
             "padding": list(m.padding), "dilation": list(m.dilation), "bias": m.bias is not None,
-            "activation": m.activation}  # fmt: skip
+            "activation": m.activation, **_output_config(m)}  # fmt: skip
 
 
 def _fits_linear(mod: nn.Module, cfg: dict) -> bool:
@@ -131,7 +151,7 @@ def _build_int8_linear(cls: type, c: dict) -> Int8Linear:
 
 
 # Config keys added after files were written: a config without one reads as this value.
-_DEFAULTS = {"input_scale": False}
+_DEFAULTS = {"input_scale": False, "output_dtype": None, "follows_model_dtype": False}
 
 
 def _build_conv2d(cfg: dict) -> Int8Conv2d:
@@ -170,16 +190,19 @@ _KINDS: dict[str, _Kind] = {
         SparseLinear, _linear_config, lambda c: SparseLinear(c["in_features"], c["out_features"], bias=c["bias"]),
         _fits_linear, False, {"in_features": _INT, "out_features": _INT, "bias": _BOOL}),
     "Int8Conv2d": _Kind(
-        Int8Conv2d, _conv_config, _build_conv2d, lambda m, c: _fits_conv2d(m, c, depthwise=False), True,
+        Int8Conv2d, lambda m: {**_conv_config(m), **_output_config(m)}, lambda c: _set_output(_build_conv2d(c), c),
+        lambda m, c: _fits_conv2d(m, c, depthwise=False), True,
         {"in_channels": _INT, "out_channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD,
-         "dilation": _PAIR, "groups": _INT, "bias": _BOOL, "activation": _ACT}),
+         "dilation": _PAIR, "groups": _INT, "bias": _BOOL, "activation": _ACT, "output_dtype": _ACT,
+         "follows_model_dtype": _BOOL}),
     "DepthwiseConv2d": _Kind(
         DepthwiseConv2d, _dw_config,
-        lambda c: DepthwiseConv2d(c["channels"], tuple(c["kernel_size"]), tuple(c["stride"]), tuple(c["padding"]),
-                                  tuple(c["dilation"]), bias=c["bias"], activation=c["activation"]),
+        lambda c: _set_output(DepthwiseConv2d(c["channels"], tuple(c["kernel_size"]), tuple(c["stride"]),
+                                              tuple(c["padding"]), tuple(c["dilation"]), bias=c["bias"],
+                                              activation=c["activation"]), c),
         lambda m, c: _fits_conv2d(m, c, depthwise=True), True,
         {"channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD, "dilation": _PAIR,
-         "bias": _BOOL, "activation": _ACT}),
+         "bias": _BOOL, "activation": _ACT, "output_dtype": _ACT, "follows_model_dtype": _BOOL}),
     "Int8Conv1d": _Kind(
         Int8Conv1d, lambda m: _conv_config(m.conv2d), lambda c: Int8Conv1d(_build_conv2d(c)), _fits_conv1d, True,
         {"in_channels": _INT, "out_channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["ConvFusion", "FxGraph", "activation_name", "conv_fusions", "fx_graph"]
+__all__ = ["ConvFusion", "FxGraph", "activation_name", "conv_fusions", "fx_graph", "handoff_chains"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 
@@ -186,3 +186,82 @@ def _fx_fusions(graph: FxGraph, convs, shared) -> dict[int, ConvFusion]:
             fusion.act_name = activation_name(mod)
         found[id(conv)] = fusion
     return found
+
+
+# ------------------------------------------------------------------------ bf16 between convs
+
+# torch modules a handed-over bf16 tensor may pass through between two convs of a chain: each keeps
+# its input's dtype and touches nothing else
+_PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.Hardtanh, nn.SiLU, nn.Hardswish)
+
+
+def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None) -> tuple[list[list[str]], bool]:
+    """Chains of converted convs (modules of the types `layers`) in which each conv's output goes to
+    the next one alone (through activations, dropout or the nn.Identity left by fusions) and to
+    nothing else: qualified names in order, two or more per chain, each conv in one chain at most.
+    keep(producer, consumer): which such links to use (None: all).
+    Returns (chains, traced): from the model's torch.fx trace where fx can trace it, else from the
+    leaves of plain nn.Sequential modules (called in order by nn.Sequential.forward), as the fusions."""
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    convs = {id(m): m for m in model.modules() if isinstance(m, layers) and not _hooked(m) and len(names[id(m)]) == 1}
+    # every fastinfer module a leaf (their forwards branch on the call's kind: fx cannot trace them)
+    graph = fx_graph(model, leaves=tuple(m for m in model.modules() if type(m).__module__.startswith("fastinfer.nn.")))
+    edges: dict[int, int] = {}  # id(conv) -> id(the conv it feeds alone)
+    if graph is not None:
+        for node in graph.nodes:
+            mod = graph.module_of(node)
+            if mod is None or id(mod) not in convs or graph.calls.get(id(mod)) != 1:
+                continue
+            nxt = graph.only_user(node)
+            # (a stateless activation may be shared, as ResNet's one ReLU: each call is its own node)
+            while (graph.module_of(nxt) is not None and _passes_through(graph.module_of(nxt))
+                   and len(nxt.args) == 1 and nxt.args[0] is not None and not nxt.kwargs):  # fmt: skip
+                nxt = graph.only_user(nxt)
+            after = graph.module_of(nxt)
+            if (after is not None and id(after) in convs and graph.calls.get(id(after)) == 1 and len(nxt.args) == 1
+                    and not nxt.kwargs and after is not mod):  # fmt: skip
+                edges[id(mod)] = id(after)
+    else:
+        for seq in model.modules():
+            if type(seq).forward is not nn.Sequential.forward or not isinstance(seq, nn.Sequential):
+                continue
+            prev = None
+            for leaf in _sequential_leaves(seq):
+                if id(leaf) in convs:
+                    if prev is not None:
+                        edges[id(prev)] = id(leaf)
+                    prev = leaf
+                elif not (_passes_through(leaf) and not _hooked(leaf)):
+                    prev = None
+    if keep is not None:
+        edges = {a: b for a, b in edges.items() if keep(convs[a], convs[b])}
+    targets = set(edges.values())
+    chains = []
+    for start in edges:
+        if start in targets:
+            continue
+        chain, cur, seen = [start], start, {start}
+        while cur in edges and edges[cur] not in seen:
+            cur = edges[cur]
+            chain.append(cur)
+            seen.add(cur)
+        chains.append([names[i][0] for i in chain])
+    return chains, graph is not None
+
+
+def _passes_through(mod: nn.Module) -> bool:
+    """An activation, dropout or identity (fastinfer.nn.Fused included): dtype kept, nothing else read."""
+    return type(mod) in _PASSTHROUGH or type(mod).forward is nn.Identity.forward
+
+
+def _sequential_leaves(seq: nn.Module) -> list[nn.Module]:
+    """The modules a plain nn.Sequential runs, in order, its plain nn.Sequential children expanded."""
+    out = []
+    for child in seq.children():
+        if isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward and not _hooked(child):
+            out.extend(_sequential_leaves(child))
+        else:
+            out.append(child)
+    return out

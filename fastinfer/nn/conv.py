@@ -41,15 +41,48 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batch
     return (w * k[:, None, None, None]).float(), ((b - mean) * k + beta).float()
 
 
+def _cast_dtype(fn) -> torch.dtype | None:
+    """The floating dtype an nn.Module._apply function casts every floating tensor to (model.float(),
+    .bfloat16(), .to(dtype)), or None when it keeps their dtypes (.to(device), share_memory(), ...):
+    told by applying it to a float32 and a bfloat16 scalar."""
+    try:
+        a, b = fn(torch.zeros((), dtype=torch.float32)), fn(torch.zeros((), dtype=torch.bfloat16))
+    except Exception:  # noqa: BLE001 (a function made for other tensors: a device move, say)
+        return None
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.is_floating_point():
+        return a.dtype
+    return None
+
+
 class _ConvLayer(_FusedActivation, nn.Module):
     """What Int8Conv2d and DepthwiseConv2d share: the fused activation, the input contract, the
     dtype-keeping _apply, and forward(): the eager call without the dispatcher, or the op.
-    Subclasses give _kernel_weight() (the cached kernel layout), _eager(x, weight, act) and
-    _op(x, weight, act)."""
+    Subclasses give _kernel_weight() (the cached kernel layout), _eager(x, weight, act, out_dtype) and
+    _op(x, weight, act, out_dtype)."""
 
     _packed: tuple | None = None
+    # The output's dtype: None (the input's, the default) or float32 / bfloat16. quantize() sets it in
+    # a chain of convs that feed only each other (fastinfer.convert.fuse.handoff_chains): the inner
+    # ones hand bf16 on (half the bytes of fp32), the last returns the model's dtype and follows the
+    # model's casts (model.bfloat16(), model.float()).
+    _output_dtype: torch.dtype | None = None
+    _follows_model_dtype: bool = False
+
+    @property
+    def output_dtype(self) -> torch.dtype | None:
+        return self._output_dtype
+
+    @output_dtype.setter
+    def output_dtype(self, value: torch.dtype | None) -> None:
+        if value not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"{type(self).__name__}.output_dtype must be None, torch.float32 or torch.bfloat16, got {value!r}")
+        self._output_dtype = value
 
     def _apply(self, fn, recurse=True):
+        if self._follows_model_dtype:
+            cast = _cast_dtype(fn)
+            if cast is not None:  # model.float() / .bfloat16() / .to(dtype): the chain returns that dtype
+                self._output_dtype = cast if cast in (torch.float32, torch.bfloat16) else None
         apply_keeping_dtypes(self, super()._apply, fn, recurse)  # fp32 scales and bias stay fp32
         self._packed = None
         self._prepack()
@@ -88,7 +121,11 @@ class _ConvLayer(_FusedActivation, nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         weight, act = self._kernel_weight(), self._act_code()
-        y = self._eager(x, weight, act) if eager_fast_path(x) else self._op(x, weight, act)
+        out_dtype = self._output_dtype or x.dtype
+        if eager_fast_path(x):
+            y = self._eager(x, weight, act, out_dtype)
+        else:
+            y = self._op(x, weight, act, None if out_dtype == x.dtype else out_dtype)
         return y.squeeze(0) if unbatched else y
 
 
@@ -197,7 +234,7 @@ class Int8Conv2d(_ConvLayer):
         in-place write: its version)."""
         return _cached_layout(self, self.weight_int8, lambda w: _conv.pack_conv_weight(w, self.groups))
 
-    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype) -> torch.Tensor:
         # the op's own checks and kernel, without the dispatcher (our packed cache is trusted: built
         # here from weight_int8; its headers are still checked by the kernel)
         shape = _fast_shape(self, x, (self.weight_scale, self.bias))
@@ -209,12 +246,13 @@ class Int8Conv2d(_ConvLayer):
         # the kernel reads scale and bias by pointer: a strided buffer (load_state_dict(assign=True)
         # of a view, a plain assignment) must be made dense first, as the op does
         bias = None if self.bias is None else self.bias.contiguous()
-        return _conv.run_conv2d(x, weight, self.weight_scale.contiguous(), bias, k, s, p, d, self.groups, act, shape)
+        return _conv.run_conv2d(x, weight, self.weight_scale.contiguous(), bias, k, s, p, d, self.groups, act, shape,
+                                out_dtype)  # fmt: skip
 
-    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.ops.fastinfer.int8_conv2d(x, weight, self.weight_scale, self.bias, list(self.kernel_size),
                                                list(self.stride), list(self.padding), list(self.dilation),
-                                               self.groups, act)  # fmt: skip
+                                               self.groups, act, out_dtype)  # fmt: skip
 
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (
@@ -268,6 +306,8 @@ def _conv_repr(layer: nn.Module, what: str) -> str:
     parts.append(f"bias={layer.bias is not None}")
     if layer._activation is not None:
         parts.append(f"activation={layer._activation}")
+    if layer._output_dtype is not None:
+        parts.append(f"output_dtype={str(layer._output_dtype).replace('torch.', '')}")
     parts.append(f"{what}, kernel={_runtime.active_isa()}")
     return ", ".join(parts)
 
@@ -326,18 +366,19 @@ class DepthwiseConv2d(_ConvLayer):
     def _kernel_weight(self) -> torch.Tensor:
         return _cached_layout(self, self.weight, _conv.pack_depthwise_weight)
 
-    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype) -> torch.Tensor:
         shape = _fast_shape(self, x, (self.bias,))
         if shape is None:
             shape, k, s, p, d = _conv._check_dw_args(x, weight, self.bias, self.kernel_size, self.stride,
                                                      self.padding, self.dilation, act)  # fmt: skip
         else:
             k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
-        return _conv.run_depthwise(x, weight, None if self.bias is None else self.bias.contiguous(), k, s, p, d, act, shape)
+        return _conv.run_depthwise(x, weight, None if self.bias is None else self.bias.contiguous(), k, s, p, d, act, shape,
+                                   out_dtype)  # fmt: skip
 
-    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return torch.ops.fastinfer.depthwise_conv2d(x, weight, self.bias, list(self.kernel_size), list(self.stride),
-                                                    list(self.padding), list(self.dilation), act)  # fmt: skip
+                                                    list(self.padding), list(self.dilation), act, out_dtype)  # fmt: skip
 
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=fp32 (depthwise kernel)")

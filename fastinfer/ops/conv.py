@@ -36,7 +36,7 @@ __all__ = ["conv2d_output_size", "int8_conv2d", "is_depthwise", "pack_conv_weigh
 torch.library.define(
     "fastinfer::int8_conv2d",
     "(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int[] kernel_size, int[] stride, int[] padding, "
-    "int[] dilation, int groups, int act=0) -> Tensor",
+    "int[] dilation, int groups, int act=0, ScalarType? out_dtype=None) -> Tensor",
 )
 
 _VALID = ValidatedBuffers()  # packed conv weights whose every group passed _C.validate_packed
@@ -158,9 +158,10 @@ def _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation
 
 
 @torch.library.register_fake("fastinfer::int8_conv2d")
-def _int8_conv2d_fake(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0):
+def _int8_conv2d_fake(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None):
     shape, *_ = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
-    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+    _check_out_dtype("int8_conv2d", out_dtype)
+    return x.new_empty(shape, dtype=out_dtype or x.dtype).contiguous(memory_format=_memory_format(x))
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -171,11 +172,18 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape) -> torch.Tensor:
-    """The marshalling of _C.int8_conv2d on checked arguments (weight validated, aligned)."""
+def _check_out_dtype(name: str, out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in DTYPE_CODE:
+        raise TypeError(f"fastinfer.{name}: out_dtype must be None, float32 or bfloat16, got {out_dtype}")
+
+
+def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape, out_dtype=None) -> torch.Tensor:
+    """The marshalling of _C.int8_conv2d on checked arguments (weight validated, aligned); the output
+    in out_dtype (float32 or bfloat16; None: x's), rounded once from the fp32 epilogue."""
     n, cout, oh, ow = shape
     fmt = _memory_format(x)
-    out = new_output((n, oh, ow, cout), x.dtype).permute(0, 3, 1, 2)  # NHWC storage, NCHW sizes
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    out = new_output((n, oh, ow, cout), out_dtype).permute(0, 3, 1, 2)  # NHWC storage, NCHW sizes
     if out.numel() == 0:
         return out.contiguous(memory_format=fmt)
     xn = x.contiguous(memory_format=torch.channels_last)
@@ -183,7 +191,7 @@ def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape) -> torc
     code = DTYPE_CODE[x.dtype]
     _C.int8_conv2d(xn.data_ptr(), code, [n, h, w, c, cout, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], groups, oh, ow],
                    weight.data_ptr(), weight.numel(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                   out.data_ptr(), code, act)  # fmt: skip
+                   out.data_ptr(), DTYPE_CODE[out_dtype], act)  # fmt: skip
     return out if fmt == torch.channels_last else out.contiguous()
 
 
@@ -199,11 +207,12 @@ def checked_weight(weight: torch.Tensor, depthwise: bool, groups: int) -> torch.
 
 
 @register("int8_conv2d", "CPU")
-def _int8_conv2d_cpu(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0):
+def _int8_conv2d_cpu(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None):
     shape, k, s, p, d, dw = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
+    _check_out_dtype("int8_conv2d", out_dtype)
     weight = checked_weight(weight, dw, groups)
     return run_conv2d(x, weight, w_scale.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d,
-                      groups, act, shape)  # fmt: skip
+                      groups, act, shape, out_dtype)  # fmt: skip
 
 
 def int8_conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -227,7 +236,7 @@ def int8_conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bi
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act = inputs
+    x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act = inputs[:10]
     ctx.save_for_backward(weight, w_scale, output if act in (2, 3) else None)
     ctx.meta = (tuple(x.shape), x.dtype, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups, act)
 
@@ -240,7 +249,7 @@ def _input_gradient(name: str, grad: torch.Tensor, out: torch.Tensor | None, act
     grad = activation_grad(name, grad, act, out)
     n, c, h, w = x_shape
     pt, pl, pb, pr = padding
-    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad, stride, 0, dilation, groups)
+    gx = torch.nn.grad.conv2d_input((n, c, h + pt + pb, w + pl + pr), wf, grad.to(wf.dtype), stride, 0, dilation, groups)
     return gx[:, :, pt:pt + h, pl:pl + w].to(dtype)
 
 
@@ -249,7 +258,7 @@ def _backward(ctx, grad):
     shape, dtype, k, s, p, d, groups, act = ctx.meta
     wf = unpack_conv_weight(weight, w_scale.shape[0], shape[1] // groups, k, groups).float() * w_scale[:, None, None, None]
     gx = _input_gradient("int8_conv2d", grad, out, act, wf, shape, dtype, s, p, d, groups)
-    return gx, None, None, None, None, None, None, None, None, None
+    return gx, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastinfer::int8_conv2d", _backward, setup_context=_setup_context)
@@ -260,7 +269,7 @@ torch.library.register_autograd("fastinfer::int8_conv2d", _backward, setup_conte
 torch.library.define(
     "fastinfer::depthwise_conv2d",
     "(Tensor x, Tensor weight, Tensor? bias, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-    "int act=0) -> Tensor",
+    "int act=0, ScalarType? out_dtype=None) -> Tensor",
 )
 
 
@@ -302,16 +311,19 @@ def _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
 
 
 @torch.library.register_fake("fastinfer::depthwise_conv2d")
-def _depthwise_fake(x, weight, bias, kernel_size, stride, padding, dilation, act=0):
+def _depthwise_fake(x, weight, bias, kernel_size, stride, padding, dilation, act=0, out_dtype=None):
     shape, *_ = _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
-    return x.new_empty(shape).contiguous(memory_format=_memory_format(x))
+    _check_out_dtype("depthwise_conv2d", out_dtype)
+    return x.new_empty(shape, dtype=out_dtype or x.dtype).contiguous(memory_format=_memory_format(x))
 
 
-def run_depthwise(x, weight, bias, k, s, p, d, act, shape) -> torch.Tensor:
-    """The marshalling of _C.depthwise_conv2d_f32 on checked arguments."""
+def run_depthwise(x, weight, bias, k, s, p, d, act, shape, out_dtype=None) -> torch.Tensor:
+    """The marshalling of _C.depthwise_conv2d_f32 on checked arguments; the output in out_dtype (None:
+    x's), as run_conv2d."""
     n, c, oh, ow = shape
     fmt = _memory_format(x)
-    out = new_output((n, oh, ow, c), x.dtype).permute(0, 3, 1, 2)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    out = new_output((n, oh, ow, c), out_dtype).permute(0, 3, 1, 2)
     if out.numel() == 0:
         return out.contiguous(memory_format=fmt)
     xn = x.contiguous(memory_format=torch.channels_last)
@@ -319,18 +331,20 @@ def run_depthwise(x, weight, bias, k, s, p, d, act, shape) -> torch.Tensor:
     code = DTYPE_CODE[x.dtype]
     _C.depthwise_conv2d_f32(xn.data_ptr(), code, [n, h, w, c, c, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], c, oh, ow],
                             weight.data_ptr(), weight.numel(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-                            code, act)  # fmt: skip
+                            DTYPE_CODE[out_dtype], act)  # fmt: skip
     return out if fmt == torch.channels_last else out.contiguous()
 
 
 @register("depthwise_conv2d", "CPU")
-def _depthwise_cpu(x, weight, bias, kernel_size, stride, padding, dilation, act=0):
+def _depthwise_cpu(x, weight, bias, kernel_size, stride, padding, dilation, act=0, out_dtype=None):
     shape, k, s, p, d = _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
-    return run_depthwise(x, weight.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d, act, shape)
+    _check_out_dtype("depthwise_conv2d", out_dtype)
+    return run_depthwise(x, weight.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d, act, shape,
+                         out_dtype)  # fmt: skip
 
 
 def _dw_setup_context(ctx, inputs, output):
-    x, weight, bias, kernel_size, stride, padding, dilation, act = inputs
+    x, weight, bias, kernel_size, stride, padding, dilation, act = inputs[:8]
     ctx.save_for_backward(weight, output if act in (2, 3) else None)
     ctx.meta = (tuple(x.shape), x.dtype, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), act)
 
@@ -341,7 +355,7 @@ def _dw_backward(ctx, grad):
     c = shape[1]
     wf = weight[:, :c].t().reshape(c, 1, k[0], k[1])
     gx = _input_gradient("depthwise_conv2d", grad, out, act, wf, shape, dtype, s, p, d, c)
-    return gx, None, None, None, None, None, None, None
+    return gx, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastinfer::depthwise_conv2d", _dw_backward, setup_context=_dw_setup_context)

@@ -173,7 +173,7 @@ def optimize(
     from fastinfer.convert import prune as prune_model
     from fastinfer.convert import quantize as quantize_model
     from fastinfer.convert._select import scan
-    from fastinfer.convert.quantize import smooth_linear_targets
+    from fastinfer.convert.quantize import mark_conv_handoff, smooth_linear_targets
 
     start = time.monotonic()
     _check_float_cpu_model(model)
@@ -194,7 +194,9 @@ def optimize(
     # touched, not even its train/eval mode)
     reference = (copy.deepcopy(reference) if reference is model else reference).eval()
     quiet = progress if progress is not None else config.progress
-    cfg = dataclasses.replace(config, activations="dynamic", progress=quiet, smoothquant=None)
+    # bf16 between chained convs is decided once the layers are chosen (a float candidate between two
+    # convs breaks a chain)
+    cfg = dataclasses.replace(config, activations="dynamic", progress=quiet, smoothquant=None, conv_handoff=False)
     if not quantize:  # what the planner does not plan must not become int8 either
         cfg = dataclasses.replace(cfg, filter_fn=_unplanned_stay_float(reference, config.filter_fn))
     floats = {}  # layer name -> the float module its "float" candidate is (default: reference's)
@@ -264,6 +266,8 @@ def optimize(
         root.__dict__["_fastinfer_report"] = qm.__dict__["_fastinfer_report"]
     used = choices if not reverted else {
         n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
+    if config.conv_handoff and {m.weight.dtype for m in reference.modules() if isinstance(m, nn.Conv2d)} == {torch.float32}:
+        _note_handoff(root, mark_conv_handoff(root))
     attention = None
     if config.attention is True and (time_budget_s is None or time.monotonic() - start <= time_budget_s):
         bf16_ok = quantize and max_model_sqnr_drop_db is not None
@@ -680,6 +684,16 @@ def _model_check(root: nn.Module, variants: dict[str, list], example_inputs, rou
                     samples[name].append((time.perf_counter() - t0) * 1e3)
                 root = _apply(model, variants[name], False)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _note_handoff(root: nn.Module, words: dict[str, str]) -> None:
+    """The conversion report's rows of the layers that hand bf16 on (QuantConfig.conv_handoff)."""
+    rep = root.__dict__.get("_fastinfer_report")
+    if rep is None:
+        return
+    for i, row in enumerate(rep):
+        if row.name in words:
+            rep[i] = LayerConversion(row.name, row.kind, row.result, "; ".join(filter(None, (row.detail, words[row.name]))))
 
 
 # ------------------------------------------------------------------------------------ attention
