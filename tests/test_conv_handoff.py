@@ -181,3 +181,19 @@ def test_optimize_chains_after_choosing_the_layers(monkeypatch):
     assert fast[1].conv[1][0].output_dtype == BF16 and fast[1].conv[2].output_dtype == FP32
     with torch.inference_mode():
         assert fast(x).dtype == FP32 and sqnr(net(x), fast(x)) > 25
+
+
+def test_ops_take_an_output_dtype():
+    conv, dw = _layers()
+    x = torch.randn(2, 12, 9, 9)
+    wc, wd = conv._kernel_weight(), dw._kernel_weight()
+    args_c = (x, wc, conv.weight_scale, conv.bias, list(conv.kernel_size), list(conv.stride), list(conv.padding),
+              list(conv.dilation), conv.groups, 3)  # fmt: skip
+    args_d = (x, wd, dw.bias, list(dw.kernel_size), list(dw.stride), list(dw.padding), list(dw.dilation), 2)
+    for op, args in ((torch.ops.fastinfer.int8_conv2d, args_c), (torch.ops.fastinfer.depthwise_conv2d, args_d)):
+        y = op(*args)
+        assert_same(op(*args, torch.bfloat16), y.bfloat16(), str(op))
+        assert_same(op(args[0].bfloat16(), *args[1:], torch.float32).bfloat16(), op(args[0].bfloat16(), *args[1:]), str(op))
+        torch.library.opcheck(op, (*args, torch.bfloat16))
+        with pytest.raises(TypeError, match="out_dtype"):
+            op(*args, torch.float16)
