@@ -40,13 +40,7 @@ void attention(const AttentionArgs& a, int64_t bh, int64_t q0, int64_t q1, float
             prefetch_row(a.q, a.dt, b * a.q_sb + h * a.q_sh + i * a.q_sl, a.d);
         upto4(rows, [&](auto R) {
             ScoreRow sr[R];
-            for (int64_t r = 0; r < R; ++r)
-                sr[r] = score_row(b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, a.causal ? std::min(a.lk, i0 + r + 1) : a.lk);
-            with_mask_kind(a.mask_kind, [&](auto K) {
-                for (int64_t j0 = 0; j0 < jn; j0 += 64)
-                    upto4((std::min<int64_t>(64, jn - j0) + 15) / 16,
-                          [&](auto NV) { score_tile<R, NV, K>(qs, l.dp, kt, lkp, a.d, j0, s, a, sr); });
-            });
+            score_pass<R>(a, b, h, i0, jn, sr, [&](auto K, auto NV, int64_t j0) { score_tile<R, NV, K>(qs, l.dp, kt, lkp, a.d, j0, s, a, sr); });
             float inv[4];
             for (int64_t r = 0; r < R; ++r) {
                 float* sp = s + r * lkp;

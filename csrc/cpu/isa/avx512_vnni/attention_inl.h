@@ -153,22 +153,27 @@ __attribute__((always_inline)) inline void finish_tile(const __m512 (&acc)[R][NV
         for (int v = 0; v < NV; ++v) finish_scores<Kind>(acc[r][v], a, rows[r], j0 + 16 * v, s + r * lkp + j0 + 16 * v);
 }
 
+// The finished scores of query rows [i0, i0 + R) of head h of batch b over keys [0, jn): sr[r]
+// set up for each row (its mask row and key count), then tile(Kind, NV, j0) for every 64 keys (NV
+// vectors of 16, the last tile shorter), Kind the mask kind as a constant.
+template <int R, class Tile>
+inline void score_pass(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t jn, ScoreRow* sr, Tile&& tile) {
+    for (int64_t r = 0; r < R; ++r)
+        sr[r] = score_row(b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sl, a.causal ? std::min(a.lk, i0 + r + 1) : a.lk);
+    with_mask_kind(a.mask_kind, [&](auto K) {
+        for (int64_t j0 = 0; j0 < jn; j0 += 64)
+            upto4((std::min<int64_t>(64, jn - j0) + 15) / 16, [&](auto NV) { tile(K, NV, j0); });
+    });
+}
+
 // exp(x) for x <= 0 or -inf (a score less its row's max): exp16's range reduction and polynomial,
 // 2^n applied by vscalefps (one instruction for exp16's four). Below kExpLo (masked keys, -inf)
 // the result is exactly 0 (exp16 clamps there): an underflowing scalef would give the subnormal
 // exp, but a subnormal result costs this CPU more than the whole rest of the exp.
 inline __m512 exp16_nonpos(__m512 x) {
     const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(kExpLo));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_CUR_DIRECTION);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpP0), r, _mm512_set1_ps(kExpP1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
-    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+    __m512 n;
+    const __m512 y = exp16_reduced(_mm512_max_ps(x, _mm512_set1_ps(kExpLo)), &n);
     return _mm512_maskz_scalef_ps(normal, y, n);
 }
 

@@ -100,19 +100,25 @@ inline __m512 gelu16(__m512 y) {
     return _mm512_fmadd_ps(h, _mm512_div_ps(p, q), h);
 }
 
-// exp_f32 on 16 lanes (common.h): the same operations in the same order.
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(kExpHi)), _mm512_set1_ps(kExpLo));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_CUR_DIRECTION);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Hi), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-kLn2Lo), r);
+// exp_f32's range reduction and polynomial for x already in [kExpLo, kExpHi]: exp(x) = y * 2^n,
+// y returned, n in *n (common.h: the same operations in the same order).
+inline __m512 exp16_reduced(__m512 x, __m512* n) {
+    *n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_CUR_DIRECTION);
+    __m512 r = _mm512_fmadd_ps(*n, _mm512_set1_ps(-kLn2Hi), x);
+    r = _mm512_fmadd_ps(*n, _mm512_set1_ps(-kLn2Lo), r);
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExpP0), r, _mm512_set1_ps(kExpP1));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP3));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP4));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpP5));
-    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-    y = _mm512_add_ps(y, _mm512_set1_ps(1.f));
+    return _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+}
+
+// exp_f32 on 16 lanes (common.h): the same operations in the same order.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(kExpHi)), _mm512_set1_ps(kExpLo));
+    __m512 n;
+    const __m512 y = exp16_reduced(x, &n);
     const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
 }
