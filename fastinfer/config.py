@@ -107,13 +107,15 @@ class QuantConfig:
         summation order on every ISA; 1.3-2x torch's own here). Calls it does not serve
         (autograd, GPUs, CPUs without AVX-512) take torch's layer_norm. False keeps torch's.
     conv_handoff: in an fp32 model, a converted conv whose output goes to the next converted conv
-        alone (through activations or fused modules; found as the fusions are, by torch.fx or
-        nn.Sequential order), with a depthwise conv at one end of the link (MobileNet's and
-        EfficientNet's expand -> depthwise -> project: the model's largest tensors), hands it over
-        in bf16, half the bytes of fp32 (the next conv quantizes it to int8 or runs its fp32
-        depthwise arithmetic on it); the chain's last conv returns float32 and follows casts of the
-        model. ~0.87x of MobileNetV2's time at batch 16, output SQNR within 0.1 dB. The report names
-        each link. False keeps every output in its input's dtype.
+        alone (through activations or fused modules, none of them hooked; known from a torch.fx
+        trace of the converted model: without one nothing is linked), with a depthwise conv at one
+        end of the link and an int8 conv at the other (MobileNet's and EfficientNet's expand ->
+        depthwise -> project: the model's largest tensors), hands it over in bf16, half the bytes of
+        fp32 (the int8 conv quantizes it anyway; the depthwise conv runs its fp32 arithmetic on it);
+        the chain's last conv returns float32 and follows casts of the model. ~0.87x of
+        MobileNetV2's time at batch 16, output SQNR within 0.1 dB. The report names each link. What
+        the trace cannot see stays unknown: an output the model also stores in an attribute or
+        returns from another method is bf16 there. False keeps every output in its input's dtype.
 
     A layer registered under several names is converted under all of them (it stays one layer), or
     left in float when skip or filter_fn keeps any of its names: prune and sparsify agree.

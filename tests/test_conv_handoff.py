@@ -133,20 +133,53 @@ class _Untraceable(nn.Module):
 
     def forward(self, x):
         if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
-            return self.body(x)
-        return self.body(-x)
+            feats = []
+            for layer in self.body:  # a parent iterating over the Sequential: each output is kept
+                x = layer(x)
+                feats.append(x)
+            return feats
+        return [self.body(-x)]
 
 
-def test_without_a_trace_sequential_order_decides():
+def test_without_a_trace_nothing_is_linked():
+    """The fusions trust nn.Sequential order without a trace; the handoff does not: a parent that
+    iterates over the Sequential would be handed bf16."""
     torch.manual_seed(0)
     net = _Untraceable().eval()
     q = fastinfer.quantize(net)
-    assert [m.output_dtype for m in (q.body[0], q.body[2], q.body[3])] == [BF16, BF16, FP32]
-    rep = {r.name: r.detail for r in fastinfer.conversion_report(q)}
-    assert "from nn.Sequential order" in rep["body.0"]
-    x = torch.rand(2, 3, 10, 10)
+    assert all(m.output_dtype is None for m in q.modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d)))
     with torch.inference_mode():
-        assert sqnr(net(x), q(x)) > 25 and q(x).dtype == FP32
+        assert [f.dtype for f in q(torch.rand(2, 3, 10, 10))] == [FP32] * 4
+
+
+def test_hooks_links_and_gradients():
+    torch.manual_seed(0)
+    # a hooked activation between two convs breaks the link (the hook would see bf16); two fp32
+    # depthwise convs in a row are not linked either (bf16 would cost them their exactness)
+    net = nn.Sequential(nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 8, 1),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 3, padding=1, groups=8)).eval()  # fmt: skip
+    seen = []
+    net[2].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    q = fastinfer.quantize(net)
+    assert [q[i].output_dtype for i in (0, 1, 3, 4, 5)] == [BF16, FP32, BF16, FP32, None]
+    with torch.inference_mode():
+        q(torch.randn(1, 8, 6, 6))
+    assert seen == [FP32]
+    # relu6's gradient where the output rounds to 6.0 in bf16: from the fp32 value, as without
+    c = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    with torch.no_grad():
+        c.weight.fill_(0.01)
+        c.bias.fill_(5.99)
+    dw = DepthwiseConv2d.from_conv(c, activation="relu6")
+    grads = []
+    for od in (None, BF16):
+        dw.output_dtype = od
+        x = torch.zeros(1, 4, 5, 5, requires_grad=True)
+        y = dw(x)
+        y.float().sum().backward()
+        grads.append(x.grad)
+    assert y.dtype == BF16 and torch.equal(y.detach(), torch.full_like(y, 6.0))
+    assert torch.equal(grads[0], grads[1]) and grads[1].abs().sum() > 0
 
 
 def test_bf16_models_and_the_switch_leave_dtypes_alone():
@@ -179,6 +212,12 @@ def test_optimize_chains_after_choosing_the_layers(monkeypatch):
     fast, plan = fastinfer.optimize(net, x)
     assert type(fast[2]) is nn.Conv2d and fast[4].output_dtype is None
     assert fast[1].conv[1][0].output_dtype == BF16 and fast[1].conv[2].output_dtype == FP32
+    notes = {r.name: r.note for r in plan}
+    assert "output bf16 to 1.conv.2" in notes["1.conv.1.0"] and "last of a bf16 chain" in notes["1.conv.2"]
+    rep = {r.name: r.detail for r in fastinfer.conversion_report(fast)}
+    assert "output bf16 to 1.conv.2" in rep["1.conv.1.0"]
+    floats, _ = fastinfer.optimize(net, x, quantize=False)  # float arithmetic kept: no bf16 either
+    assert all(m.output_dtype is None for m in floats.modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d)))
     with torch.inference_mode():
         assert fast(x).dtype == FP32 and sqnr(net(x), fast(x)) > 25
 

@@ -195,13 +195,15 @@ def _fx_fusions(graph: FxGraph, convs, shared) -> dict[int, ConvFusion]:
 _PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.Hardtanh, nn.SiLU, nn.Hardswish)
 
 
-def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None) -> tuple[list[list[str]], bool]:
+def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None) -> list[list[str]]:
     """Chains of converted convs (modules of the types `layers`) in which each conv's output goes to
-    the next one alone (through activations, dropout or the nn.Identity left by fusions) and to
-    nothing else: qualified names in order, two or more per chain, each conv in one chain at most.
-    keep(producer, consumer): which such links to use (None: all).
-    Returns (chains, traced): from the model's torch.fx trace where fx can trace it, else from the
-    leaves of plain nn.Sequential modules (called in order by nn.Sequential.forward), as the fusions."""
+    the next one alone (through activations, dropout or the nn.Identity left by fusions, none of them
+    hooked) and to nothing else: qualified names in order, two or more per chain, each conv in one
+    chain at most. keep(producer, consumer): which such links to use (None: all). Only from the
+    model's torch.fx trace: without one (unlike the fusions) nothing is linked, since a parent that
+    iterates over an nn.Sequential itself would be handed bf16. What the trace cannot see is not
+    known either: an output also stored in an attribute, or returned by another method, is read in
+    bf16 there."""
     names: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), []).append(name)
@@ -217,24 +219,13 @@ def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None) -> tup
             nxt = graph.only_user(node)
             # (a stateless activation may be shared, as ResNet's one ReLU: each call is its own node)
             while (graph.module_of(nxt) is not None and _passes_through(graph.module_of(nxt))
-                   and len(nxt.args) == 1 and nxt.args[0] is not None and not nxt.kwargs):  # fmt: skip
+                   and not _hooked(graph.module_of(nxt)) and len(nxt.args) == 1 and nxt.args[0] is not None
+                   and not nxt.kwargs):  # fmt: skip (a hook would see the bf16 tensor)
                 nxt = graph.only_user(nxt)
             after = graph.module_of(nxt)
             if (after is not None and id(after) in convs and graph.calls.get(id(after)) == 1 and len(nxt.args) == 1
                     and not nxt.kwargs and after is not mod):  # fmt: skip
                 edges[id(mod)] = id(after)
-    else:
-        for seq in model.modules():
-            if type(seq).forward is not nn.Sequential.forward or not isinstance(seq, nn.Sequential):
-                continue
-            prev = None
-            for leaf in _sequential_leaves(seq):
-                if id(leaf) in convs:
-                    if prev is not None:
-                        edges[id(prev)] = id(leaf)
-                    prev = leaf
-                elif not (_passes_through(leaf) and not _hooked(leaf)):
-                    prev = None
     if keep is not None:
         edges = {a: b for a, b in edges.items() if keep(convs[a], convs[b])}
     targets = set(edges.values())
@@ -248,20 +239,9 @@ def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None) -> tup
             chain.append(cur)
             seen.add(cur)
         chains.append([names[i][0] for i in chain])
-    return chains, graph is not None
+    return chains
 
 
 def _passes_through(mod: nn.Module) -> bool:
     """An activation, dropout or identity (fastinfer.nn.Fused included): dtype kept, nothing else read."""
     return type(mod) in _PASSTHROUGH or type(mod).forward is nn.Identity.forward
-
-
-def _sequential_leaves(seq: nn.Module) -> list[nn.Module]:
-    """The modules a plain nn.Sequential runs, in order, its plain nn.Sequential children expanded."""
-    out = []
-    for child in seq.children():
-        if isinstance(child, nn.Sequential) and type(child).forward is nn.Sequential.forward and not _hooked(child):
-            out.extend(_sequential_leaves(child))
-        else:
-            out.append(child)
-    return out

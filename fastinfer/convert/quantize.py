@@ -205,16 +205,18 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
 
 def mark_conv_handoff(model: nn.Module) -> dict[str, str]:
     """QuantConfig.conv_handoff on a converted fp32 model: in each chain of Int8Conv2d /
-    DepthwiseConv2d layers that feed only each other (fastinfer.convert.fuse.handoff_chains), linked
-    where a depthwise conv is at one end (an inverted residual's expanded tensors, the largest of
-    the model: linking the narrow block outputs too measured the same speed and lost 0.8 dB of
-    output SQNR on a MobileNetV2), the inner ones output bf16 and the last one float32, following
+    DepthwiseConv2d layers that feed only each other (fastinfer.convert.fuse.handoff_chains: from a
+    torch.fx trace only), linked where a depthwise conv is at one end and an int8 conv at the other
+    (an inverted residual's expanded tensors, the largest of the model: linking the narrow block
+    outputs too measured the same speed and lost 0.8 dB of output SQNR on a MobileNetV2), the inner
+    ones output bf16 and the last one float32, following
     the model's casts. Returns the report's words per layer name."""
     inner = {id(m.conv2d) for m in model.modules() if isinstance(m, Int8Conv1d)}  # run by their Int8Conv1d
     layers = {n: m for n, m in model.named_modules() if type(m) in (Int8Conv2d, DepthwiseConv2d) and id(m) not in inner}
-    chains, traced = handoff_chains(model, (Int8Conv2d, DepthwiseConv2d),
-                                    keep=lambda a, b: isinstance(a, DepthwiseConv2d) or isinstance(b, DepthwiseConv2d))
-    how = "" if traced else " (from nn.Sequential order: the model has no fx trace)"
+    # one end depthwise, the other int8: the int8 end rounds anyway (two fp32 depthwise convs in a
+    # row would lose their exactness to bf16)
+    chains = handoff_chains(model, (Int8Conv2d, DepthwiseConv2d),
+                            keep=lambda a, b: isinstance(a, DepthwiseConv2d) != isinstance(b, DepthwiseConv2d))
     words = {}
     for chain in chains:
         chain = [n for n in chain if n in layers]
@@ -223,10 +225,10 @@ def mark_conv_handoff(model: nn.Module) -> dict[str, str]:
         for name, nxt in zip(chain, chain[1:]):
             layers[name].output_dtype = torch.bfloat16
             layers[name]._follows_model_dtype = False
-            words[name] = f"output bf16 to {nxt}{how}"
+            words[name] = f"output bf16 to {nxt}"
         last = layers[chain[-1]]
         last.output_dtype, last._follows_model_dtype = torch.float32, True
-        words[chain[-1]] = f"last of a bf16 chain from {chain[0]}: output float32{how}"
+        words[chain[-1]] = f"last of a bf16 chain from {chain[0]}: output float32"
     return words
 
 

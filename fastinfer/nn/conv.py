@@ -124,6 +124,10 @@ class _ConvLayer(_FusedActivation, nn.Module):
         out_dtype = self._output_dtype or x.dtype
         if eager_fast_path(x):
             y = self._eager(x, weight, act, out_dtype)
+        elif out_dtype == torch.bfloat16 and x.dtype == torch.float32 and x.requires_grad and torch.is_grad_enabled():
+            # autograd saves the op's output for relu / relu6's gradient mask: kept fp32 (a value
+            # just below 6 rounds to 6.0 in bf16), the cast after it rounds as the kernel's store
+            y = self._op(x, weight, act).to(out_dtype)
         else:
             y = self._op(x, weight, act, None if out_dtype == x.dtype else out_dtype)
         return y.squeeze(0) if unbatched else y

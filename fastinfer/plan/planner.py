@@ -266,16 +266,22 @@ def optimize(
         root.__dict__["_fastinfer_report"] = qm.__dict__["_fastinfer_report"]
     used = choices if not reverted else {
         n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
-    if config.conv_handoff and {m.weight.dtype for m in reference.modules() if isinstance(m, nn.Conv2d)} == {torch.float32}:
-        _note_handoff(root, mark_conv_handoff(root))
+    rows = _rows(root, layers, used)
+    # bf16 between chained convs, once the layers are chosen: with quantize=False the model keeps
+    # float arithmetic, which the handoff's rounding (never measured here) would not
+    if quantize and config.conv_handoff and {m.weight.dtype for m in reference.modules() if isinstance(m, nn.Conv2d)} == {torch.float32}:
+        words = mark_conv_handoff(root)
+        _note_handoff(root, words)
+        for r in rows:
+            if r.name in words:
+                r.note = "; ".join(filter(None, (r.note, words[r.name])))
     attention = None
     if config.attention is True and (time_budget_s is None or time.monotonic() - start <= time_budget_s):
         bf16_ok = quantize and max_model_sqnr_drop_db is not None
         attention = _plan_attention(root, reference, example_inputs,
                                     calibration_data if calibration_data is not None else [example_inputs], rounds,
                                     float(max_model_sqnr_drop_db) if bf16_ok else None)  # fmt: skip
-    plan = PlanReport(_rows(root, layers, used), measured=True, model_ms=model_ms, model_sqnr_db=model_sqnr,
-                      attention=attention)  # fmt: skip
+    plan = PlanReport(rows, measured=True, model_ms=model_ms, model_sqnr_db=model_sqnr, attention=attention)
     attach_plan(root, plan)
     from fastinfer.plan.report import report
 
