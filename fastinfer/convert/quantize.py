@@ -188,10 +188,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
             report.append(LayerConversion(item.name, kind, now, detail))
         else:
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
-    handoff = mark_conv_handoff(result) if config.conv_handoff and conv_dtypes == {torch.float32} else {}
-    for i, row in enumerate(report):
-        if row.name in handoff:
-            report[i] = LayerConversion(row.name, row.kind, row.result, "; ".join(filter(None, (row.detail, handoff[row.name]))))
+    if config.conv_handoff and conv_dtypes == {torch.float32}:
+        report.add_details(mark_conv_handoff(result))
     if config.layernorm:
         result, n = fast_layernorms(result)
         report.layernorm = f"{n} on fastinfer's kernel" if n else None
@@ -206,27 +204,20 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
 def mark_conv_handoff(model: nn.Module) -> dict[str, str]:
     """QuantConfig.conv_handoff on a converted fp32 model: in each chain of Int8Conv2d /
     DepthwiseConv2d layers that feed only each other (fastinfer.convert.fuse.handoff_chains: from a
-    torch.fx trace only), linked where a depthwise conv is at one end and an int8 conv at the other
-    (an inverted residual's expanded tensors, the largest of the model: linking the narrow block
-    outputs too measured the same speed and lost 0.8 dB of output SQNR on a MobileNetV2), the inner
-    ones output bf16 and the last one float32, following
-    the model's casts. Returns the report's words per layer name."""
-    inner = {id(m.conv2d) for m in model.modules() if isinstance(m, Int8Conv1d)}  # run by their Int8Conv1d
-    layers = {n: m for n, m in model.named_modules() if type(m) in (Int8Conv2d, DepthwiseConv2d) and id(m) not in inner}
-    # one end depthwise, the other int8: the int8 end rounds anyway (two fp32 depthwise convs in a
-    # row would lose their exactness to bf16)
+    torch.fx trace only), linked where a depthwise conv is at one end and an int8 conv at the other,
+    the inner ones output bf16 and the last one float32, following the model's casts. The links are
+    an inverted residual's expanded tensors, the model's largest: linking the narrow block outputs
+    too measured the same speed and lost 0.8 dB of output SQNR on a MobileNetV2; two fp32 depthwise
+    convs in a row would lose their exactness. Returns the report's words per layer name."""
     chains = handoff_chains(model, (Int8Conv2d, DepthwiseConv2d),
                             keep=lambda a, b: isinstance(a, DepthwiseConv2d) != isinstance(b, DepthwiseConv2d))
     words = {}
     for chain in chains:
-        chain = [n for n in chain if n in layers]
-        if len(chain) < 2:
-            continue
         for name, nxt in zip(chain, chain[1:]):
-            layers[name].output_dtype = torch.bfloat16
-            layers[name]._follows_model_dtype = False
+            layer = model.get_submodule(name)
+            layer.output_dtype, layer._follows_model_dtype = torch.bfloat16, False
             words[name] = f"output bf16 to {nxt}"
-        last = layers[chain[-1]]
+        last = model.get_submodule(chain[-1])
         last.output_dtype, last._follows_model_dtype = torch.float32, True
         words[chain[-1]] = f"last of a bf16 chain from {chain[0]}: output float32"
     return words

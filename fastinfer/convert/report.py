@@ -59,6 +59,12 @@ class ConversionReport(list):
         self.attention = attention
         self.layernorm = layernorm  # what became of the model's nn.LayerNorm modules (None: not looked at)
 
+    def add_details(self, words: dict[str, str]) -> None:
+        """Appends words[name] to the detail of the row of each layer name."""
+        for i, row in enumerate(self):
+            if row.name in words:
+                self[i] = LayerConversion(row.name, row.kind, row.result, "; ".join(filter(None, (row.detail, words[row.name]))))
+
     @property
     def converted(self) -> list[LayerConversion]:
         return [r for r in self if r.converted]

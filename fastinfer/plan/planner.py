@@ -271,7 +271,8 @@ def optimize(
     # float arithmetic, which the handoff's rounding (never measured here) would not
     if quantize and config.conv_handoff and {m.weight.dtype for m in reference.modules() if isinstance(m, nn.Conv2d)} == {torch.float32}:
         words = mark_conv_handoff(root)
-        _note_handoff(root, words)
+        if "_fastinfer_report" in root.__dict__:
+            root.__dict__["_fastinfer_report"].add_details(words)
         for r in rows:
             if r.name in words:
                 r.note = "; ".join(filter(None, (r.note, words[r.name])))
@@ -690,16 +691,6 @@ def _model_check(root: nn.Module, variants: dict[str, list], example_inputs, rou
                     samples[name].append((time.perf_counter() - t0) * 1e3)
                 root = _apply(model, variants[name], False)
     return {k: statistics.median(v) for k, v in samples.items()}
-
-
-def _note_handoff(root: nn.Module, words: dict[str, str]) -> None:
-    """The conversion report's rows of the layers that hand bf16 on (QuantConfig.conv_handoff)."""
-    rep = root.__dict__.get("_fastinfer_report")
-    if rep is None:
-        return
-    for i, row in enumerate(rep):
-        if row.name in words:
-            rep[i] = LayerConversion(row.name, row.kind, row.result, "; ".join(filter(None, (row.detail, words[row.name]))))
 
 
 # ------------------------------------------------------------------------------------ attention
