@@ -609,22 +609,32 @@ def _model_sqnr(root: nn.Module, variants: dict[str, list], reference: nn.Module
     (swaps from quantize()'s model): every floating output tensor, summed; the model is left as
     quantize() made it."""
     with torch.inference_mode():
-        refs = [[t.double() for t in _output_tensors(run_batch(reference, b))] for b in batches_of(data)]
+        refs = _reference_outputs(reference, data)
         out = {}
         for name, swaps in variants.items():
             model = _apply(root, swaps, True)
             try:
-                signal = noise = 0.0
-                for ref, batch in zip(refs, batches_of(data)):
-                    got = _output_tensors(run_batch(model, batch))
-                    for r, g in zip(ref, got):
-                        if r.shape == g.shape:
-                            signal += float(r.square().sum())
-                            noise += float((g.double() - r).square().sum())
+                out[name] = _output_sqnr(model, refs, data)
             finally:
                 root = _apply(model, swaps, False)
-            out[name] = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 and math.isfinite(noise) else -math.inf)
     return out
+
+
+def _reference_outputs(reference: nn.Module, data) -> list[list[torch.Tensor]]:
+    """The float reference's output tensors (float64) for each batch of data."""
+    return [[t.double() for t in _output_tensors(run_batch(reference, b))] for b in batches_of(data)]
+
+
+def _output_sqnr(model: nn.Module, refs: list[list[torch.Tensor]], data) -> float:
+    """The model's output SQNR (dB) against refs over the batches of data: every floating output
+    tensor of matching shape, summed."""
+    signal = noise = 0.0
+    for ref, batch in zip(refs, batches_of(data)):
+        for r, g in zip(ref, _output_tensors(run_batch(model, batch))):
+            if r.shape == g.shape:
+                signal += float(r.square().sum())
+                noise += float((g.double() - r).square().sum())
+    return math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 and math.isfinite(noise) else -math.inf)
 
 
 def _fidelity_check(qm: nn.Module, layers: list[_Layer], choices: dict, fallback: dict, reference: nn.Module,
@@ -750,16 +760,10 @@ def _attention_sqnr(root: nn.Module, impls: dict[str, str], reference: nn.Module
     """The model's output SQNR (dB) vs the float reference over data, per attn_implementation."""
     out = {}
     with torch.inference_mode():
-        refs = [[t.double() for t in _output_tensors(run_batch(reference, b))] for b in batches_of(data)]
+        refs = _reference_outputs(reference, data)
         for label, impl in impls.items():
             root.set_attn_implementation(impl)
-            signal = noise = 0.0
-            for ref, batch in zip(refs, batches_of(data)):
-                for r, g in zip(ref, _output_tensors(run_batch(root, batch))):
-                    if r.shape == g.shape:
-                        signal += float(r.square().sum())
-                        noise += float((g.double() - r).square().sum())
-            out[label] = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 and math.isfinite(noise) else -math.inf)
+            out[label] = _output_sqnr(root, refs, data)
     return out
 
 
