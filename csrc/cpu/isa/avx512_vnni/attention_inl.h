@@ -168,8 +168,7 @@ inline void score_pass(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0,
 
 // exp(x) for x <= 0 or -inf (a score less its row's max): exp16's range reduction and polynomial,
 // 2^n applied by vscalefps (one instruction for exp16's four). Below kExpLo (masked keys, -inf)
-// the result is exactly 0 (exp16 clamps there): an underflowing scalef would give the subnormal
-// exp, but a subnormal result costs this CPU more than the whole rest of the exp.
+// the result is exactly 0 (exp16 clamps there), so no lane depends on how scalef rounds subnormals.
 inline __m512 exp16_nonpos(__m512 x) {
     const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_GE_OQ);
     __m512 n;
