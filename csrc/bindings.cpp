@@ -30,7 +30,7 @@ T* ptr(uintptr_t p) {
 }
 
 fc::DType dtype(int d) {
-    if (d < 0 || d > 2) throw py::value_error("unknown dtype code");
+    if (d < 0 || d > 3) throw py::value_error("unknown dtype code");
     return fc::DType(d);
 }
 

@@ -70,11 +70,11 @@ def _linear_config(m) -> dict:
     return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
 
 
-_OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 
 
 def _output_config(m) -> dict:
-    """A conv layer's output dtype (QuantConfig.conv_handoff): None, "float32" or "bfloat16", and
+    """A conv layer's output dtype (QuantConfig.conv_handoff): None, "float32", "bfloat16" or "uint8", and
     whether it follows the model's casts."""
     dt = m.output_dtype
     return {"output_dtype": None if dt is None else str(dt).replace("torch.", ""),
@@ -84,7 +84,7 @@ def _output_config(m) -> dict:
 def _set_output(layer, c: dict):
     if c["output_dtype"] is not None:
         if c["output_dtype"] not in _OUTPUT_DTYPES:
-            raise ValueError(f"output_dtype {c['output_dtype']!r} is not float32, bfloat16 or null")
+            raise ValueError(f"output_dtype {c['output_dtype']!r} is not float32, bfloat16, uint8 or null")
         layer.output_dtype = _OUTPUT_DTYPES[c["output_dtype"]]
     layer._follows_model_dtype = c["follows_model_dtype"]
     return layer

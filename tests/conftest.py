@@ -273,11 +273,14 @@ def run_python(code: str, env: dict | None = None, timeout: float = 300) -> subp
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
-def pin_planner_times(monkeypatch, table, model_ms: dict | None = None, default: float | None = None) -> None:
+def pin_planner_times(monkeypatch, table, model_ms: dict | None = None, default: float | None = None,
+                      settings_ms: dict | None = None) -> None:  # fmt: skip
     """Pins fastinfer.optimize's measurements, so its decisions can be tested without timing:
     each candidate takes table[name] us (a dict, or a callable (layer, name) -> us; a name missing
-    from the dict takes `default`, or is an error), and the whole-model check reports model_ms
-    (default: every variant equally fast; a variant absent from model_ms takes its "quantize" entry)."""
+    from the dict takes `default`, or is an error), the whole-model check reports model_ms
+    (default: every variant equally fast; a variant absent from model_ms takes its "quantize" entry),
+    and the whole-model timing of settings (the conv handoff's "bf16" / "u8", the attention's
+    implementations) reports settings_ms (default 1.0 ms each)."""
     from fastinfer.plan import planner
 
     def time_layer(lay, rounds, target_s=0.003):
@@ -296,5 +299,9 @@ def pin_planner_times(monkeypatch, table, model_ms: dict | None = None, default:
         ms = model_ms or {}
         return {k: ms.get(k, ms.get("quantize", 1.0) if k != "optimize" else 1.0) for k in variants}
 
+    def time_settings(root, settings, example_inputs, rounds):
+        return {k: (settings_ms or {}).get(k, 1.0) for k in settings}
+
     monkeypatch.setattr(planner, "_time_layer", time_layer)
     monkeypatch.setattr(planner, "_model_check", model_check)
+    monkeypatch.setattr(planner, "_time_settings", time_settings)

@@ -108,7 +108,7 @@ def test_quantize_chains_the_convs_that_feed_only_each_other():
     assert dt == {"0.0": None, "1.conv.0.0": None, "1.conv.1.0": BF16, "1.conv.2": FP32, "1.side": None,
                   "2": BF16, "4": FP32, "5": None}  # fmt: skip
     rep = {r.name: r.detail for r in fastinfer.conversion_report(q)}
-    assert "output bf16 to 4" in rep["2"] and "last of a bf16 chain from 2: output float32" in rep["4"]
+    assert "output bf16 to 4" in rep["2"] and "last of a conv chain from 2: output float32" in rep["4"]
     assert "no fx trace" not in rep["2"]
     assert all(m.output_dtype is None for m in plain.modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d)))
     with torch.inference_mode():
@@ -213,7 +213,7 @@ def test_optimize_chains_after_choosing_the_layers(monkeypatch):
     assert type(fast[2]) is nn.Conv2d and fast[4].output_dtype is None
     assert fast[1].conv[1][0].output_dtype == BF16 and fast[1].conv[2].output_dtype == FP32
     notes = {r.name: r.note for r in plan}
-    assert "output bf16 to 1.conv.2" in notes["1.conv.1.0"] and "last of a bf16 chain" in notes["1.conv.2"]
+    assert "output bf16 to 1.conv.2" in notes["1.conv.1.0"] and "last of a conv chain" in notes["1.conv.2"]
     rep = {r.name: r.detail for r in fastinfer.conversion_report(fast)}
     assert "output bf16 to 1.conv.2" in rep["1.conv.1.0"]
     floats, _ = fastinfer.optimize(net, x, quantize=False)  # float arithmetic kept: no bf16 either

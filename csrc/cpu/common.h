@@ -26,7 +26,16 @@ namespace cpu {
 enum class Isa : int { kRef = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
 const char* isa_name(Isa isa);
 
-enum class DType : int { kF32 = 0, kBF16 = 1, kI32 = 2 };
+enum class DType : int { kF32 = 0, kBF16 = 1, kI32 = 2, kU8 = 3 };
+
+// kU8: a ReLU6 output handed from one conv to the next (QuantConfig.conv_handoff). Byte q in
+// [0, 254] stands for q * kU8Scale (6 / 254), 255 for NaN, so a NaN pixel stays NaN down the chain.
+// Written from an fp32 y (already through ReLU6, so in [0, 6]) as round(clamp(y * kU8Inv, 0, 254))
+// in the current rounding mode (nearest even), NaN -> 255; read as u8_to_f32: the float value
+// every kernel computes with, so a kU8 input gives the bits of its fp32 copy.
+constexpr float kU8Scale = 6.f / 254.f;
+constexpr float kU8Inv = 254.f / 6.f;
+constexpr uint8_t kU8NaN = 255;
 
 // Weights are processed in blocks of kNBlock output channels (one zmm of int32 sums); K is padded
 // to a multiple of kKAlign (one zmm of int8 activations).
@@ -43,7 +52,8 @@ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 Status check_dims(int64_t m, int64_t k, int64_t ld, const char* what);
 
 // Where the GEMM result goes. kind kI32: out[m,n] = acc (exact, wrapping mod 2^32).
-// kind kF32/kBF16: out[m,n] = act(acc * sa[m] * sw[n] + bias[n]) (bias may be null), computed in fp32.
+// kind kF32/kBF16/kU8: out[m,n] = act(acc * sa[m] * sw[n] + bias[n]) (bias may be null), computed in fp32
+// (kU8 only after kActRelu6: the conv entry points check).
 // Activation codes (the entry points reject any other): kActNone, kActGelu (erf GELU, gelu_f32),
 // kActRelu, kActRelu6, kActSilu (x * sigmoid(x), exp_f32), kActHardswish (x * relu6(x + 3) / 6),
 // kActGeluTanh (GELU's tanh approximation, GPT-2's "gelu_new": gelu_tanh_f32).
@@ -109,10 +119,14 @@ constexpr float kExpP5 = 5.0000001201e-1f;
 
 // Quantized activations handed to a GEMM kernel: int8 rows of kp bytes (zero padded past k).
 // For avx512_vnni the bytes are stored shifted (q + 128 as uint8); the kernel subtracts 128*colsum.
+// k_used (0: all kp): a kernel may stop after the first k_used bytes of K (a multiple of 8, at most
+// kp, past the layer's k): the weight's bytes past k are zero, so the rest adds nothing to any sum.
+// A conv of few input channels (K = 16, 24 or 27 padded to 64) then runs its real K only.
 struct Activations {
     const int8_t* q;
     int64_t m;
     int64_t ldq;
+    int64_t k_used = 0;
 };
 
 // Scalar helpers shared by every path (exactly the same float operations as the SIMD code).
@@ -143,6 +157,17 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
     if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
     u += 0x7fffu + ((u >> 16) & 1u);
     return uint16_t(u >> 16);
+}
+
+inline float u8_to_f32(uint8_t q) { return q == kU8NaN ? __builtin_nanf("") : float(q) * kU8Scale; }
+// kU8's rounding: clamp in fp32 first (the bounds are integers, so before or after the rounding
+// gives the same), then round in the current mode, as vcvtps2dq does.
+inline uint8_t f32_to_u8(float y) {
+    if (y != y) return kU8NaN;
+    float t = y * kU8Inv;
+    t = t > 0.f ? t : 0.f;
+    t = t < 254.f ? t : 254.f;
+    return uint8_t(__builtin_nearbyintf(t));
 }
 
 // The clamp is written as the SIMD min/max behave: _mm*_min_ps(a, b) returns b when a is NaN
@@ -216,6 +241,16 @@ inline float act_f32(float y, int act) {
     }
 }
 
+// One fp32 output value stored as the epilogue's kind (kF32, kBF16 or kU8).
+inline void store_value(float y, const Epilogue& ep, int64_t m, int64_t n) {
+    if (ep.kind == DType::kF32)
+        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
+    else if (ep.kind == DType::kU8)
+        static_cast<uint8_t*>(ep.out)[m * ep.ldo + n] = f32_to_u8(y);
+    else
+        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+}
+
 // The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32,
 // then the activation.
 inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
@@ -226,19 +261,13 @@ inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
         return;
     }
     const float y = act_f32(__builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f), ep.act);
-    if (ep.kind == DType::kF32)
-        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
-    else
-        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+    store_value(y, ep, m, n);
 }
 
 // The weight-only epilogue (wo_gemm: fp32 sums): act(fma(acc, sw, bias)), ep.sa unused.
 inline void store_one_f32(float acc, const Epilogue& ep, int64_t m, int64_t n) {
     const float y = act_f32(__builtin_fmaf(acc, ep.sw[n], ep.bias ? ep.bias[n] : 0.f), ep.act);
-    if (ep.kind == DType::kF32)
-        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
-    else
-        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+    store_value(y, ep, m, n);
 }
 
 }  // namespace

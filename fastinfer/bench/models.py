@@ -35,6 +35,8 @@ the same images:
   bf16 channels_last   the same, .bfloat16(), bf16 input
   fastinfer            fastinfer.quantize(channels_last model): Int8Conv2d with BatchNorm folded and
                        ReLU/ReLU6 fused, fp32 channels_last input
+  fastinfer u8 handoff the same with QuantConfig(conv_handoff="u8"): relu6 outputs handed from
+                       conv to conv as uint8 (MobileNetV2 and EfficientNet only)
   fastinfer bf16       fastinfer.quantize(channels_last model.bfloat16()), bf16 input
   fastinfer optimize   fastinfer.optimize(channels_last model, the images): per conv the fastest of
                        float, int8 and (depthwise) fp32 depthwise within 25 dB
@@ -451,11 +453,16 @@ def _image_peers(case: Case, threads: int, onnx: bool) -> tuple[list[Peer], dict
     x_bf = x.bfloat16()
     peers = [Peer("fp32 channels_last", lambda: m_cl(x), _logits, note="model and input channels_last"),
              Peer("bf16 channels_last", lambda: m_bf(x_bf), _logits, note="model.bfloat16(), bf16 channels_last input")]  # fmt: skip
-    for name, model, inp, what in (("fastinfer", m_cl, x, "fp32 channels_last input"),
-                                   ("fastinfer bf16", m_bf, x_bf, "quantize(model.bfloat16()), bf16 input")):  # fmt: skip
+    for name, model, inp, handoff, what in (
+            ("fastinfer", m_cl, x, True, "fp32 channels_last input"),
+            ("fastinfer u8 handoff", m_cl, x, "u8", "QuantConfig(conv_handoff='u8'), fp32 channels_last input"),
+            ("fastinfer bf16", m_bf, x_bf, True, "quantize(model.bfloat16()), bf16 input")):  # fmt: skip
         try:
             with _quiet():
-                q = fastinfer.quantize(model, fastinfer.QuantConfig(progress=False))
+                q = fastinfer.quantize(model, fastinfer.QuantConfig(progress=False, conv_handoff=handoff))
+            if handoff == "u8" and not any(getattr(m, "output_dtype", None) == torch.uint8 for m in q.modules()):
+                errors[name] = "not measured: no conv fusing relu6 hands over to another (the same model as fastinfer's)"
+                continue
             peers.append(Peer(name, lambda q=q, inp=inp: q(inp), _logits, ours=q, note=f"{what}; {_report_note(q)}"))
         except Exception as e:
             errors[name] = _err(e)
@@ -634,7 +641,8 @@ def _optimized(model: nn.Module, case: Case, image: torch.Tensor | None = None) 
     for r in plan:
         kinds[r.kernel] = kinds.get(r.kernel, 0) + 1
     attention = f"; attention: {plan.attention.chosen}" if plan.attention is not None else ""
-    return planned, "fastinfer.optimize(model, example): " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + attention
+    handoff = f"; {plan.handoff.summary()}" if plan.handoff is not None else ""
+    return planned, "fastinfer.optimize(model, example): " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + attention + handoff
 
 
 # ---------------------------------------------------------------------------------------- measure

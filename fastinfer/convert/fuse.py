@@ -195,15 +195,18 @@ def _fx_fusions(graph: FxGraph, convs, shared) -> dict[int, ConvFusion]:
 _PASSTHROUGH = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.Hardtanh, nn.SiLU, nn.Hardswish)
 
 
-def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None) -> list[list[str]]:
+def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None,
+                   bare: set[str] | None = None) -> list[list[str]]:  # fmt: skip
     """Chains of converted convs (modules of the types `layers`) in which each conv's output goes to
     the next one alone (through activations, dropout or the nn.Identity left by fusions, none of them
     hooked) and to nothing else: qualified names in order, two or more per chain, each conv in one
-    chain at most. keep(producer, consumer): which such links to use (None: all). Only from the
-    model's torch.fx trace: without one (unlike the fusions) nothing is linked, since a parent that
-    iterates over an nn.Sequential itself would be handed bf16. What the trace cannot see is not
-    known either: an output also stored in an attribute, or returned by another method, is read in
-    bf16 there."""
+    chain at most. keep(producer, consumer): which such links to use (None: all). bare, when given,
+    receives the names of the producers whose output reaches the next conv through identities alone
+    (nn.Identity, the Fused left by fusions): the links that may carry bytes rather than values.
+    Only from the model's torch.fx trace: without one (unlike the fusions) nothing is linked, since
+    a parent that iterates over an nn.Sequential itself would be handed bf16. What the trace cannot
+    see is not known either: an output also stored in an attribute, or returned by another method,
+    is read in bf16 there."""
     names: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), []).append(name)
@@ -217,15 +220,19 @@ def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None) -> lis
             if mod is None or id(mod) not in convs or graph.calls.get(id(mod)) != 1:
                 continue
             nxt = graph.only_user(node)
+            identities = True
             # (a stateless activation may be shared, as ResNet's one ReLU: each call is its own node)
             while (graph.module_of(nxt) is not None and _passes_through(graph.module_of(nxt))
                    and not _hooked(graph.module_of(nxt)) and len(nxt.args) == 1 and nxt.args[0] is not None
                    and not nxt.kwargs):  # fmt: skip (a hook would see the bf16 tensor)
+                identities = identities and type(graph.module_of(nxt)).forward is nn.Identity.forward
                 nxt = graph.only_user(nxt)
             after = graph.module_of(nxt)
             if (after is not None and id(after) in convs and graph.calls.get(id(after)) == 1 and len(nxt.args) == 1
                     and not nxt.kwargs and after is not mod):  # fmt: skip
                 edges[id(mod)] = id(after)
+                if identities and bare is not None:
+                    bare.add(names[id(mod)][0])
     if keep is not None:
         edges = {a: b for a, b in edges.items() if keep(convs[a], convs[b])}
     targets = set(edges.values())

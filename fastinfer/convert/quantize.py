@@ -189,7 +189,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
         else:
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
     if config.conv_handoff and conv_dtypes == {torch.float32}:
-        report.add_details(mark_conv_handoff(result))
+        report.add_details(mark_conv_handoff(result, u8=config.conv_handoff == "u8"))
     if config.layernorm:
         result, n = fast_layernorms(result)
         report.layernorm = f"{n} on fastinfer's kernel" if n else None
@@ -201,25 +201,29 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
     return result
 
 
-def mark_conv_handoff(model: nn.Module) -> dict[str, str]:
+def mark_conv_handoff(model: nn.Module, u8: bool = False) -> dict[str, str]:
     """QuantConfig.conv_handoff on a converted fp32 model: in each chain of Int8Conv2d /
     DepthwiseConv2d layers that feed only each other (fastinfer.convert.fuse.handoff_chains: from a
     torch.fx trace only), linked where a depthwise conv is at one end and an int8 conv at the other,
     the inner ones output bf16 and the last one float32, following the model's casts. The links are
     an inverted residual's expanded tensors, the model's largest: linking the narrow block outputs
     too measured the same speed and lost 0.8 dB of output SQNR on a MobileNetV2; two fp32 depthwise
-    convs in a row would lose their exactness. Returns the report's words per layer name."""
-    chains = handoff_chains(model, (Int8Conv2d, DepthwiseConv2d),
+    convs in a row would lose their exactness. u8 (conv_handoff="u8"): an inner conv that fuses
+    relu6 and reaches the next through identities alone outputs uint8 instead (its range [0, 6] in
+    254 steps: fastinfer.ops.conv.U8_SCALE). Returns the report's words per layer name."""
+    bare: set[str] = set()
+    chains = handoff_chains(model, (Int8Conv2d, DepthwiseConv2d), bare=bare,
                             keep=lambda a, b: isinstance(a, DepthwiseConv2d) != isinstance(b, DepthwiseConv2d))
     words = {}
     for chain in chains:
         for name, nxt in zip(chain, chain[1:]):
             layer = model.get_submodule(name)
-            layer.output_dtype, layer._follows_model_dtype = torch.bfloat16, False
-            words[name] = f"output bf16 to {nxt}"
+            dtype = torch.uint8 if u8 and name in bare and layer.activation == "relu6" else torch.bfloat16
+            layer.output_dtype, layer._follows_model_dtype = dtype, False
+            words[name] = f"output {'uint8' if dtype == torch.uint8 else 'bf16'} to {nxt}"
         last = model.get_submodule(chain[-1])
         last.output_dtype, last._follows_model_dtype = torch.float32, True
-        words[chain[-1]] = f"last of a bf16 chain from {chain[0]}: output float32"
+        words[chain[-1]] = f"last of a conv chain from {chain[0]}: output float32"
     return words
 
 

@@ -10,7 +10,7 @@ from fastinfer import _runtime
 from fastinfer.nn._base import _FusedActivation, apply_keeping_dtypes, check_scale
 from fastinfer.nn.linear import quantize_weight_per_channel
 from fastinfer.ops import conv as _conv
-from fastinfer.ops._common import DTYPE_CODE, eager_fast_path
+from fastinfer.ops._common import eager_fast_path
 
 __all__ = ["DepthwiseConv2d", "Int8Conv1d", "Int8Conv2d", "conv_padding", "fold_batchnorm"]
 
@@ -61,10 +61,11 @@ class _ConvLayer(_FusedActivation, nn.Module):
     _op(x, weight, act, out_dtype)."""
 
     _packed: tuple | None = None
-    # The output's dtype: None (the input's, the default) or float32 / bfloat16. quantize() sets it in
-    # a chain of convs that feed only each other (fastinfer.convert.fuse.handoff_chains): the inner
-    # ones hand bf16 on (half the bytes of fp32), the last returns the model's dtype and follows the
-    # model's casts (model.bfloat16(), model.float()).
+    # The output's dtype: None (the input's, the default) or float32 / bfloat16 / uint8. quantize()
+    # sets it in a chain of convs that feed only each other (fastinfer.convert.fuse.handoff_chains):
+    # the inner ones hand bf16 on (half the bytes of fp32), or uint8 after a fused relu6 (a quarter:
+    # fastinfer.ops.conv.U8_SCALE), the last returns the model's dtype and follows the model's casts
+    # (model.bfloat16(), model.float()).
     _output_dtype: torch.dtype | None = None
     _follows_model_dtype: bool = False
 
@@ -74,8 +75,12 @@ class _ConvLayer(_FusedActivation, nn.Module):
 
     @output_dtype.setter
     def output_dtype(self, value: torch.dtype | None) -> None:
-        if value not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"{type(self).__name__}.output_dtype must be None, torch.float32 or torch.bfloat16, got {value!r}")
+        if value not in (None, torch.float32, torch.bfloat16, torch.uint8):
+            raise ValueError(f"{type(self).__name__}.output_dtype must be None, torch.float32, torch.bfloat16 or "
+                             f"torch.uint8, got {value!r}")  # fmt: skip
+        if value == torch.uint8 and self.activation != "relu6":
+            raise ValueError(f"{type(self).__name__}.output_dtype=torch.uint8 holds relu6's range [0, 6]: it needs "
+                             f"activation='relu6', this layer has {self.activation!r}")  # fmt: skip
         self._output_dtype = value
 
     def _apply(self, fn, recurse=True):
@@ -109,8 +114,9 @@ class _ConvLayer(_FusedActivation, nn.Module):
         if x.shape[-3] != self.in_channels:
             raise ValueError(f"{name}({self.in_channels} -> {self.out_channels}) got input of shape {tuple(x.shape)}: "
                              f"{x.shape[-3]} channels, expected {self.in_channels}")  # fmt: skip
-        if x.dtype not in DTYPE_CODE:
-            raise TypeError(f"{name} supports float32 and bfloat16 inputs, got {x.dtype}")
+        if x.dtype not in _conv.CONV_DTYPE_CODE:
+            raise TypeError(f"{name} supports float32 and bfloat16 inputs (and uint8 from a conv before it: "
+                            f"fastinfer.ops.conv.U8_SCALE), got {x.dtype}")  # fmt: skip
         if x.device.type != "cpu":
             raise RuntimeError(f"{name} runs on the CPU; got an input on {x.device} (no CUDA conv kernel yet)")
         return x
@@ -121,15 +127,21 @@ class _ConvLayer(_FusedActivation, nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         weight, act = self._kernel_weight(), self._act_code()
-        out_dtype = self._output_dtype or x.dtype
+        out_dtype = self._output_dtype or (torch.float32 if x.dtype == torch.uint8 else x.dtype)
+        grad = x.requires_grad and torch.is_grad_enabled()
+        if out_dtype == torch.uint8 and (grad or act != 3):
+            if act != 3:  # the activation was changed after output_dtype was set
+                raise ValueError(f"{type(self).__name__}: output_dtype=torch.uint8 needs activation='relu6', "
+                                 f"this layer has {self.activation!r}")  # fmt: skip
+            out_dtype = torch.bfloat16  # integers carry no gradient: hand bf16 on (the next conv takes either)
         if eager_fast_path(x):
             y = self._eager(x, weight, act, out_dtype)
-        elif out_dtype == torch.bfloat16 and x.dtype == torch.float32 and x.requires_grad and torch.is_grad_enabled():
+        elif out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad:
             # autograd saves the op's output for relu / relu6's gradient mask: kept fp32 (a value
             # just below 6 rounds to 6.0 in bf16), the cast after it rounds as the kernel's store
             y = self._op(x, weight, act).to(out_dtype)
         else:
-            y = self._op(x, weight, act, None if out_dtype == x.dtype else out_dtype)
+            y = self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype)
         return y.squeeze(0) if unbatched else y
 
 

@@ -30,8 +30,34 @@ from fastinfer.ops._common import (
 )
 from fastinfer.ops.linear import pack_int8_weight
 
-__all__ = ["conv2d_output_size", "int8_conv2d", "is_depthwise", "pack_conv_weight", "pack_depthwise_weight",
-           "unpack_conv_weight"]
+__all__ = ["U8_NAN", "U8_SCALE", "conv2d_output_size", "dequantize_u8", "int8_conv2d", "is_depthwise",
+           "pack_conv_weight", "pack_depthwise_weight", "quantize_u8", "unpack_conv_weight"]
+
+# The conv ops also take and give uint8: a ReLU6 output handed from one conv to the next
+# (QuantConfig.conv_handoff; kU8 in csrc/cpu/common.h). Byte q in [0, 254] stands for the float32
+# q * U8_SCALE (ReLU6's range [0, 6] in 254 steps), U8_NAN for NaN, so a NaN pixel stays NaN down
+# the chain. The depthwise kernel computes with those float values; the int8 conv sums the bytes
+# themselves (they are quantized already: no second rounding).
+CONV_DTYPE_CODE = {**DTYPE_CODE, torch.uint8: 3}
+U8_SCALE = 6.0 / 254.0
+U8_NAN = 255
+_U8_SCALE32 = torch.tensor(U8_SCALE, dtype=torch.float32)  # the kernels' float kU8Scale
+_U8_INV32 = torch.tensor(254.0 / 6.0, dtype=torch.float32)
+
+
+def dequantize_u8(x: torch.Tensor) -> torch.Tensor:
+    """float32 values of a uint8 conv output (see U8_SCALE): float32(q) * U8_SCALE, NaN for U8_NAN;
+    the values the conv kernels compute with."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
+        raise TypeError(f"fastinfer.dequantize_u8: expects a uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    return (x.float() * _U8_SCALE32).masked_fill(x == U8_NAN, float("nan"))
+
+
+def quantize_u8(y: torch.Tensor) -> torch.Tensor:
+    """The uint8 form of float values y (after ReLU6, in [0, 6]), as the kernels store it:
+    round(clamp(y * 254 / 6, 0, 254)) to nearest even in float32, NaN -> U8_NAN."""
+    t = (y.float() * _U8_INV32).clamp(0.0, 254.0).round()
+    return t.masked_fill(torch.isnan(y), U8_NAN).to(torch.uint8)
 
 torch.library.define(
     "fastinfer::int8_conv2d",
@@ -125,8 +151,7 @@ def _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation
     for arg, t in (("x", x), ("weight", weight), ("w_scale", w_scale)):
         check_tensor(name, arg, t)
     check_device(name, x=x, weight=weight, w_scale=w_scale, bias=bias)
-    if x.dtype not in DTYPE_CODE:
-        raise TypeError(f"fastinfer.{name}: x must be float32 or bfloat16, got {x.dtype}")
+    _check_x_dtype(name, x)
     if x.dim() != 4:
         raise ValueError(f"fastinfer.{name}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     if w_scale.dtype != torch.float32 or w_scale.dim() != 1:
@@ -160,8 +185,8 @@ def _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation
 @torch.library.register_fake("fastinfer::int8_conv2d")
 def _int8_conv2d_fake(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None):
     shape, *_ = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
-    _check_out_dtype("int8_conv2d", out_dtype)
-    return x.new_empty(shape, dtype=out_dtype or x.dtype).contiguous(memory_format=_memory_format(x))
+    _check_out_dtype("int8_conv2d", out_dtype, act)
+    return x.new_empty(shape, dtype=_out_dtype(x, out_dtype)).contiguous(memory_format=_memory_format(x))
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -172,26 +197,40 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _check_out_dtype(name: str, out_dtype) -> None:
-    if out_dtype is not None and out_dtype not in DTYPE_CODE:
-        raise TypeError(f"fastinfer.{name}: out_dtype must be None, float32 or bfloat16, got {out_dtype}")
+def _check_x_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in CONV_DTYPE_CODE:
+        raise TypeError(f"fastinfer.{name}: x must be float32, bfloat16 or uint8 (a relu6 output handed on), got {x.dtype}")
+
+
+def _check_out_dtype(name: str, out_dtype, act: int) -> None:
+    if out_dtype is not None and out_dtype not in CONV_DTYPE_CODE:
+        raise TypeError(f"fastinfer.{name}: out_dtype must be None, float32, bfloat16 or uint8, got {out_dtype}")
+    if out_dtype == torch.uint8 and act != 3:
+        raise ValueError(f"fastinfer.{name}: a uint8 output holds relu6's range [0, 6]: it needs act=3 (relu6), got {act}")
+
+
+def _out_dtype(x: torch.Tensor, out_dtype) -> torch.dtype:
+    """The output's dtype: out_dtype, or x's (float32 for a uint8 x: its values, not its bytes)."""
+    if out_dtype is not None:
+        return out_dtype
+    return torch.float32 if x.dtype == torch.uint8 else x.dtype
 
 
 def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape, out_dtype=None) -> torch.Tensor:
     """The marshalling of _C.int8_conv2d on checked arguments (weight validated, aligned); the output
-    in out_dtype (float32 or bfloat16; None: x's), rounded once from the fp32 epilogue."""
+    in out_dtype (float32, bfloat16 or uint8; None: x's, float32 for uint8 x), rounded once from the fp32 epilogue."""
     n, cout, oh, ow = shape
     fmt = _memory_format(x)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
+    out_dtype = _out_dtype(x, out_dtype)
     out = new_output((n, oh, ow, cout), out_dtype).permute(0, 3, 1, 2)  # NHWC storage, NCHW sizes
     if out.numel() == 0:
         return out.contiguous(memory_format=fmt)
     xn = x.contiguous(memory_format=torch.channels_last)
     c, h, w = x.shape[1:]
-    code = DTYPE_CODE[x.dtype]
+    code = CONV_DTYPE_CODE[x.dtype]
     _C.int8_conv2d(xn.data_ptr(), code, [n, h, w, c, cout, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], groups, oh, ow],
                    weight.data_ptr(), weight.numel(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                   out.data_ptr(), DTYPE_CODE[out_dtype], act)  # fmt: skip
+                   out.data_ptr(), CONV_DTYPE_CODE[out_dtype], act)  # fmt: skip
     return out if fmt == torch.channels_last else out.contiguous()
 
 
@@ -209,7 +248,7 @@ def checked_weight(weight: torch.Tensor, depthwise: bool, groups: int) -> torch.
 @register("int8_conv2d", "CPU")
 def _int8_conv2d_cpu(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None):
     shape, k, s, p, d, dw = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
-    _check_out_dtype("int8_conv2d", out_dtype)
+    _check_out_dtype("int8_conv2d", out_dtype, act)
     weight = checked_weight(weight, dw, groups)
     return run_conv2d(x, weight, w_scale.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d,
                       groups, act, shape, out_dtype)  # fmt: skip
@@ -291,8 +330,7 @@ def _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
     check_tensor(name, "x", x)
     check_tensor(name, "weight", weight)
     check_device(name, x=x, weight=weight, bias=bias)
-    if x.dtype not in DTYPE_CODE:
-        raise TypeError(f"fastinfer.{name}: x must be float32 or bfloat16, got {x.dtype}")
+    _check_x_dtype(name, x)
     if x.dim() != 4:
         raise ValueError(f"fastinfer.{name}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
@@ -313,8 +351,8 @@ def _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
 @torch.library.register_fake("fastinfer::depthwise_conv2d")
 def _depthwise_fake(x, weight, bias, kernel_size, stride, padding, dilation, act=0, out_dtype=None):
     shape, *_ = _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
-    _check_out_dtype("depthwise_conv2d", out_dtype)
-    return x.new_empty(shape, dtype=out_dtype or x.dtype).contiguous(memory_format=_memory_format(x))
+    _check_out_dtype("depthwise_conv2d", out_dtype, act)
+    return x.new_empty(shape, dtype=_out_dtype(x, out_dtype)).contiguous(memory_format=_memory_format(x))
 
 
 def run_depthwise(x, weight, bias, k, s, p, d, act, shape, out_dtype=None) -> torch.Tensor:
@@ -322,23 +360,23 @@ def run_depthwise(x, weight, bias, k, s, p, d, act, shape, out_dtype=None) -> to
     x's), as run_conv2d."""
     n, c, oh, ow = shape
     fmt = _memory_format(x)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
+    out_dtype = _out_dtype(x, out_dtype)
     out = new_output((n, oh, ow, c), out_dtype).permute(0, 3, 1, 2)
     if out.numel() == 0:
         return out.contiguous(memory_format=fmt)
     xn = x.contiguous(memory_format=torch.channels_last)
     h, w = x.shape[2:]
-    code = DTYPE_CODE[x.dtype]
+    code = CONV_DTYPE_CODE[x.dtype]
     _C.depthwise_conv2d_f32(xn.data_ptr(), code, [n, h, w, c, c, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], c, oh, ow],
                             weight.data_ptr(), weight.numel(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-                            DTYPE_CODE[out_dtype], act)  # fmt: skip
+                            CONV_DTYPE_CODE[out_dtype], act)  # fmt: skip
     return out if fmt == torch.channels_last else out.contiguous()
 
 
 @register("depthwise_conv2d", "CPU")
 def _depthwise_cpu(x, weight, bias, kernel_size, stride, padding, dilation, act=0, out_dtype=None):
     shape, k, s, p, d = _check_dw_args(x, weight, bias, kernel_size, stride, padding, dilation, act)
-    _check_out_dtype("depthwise_conv2d", out_dtype)
+    _check_out_dtype("depthwise_conv2d", out_dtype, act)
     return run_depthwise(x, weight.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d, act, shape,
                          out_dtype)  # fmt: skip
 

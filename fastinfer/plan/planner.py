@@ -44,7 +44,7 @@ from fastinfer.nn import (
     linear_weight_and_bias,
 )
 from fastinfer.ops.conv import is_depthwise
-from fastinfer.plan.report import AttentionPlan, LayerPlan, PlanReport, attach_plan, describe
+from fastinfer.plan.report import AttentionPlan, HandoffPlan, LayerPlan, PlanReport, attach_plan, describe
 from fastinfer.plan.rules import choose_format
 
 __all__ = ["optimize"]
@@ -269,8 +269,16 @@ def optimize(
     rows = _rows(root, layers, used)
     # bf16 between chained convs, once the layers are chosen: with quantize=False the model keeps
     # float arithmetic, which the handoff's rounding (never measured here) would not
+    handoff = None
     if quantize and config.conv_handoff and {m.weight.dtype for m in reference.modules() if isinstance(m, nn.Conv2d)} == {torch.float32}:
-        words = mark_conv_handoff(root)
+        if config.conv_handoff is True and max_model_sqnr_drop_db is not None and (
+                time_budget_s is None or time.monotonic() - start <= time_budget_s):  # fmt: skip
+            handoff = _plan_handoff(root, reference, example_inputs,
+                                    calibration_data if calibration_data is not None else [example_inputs], rounds,
+                                    float(max_model_sqnr_drop_db))  # fmt: skip
+            words = handoff.words if handoff is not None else {}
+        else:
+            words = mark_conv_handoff(root, u8=config.conv_handoff == "u8")
         if "_fastinfer_report" in root.__dict__:
             root.__dict__["_fastinfer_report"].add_details(words)
         for r in rows:
@@ -282,7 +290,8 @@ def optimize(
         attention = _plan_attention(root, reference, example_inputs,
                                     calibration_data if calibration_data is not None else [example_inputs], rounds,
                                     float(max_model_sqnr_drop_db) if bf16_ok else None)  # fmt: skip
-    plan = PlanReport(rows, measured=True, model_ms=model_ms, model_sqnr_db=model_sqnr, attention=attention)
+    plan = PlanReport(rows, measured=True, model_ms=model_ms, model_sqnr_db=model_sqnr, attention=attention,
+                      handoff=handoff)  # fmt: skip
     attach_plan(root, plan)
     from fastinfer.plan.report import report
 
@@ -703,6 +712,45 @@ def _model_check(root: nn.Module, variants: dict[str, list], example_inputs, rou
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+# ---------------------------------------------------------------------------------- conv handoff
+
+
+def _plan_handoff(root: nn.Module, reference: nn.Module, example_inputs, data, rounds: int,
+                  max_drop: float | None) -> HandoffPlan | None:  # fmt: skip
+    """QuantConfig.conv_handoff=True in optimize: the chains of convs marked for bf16 (quantize()'s
+    rule), and where some links could carry uint8 (conv_handoff="u8"), the whole model timed on
+    the example with each; uint8 is kept only when max_drop is given and the model's output SQNR vs
+    float is at most max_drop dB below bf16's, and when it is faster by more than _MODEL_TIE. None
+    when nothing is linked."""
+    from fastinfer.convert.quantize import mark_conv_handoff
+
+    words = {"bf16": mark_conv_handoff(root)}
+    if not words["bf16"]:
+        return None
+    layers = [m for m in root.modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d))]
+    dtypes = {"bf16": [m.output_dtype for m in layers]}
+    words["u8"] = mark_conv_handoff(root, u8=True)
+    dtypes["u8"] = [m.output_dtype for m in layers]
+    if dtypes["u8"] == dtypes["bf16"] or max_drop is None:
+        _set_dtypes(layers, dtypes["bf16"])
+        return HandoffPlan("bf16", words["bf16"], note="no link can carry uint8" if max_drop is not None else "")
+    settings = {k: (lambda d=d: _set_dtypes(layers, d)) for k, d in dtypes.items()}
+    ms = _time_settings(root, settings, example_inputs, rounds)
+    sqnr = _settings_sqnr(root, settings, reference, data)
+    chosen, note = "bf16", ""
+    if not sqnr["u8"] >= sqnr["bf16"] - max_drop:
+        note = f"uint8 left out: model output SQNR {sqnr['u8']:.1f} dB against {sqnr['bf16']:.1f} dB with bf16"
+    elif ms["u8"] * (1 + _MODEL_TIE) < ms["bf16"]:
+        chosen = "u8"
+    settings[chosen]()
+    return HandoffPlan(chosen, words[chosen], ms, sqnr, note)
+
+
+def _set_dtypes(layers: list[nn.Module], dtypes: list) -> None:
+    for m, d in zip(layers, dtypes):
+        m._output_dtype = d
+
+
 # ------------------------------------------------------------------------------------ attention
 
 _ATTN_FP32, _ATTN_BF16, _ATTN_SDPA = "fastinfer kernel", "fastinfer kernel, bf16 arithmetic", "torch SDPA"
@@ -740,14 +788,29 @@ def _plan_attention(root: nn.Module, reference: nn.Module, example_inputs, data,
 
 
 def _time_attention(root: nn.Module, impls: dict[str, str], example_inputs, rounds: int) -> dict[str, float]:
-    """ms per forward of example_inputs with each attn_implementation, rounds interleaved in a
-    rotating order (round 0 warms every one); the last one stays set."""
-    samples: dict[str, list[float]] = {k: [] for k in impls}
-    order = list(impls)
+    """ms per forward of example_inputs with each attn_implementation (_time_settings); the last
+    one stays set."""
+    return _time_settings(root, {k: _attn_setter(root, v) for k, v in impls.items()}, example_inputs, rounds)
+
+
+def _attention_sqnr(root: nn.Module, impls: dict[str, str], reference: nn.Module, data) -> dict[str, float]:
+    """The model's output SQNR (dB) vs the float reference over data, per attn_implementation."""
+    return _settings_sqnr(root, {k: _attn_setter(root, v) for k, v in impls.items()}, reference, data)
+
+
+def _attn_setter(root: nn.Module, impl: str) -> Callable[[], None]:
+    return lambda: root.set_attn_implementation(impl)
+
+
+def _time_settings(root: nn.Module, settings: dict[str, Callable[[], None]], example_inputs, rounds: int) -> dict[str, float]:
+    """ms per forward of example_inputs with each setting of the model (a function that sets it),
+    rounds interleaved in a rotating order (round 0 warms every one); the last one stays set."""
+    samples: dict[str, list[float]] = {k: [] for k in settings}
+    order = list(settings)
     with torch.inference_mode():
         for r in range(rounds + 1):
             for label in order[r % len(order):] + order[: r % len(order)]:
-                root.set_attn_implementation(impls[label])
+                settings[label]()
                 run_batch(root, example_inputs)  # untimed
                 t0 = time.perf_counter()
                 run_batch(root, example_inputs)
@@ -756,13 +819,13 @@ def _time_attention(root: nn.Module, impls: dict[str, str], example_inputs, roun
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _attention_sqnr(root: nn.Module, impls: dict[str, str], reference: nn.Module, data) -> dict[str, float]:
-    """The model's output SQNR (dB) vs the float reference over data, per attn_implementation."""
+def _settings_sqnr(root: nn.Module, settings: dict[str, Callable[[], None]], reference: nn.Module, data) -> dict[str, float]:
+    """The model's output SQNR (dB) vs the float reference over data, per setting."""
     out = {}
     with torch.inference_mode():
         refs = _reference_outputs(reference, data)
-        for label, impl in impls.items():
-            root.set_attn_implementation(impl)
+        for label, setting in settings.items():
+            setting()
             out[label] = _output_sqnr(root, refs, data)
     return out
 

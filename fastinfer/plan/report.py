@@ -76,6 +76,26 @@ class AttentionPlan:
         return f"attention: {self.chosen} ({times}{'; ' + self.note if self.note else ''})"
 
 
+@dataclass
+class HandoffPlan:
+    """What optimize() chose for the outputs its chained convs hand to each other
+    (QuantConfig.conv_handoff): `chosen` is "bf16" or "u8" (uint8 after relu6 where a link allows);
+    words = the report's note per layer; ms / sqnr_db = the whole model's time per forward on the
+    example and its output SQNR vs float with each (None when uint8 was not a candidate)."""
+
+    chosen: str
+    words: dict[str, str]
+    ms: dict[str, float] | None = None
+    sqnr_db: dict[str, float] | None = None
+    note: str = ""
+
+    def summary(self) -> str:
+        parts = [f"{k} {self.ms[k]:.3g} ms, {self.sqnr_db[k]:.1f} dB" for k in self.ms] if self.ms and self.sqnr_db else []
+        if self.note:
+            parts.append(self.note)
+        return f"conv handoff: {self.chosen}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
 _COLUMNS = ("layer", "module", "kernel", "shape", "input", "sparsity", "weight KiB", "SQNR dB", "us", "float us",
             "vs float", "note")  # fmt: skip
 
@@ -95,10 +115,11 @@ class PlanReport(list):
 
     def __init__(self, rows=(), measured: bool = False, isa: str | None = None, threads: int | None = None,
                  model_ms: dict[str, float] | None = None, model_sqnr_db: dict[str, float] | None = None,
-                 attention: AttentionPlan | None = None) -> None:  # fmt: skip
+                 attention: AttentionPlan | None = None, handoff: HandoffPlan | None = None) -> None:  # fmt: skip
         super().__init__(rows)
         self.measured = measured
         self.attention = attention  # optimize's choice of a transformers model's attention, or None
+        self.handoff = handoff  # optimize's choice of the dtype chained convs hand over, or None
         self.model_ms = model_ms  # optimize's whole-model check: ms per forward, "quantize" and "optimize"
         # optimize's whole-model accuracy check: output SQNR vs float, "quantize" and "optimize" (as
         # first planned, before any layer went back)
@@ -136,6 +157,8 @@ class PlanReport(list):
                      f"{self.model_sqnr_db['optimize']:.1f} dB as planned")  # fmt: skip
         if self.attention is not None:
             line += "; " + self.attention.summary()
+        if self.handoff is not None:
+            line += "; " + self.handoff.summary()
         return line + f" ({self.isa}, {self.threads} threads)"
 
     def __str__(self) -> str:
@@ -238,9 +261,14 @@ def report(model: nn.Module) -> PlanReport:
     config = getattr(model, "config", None)
     if attention is not None and getattr(config, "_attn_implementation", None) != attention.implementation:
         attention = None  # switched since optimize() chose it
+    handoff = plan.handoff if plan else None
+    if handoff is not None and handoff.chosen == "u8" and not any(
+            getattr(m, "output_dtype", None) == torch.uint8 for m in model.modules()):  # fmt: skip
+        handoff = None  # reset since optimize() chose it
     return PlanReport(rows, measured=bool(measured), isa=plan.isa if plan else None,
                       threads=plan.threads if plan else None, model_ms=plan.model_ms if plan else None,
-                      model_sqnr_db=plan.model_sqnr_db if plan else None, attention=attention)  # fmt: skip
+                      model_sqnr_db=plan.model_sqnr_db if plan else None, attention=attention,
+                      handoff=handoff)  # fmt: skip
 
 
 def attach_plan(model: nn.Module, plan: PlanReport) -> None:

@@ -24,6 +24,7 @@
 //   thread-local tile (at most ~384 KiB: never the whole im2col matrix) and running the GEMM on it.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -76,7 +77,7 @@ ConvGeom geometry(const void* x, DType dt, const Conv2dShape& s) {
     return ConvGeom{x, dt, s.h, s.w, s.c, s.oh, s.ow, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw};
 }
 
-size_t elt_size(DType dt) { return dt == DType::kF32 ? 4 : 2; }
+size_t elt_size(DType dt) { return dt == DType::kF32 ? 4 : dt == DType::kU8 ? 1 : 2; }
 
 // out = act(bias) (or act(0)) at every pixel: an empty image or no input channels.
 void fill_bias(const Conv2dShape& s, int64_t m, const float* bias, void* out, DType out_dt, int act) {
@@ -85,15 +86,20 @@ void fill_bias(const Conv2dShape& s, int64_t m, const float* bias, void* out, DT
             const float y = act_f32(bias ? bias[c] : 0.f, act);
             if (out_dt == DType::kF32)
                 static_cast<float*>(out)[p * s.cout + c] = y;
+            else if (out_dt == DType::kU8)
+                static_cast<uint8_t*>(out)[p * s.cout + c] = f32_to_u8(y);
             else
                 static_cast<uint16_t*>(out)[p * s.cout + c] = f32_to_bf16(y);
         }
 }
 
+// x: fp32, bf16 or kU8 (a ReLU6 output handed on); out the same, kU8 only after ReLU6 (its range).
 Status check_io(DType dt, DType out_dt, int act) {
-    if (dt != DType::kF32 && dt != DType::kBF16) return invalid("x must be float32 or bfloat16");
-    if (out_dt != DType::kF32 && out_dt != DType::kBF16) return invalid("out must be float32 or bfloat16");
+    if (dt != DType::kF32 && dt != DType::kBF16 && dt != DType::kU8) return invalid("x must be float32, bfloat16 or uint8");
+    if (out_dt != DType::kF32 && out_dt != DType::kBF16 && out_dt != DType::kU8)
+        return invalid("out must be float32, bfloat16 or uint8");
     if (!valid_act(act)) return invalid("unknown activation code " + std::to_string(act));
+    if (out_dt == DType::kU8 && act != kActRelu6) return invalid("a uint8 output needs the relu6 activation (its range)");
     return Status::ok();
 }
 
@@ -110,7 +116,7 @@ Status depthwise_int8(const KernelTable& kt, const void* x, DType dt, const Conv
         parts[size_t(t)] = kt.range(static_cast<const uint8_t*>(x) + size_t(off) * elt, dt,
                                     std::min(chunk, sample - j * chunk));
     });
-    bool u8 = true;
+    bool u8 = true;  // a kU8 input: every finite range is nonneg
     std::vector<ValueRange> ranges(size_t(s.n));
     for (int64_t i = 0; i < s.n; ++i) {
         ValueRange& r = ranges[size_t(i)];
@@ -127,7 +133,9 @@ Status depthwise_int8(const KernelTable& kt, const void* x, DType dt, const Conv
     for (int64_t i = 0; i < s.n; ++i) {
         const ValueRange& r = ranges[size_t(i)];
         const float inv = float(qmax) / r.amax;
-        if (!r.finite)
+        if (dt == DType::kU8)  // quantized already: its bytes, scale kU8Scale (NaN: a NaN byte)
+            sq[size_t(i)] = {r.finite ? kU8Scale : __builtin_nanf(""), 0.f};
+        else if (!r.finite)
             sq[size_t(i)] = {__builtin_nanf(""), 0.f};  // NaN outputs; q = 0
         else if (r.amax == 0.f || !(inv < __builtin_inff()))
             sq[size_t(i)] = {0.f, 0.f};
@@ -135,19 +143,19 @@ Status depthwise_int8(const KernelTable& kt, const void* x, DType dt, const Conv
             sq[size_t(i)] = {r.amax / float(qmax), inv};
     }
     // 2. the quantized input (plain int8 / uint8), the per-pixel scales, the widened weights
-    const int64_t cp = round_up(s.c, 16), qbytes = s.n * sample;
+    const int64_t cp = round_up(s.c, 16), qbytes = dt == DType::kU8 ? 0 : s.n * sample;
     uint8_t* base = t_scratch.get(size_t(round_up(qbytes, 64) + round_up(m * 4, 64) + taps * cp * 4 + 64));
     if (!base) return Status::runtime("int8_conv2d: out of memory for the quantized input");
-    uint8_t* xq = base;
+    const uint8_t* xq = dt == DType::kU8 ? static_cast<const uint8_t*>(x) : base;
     float* sa = reinterpret_cast<float*>(base + round_up(qbytes, 64));
     int32_t* w32 = reinterpret_cast<int32_t*>(base + round_up(qbytes, 64) + round_up(m * 4, 64));
     const int64_t hw = s.h * s.w, rows_per = std::max<int64_t>(1, chunk / std::max<int64_t>(s.c, 1));
     const int64_t row_tasks = (hw + rows_per - 1) / rows_per;
-    parallel_for(s.n * row_tasks, [&](int64_t t) {
+    if (dt != DType::kU8) parallel_for(s.n * row_tasks, [&](int64_t t) {
         const int64_t i = t / row_tasks, r0 = t % row_tasks * rows_per, r1 = std::min(hw, r0 + rows_per);
         const uint8_t* src = static_cast<const uint8_t*>(x) + size_t(i * sample + r0 * s.c) * elt;
         kt.quantize_scaled(src, dt, r1 - r0, s.c, s.c, sq[size_t(i)].inv, u8 ? 0 : -127, qmax, 0,
-                           xq + (i * hw + r0) * s.c, s.c, s.c);
+                           base + (i * hw + r0) * s.c, s.c, s.c);
     });
     for (int64_t p = 0; p < m; ++p) sa[p] = sq[size_t(p / pix)].scale;
     for (int64_t t = 0; t < taps; ++t)
@@ -221,7 +229,7 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
         const Epilogue ep{out_dt, static_cast<uint8_t*>(out) + size_t(m0 * s.cout + g * coutg) * out_elt, s.cout,
                           sa, sw + g * coutg, bias ? bias + g * coutg : nullptr, act, blobs[size_t(g)].colsum, u8,
                           stream};
-        kt.gemm(Activations{reinterpret_cast<const int8_t*>(tile), m1 - m0, kp}, blobs[size_t(g)], ep, 0, m1 - m0,
+        kt.gemm(Activations{reinterpret_cast<const int8_t*>(tile), m1 - m0, kp, std::min(kp, round_up(kg, 8))}, blobs[size_t(g)], ep, 0, m1 - m0,
                 nb0, std::min(nblocks, nb0 + per_group));
     });
     if (oom) return Status::runtime("int8_conv2d: out of memory for an im2col tile");
@@ -237,6 +245,11 @@ Status depthwise_conv2d_f32(const void* x, DType dt, const Conv2dShape& s, const
     if (!conv2d_is_depthwise(s)) return Status::invalid("depthwise_conv2d_f32: groups must equal in and out channels");
     const int64_t taps = s.kh * s.kw, cp = round_up(s.c, 16);
     if (w_elems != taps * cp) return Status::invalid("depthwise_conv2d_f32: weight must be fp32 [kh * kw][round_up(channels, 16)]");
+    // finite weights: a tap outside the image then adds nothing however a kernel treats it (skipped,
+    // or multiplied as a 0: the AVX-512 kernel's rows), so every ISA gives the same sums
+    for (int64_t i = 0; i < w_elems; ++i)
+        if (!(std::fabs(wf[i]) <= 3.4028234663852886e38f))
+            return Status::invalid("depthwise_conv2d_f32: the weight holds NaN or Inf");
     if (m == 0) return Status::ok();
     if (in_elems == 0) {
         fill_bias(s, m, bias, out, out_dt, act);
@@ -244,6 +257,12 @@ Status depthwise_conv2d_f32(const void* x, DType dt, const Conv2dShape& s, const
     }
     const KernelTable& kt = active_kernels();
     const bool stream = size_t(m) * size_t(s.c) * elt_size(out_dt) >= kStreamBytes;
+    std::vector<float> scaled;  // a kU8 input is read as float(q): its scale goes into the weight
+    if (dt == DType::kU8) {
+        scaled.resize(size_t(w_elems));
+        for (int64_t i = 0; i < w_elems; ++i) scaled[size_t(i)] = wf[i] * kU8Scale;
+        wf = scaled.data();
+    }
     DepthwiseArgs a{geometry(x, dt, s), nullptr, false, nullptr, wf, cp,
                     Epilogue{out_dt, out, s.c, nullptr, nullptr, bias, act, nullptr, nullptr, stream}};
     const int64_t rows = s.n * s.oh, per_task = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.ow * cp / 16));

@@ -71,7 +71,7 @@ using DotPeakKernel = int64_t(int64_t iters);
 using ReadSumKernel = int64_t(const uint8_t* p, int64_t nbytes);
 // Convolution (api/conv.cpp). Geometry of an NHWC conv input and output (padding top/left).
 struct ConvGeom {
-    const void* x;  // [n][h][w][c], fp32 or bf16
+    const void* x;  // [n][h][w][c], fp32, bf16 or kU8 (common.h)
     DType dt;
     int64_t h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
 };
@@ -85,13 +85,17 @@ struct ConvGeom {
 //     stored (q - 128) ^ flip, u8[i] = 1 (the epilogue adds the 128 * colsum back: u8_rows);
 //   NaN/Inf: sa[i] = NaN; zero or too small: sa[i] = 0; both q = 0, u8[i] = 0.
 // Rounding as quantize_rows: v * inv rounded in the current mode, then clamped.
+// A kU8 input is quantized already: every row is its bytes q as a u8 row (stored (q - 128) ^ flip,
+// taps outside the image q = 0) with sa[i] = kU8Scale, u8[i] = 1; a row holding the NaN byte is
+// the NaN row above. No rounding: the GEMM sums the handed-on bytes exactly.
 using GatherQuantizeKernel = void(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, int64_t m1,
                                   uint8_t flip, uint8_t* tile, int64_t kp, float* sa, uint8_t* u8);
 // Depthwise (groups = channels = output channels), NHWC, output pixels of rows [r0, r1) (row r is
 // image r / oh, oy = r % oh, every ox). Over the taps inside the image in (ky, kx) order:
 //   int8: acc = sum x[..][c] * w32[tap][c] (x int8, or uint8 when u8), then the epilogue with
 //         m = the pixel (sa per pixel);
-//   fp32: acc = fma(x, wf[tap][c], acc) from 0, then out = act(acc + bias[c]) (x fp32/bf16).
+//   fp32: acc = fma(x, wf[tap][c], acc) from 0, then out = act(acc + bias[c]) (x fp32/bf16, or kU8
+//         read as float(q), NaN for kU8NaN: the entry point passes wf * kU8Scale then).
 struct DepthwiseArgs {
     ConvGeom g;
     const uint8_t* xq;  // int8 path: the quantized input

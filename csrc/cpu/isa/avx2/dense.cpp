@@ -97,6 +97,16 @@ inline __m256 act8(__m256 y, int act) {
     }
 }
 
+// f32_to_u8 on 8 lanes, in the low 8 bytes.
+inline __m128i to_u8(__m256 y) {
+    __m256 t = _mm256_max_ps(_mm256_mul_ps(y, _mm256_set1_ps(kU8Inv)), _mm256_setzero_ps());
+    t = _mm256_min_ps(t, _mm256_set1_ps(254.f));
+    __m256i q = _mm256_cvtps_epi32(t);
+    q = _mm256_blendv_epi8(q, _mm256_set1_epi32(kU8NaN), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));  // 0..255 fit
+    return _mm_packus_epi16(w, w);
+}
+
 // 8 consecutive channels of one row; n0 + 8 <= N.
 inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
     if (ep.colsum_add && (!ep.u8_rows || ep.u8_rows[m]))
@@ -112,6 +122,8 @@ inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
     y = act8(y, ep.act);
     if (ep.kind == DType::kF32)
         _mm256_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, y);
+    else if (ep.kind == DType::kU8)
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(ep.out) + m * ep.ldo + n0), to_u8(y));
     else
         _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0), to_bf16(y));
 }

@@ -21,10 +21,25 @@ inline int32_t reduce_add_wrap_epi32(__m512i v) {
     return _mm_cvtsi128_si32(s4);
 }
 
+// 16 values of x (fp32, bf16, or kU8 as float(q)) from element off, the lanes in mk (the others 0).
+template <DType DT>
+inline __m512 load_as(const void* x, int64_t off, __mmask16 mk) {
+    if constexpr (DT == DType::kF32) {
+        return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + off);
+    } else if constexpr (DT == DType::kU8) {  // float(q), NaN for kU8NaN (the scale is the caller's)
+        const __m128i b = _mm_maskz_loadu_epi8(mk, static_cast<const uint8_t*>(x) + off);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+        return _mm512_mask_mov_ps(v, _mm_cmpeq_epi8_mask(b, _mm_set1_epi8(char(kU8NaN))), _mm512_set1_ps(__builtin_nanf("")));
+    } else {
+        const __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(x) + off);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+}
+
 inline __m512 load_x16(const void* x, DType dt, int64_t off, __mmask16 mk) {
-    if (dt == DType::kF32) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(x) + off);
-    __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(x) + off);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    if (dt == DType::kF32) return load_as<DType::kF32>(x, off, mk);
+    if (dt == DType::kU8) return load_as<DType::kU8>(x, off, mk);
+    return load_as<DType::kBF16>(x, off, mk);
 }
 
 // Rows [m0, m1) in register-tile chunks of 6, then the remainder: micro(MR as an integral_constant,
@@ -67,6 +82,14 @@ inline __m256i to_bf16_int(__m512 y) {
                                             _mm512_set1_epi32(0x7f800000));
     r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
     return _mm512_cvtepi32_epi16(r);
+}
+
+// f32_to_u8 on 16 lanes.
+inline __m128i to_u8(__m512 y) {
+    __m512 t = _mm512_max_ps(_mm512_mul_ps(y, _mm512_set1_ps(kU8Inv)), _mm512_setzero_ps());  // NaN -> 0 here,
+    t = _mm512_min_ps(t, _mm512_set1_ps(254.f));
+    const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
+    return _mm_mask_mov_epi8(q, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm_set1_epi8(char(kU8NaN)));  // 255 below
 }
 
 // to_bf16_int's bits. Built with AVX512_BF16, vcvtneps2bf16 gives them in one instruction (round to
@@ -144,6 +167,26 @@ inline __m512 act16(__m512 y, int act) {
     }
 }
 
+// 16 fp32 values to o (the lanes in mk); stream (Epilogue::stream): a whole aligned 64-byte line
+// goes out with a non-temporal store.
+inline void store_f32(float* o, __mmask16 mk, __m512 y, bool stream) {
+    if (stream && mk == 0xffff && (reinterpret_cast<uintptr_t>(o) & 63) == 0)
+        _mm512_stream_ps(o, y);
+    else
+        _mm512_mask_storeu_ps(o, mk, y);
+}
+
+// 16 output values of the epilogue's kind (kF32, kBF16 or kU8) at element off of ep.out, the lanes
+// in mk (fp32 streamed as store_f32 says when stream: the caller fences).
+inline void store_x16(const Epilogue& ep, int64_t off, __mmask16 mk, __m512 y, bool stream) {
+    if (ep.kind == DType::kF32)
+        store_f32(static_cast<float*>(ep.out) + off, mk, y, stream);
+    else if (ep.kind == DType::kU8)
+        _mm_mask_storeu_epi8(static_cast<uint8_t*>(ep.out) + off, mk, to_u8(y));
+    else
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + off, mk, to_bf16(y));
+}
+
 // Stores 16 channels [n0, n0 + 16) of one row (those < n): exact int32, or the fp32 epilogue.
 // colsum (64-byte aligned at n0) removes the +128 shift of the activations; null when unshifted.
 inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epilogue& ep, int64_t m,
@@ -160,19 +203,7 @@ inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epil
     __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
     __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
     y = act16(y, ep.act);
-    if (ep.kind == DType::kF32)
-        _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, mk, y);
-    else
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0, mk, to_bf16(y));
-}
-
-// 16 fp32 values to o (the lanes in mk); stream (Epilogue::stream): a whole aligned 64-byte line
-// goes out with a non-temporal store.
-inline void store_f32(float* o, __mmask16 mk, __m512 y, bool stream) {
-    if (stream && mk == 0xffff && (reinterpret_cast<uintptr_t>(o) & 63) == 0)
-        _mm512_stream_ps(o, y);
-    else
-        _mm512_mask_storeu_ps(o, mk, y);
+    store_x16(ep, m * ep.ldo + n0, mk, y, false);
 }
 
 // store_cols for a whole register tile: acc[i * nr + j] is row m + i, channels [n0 + 16 j, + 16).
@@ -203,6 +234,8 @@ void store_tile_as(const __m512i* acc, int mr, int nr, int64_t n, const int32_t*
                 if constexpr (Act) y = act16(y, ep.act);
                 if constexpr (Kind == DType::kF32)
                     store_f32(static_cast<float*>(ep.out) + (m + i) * ep.ldo + c, mk, y, ep.stream);
+                else if constexpr (Kind == DType::kU8)
+                    _mm_mask_storeu_epi8(static_cast<uint8_t*>(ep.out) + (m + i) * ep.ldo + c, mk, to_u8(y));
                 else
                     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + (m + i) * ep.ldo + c, mk, to_bf16(y));
             }
@@ -220,6 +253,7 @@ __attribute__((noinline)) inline void store_tile(const __m512i* acc, int mr, int
             if (ep.act != kActNone) store_tile_as<DType::kF32, true>(acc, mr, nr, n, colsum, ep, m, n0);
             else store_tile_as<DType::kF32, false>(acc, mr, nr, n, colsum, ep, m, n0);
             break;
+        case DType::kU8: store_tile_as<DType::kU8, true>(acc, mr, nr, n, colsum, ep, m, n0); break;  // after ReLU6
         default:
             if (ep.act != kActNone) store_tile_as<DType::kBF16, true>(acc, mr, nr, n, colsum, ep, m, n0);
             else store_tile_as<DType::kBF16, false>(acc, mr, nr, n, colsum, ep, m, n0);

@@ -21,7 +21,7 @@ inline void tap_range(int64_t base, int64_t d, int64_t taps, int64_t size, int64
     *hi = b;
 }
 
-inline size_t elt(DType dt) { return dt == DType::kF32 ? 4 : 2; }
+inline size_t elt(DType dt) { return dt == DType::kF32 ? 4 : dt == DType::kU8 ? 1 : 2; }
 
 template <int NB, bool U8>
 void dw_pixel(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0) {
@@ -87,12 +87,113 @@ void dwf_strip(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox0, int
         _Pragma("GCC unroll 8") for (int i = 0; i < S; ++i) {
             if (i >= nx) break;
             const int64_t m = (img * g.oh + oy) * g.ow + ox0 + i;
-            const __m512 y = act16(_mm512_add_ps(acc[i][j], b), ep.act);
-            if (ep.kind == DType::kF32)
-                store_f32(static_cast<float*>(ep.out) + m * ep.ldo + c, mk[j], y, ep.stream);
-            else
-                _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + c, mk[j], to_bf16(y));
+            store_x16(ep, m * ep.ldo + c, mk[j], act16(_mm512_add_ps(acc[i][j], b), ep.act), ep.stream);
         }
+    }
+}
+
+// One input vector of dwf_strip_rows: 16 channels at element off, fp32 / bf16 widened, kU8 as float(q)
+// (the weights carry kU8Scale) with its bytes folded into seen by max, so a NaN byte (255) is found
+// once per strip rather than tested per load. Masked: only the lanes in mk are read (others 0).
+template <DType DT, bool Masked>
+inline __m512 strip_load(const void* x, int64_t off, __mmask16 mk, __m128i& seen) {
+    if constexpr (DT == DType::kF32) {
+        const float* p = static_cast<const float*>(x) + off;
+        return Masked ? _mm512_maskz_loadu_ps(mk, p) : _mm512_loadu_ps(p);
+    } else if constexpr (DT == DType::kU8) {
+        const uint8_t* p = static_cast<const uint8_t*>(x) + off;
+        const __m128i b = Masked ? _mm_maskz_loadu_epi8(mk, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        seen = _mm_max_epu8(seen, b);
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+    } else {
+        const uint16_t* p = static_cast<const uint16_t*>(x) + off;
+        const __m256i h = Masked ? _mm256_maskz_loadu_epi16(mk, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+}
+
+// The fp32 depthwise for kernel width KW and stride SW with no dilation across the row, one block of
+// 16 channels c0 and a strip of up to S output pixels (ox0 ..) of one row: each tap row's T input
+// columns are loaded and widened once and serve all KW taps of the row (dwf_strip widens every
+// input KW times, which made it instruction-bound on bf16 and uint8 inputs). Columns outside the
+// image load as 0 and are multiplied like the others: fma(0, w, acc) = acc for a finite w, since
+// acc starts at +0 and cannot become -0 in round-to-nearest, so the sums are ref's, which skips
+// those taps (the entry point refuses a weight that is not finite). Masked: the strip touches the
+// image's left or right edge, or the channel block is partial; else plain loads.
+template <int S, int KW, int SW, DType DT, bool Masked>
+void dwf_strip_rows_as(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox0, int64_t nx, int64_t c0,
+                       int64_t ky0, int64_t ky1, int64_t tlo, int64_t thi) {
+    constexpr int T = (S - 1) * SW + KW;
+    const ConvGeom& g = a.g;
+    const Epilogue& ep = a.ep;
+    const __mmask16 mk = tail_mask(g.c - c0);
+    const int64_t ix0 = ox0 * SW - g.pw;  // input column of t = 0
+    __m512 acc[S];
+    _Pragma("GCC unroll 16") for (int i = 0; i < S; ++i) acc[i] = _mm512_setzero_ps();
+    __m128i seen = _mm_setzero_si128();
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+        const int64_t row = ((img * g.h + oy * g.sh - g.ph + ky * g.dh) * g.w + ix0) * g.c + c0;  // element of t = 0
+        __m512 x[T];
+        _Pragma("GCC unroll 32") for (int t = 0; t < T; ++t)
+            x[t] = strip_load<DT, Masked>(g.x, row + t * g.c, t >= tlo && t < thi ? mk : __mmask16(0), seen);
+        const float* wr = a.wf + ky * KW * a.cp + c0;
+        _Pragma("GCC unroll 8") for (int kx = 0; kx < KW; ++kx) {
+            const __m512 w = _mm512_loadu_ps(wr + kx * a.cp);
+            _Pragma("GCC unroll 16") for (int i = 0; i < S; ++i) acc[i] = _mm512_fmadd_ps(x[i * SW + kx], w, acc[i]);
+        }
+    }
+    if constexpr (DT == DType::kU8) {
+        if (_mm_cmpeq_epi8_mask(seen, _mm_set1_epi8(char(kU8NaN)))) {  // a NaN input: NaN where a pixel's window holds it
+            __mmask16 nan[S] = {};
+            for (int64_t ky = ky0; ky < ky1; ++ky) {
+                const uint8_t* row = static_cast<const uint8_t*>(g.x) + ((img * g.h + oy * g.sh - g.ph + ky * g.dh) * g.w + ix0) * g.c + c0;
+                _Pragma("GCC unroll 32") for (int t = 0; t < T; ++t) {
+                    if (t < tlo || t >= thi) continue;
+                    const __mmask16 bad = _mm_mask_cmpeq_epi8_mask(mk, _mm_maskz_loadu_epi8(mk, row + t * g.c), _mm_set1_epi8(char(kU8NaN)));
+                    _Pragma("GCC unroll 16") for (int i = 0; i < S; ++i)
+                        if (t >= i * SW && t < i * SW + KW) nan[i] |= bad;
+                }
+            }
+            // unrolled, as every loop over acc: an indexed one keeps the accumulators in memory
+            _Pragma("GCC unroll 16") for (int i = 0; i < S; ++i)
+                acc[i] = _mm512_mask_mov_ps(acc[i], nan[i], _mm512_set1_ps(__builtin_nanf("")));
+        }
+    }
+    const __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + c0) : _mm512_setzero_ps();
+    _Pragma("GCC unroll 16") for (int i = 0; i < S; ++i) {
+        if (i >= nx) break;
+        const int64_t m = (img * g.oh + oy) * g.ow + ox0 + i;
+        store_x16(ep, m * ep.ldo + c0, mk, act16(_mm512_add_ps(acc[i], b), ep.act), ep.stream);
+    }
+}
+
+template <int S, int KW, int SW, DType DT>
+void dwf_strip_rows(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox0, int64_t nx, int64_t c0) {
+    constexpr int64_t T = (S - 1) * SW + KW;
+    const ConvGeom& g = a.g;
+    const int64_t ix0 = ox0 * SW - g.pw;
+    const int64_t tlo = std::max<int64_t>(0, -ix0), thi = std::min<int64_t>(T, g.w - ix0);  // columns in the image
+    int64_t ky0, ky1;
+    tap_range(oy * g.sh - g.ph, g.dh, g.kh, g.h, &ky0, &ky1);
+    if (tlo == 0 && thi == T && g.c - c0 >= 16)
+        dwf_strip_rows_as<S, KW, SW, DT, false>(a, img, oy, ox0, nx, c0, ky0, ky1, tlo, thi);
+    else
+        dwf_strip_rows_as<S, KW, SW, DT, true>(a, img, oy, ox0, nx, c0, ky0, ky1, tlo, thi);
+}
+
+using StripRows = void (*)(const DepthwiseArgs&, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+// dwf_strip_rows for the geometry (kernel width 3, 5 or 7, stride 1 or 2), or null.
+template <int S, DType DT>
+StripRows strip_rows_for(const ConvGeom& g) {
+    switch (g.kw * 10 + g.sw) {
+        case 31: return dwf_strip_rows<S, 3, 1, DT>;
+        case 32: return dwf_strip_rows<S, 3, 2, DT>;
+        case 51: return dwf_strip_rows<S, 5, 1, DT>;
+        case 52: return dwf_strip_rows<S, 5, 2, DT>;
+        case 71: return dwf_strip_rows<S, 7, 1, DT>;
+        case 72: return dwf_strip_rows<S, 7, 2, DT>;
+        default: return nullptr;
     }
 }
 
@@ -170,6 +271,26 @@ struct RowQuant {
     }
 };
 
+// n bytes of a kU8 input (already quantized) to dst as stored u8 bytes (q ^ vx, vx = flip ^ 0x80
+// repeated); the NaN byte anywhere sets nan.
+inline void copy_u8(const uint8_t* src, int64_t n, uint8_t* dst, __m512i vx, bool* nan) {
+    __mmask64 bad = 0;
+    for (int64_t c = 0; c < n; c += 64) {
+        const __mmask64 mk = n - c >= 64 ? ~__mmask64(0) : (__mmask64(1) << (n - c)) - 1;
+        const __m512i b = _mm512_maskz_loadu_epi8(mk, src + c);
+        bad |= _mm512_mask_cmpeq_epi8_mask(mk, b, _mm512_set1_epi8(char(kU8NaN)));
+        _mm512_mask_storeu_epi8(dst + c, mk, _mm512_xor_si512(b, vx));
+    }
+    *nan = *nan || bad != 0;
+}
+
+// A row of a kU8 input (gather_quantize's rule): u8 with scale kU8Scale, or the NaN row.
+inline void finish_u8_row(bool nan, uint8_t flip, uint8_t* row, int64_t kp, float* sa, uint8_t* u8) {
+    *sa = nan ? __builtin_nanf("") : kU8Scale;
+    *u8 = !nan;
+    if (nan) std::memset(row, flip, size_t(kp));
+}
+
 // gather_quantize for a 1x1 conv without padding (MobileNet's and ResNet's pointwise layers): each
 // row is one input pixel's channels of the group, no taps to clip.
 void pointwise_rows(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, int64_t m1, uint8_t flip,
@@ -186,6 +307,14 @@ void pointwise_rows(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, in
             constexpr int64_t kAhead = 6;
             const char* next = static_cast<const char*>(src) + size_t(kAhead * g.c) * e;
             for (size_t off = 0; off < size_t(cg) * e; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+        }
+        if (g.dt == DType::kU8) {
+            const uint8_t f = flip ^ 0x80;
+            bool nan = false;
+            copy_u8(static_cast<const uint8_t*>(src), cg, row, _mm512_set1_epi8(char(f)), &nan);
+            std::memset(row + cg, f, size_t(kp - cg));
+            finish_u8_row(nan, flip, row, kp, sa + (m - m0), u8 + (m - m0));
+            continue;
         }
         RowRange range;
         for (int64_t c = 0; c < cg; c += 16) {
@@ -242,6 +371,16 @@ void gather_quantize(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, i
                 const char* p = reinterpret_cast<const char*>(x + size_t(((img * g.h + iy) * g.w + ix) * g.c + group * cg) * e);
                 for (size_t off = 0; off < size_t(cg) * e; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
             }
+        }
+        if (g.dt == DType::kU8) {
+            const uint8_t f = flip ^ 0x80;
+            bool nan = false;
+            std::memset(row, f, size_t(kp));
+            for (int64_t ky = ky0; ky < ky1; ++ky)
+                for (int64_t r = 0; r < runs; ++r)
+                    copy_u8(static_cast<const uint8_t*>(src(ky, r)), run, row + dst_off(ky, r), _mm512_set1_epi8(char(f)), &nan);
+            finish_u8_row(nan, flip, row, kp, sa + (m - m0), u8 + (m - m0));
+            continue;
         }
         RowRange range;
         for (int64_t ky = ky0; ky < ky1; ++ky)
@@ -327,6 +466,12 @@ void depthwise(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
 void depthwise_f32(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
     constexpr int64_t kS = 8;
     const ConvGeom& g = a.g;
+    StripRows rows_kernel = nullptr;  // the common geometries: each input widened once per tap row
+    if (g.dw == 1) {
+        rows_kernel = g.dt == DType::kF32 ? strip_rows_for<kS, DType::kF32>(g)
+                    : g.dt == DType::kU8  ? strip_rows_for<kS, DType::kU8>(g)
+                                          : strip_rows_for<kS, DType::kBF16>(g);
+    }
     const char* base = static_cast<const char*>(g.x);
     const size_t e = elt(g.dt);
     for (int64_t r = r0; r < r1; ++r) {
@@ -342,6 +487,10 @@ void depthwise_f32(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
                     for (size_t off = 0; off < size_t(g.c) * e; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
                 }
             const int64_t nx = std::min(kS, g.ow - ox0);
+            if (rows_kernel) {
+                for (int64_t c0 = 0; c0 < g.c; c0 += 16) rows_kernel(a, img, oy, ox0, nx, c0);
+                continue;
+            }
             for (int64_t c0 = 0; c0 < g.c; c0 += 32) {
                 if (g.c - c0 > 16)
                     dwf_strip<kS, 2>(a, img, oy, ox0, nx, c0);

@@ -26,7 +26,7 @@ void micro(const Activations& a, const PackedW& w, const Epilogue& ep, int64_t m
     _Pragma("GCC unroll 32") for (int j = 0; j < NR; ++j) wp[j] = w.data + (nb + j) * kNBlock * w.kp;
     const int8_t* ap[MR];
     _Pragma("GCC unroll 32") for (int i = 0; i < MR; ++i) ap[i] = a.q + (m + i) * a.ldq;
-    const int64_t groups = w.kp / 4;  // a multiple of 16, so of S
+    const int64_t groups = (a.k_used ? a.k_used : w.kp) / 4;  // a multiple of 2, so of S
     for (int64_t g = 0; g < groups; g += S) {
         _Pragma("GCC unroll 32") for (int s = 0; s < S; ++s) {
             __m512i wv[NR];
@@ -256,11 +256,7 @@ inline __m512 byte_f32(__m512i v, int t) {
 inline void store_cols_f32(__m512 acc, int64_t n, const Epilogue& ep, int64_t m, int64_t n0) {
     const __mmask16 mk = tail_mask(n - n0);
     const __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
-    const __m512 y = act16(_mm512_fmadd_ps(acc, _mm512_maskz_loadu_ps(mk, ep.sw + n0), b), ep.act);
-    if (ep.kind == DType::kF32)
-        _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, mk, y);
-    else
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + m * ep.ldo + n0, mk, to_bf16(y));
+    store_x16(ep, m * ep.ldo + n0, mk, act16(_mm512_fmadd_ps(acc, _mm512_maskz_loadu_ps(mk, ep.sw + n0), b), ep.act), false);
 }
 
 // MR rows x NR 16-channel blocks. Each k-group's 64 weight bytes per block are widened once (4 x 16

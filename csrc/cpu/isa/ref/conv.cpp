@@ -11,6 +11,10 @@ namespace {
 
 inline float load(const void* x, DType dt, int64_t i) {
     if (dt == DType::kF32) return static_cast<const float*>(x)[i];
+    if (dt == DType::kU8) {  // float(q), NaN for kU8NaN: the depthwise weights carry kU8Scale
+        const uint8_t q = static_cast<const uint8_t*>(x)[i];
+        return q == kU8NaN ? NAN : float(q);
+    }
     return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
 }
 
@@ -28,6 +32,25 @@ void gather_quantize(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, i
     for (int64_t m = m0; m < m1; ++m) {
         const int64_t img = m / pix, oy = m % pix / g.ow, ox = m % g.ow;
         uint8_t* row = tile + (m - m0) * kp;
+        if (g.dt == DType::kU8) {  // already quantized: the bytes as a u8 row of scale kU8Scale
+            const uint8_t f = flip ^ 0x80;
+            bool nan = false;
+            std::memset(row, f, size_t(kp));
+            for (int64_t ky = 0; ky < g.kh; ++ky)
+                for (int64_t kx = 0; kx < g.kw; ++kx) {
+                    const int64_t p = pixel(g, img, oy * g.sh - g.ph + ky * g.dh, ox * g.sw - g.pw + kx * g.dw);
+                    if (p < 0) continue;
+                    const uint8_t* src = static_cast<const uint8_t*>(g.x) + p + group * cg;
+                    for (int64_t c = 0; c < cg; ++c) {
+                        nan = nan || src[c] == kU8NaN;
+                        row[(ky * g.kw + kx) * cg + c] = src[c] ^ f;
+                    }
+                }
+            sa[m - m0] = nan ? NAN : kU8Scale;
+            u8[m - m0] = !nan;
+            if (nan) std::memset(row, flip, size_t(kp));
+            continue;
+        }
         float amax = 0.f;
         bool finite = true, nonneg = true;
         for (int64_t ky = 0; ky < g.kh; ++ky)
@@ -132,11 +155,7 @@ void depthwise_f32(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
                         if (p < 0) continue;
                         acc = __builtin_fmaf(load(g.x, g.dt, p + c), a.wf[(ky * g.kw + kx) * a.cp + c], acc);
                     }
-                const float y = act_f32(acc + (ep.bias ? ep.bias[c] : 0.f), ep.act);
-                if (ep.kind == DType::kF32)
-                    static_cast<float*>(ep.out)[m * ep.ldo + c] = y;
-                else
-                    static_cast<uint16_t*>(ep.out)[m * ep.ldo + c] = f32_to_bf16(y);
+                store_value(act_f32(acc + (ep.bias ? ep.bias[c] : 0.f), ep.act), ep, m, c);
             }
         }
     }
