@@ -210,6 +210,20 @@ def test_quantize_hands_uint8_on_after_relu6_through_identities_only(tmp_path):
         fastinfer.QuantConfig(conv_handoff="fp8")
 
 
+def test_bf16_models_hand_uint8_on_with_u8_only():
+    net = _mbnet().bfloat16()
+    x = torch.randn(4, 3, 32, 32).bfloat16().contiguous(memory_format=CL)
+    plain = fastinfer.quantize(net)
+    assert all(m.output_dtype is None for m in plain.modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d)))
+    q = fastinfer.quantize(net, config=fastinfer.QuantConfig(conv_handoff="u8"))
+    dts = {n: m.output_dtype for n, m in q.named_modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d))}
+    assert dts["1.conv.0.0"] == U8 and dts["1.conv.1.0"] == U8 and dts["1.conv.2"] == BF16 and dts["3"] == BF16
+    with torch.inference_mode():
+        ref, y = net.float()(x.float()), q(x)
+    assert y.dtype == BF16 and sqnr(ref, y) > 20
+    assert q.float()(x.float()).dtype == FP32  # the chain's end follows the model's casts
+
+
 def test_optimize_takes_uint8_when_faster_and_within_the_sqnr_allowance(monkeypatch):
     net = _mbnet()
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=CL)

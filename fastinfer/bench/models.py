@@ -38,6 +38,7 @@ the same images:
   fastinfer u8 handoff the same with QuantConfig(conv_handoff="u8"): relu6 outputs handed from
                        conv to conv as uint8 (MobileNetV2 and EfficientNet only)
   fastinfer bf16       fastinfer.quantize(channels_last model.bfloat16()), bf16 input
+  fastinfer bf16 u8 handoff  the same with QuantConfig(conv_handoff="u8")
   fastinfer optimize   fastinfer.optimize(channels_last model, the images): per conv the fastest of
                        float, int8 and (depthwise) fp32 depthwise within 25 dB
   fastinfer optimize bf16  the same on model.bfloat16() with bf16 images (float = torch's bf16 conv)
@@ -456,7 +457,8 @@ def _image_peers(case: Case, threads: int, onnx: bool) -> tuple[list[Peer], dict
     for name, model, inp, handoff, what in (
             ("fastinfer", m_cl, x, True, "fp32 channels_last input"),
             ("fastinfer u8 handoff", m_cl, x, "u8", "QuantConfig(conv_handoff='u8'), fp32 channels_last input"),
-            ("fastinfer bf16", m_bf, x_bf, True, "quantize(model.bfloat16()), bf16 input")):  # fmt: skip
+            ("fastinfer bf16", m_bf, x_bf, True, "quantize(model.bfloat16()), bf16 input"),
+            ("fastinfer bf16 u8 handoff", m_bf, x_bf, "u8", "the same with QuantConfig(conv_handoff='u8')")):  # fmt: skip
         try:
             with _quiet():
                 q = fastinfer.quantize(model, fastinfer.QuantConfig(progress=False, conv_handoff=handoff))

@@ -188,8 +188,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
             report.append(LayerConversion(item.name, kind, now, detail))
         else:
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
-    if config.conv_handoff and conv_dtypes == {torch.float32}:
-        report.add_details(mark_conv_handoff(result, u8=config.conv_handoff == "u8"))
+    if handoff_applies(config.conv_handoff, conv_dtypes):
+        report.add_details(mark_conv_handoff(result, u8=config.conv_handoff == "u8", end=next(iter(conv_dtypes))))
     if config.layernorm:
         result, n = fast_layernorms(result)
         report.layernorm = f"{n} on fastinfer's kernel" if n else None
@@ -201,7 +201,13 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
     return result
 
 
-def mark_conv_handoff(model: nn.Module, u8: bool = False) -> dict[str, str]:
+def handoff_applies(conv_handoff: bool | str, conv_dtypes: set) -> bool:
+    """Whether QuantConfig.conv_handoff changes a model whose convs hold conv_dtypes: an fp32 one,
+    or a bf16 one with "u8" (its links carry bf16 already)."""
+    return bool(conv_handoff) and (conv_dtypes == {torch.float32} or (conv_handoff == "u8" and conv_dtypes == {torch.bfloat16}))
+
+
+def mark_conv_handoff(model: nn.Module, u8: bool = False, end: torch.dtype = torch.float32) -> dict[str, str]:
     """QuantConfig.conv_handoff on a converted fp32 model: in each chain of Int8Conv2d /
     DepthwiseConv2d layers that feed only each other (fastinfer.convert.fuse.handoff_chains: from a
     torch.fx trace only), linked where a depthwise conv is at one end and an int8 conv at the other,
@@ -210,7 +216,8 @@ def mark_conv_handoff(model: nn.Module, u8: bool = False) -> dict[str, str]:
     too measured the same speed and lost 0.8 dB of output SQNR on a MobileNetV2; two fp32 depthwise
     convs in a row would lose their exactness. u8 (conv_handoff="u8"): an inner conv that fuses
     relu6 and reaches the next through identities alone outputs uint8 instead (its range [0, 6] in
-    254 steps: fastinfer.ops.conv.U8_SCALE). Returns the report's words per layer name."""
+    254 steps: fastinfer.ops.conv.U8_SCALE). end: the model's dtype, which the last conv of a chain
+    returns (bf16 models: with u8 only). Returns the report's words per layer name."""
     bare: set[str] = set()
     chains = handoff_chains(model, (Int8Conv2d, DepthwiseConv2d), bare=bare,
                             keep=lambda a, b: isinstance(a, DepthwiseConv2d) != isinstance(b, DepthwiseConv2d))
@@ -222,8 +229,8 @@ def mark_conv_handoff(model: nn.Module, u8: bool = False) -> dict[str, str]:
             layer.output_dtype, layer._follows_model_dtype = dtype, False
             words[name] = f"output {'uint8' if dtype == torch.uint8 else 'bf16'} to {nxt}"
         last = model.get_submodule(chain[-1])
-        last.output_dtype, last._follows_model_dtype = torch.float32, True
-        words[chain[-1]] = f"last of a conv chain from {chain[0]}: output float32"
+        last.output_dtype, last._follows_model_dtype = end, True
+        words[chain[-1]] = f"last of a conv chain from {chain[0]}: output {str(end).replace('torch.', '')}"
     return words
 
 

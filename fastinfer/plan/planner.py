@@ -173,7 +173,7 @@ def optimize(
     from fastinfer.convert import prune as prune_model
     from fastinfer.convert import quantize as quantize_model
     from fastinfer.convert._select import scan
-    from fastinfer.convert.quantize import mark_conv_handoff, smooth_linear_targets
+    from fastinfer.convert.quantize import handoff_applies, mark_conv_handoff, smooth_linear_targets
 
     start = time.monotonic()
     _check_float_cpu_model(model)
@@ -270,15 +270,18 @@ def optimize(
     # bf16 between chained convs, once the layers are chosen: with quantize=False the model keeps
     # float arithmetic, which the handoff's rounding (never measured here) would not
     handoff = None
-    if quantize and config.conv_handoff and {m.weight.dtype for m in reference.modules() if isinstance(m, nn.Conv2d)} == {torch.float32}:
-        if config.conv_handoff is True and max_model_sqnr_drop_db is not None and (
-                time_budget_s is None or time.monotonic() - start <= time_budget_s):  # fmt: skip
+    conv_dtypes = {m.weight.dtype for m in reference.modules() if isinstance(m, nn.Conv2d)}
+    planned_handoff = config.conv_handoff is True and max_model_sqnr_drop_db is not None and (
+        time_budget_s is None or time.monotonic() - start <= time_budget_s)  # fmt: skip
+    if quantize and handoff_applies("u8" if planned_handoff else config.conv_handoff, conv_dtypes):
+        end = next(iter(conv_dtypes))
+        if planned_handoff:
             handoff = _plan_handoff(root, reference, example_inputs,
                                     calibration_data if calibration_data is not None else [example_inputs], rounds,
-                                    float(max_model_sqnr_drop_db))  # fmt: skip
+                                    float(max_model_sqnr_drop_db), end)  # fmt: skip
             words = handoff.words if handoff is not None else {}
         else:
-            words = mark_conv_handoff(root, u8=config.conv_handoff == "u8")
+            words = mark_conv_handoff(root, u8=config.conv_handoff == "u8", end=end)
         if "_fastinfer_report" in root.__dict__:
             root.__dict__["_fastinfer_report"].add_details(words)
         for r in rows:
@@ -716,20 +719,20 @@ def _model_check(root: nn.Module, variants: dict[str, list], example_inputs, rou
 
 
 def _plan_handoff(root: nn.Module, reference: nn.Module, example_inputs, data, rounds: int,
-                  max_drop: float | None) -> HandoffPlan | None:  # fmt: skip
+                  max_drop: float | None, end: torch.dtype = torch.float32) -> HandoffPlan | None:  # fmt: skip
     """QuantConfig.conv_handoff=True in optimize: the chains of convs marked for bf16 (quantize()'s
-    rule), and where some links could carry uint8 (conv_handoff="u8"), the whole model timed on
-    the example with each; uint8 is kept only when max_drop is given and the model's output SQNR vs
-    float is at most max_drop dB below bf16's, and when it is faster by more than _MODEL_TIE. None
-    when nothing is linked."""
+    rule; in a bf16 model, end = bf16, what they hand over anyway), and where some links could
+    carry uint8 (conv_handoff="u8"), the whole model timed on the example with each; uint8 is kept
+    only when max_drop is given and the model's output SQNR vs float is at most max_drop dB below
+    bf16's, and when it is faster by more than _MODEL_TIE. None when nothing is linked."""
     from fastinfer.convert.quantize import mark_conv_handoff
 
-    words = {"bf16": mark_conv_handoff(root)}
+    words = {"bf16": mark_conv_handoff(root, end=end)}
     if not words["bf16"]:
         return None
     layers = [m for m in root.modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d))]
     dtypes = {"bf16": [m.output_dtype for m in layers]}
-    words["u8"] = mark_conv_handoff(root, u8=True)
+    words["u8"] = mark_conv_handoff(root, u8=True, end=end)
     dtypes["u8"] = [m.output_dtype for m in layers]
     if dtypes["u8"] == dtypes["bf16"] or max_drop is None:
         _set_dtypes(layers, dtypes["bf16"])
