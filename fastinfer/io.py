@@ -74,11 +74,11 @@ _OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8":
 
 
 def _output_config(m) -> dict:
-    """A conv layer's output dtype (QuantConfig.conv_handoff): None, "float32", "bfloat16" or "uint8", and
-    whether it follows the model's casts."""
+    """A conv layer's output dtype (QuantConfig.conv_handoff): None, "float32", "bfloat16" or "uint8",
+    whether it follows the model's casts, and whether it takes uint8 from the conv before it."""
     dt = m.output_dtype
     return {"output_dtype": None if dt is None else str(dt).replace("torch.", ""),
-            "follows_model_dtype": bool(m._follows_model_dtype)}
+            "follows_model_dtype": bool(m._follows_model_dtype), "takes_u8": bool(m._takes_u8)}
 
 
 def _set_output(layer, c: dict):
@@ -87,6 +87,7 @@ def _set_output(layer, c: dict):
             raise ValueError(f"output_dtype {c['output_dtype']!r} is not float32, bfloat16, uint8 or null")
         layer.output_dtype = _OUTPUT_DTYPES[c["output_dtype"]]
     layer._follows_model_dtype = c["follows_model_dtype"]
+    layer._takes_u8 = c["takes_u8"]
     return layer
 
 
@@ -151,7 +152,7 @@ def _build_int8_linear(cls: type, c: dict) -> Int8Linear:
 
 
 # Config keys added after files were written: a config without one reads as this value.
-_DEFAULTS = {"input_scale": False, "output_dtype": None, "follows_model_dtype": False}
+_DEFAULTS = {"input_scale": False, "output_dtype": None, "follows_model_dtype": False, "takes_u8": False}
 
 
 def _build_conv2d(cfg: dict) -> Int8Conv2d:
@@ -194,7 +195,7 @@ _KINDS: dict[str, _Kind] = {
         lambda m, c: _fits_conv2d(m, c, depthwise=False), True,
         {"in_channels": _INT, "out_channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD,
          "dilation": _PAIR, "groups": _INT, "bias": _BOOL, "activation": _ACT, "output_dtype": _ACT,
-         "follows_model_dtype": _BOOL}),
+         "follows_model_dtype": _BOOL, "takes_u8": _BOOL}),
     "DepthwiseConv2d": _Kind(
         DepthwiseConv2d, _dw_config,
         lambda c: _set_output(DepthwiseConv2d(c["channels"], tuple(c["kernel_size"]), tuple(c["stride"]),
@@ -202,7 +203,7 @@ _KINDS: dict[str, _Kind] = {
                                               activation=c["activation"]), c),
         lambda m, c: _fits_conv2d(m, c, depthwise=True), True,
         {"channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD, "dilation": _PAIR,
-         "bias": _BOOL, "activation": _ACT, "output_dtype": _ACT, "follows_model_dtype": _BOOL}),
+         "bias": _BOOL, "activation": _ACT, "output_dtype": _ACT, "follows_model_dtype": _BOOL, "takes_u8": _BOOL}),
     "Int8Conv1d": _Kind(
         Int8Conv1d, lambda m: _conv_config(m.conv2d), lambda c: Int8Conv1d(_build_conv2d(c)), _fits_conv1d, True,
         {"in_channels": _INT, "out_channels": _INT, "kernel_size": _PAIR, "stride": _PAIR, "padding": _QUAD,

@@ -85,6 +85,7 @@ def test_int8_conv_sums_handed_on_bytes_exactly_on_every_isa(case):
     k, s, p = case
     torch.manual_seed(2)
     layer = Int8Conv2d.from_conv(nn.Conv2d(37, 20, k, stride=s, padding=p))  # K = 37 * k * k: not a multiple of 8
+    layer._takes_u8 = True  # as quantize() marks a uint8 link's receiving end
     q = _u8_input(2, 37, 9, 10, seed=k * 10 + s, nan_at=(1, 5, 4, 4))
     want = _int_ref(q, layer)
     # a pixel whose window holds the NaN byte is a NaN row
@@ -102,6 +103,7 @@ def test_depthwise_reads_bytes_the_same_on_every_isa_and_close_to_torch():
     for k, s in ((3, 1), (3, 2), (5, 1), (5, 2), (7, 1), (3, 3)):  # (3, 3): the generic kernel
         conv = nn.Conv2d(40, 40, k, stride=s, padding=k // 2, groups=40)
         layer = DepthwiseConv2d.from_conv(conv, activation="relu6")
+        layer._takes_u8 = True
         q = _u8_input(2, 40, 23, 21, seed=k + s, nan_at=(0, 17, 10, 12))
         ref = F.relu6(conv(dequantize_u8(q)))
         with torch.inference_mode():
@@ -142,18 +144,47 @@ def test_layer_rules_and_gradients():
     # a uint8 input gives float32 by default (its values), any float dtype when asked
     dw = DepthwiseConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1, groups=8))
     q = _u8_input(2, 8, 5, 5, seed=4)
+    with pytest.raises(TypeError, match="uint8"):
+        dw(q)
+    dw._takes_u8 = True  # as quantize() marks a link's receiving end
     with torch.inference_mode():
         assert dw(q).dtype == FP32 and dw(q[0]).shape == (8, 5, 5)
         dw.output_dtype = BF16
         assert dw(q).dtype == BF16
-    with pytest.raises(TypeError, match="uint8"):
+    with pytest.raises(TypeError, match="float32 and bfloat16"):
         dw(q.to(torch.int8))
+
+
+def test_only_a_linked_layer_takes_uint8_and_hooks_get_values():
+    # a raw uint8 image is refused, never read as the handoff's code (255 would be NaN)
+    net = _mbnet()
+    image = torch.randint(0, 256, (2, 3, 32, 32), dtype=U8)
+    for handoff in (False, "u8"):
+        q = fastinfer.quantize(net, config=fastinfer.QuantConfig(conv_handoff=handoff))
+        with pytest.raises(TypeError, match="uint8"), torch.inference_mode():
+            q(image)
+    takes = {n for n, m in q.named_modules() if getattr(m, "_takes_u8", False)}
+    assert takes == {"1.conv.1.0", "1.conv.2", "2.conv.1.0", "2.conv.2", "8"}
+    # a hook registered after quantize() on a linked layer sees values (bf16), and the model's output
+    # is unchanged by it
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        want = q(x)
+    seen = []
+    h = q[1].conv[0][0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.inference_mode():
+        got = q(x)
+    h.remove()
+    assert seen == [BF16] and sqnr(want, got) > 40
+    with torch.inference_mode():
+        assert_same(q(x), want, "hook removed: uint8 again")
 
 
 def test_ops_take_uint8_under_opcheck_and_compile():
     torch.manual_seed(5)
     conv = Int8Conv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1), activation="relu6")
     dw = DepthwiseConv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1, groups=16), activation="relu6")
+    dw._takes_u8 = True
     q = _u8_input(2, 16, 7, 7, seed=6)
     args_c = (q, conv._kernel_weight(), conv.weight_scale, conv.bias, [3, 3], [1, 1], list(conv.padding), [1, 1], 1, 3)
     args_d = (q, dw._kernel_weight(), dw.bias, [3, 3], [1, 1], list(dw.padding), [1, 1], 3)

@@ -31,8 +31,9 @@ enum class DType : int { kF32 = 0, kBF16 = 1, kI32 = 2, kU8 = 3 };
 // kU8: a ReLU6 output handed from one conv to the next (QuantConfig.conv_handoff). Byte q in
 // [0, 254] stands for q * kU8Scale (6 / 254), 255 for NaN, so a NaN pixel stays NaN down the chain.
 // Written from an fp32 y (already through ReLU6, so in [0, 6]) as round(clamp(y * kU8Inv, 0, 254))
-// in the current rounding mode (nearest even), NaN -> 255; read as u8_to_f32: the float value
-// every kernel computes with, so a kU8 input gives the bits of its fp32 copy.
+// in the current rounding mode (nearest even), NaN -> 255. Read by the int8 conv as the bytes
+// themselves (scale kU8Scale: no second rounding) and by the fp32 depthwise conv as float(q) times
+// a weight scaled by kU8Scale; u8_to_f32 is the value a byte stands for.
 constexpr float kU8Scale = 6.f / 254.f;
 constexpr float kU8Inv = 254.f / 6.f;
 constexpr uint8_t kU8NaN = 255;

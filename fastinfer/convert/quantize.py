@@ -222,11 +222,15 @@ def mark_conv_handoff(model: nn.Module, u8: bool = False, end: torch.dtype = tor
     chains = handoff_chains(model, (Int8Conv2d, DepthwiseConv2d), bare=bare,
                             keep=lambda a, b: isinstance(a, DepthwiseConv2d) != isinstance(b, DepthwiseConv2d))
     words = {}
+    for m in model.modules():
+        if isinstance(m, (Int8Conv2d, DepthwiseConv2d)):
+            m._takes_u8 = False
     for chain in chains:
         for name, nxt in zip(chain, chain[1:]):
             layer = model.get_submodule(name)
             dtype = torch.uint8 if u8 and name in bare and layer.activation == "relu6" else torch.bfloat16
             layer.output_dtype, layer._follows_model_dtype = dtype, False
+            model.get_submodule(nxt)._takes_u8 = dtype == torch.uint8
             words[name] = f"output {'uint8' if dtype == torch.uint8 else 'bf16'} to {nxt}"
         last = model.get_submodule(chain[-1])
         last.output_dtype, last._follows_model_dtype = end, True

@@ -68,6 +68,9 @@ class _ConvLayer(_FusedActivation, nn.Module):
     # (model.bfloat16(), model.float()).
     _output_dtype: torch.dtype | None = None
     _follows_model_dtype: bool = False
+    # Takes uint8 (the conv before it hands relu6 outputs over as bytes): set by quantize() on the
+    # receiving end of a uint8 link only, so a raw uint8 image is refused, never read as that code.
+    _takes_u8: bool = False
 
     @property
     def output_dtype(self) -> torch.dtype | None:
@@ -114,9 +117,12 @@ class _ConvLayer(_FusedActivation, nn.Module):
         if x.shape[-3] != self.in_channels:
             raise ValueError(f"{name}({self.in_channels} -> {self.out_channels}) got input of shape {tuple(x.shape)}: "
                              f"{x.shape[-3]} channels, expected {self.in_channels}")  # fmt: skip
+        if x.dtype == torch.uint8 and not self._takes_u8:
+            raise TypeError(f"{name} got a uint8 input: it takes uint8 only from the conv before it when quantize() "
+                            "linked them (QuantConfig(conv_handoff='u8'): bytes q * 6/254); convert images to "
+                            "float32 or bfloat16 first")  # fmt: skip
         if x.dtype not in _conv.CONV_DTYPE_CODE:
-            raise TypeError(f"{name} supports float32 and bfloat16 inputs (and uint8 from a conv before it: "
-                            f"fastinfer.ops.conv.U8_SCALE), got {x.dtype}")  # fmt: skip
+            raise TypeError(f"{name} supports float32 and bfloat16 inputs, got {x.dtype}")
         if x.device.type != "cpu":
             raise RuntimeError(f"{name} runs on the CPU; got an input on {x.device} (no CUDA conv kernel yet)")
         return x
@@ -129,11 +135,13 @@ class _ConvLayer(_FusedActivation, nn.Module):
         weight, act = self._kernel_weight(), self._act_code()
         out_dtype = self._output_dtype or (torch.float32 if x.dtype == torch.uint8 else x.dtype)
         grad = x.requires_grad and torch.is_grad_enabled()
-        if out_dtype == torch.uint8 and (grad or act != 3):
+        if out_dtype == torch.uint8 and (grad or act != 3 or self._forward_hooks or _global_forward_hooks()):
             if act != 3:  # the activation was changed after output_dtype was set
                 raise ValueError(f"{type(self).__name__}: output_dtype=torch.uint8 needs activation='relu6', "
                                  f"this layer has {self.activation!r}")  # fmt: skip
-            out_dtype = torch.bfloat16  # integers carry no gradient: hand bf16 on (the next conv takes either)
+            # hand bf16 on (the next conv takes either): integers carry no gradient, and a forward
+            # hook registered since quantize() would be handed bytes instead of values
+            out_dtype = torch.bfloat16
         if eager_fast_path(x):
             y = self._eager(x, weight, act, out_dtype)
         elif out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad:
@@ -273,6 +281,11 @@ class Int8Conv2d(_ConvLayer):
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (
             " (depthwise: per-sample)" if _conv.is_depthwise(self.in_channels, self.out_channels, self.groups) else ""))
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks are registered for every module (nn.modules.module.register_module_forward_hook)."""
+    return bool(nn.modules.module._global_forward_hooks)
 
 
 def _fast_shape(layer: nn.Module, x: torch.Tensor, vectors: tuple) -> tuple[int, int, int, int] | None:

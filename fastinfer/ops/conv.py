@@ -46,10 +46,11 @@ _U8_INV32 = torch.tensor(254.0 / 6.0, dtype=torch.float32)
 
 
 def dequantize_u8(x: torch.Tensor) -> torch.Tensor:
-    """float32 values of a uint8 conv output (see U8_SCALE): float32(q) * U8_SCALE, NaN for U8_NAN;
-    the values the conv kernels compute with."""
+    """float32 values of a uint8 conv output (see U8_SCALE): float32(q) * U8_SCALE, NaN for U8_NAN.
+    (The kernels compute with these values up to rounding: the depthwise kernel multiplies float(q)
+    by its weight times U8_SCALE, the int8 conv sums the bytes and scales the sums.)"""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
-        raise TypeError(f"fastinfer.dequantize_u8: expects a uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(f"fastinfer.ops.conv.dequantize_u8: expects a uint8 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     return (x.float() * _U8_SCALE32).masked_fill(x == U8_NAN, float("nan"))
 
 

@@ -151,6 +151,13 @@ def optimize(
     arithmetic, which qualifies only if the model's output SQNR vs float stays within
     max_model_sqnr_drop_db of the fp32 kernel's. The fastest qualifying one is set (within 2%, an
     fp32 one); report.attention says what was measured.
+    Chained convs (QuantConfig.conv_handoff=True, quantize=True) are linked after the layers are
+    chosen; where some links could hand relu6 outputs over as uint8 (conv_handoff="u8"), the model
+    is timed on the example with bf16 and with uint8 links, and uint8 is kept only when more than
+    2% faster and when the output SQNR vs float stays within max_model_sqnr_drop_db of bf16's (a
+    separate allowance from the layers' check, whose report.model_sqnr_db is measured before any
+    link); report.handoff says what was measured. conv_handoff="u8" / "bf16" / False is kept as
+    asked.
     fastinfer.report(model) prints the plan: kernel per layer, SQNR, us per call vs float.
     """
     if not isinstance(model, nn.Module):
@@ -731,9 +738,9 @@ def _plan_handoff(root: nn.Module, reference: nn.Module, example_inputs, data, r
     if not words["bf16"]:
         return None
     layers = [m for m in root.modules() if isinstance(m, (Int8Conv2d, DepthwiseConv2d))]
-    dtypes = {"bf16": [m.output_dtype for m in layers]}
+    dtypes = {"bf16": [(m.output_dtype, m._takes_u8) for m in layers]}
     words["u8"] = mark_conv_handoff(root, u8=True, end=end)
-    dtypes["u8"] = [m.output_dtype for m in layers]
+    dtypes["u8"] = [(m.output_dtype, m._takes_u8) for m in layers]
     if dtypes["u8"] == dtypes["bf16"] or max_drop is None:
         _set_dtypes(layers, dtypes["bf16"])
         return HandoffPlan("bf16", words["bf16"], note="no link can carry uint8" if max_drop is not None else "")
@@ -750,8 +757,8 @@ def _plan_handoff(root: nn.Module, reference: nn.Module, example_inputs, data, r
 
 
 def _set_dtypes(layers: list[nn.Module], dtypes: list) -> None:
-    for m, d in zip(layers, dtypes):
-        m._output_dtype = d
+    for m, (d, takes_u8) in zip(layers, dtypes):
+        m._output_dtype, m._takes_u8 = d, takes_u8
 
 
 # ------------------------------------------------------------------------------------ attention
