@@ -122,7 +122,11 @@ class QuantConfig:
         of fp32's bytes, which the next int8 conv sums as they are (no quantization pass) and the
         depthwise conv reads in fp32. ~0.8x of the bf16 handoff's time on MobileNetV2 at batch 16,
         for ~2 dB of output SQNR (32.5 -> 30.7 dB at 224 x 224, 25.1 -> 22.3 dB at 64 x 64, random
-        weights); fastinfer.optimize takes it where the model's SQNR allows. True is "bf16".
+        weights); fastinfer.optimize takes it where the model's SQNR allows. True is "bf16". Only a
+        link's receiving conv takes uint8 (any other refuses it: a raw uint8 image is not this
+        code); a conv handing uint8 over hands bf16 instead under autograd or while it has a
+        forward hook. Calling part of a linked chain directly returns its bytes
+        (fastinfer.ops.conv.dequantize_u8 gives their values).
 
     A layer registered under several names is converted under all of them (it stays one layer), or
     left in float when skip or filter_fn keeps any of its names: prune and sparsify agree.
