@@ -111,13 +111,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if args.smoothquant is not None and not args.calibration:
         raise SystemExit("fastinfer optimize: --smoothquant needs --calibration FILE (its inputs' channel maxima)")
     attention = {"auto": True, "fp32": "fp32", "bf16": "bf16", "torch": False}[args.attention]
+    handoff = {"auto": True, "bf16": "bf16", "u8": "u8", "off": False}[args.conv_handoff]
     model, is_hf = _load_source(args.src)
     calib = _calibration_batches(args.calibration, is_hf, args.calibration_batch) if args.calibration else None
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if args.plan:
         example = _example_batch(model, is_hf, args.plan)
         prune = {"sparsity": args.sparsity, "pattern": args.pattern} if args.sparsity else None
-        cfg = fastinfer.QuantConfig(progress=progress, smoothquant=args.smoothquant, attention=attention)
+        cfg = fastinfer.QuantConfig(progress=progress, smoothquant=args.smoothquant, attention=attention,
+                                    conv_handoff=handoff)  # fmt: skip
         model, _ = fastinfer.optimize(model, example, quantize=not args.no_quantize, prune=prune, config=cfg,
                                       calibration_data=calib, min_sqnr_db=args.min_sqnr,
                                       max_model_sqnr_drop_db=args.max_model_sqnr_drop, progress=progress)  # fmt: skip
@@ -126,7 +128,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             model = fastinfer.prune(model, args.sparsity, pattern=args.pattern, progress=progress)
         if not args.no_quantize:
             cfg = fastinfer.QuantConfig(progress=progress, activations=args.activations, smoothquant=args.smoothquant,
-                                        attention=attention)  # fmt: skip
+                                        attention=attention, conv_handoff=handoff)  # fmt: skip
             model = fastinfer.quantize(model, cfg, calibration_data=calib)
         if args.sparsity:
             model = fastinfer.sparsify(model, progress=progress)
@@ -428,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a transformers model's attention: fastinfer's kernel in fp32 (fp32), with bf16 products "
                    "for fp32 q, k, v (bf16), or torch's SDPA as it was (torch); auto (default): fp32, or with "
                    "--plan the fastest of the three within --max-model-sqnr-drop, measured")
+    p.add_argument("--conv-handoff", choices=("auto", "bf16", "u8", "off"), default="auto",
+                   help="what chained convs hand each other (QuantConfig.conv_handoff): bf16, uint8 after relu6 "
+                   "(u8), or each its input's dtype (off); auto (default): bf16, or with --plan uint8 where it "
+                   "is faster within --max-model-sqnr-drop, measured")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_optimize)
 

@@ -468,6 +468,24 @@ def test_transformers_own_from_pretrained_does_not_silently_load_floats(tmp_path
 # -------------------------------------------------------------------------------- fastinfer optimize
 
 
+def test_cli_optimize_conv_handoff(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom fastinfer.bench import cnn\n\n"
+        "def block():\n    torch.manual_seed(0)\n"
+        "    return cnn.settle_batchnorm(torch.nn.Sequential(cnn.conv_bn_act(3, 16), cnn.InvertedResidual(16, 16, 1, 6)), size=16)\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path)}
+    for flag, want in (("u8", torch.uint8), ("off", None)):
+        out = tmp_path / f"{flag}.safetensors"
+        r = run_python(f"import sys; from fastinfer.cli import main; sys.exit(main(['optimize', 'mymodels:block', '--out', "
+                       f"{str(out)!r}, '--conv-handoff', {flag!r}, '--no-progress']))", env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        from fastinfer.bench import cnn
+
+        loaded = fastinfer.load(out, nn.Sequential(cnn.conv_bn_act(3, 16), cnn.InvertedResidual(16, 16, 1, 6)))
+        assert loaded[1].conv[0][0].output_dtype == want and loaded[1].conv[1][0].output_dtype == want
+
+
 def test_cli_optimize_module_function_and_hf_folder(tmp_path):
     (tmp_path / "mymodels.py").write_text(
         "import torch\nfrom torch import nn\n\n"
