@@ -28,6 +28,8 @@ const char* isa_name(Isa isa);
 
 enum class DType : int { kF32 = 0, kBF16 = 1, kI32 = 2, kU8 = 3 };
 
+constexpr size_t dtype_bytes(DType dt) { return dt == DType::kF32 || dt == DType::kI32 ? 4 : dt == DType::kBF16 ? 2 : 1; }
+
 // kU8: a ReLU6 output handed from one conv to the next (QuantConfig.conv_handoff). Byte q in
 // [0, 254] stands for q * kU8Scale (6 / 254), 255 for NaN, so a NaN pixel stays NaN down the chain.
 // Written from an fp32 y (already through ReLU6, so in [0, 6]) as round(clamp(y * kU8Inv, 0, 254))
@@ -242,15 +244,18 @@ inline float act_f32(float y, int act) {
     }
 }
 
-// One fp32 output value stored as the epilogue's kind (kF32, kBF16 or kU8).
-inline void store_value(float y, const Epilogue& ep, int64_t m, int64_t n) {
-    if (ep.kind == DType::kF32)
-        static_cast<float*>(ep.out)[m * ep.ldo + n] = y;
-    else if (ep.kind == DType::kU8)
-        static_cast<uint8_t*>(ep.out)[m * ep.ldo + n] = f32_to_u8(y);
+// One fp32 value stored as element i of out, of type kind (kF32, kBF16 or kU8).
+inline void store_as(DType kind, void* out, int64_t i, float y) {
+    if (kind == DType::kF32)
+        static_cast<float*>(out)[i] = y;
+    else if (kind == DType::kU8)
+        static_cast<uint8_t*>(out)[i] = f32_to_u8(y);
     else
-        static_cast<uint16_t*>(ep.out)[m * ep.ldo + n] = f32_to_bf16(y);
+        static_cast<uint16_t*>(out)[i] = f32_to_bf16(y);
 }
+
+// One fp32 output value stored as the epilogue's kind.
+inline void store_value(float y, const Epilogue& ep, int64_t m, int64_t n) { store_as(ep.kind, ep.out, m * ep.ldo + n, y); }
 
 // The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32,
 // then the activation.

@@ -77,19 +77,11 @@ ConvGeom geometry(const void* x, DType dt, const Conv2dShape& s) {
     return ConvGeom{x, dt, s.h, s.w, s.c, s.oh, s.ow, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw};
 }
 
-size_t elt_size(DType dt) { return dt == DType::kF32 ? 4 : dt == DType::kU8 ? 1 : 2; }
-
 // out = act(bias) (or act(0)) at every pixel: an empty image or no input channels.
 void fill_bias(const Conv2dShape& s, int64_t m, const float* bias, void* out, DType out_dt, int act) {
     for (int64_t p = 0; p < m; ++p)
         for (int64_t c = 0; c < s.cout; ++c) {
-            const float y = act_f32(bias ? bias[c] : 0.f, act);
-            if (out_dt == DType::kF32)
-                static_cast<float*>(out)[p * s.cout + c] = y;
-            else if (out_dt == DType::kU8)
-                static_cast<uint8_t*>(out)[p * s.cout + c] = f32_to_u8(y);
-            else
-                static_cast<uint16_t*>(out)[p * s.cout + c] = f32_to_bf16(y);
+            store_as(out_dt, out, p * s.cout + c, act_f32(bias ? bias[c] : 0.f, act));
         }
 }
 
@@ -107,7 +99,7 @@ Status check_io(DType dt, DType out_dt, int act) {
 Status depthwise_int8(const KernelTable& kt, const void* x, DType dt, const Conv2dShape& s, int64_t m,
                       const int8_t* wt, const float* sw, const float* bias, void* out, DType out_dt, int act) {
     const int64_t sample = s.h * s.w * s.c, pix = s.oh * s.ow, taps = s.kh * s.kw;
-    const size_t elt = elt_size(dt);
+    const size_t elt = dtype_bytes(dt);
     // 1. the range of each sample, in chunks over the threads
     const int64_t chunk = 1 << 16, per = (sample + chunk - 1) / chunk;
     std::vector<ValueRange> parts(size_t(s.n * per));
@@ -204,7 +196,7 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
 
     // tasks of (group, pixel chunk, channel-block group); each gathers and quantizes its rows
     const ConvGeom geom = geometry(x, dt, s);
-    const size_t out_elt = elt_size(out_dt);
+    const size_t out_elt = dtype_bytes(out_dt);
     const int64_t kp = blobs[0].kp, nblocks = blobs[0].np / kNBlock;
     const int64_t mt = std::clamp<int64_t>((393216 / kp) / 6 * 6, 6, 96);
     const int64_t mchunks = (m + mt - 1) / mt;
@@ -256,7 +248,7 @@ Status depthwise_conv2d_f32(const void* x, DType dt, const Conv2dShape& s, const
         return Status::ok();
     }
     const KernelTable& kt = active_kernels();
-    const bool stream = size_t(m) * size_t(s.c) * elt_size(out_dt) >= kStreamBytes;
+    const bool stream = size_t(m) * size_t(s.c) * dtype_bytes(out_dt) >= kStreamBytes;
     std::vector<float> scaled;  // a kU8 input is read as float(q): its scale goes into the weight
     if (dt == DType::kU8) {
         scaled.resize(size_t(w_elems));

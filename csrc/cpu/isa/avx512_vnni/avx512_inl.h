@@ -86,10 +86,11 @@ inline __m256i to_bf16_int(__m512 y) {
 
 // f32_to_u8 on 16 lanes.
 inline __m128i to_u8(__m512 y) {
-    __m512 t = _mm512_max_ps(_mm512_mul_ps(y, _mm512_set1_ps(kU8Inv)), _mm512_setzero_ps());  // NaN -> 0 here,
+    // a NaN lane becomes 0 in the clamp and kU8NaN in the last step
+    __m512 t = _mm512_max_ps(_mm512_mul_ps(y, _mm512_set1_ps(kU8Inv)), _mm512_setzero_ps());
     t = _mm512_min_ps(t, _mm512_set1_ps(254.f));
     const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
-    return _mm_mask_mov_epi8(q, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm_set1_epi8(char(kU8NaN)));  // 255 below
+    return _mm_mask_mov_epi8(q, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm_set1_epi8(char(kU8NaN)));
 }
 
 // to_bf16_int's bits. Built with AVX512_BF16, vcvtneps2bf16 gives them in one instruction (round to

@@ -21,8 +21,6 @@ inline void tap_range(int64_t base, int64_t d, int64_t taps, int64_t size, int64
     *hi = b;
 }
 
-inline size_t elt(DType dt) { return dt == DType::kF32 ? 4 : dt == DType::kU8 ? 1 : 2; }
-
 template <int NB, bool U8>
 void dw_pixel(const DepthwiseArgs& a, int64_t img, int64_t oy, int64_t ox, int64_t m, int64_t c0) {
     const ConvGeom& g = a.g;
@@ -206,7 +204,7 @@ template <class Pixel>
 void dw_rows(const DepthwiseArgs& a, int64_t r0, int64_t r1, Pixel&& pixel) {
     const ConvGeom& g = a.g;
     const char* base = a.xq ? reinterpret_cast<const char*>(a.xq) : static_cast<const char*>(g.x);
-    const size_t e = a.xq ? 1 : elt(g.dt);
+    const size_t e = a.xq ? 1 : dtype_bytes(g.dt);
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t img = r / g.oh, oy = r % g.oh;
         const int64_t bottom = oy * g.sh - g.ph + (g.kh - 1) * g.dh;
@@ -297,7 +295,7 @@ void pointwise_rows(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, in
                     uint8_t* tile, int64_t kp, float* sa, uint8_t* u8) {
     const int64_t pix = g.oh * g.ow;
     const uint8_t* x = static_cast<const uint8_t*>(g.x);
-    const size_t e = elt(g.dt);
+    const size_t e = dtype_bytes(g.dt);
     const bool direct = g.sh == 1 && g.sw == 1 && g.oh == g.h && g.ow == g.w;
     for (int64_t m = m0; m < m1; ++m) {
         const int64_t p = direct ? m : (m / pix * g.h + m % pix / g.ow * g.sh) * g.w + m % g.ow * g.sw;
@@ -346,7 +344,7 @@ void gather_quantize(const ConvGeom& g, int64_t cg, int64_t group, int64_t m0, i
     }
     const int64_t pix = g.oh * g.ow, k = g.kh * g.kw * cg;
     const uint8_t* x = static_cast<const uint8_t*>(g.x);
-    const size_t e = elt(g.dt);
+    const size_t e = dtype_bytes(g.dt);
     // One group and no dilation across the row: the taps kx0..kx1 of one ky are one contiguous span
     // of (kx1 - kx0) * c values in NHWC memory, gathered as one run (a 7x7 stem conv of 3 channels:
     // 7 runs of 21 values instead of 49 of 3).
@@ -473,7 +471,7 @@ void depthwise_f32(const DepthwiseArgs& a, int64_t r0, int64_t r1) {
                                           : strip_rows_for<kS, DType::kBF16>(g);
     }
     const char* base = static_cast<const char*>(g.x);
-    const size_t e = elt(g.dt);
+    const size_t e = dtype_bytes(g.dt);
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t img = r / g.oh, oy = r % g.oh;
         const int64_t bottom = oy * g.sh - g.ph + (g.kh - 1) * g.dh;
