@@ -92,6 +92,7 @@ from fastinfer.bench.guard import CpuGuard
 from fastinfer.bench.ops import report_header
 from fastinfer.convert import attention as hf_attention
 from fastinfer.convert.attention import HF_NAME
+from fastinfer.nn.conv import hands_uint8
 
 # (rounds, minimum clean rounds)
 DEFAULT_TIMING = (7, 4)
@@ -462,7 +463,7 @@ def _image_peers(case: Case, threads: int, onnx: bool) -> tuple[list[Peer], dict
         try:
             with _quiet():
                 q = fastinfer.quantize(model, fastinfer.QuantConfig(progress=False, conv_handoff=handoff))
-            if handoff == "u8" and not any(getattr(m, "output_dtype", None) == torch.uint8 for m in q.modules()):
+            if handoff == "u8" and not hands_uint8(q):
                 errors[name] = "not measured: no conv fusing relu6 hands over to another (the same model as fastinfer's)"
                 continue
             peers.append(Peer(name, lambda q=q, inp=inp: q(inp), _logits, ours=q, note=f"{what}; {_report_note(q)}"))

@@ -12,7 +12,7 @@ from fastinfer.nn.linear import quantize_weight_per_channel
 from fastinfer.ops import conv as _conv
 from fastinfer.ops._common import eager_fast_path
 
-__all__ = ["DepthwiseConv2d", "Int8Conv1d", "Int8Conv2d", "conv_padding", "fold_batchnorm"]
+__all__ = ["DepthwiseConv2d", "Int8Conv1d", "Int8Conv2d", "conv_padding", "fold_batchnorm", "hands_uint8"]
 
 
 def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -133,7 +133,7 @@ class _ConvLayer(_FusedActivation, nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         weight, act = self._kernel_weight(), self._act_code()
-        out_dtype = self._output_dtype or (torch.float32 if x.dtype == torch.uint8 else x.dtype)
+        out_dtype = _conv._out_dtype(x, self._output_dtype)
         grad = x.requires_grad and torch.is_grad_enabled()
         if out_dtype == torch.uint8 and (grad or act != 3 or self._forward_hooks or _global_forward_hooks()):
             if act != 3:  # the activation was changed after output_dtype was set
@@ -281,6 +281,11 @@ class Int8Conv2d(_ConvLayer):
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (
             " (depthwise: per-sample)" if _conv.is_depthwise(self.in_channels, self.out_channels, self.groups) else ""))
+
+
+def hands_uint8(model: nn.Module) -> bool:
+    """Whether some conv of the model hands uint8 to the next (QuantConfig(conv_handoff="u8"))."""
+    return any(isinstance(m, _ConvLayer) and m.output_dtype == torch.uint8 for m in model.modules())
 
 
 def _global_forward_hooks() -> bool:

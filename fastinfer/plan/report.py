@@ -26,6 +26,7 @@ from fastinfer.nn import (
     WeightOnlyInt8Linear,
     linear_weight_and_bias,
 )
+from fastinfer.nn.conv import hands_uint8
 
 __all__ = ["AttentionPlan", "LayerPlan", "PlanReport", "report"]
 
@@ -262,8 +263,7 @@ def report(model: nn.Module) -> PlanReport:
     if attention is not None and getattr(config, "_attn_implementation", None) != attention.implementation:
         attention = None  # switched since optimize() chose it
     handoff = plan.handoff if plan else None
-    if handoff is not None and handoff.chosen == "u8" and not any(
-            getattr(m, "output_dtype", None) == torch.uint8 for m in model.modules()):  # fmt: skip
+    if handoff is not None and handoff.chosen == "u8" and not hands_uint8(model):
         handoff = None  # reset since optimize() chose it
     return PlanReport(rows, measured=bool(measured), isa=plan.isa if plan else None,
                       threads=plan.threads if plan else None, model_ms=plan.model_ms if plan else None,
