@@ -391,3 +391,17 @@ def sp_b_ldmatrix_addr(wn: int, jn: int):
         return swz(wn * SP_WN + jn * 8 + (lane & 7), lane >> 3)
 
     return addr
+
+
+def byte_perm(x: int, y: int, sel: int) -> int:
+    """__byte_perm(x, y, s) (default mode): result byte i is byte (s >> 4i) & 7 of the 8 bytes y:x."""
+    src = (x & 0xFFFFFFFF) | ((y & 0xFFFFFFFF) << 32)
+    return sum(((src >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def gemv_widen(kept_word: int, code: int, j: int) -> int:
+    """gemv_sp24_kernel's widening of group j (0..7 of a lane's 32 columns): the group's 2 kept
+    bytes, in the lane's kept word j >> 1, moved to positions i0 < i1 of a dense 4-byte word."""
+    i0, i1, lo = code & 3, code >> 2, (2 * j) & 3
+    sel = 0x4444 ^ ((4 ^ lo) << (4 * i0)) ^ ((4 ^ (lo + 1)) << (4 * i1))
+    return byte_perm(kept_word, 0, sel)

@@ -1,6 +1,7 @@
 """The CUDA build, checked without a GPU: where nvcc exists the wheel has fastinfer._C_cuda, and its
 SASS really uses the tensor cores (IMMA), ldmatrix (LDSM), cp.async (LDGSTS) and dp4a (IDP.4A) on both
-sm_80 and sm_90a, with PTX for later GPUs and no register spills. Needs cuobjdump (PyPI:
+sm_80 and sm_90a, the 2:4 kernel the sparse tensor cores (IMMA.SP), with PTX for later GPUs and no
+register spills. Needs cuobjdump (PyPI:
 nvidia-cuda-cuobjdump; .ci/run installs it)."""
 
 from __future__ import annotations
@@ -79,14 +80,31 @@ def test_sass_uses_tensor_cores_ldmatrix_cp_async_dp4a(cubin, arch, record_prope
     assert "IDP.4A.S8.S8" in gemv
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_sass_of_the_2_4_kernels(cubin, arch, record_property):
+    tool, path = cubin
+    sass = _run(tool, "--dump-sass", "--gpu-architecture", arch, path)
+    kernels = re.split(r"\n\s*Function : ", sass)
+    gemm = next(k for k in kernels if "gemm_sp24_kernel" in k.split("\n", 1)[0])
+    gemv = next(k for k in kernels if "gemv_sp24_kernel" in k.split("\n", 1)[0])
+    counts = {op: len(re.findall(op, gemm)) for op in (r"IMMA\.SP\.16864\.S8\.S8", r"LDSM\.16\.M88\.4", r"LDGSTS")}
+    record_property(f"{arch}_sp24_sass_counts", counts)
+    # 2 k64 steps x (4 m16 x 4 n8) sparse mma per 128-deep stage; 4 A + 4 B ldmatrix.x4 per step
+    assert counts[r"IMMA\.SP\.16864\.S8\.S8"] == 32, counts
+    assert counts[r"LDSM\.16\.M88\.4"] == 16, counts
+    assert counts[r"LDGSTS"] >= 7, counts  # 2 kept-value, 4 x and 1 metadata copies per stage
+    assert len(re.findall(r"IDP\.4A\.S8\.S8", gemv)) == 16 * 8, "8 dp4a per token row, unrolled over 16 rows"
+    assert len(re.findall(r"PRMT", gemv)) >= 8, "the 8 groups widened with byte_perm"
+
+
 def test_no_register_spills(cubin, record_property):
     tool, path = cubin
     usage = _run(tool, "--dump-resource-usage", path)
     rows = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    assert len(rows) >= 6, usage  # 3 kernels x 2 architectures
+    assert len(rows) >= 10, usage  # 5 kernels x 2 architectures
     report = {}
     for name, reg, stack, shared, local in rows:
-        kernel = re.search(r"(gemm_i8_kernel|gemv_i8_kernel|quantize_rows_kernel)", name).group(1)
+        kernel = re.search(r"(gemm_i8_kernel|gemv_i8_kernel|gemm_sp24_kernel|gemv_sp24_kernel|quantize_rows_kernel)", name).group(1)
         report.setdefault(kernel, []).append({"regs": int(reg), "local": int(local), "shared": int(shared)})
         assert int(local) == 0 and int(stack) == 0, f"{kernel} spills: {reg} regs, local {local}, stack {stack}"
     record_property("resource_usage", report)

@@ -230,3 +230,15 @@ def test_sp24_cta_tile_multiplied_like_the_kernel_equals_int64():
             addr = L.sp_b_ldmatrix_addr(wn, jn)
             for j in range(4):
                 assert len(L.bank_groups_of_phase([addr(8 * j + r) for r in range(8)])) == 8
+
+
+def test_gemv_widening_equals_the_dense_group():
+    """The small-M kernel's byte_perm selector, for every valid code and both halves of a kept word:
+    the dense 4-byte group it builds equals expand_24 of the same values."""
+    vals = torch.tensor([[-7, 19, 127, -128]], dtype=torch.int8)
+    word = int(vals.view(torch.int32)[0, 0]) & 0xFFFFFFFF
+    for code in (c for c in range(16) if (c & 3) < (c >> 2)):
+        for j in (0, 1):  # kept bytes 0, 1 and 2, 3 of the word
+            dense = L.expand_24(vals[:, 2 * j : 2 * j + 2], torch.tensor([[code]], dtype=torch.uint8))
+            got = L.gemv_widen(word, code, j)
+            assert got.to_bytes(4, "little") == dense.numpy().tobytes(), (code, j)

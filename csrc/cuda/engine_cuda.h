@@ -29,6 +29,21 @@ const char* gemm_i8(const int8_t* q, int64_t m, int64_t kp, const int8_t* w, int
                     const float* sa, const float* sw, const float* bias, void* out, int out_dtype, int64_t ldo,
                     void* stream);
 
+// 2:4 sparse weights, layout "SP24": kept values [np][kp / 2] int8 (the two kept inputs of every
+// group of 4, ascending), then metadata [np / 16][kp / 64][32] uint32 in mma.sp fragment order
+// (word w of an m16 tile and k64 step is lane w's metadata operand: rows g + 8 (w & 1) of the
+// tile, 32 columns (w & 3) >> 1 of the step, a 4-bit code per group: bits 1:0 the first kept
+// position, bits 3:2 the second). np = N rounded up to 128, kp = K rounded up to 128.
+constexpr int64_t kSp24TileN = 128;
+constexpr int64_t kSp24TileK = 128;
+
+// out [m, n] = q [m, kp] @ W^T as gemm_i8, with W in the SP24 layout (vals, meta). M <= 16: a dp4a
+// kernel that widens the kept values in registers; larger M: mma.sp m16n8k64 (tensor cores,
+// cp.async 3-stage pipeline, 78 KB of dynamic shared memory).
+const char* gemm_sp24(const int8_t* q, int64_t m, int64_t kp, const int8_t* vals, const uint32_t* meta, int64_t n,
+                      int64_t np, const float* sa, const float* sw, const float* bias, void* out, int out_dtype,
+                      int64_t ldo, void* stream);
+
 int device_count();  // 0 when no driver / device (never throws)
 const char* last_error_name();
 

@@ -250,6 +250,194 @@ __global__ void __launch_bounds__(THREADS) gemm_i8_kernel(const int8_t* __restri
             }
 }
 
+
+// ----------------------------------------------------------------- 2:4 sparse (mma.sp m16n8k64)
+//
+// The weight is mma's sparse A operand, so these kernels compute out^T = W x^T: weight rows are
+// the mma's M, tokens its N. Weight layout "SP24" (engine_cuda.h; host reference and emulation in
+// fastinfer/_cuda_layout.py): kept values [np][kp / 2] int8 (two per group of 4 inputs), then the
+// metadata in fragment order [np / 16][kp / 64][32] uint32, the word lane w passes to the mma.
+
+constexpr int SBM = 128, SBN = 128, SBK = 128;  // weight rows, tokens, logical K per stage
+constexpr int kSpA = SBM * 64;                   // kept values: 128 rows of 64 bytes (128 logical K)
+constexpr int kSpB = 2 * SBN * 64;               // x: two halves of 128 rows x 64 bytes
+constexpr int kSpE = (SBM / 16) * 2 * 32 * 4;    // metadata: 8 m16 tiles x 2 k64 steps x 32 words
+constexpr int kSpStage = kSpA + kSpB + kSpE;     // 26 KB
+constexpr int kSpSmem = STAGES * kSpStage;       // 78 KB: dynamic shared memory
+
+__device__ __forceinline__ void mma_sp_s8(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[4], unsigned e) {
+#if (__CUDACC_VER_MAJOR__ > 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5)
+    asm volatile(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k64.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+#else
+    asm volatile(
+        "mma.sp.sync.aligned.m16n8k64.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
+#endif
+}
+
+__global__ void __launch_bounds__(THREADS, 2) gemm_sp24_kernel(const int8_t* __restrict__ q, int64_t m, int64_t kp,
+                                                             const int8_t* __restrict__ vals,
+                                                             const uint32_t* __restrict__ meta, int64_t n,
+                                                             const float* sa, const float* sw, const float* bias,
+                                                             void* out, int dtype, int64_t ldo) {
+    extern __shared__ __align__(128) int8_t sp_smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 2, wn = warp & 3;  // 2 (weight rows, 64 each) x 4 (tokens, 32 each)
+    const int64_t n0 = int64_t(blockIdx.x) * SBM, m0 = int64_t(blockIdx.y) * SBN;
+    const int ktiles = int(kp / SBK);
+    const int64_t steps = kp / 64, kvp = kp / 2;
+
+    auto load_tile = [&](int stage, int kt) {
+        int8_t* sA = sp_smem + stage * kSpStage;
+        int8_t* sB = sA + kSpA;
+        int8_t* sE = sB + kSpB;
+#pragma unroll
+        for (int i = 0; i < (SBM * 64 / 16) / THREADS; ++i) {  // 2 chunks of kept values per thread
+            const int c = tid + i * THREADS, row = c >> 2, chunk = c & 3;
+            cp_async16(sA + swz(row, chunk), vals + (n0 + row) * kvp + int64_t(kt) * 64 + chunk * 16, true);
+        }
+#pragma unroll
+        for (int i = 0; i < (2 * SBN * 64 / 16) / THREADS; ++i) {  // 4 chunks of x per thread
+            const int c = tid + i * THREADS, half = c >> 9, row = (c >> 2) & (SBN - 1), chunk = c & 3;
+            const bool valid = m0 + row < m;
+            cp_async16(sB + half * SBN * 64 + swz(row, chunk),
+                       valid ? q + (m0 + row) * kp + int64_t(kt) * SBK + half * 64 + chunk * 16 : q, valid);
+        }
+        if (tid < kSpE / 16) {  // 8 tiles x 2 steps x 32 words, contiguous per tile
+            const int tile = tid >> 4, chunk = tid & 15;
+            cp_async16(sE + tid * 16, meta + ((n0 / 16 + tile) * steps + 2 * int64_t(kt)) * 32 + chunk * 4, true);
+        }
+    };
+
+    int acc[SBM / 2 / 16][SBN / 4 / 8][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load_tile(s, s);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+
+    for (int kt = 0; kt < ktiles; ++kt) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+        __syncthreads();
+        if (kt + STAGES - 1 < ktiles) load_tile((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        asm volatile("cp.async.commit_group;\n" ::);
+        const int8_t* a_s = sp_smem + (kt % STAGES) * kSpStage;
+        const int8_t* b_s = a_s + kSpA;
+        const uint32_t* e_s = reinterpret_cast<const uint32_t*>(b_s + kSpB);
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {  // two k64 steps per stage
+            unsigned af[4][4], bf[4][4], ef[4];
+            const int j = lane >> 3;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {  // the dense kernel's A addressing, over kept values
+                const int row = wm * 64 + i * 16 + (lane & 7) + (j & 1) * 8;
+                ldmatrix_x4(af[i], a_s + swz(row, s * 2 + (j >> 1)));
+                ef[i] = e_s[((wm * 4 + i) * 2 + s) * 32 + lane];
+            }
+#pragma unroll
+            for (int jn = 0; jn < 4; ++jn)  // one n8 token tile, its four 16-byte chunks = k 0..63
+                ldmatrix_x4(bf[jn], b_s + s * SBN * 64 + swz(wn * 32 + jn * 8 + (lane & 7), j));
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int jn = 0; jn < 4; ++jn) mma_sp_s8(acc[i][jn], af[i], bf[jn], ef[i]);
+        }
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);
+
+    // C fragment: row (weight) g + 8 * (r >> 1), column (token) 2t + (r & 1)
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int jn = 0; jn < 4; ++jn)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int64_t nn = n0 + wm * 64 + i * 16 + g + (r >> 1) * 8;
+                const int64_t mm = m0 + wn * 32 + jn * 8 + t * 2 + (r & 1);
+                if (mm < m && nn < n) store_out(out, dtype, ldo, mm, nn, acc[i][jn][r], sa, sw, bias);
+            }
+}
+
+// M <= 16: one block per 16 weight rows, its 8 warps splitting the k64 steps. Each lane reads the
+// metadata word it would pass to the mma (rows g + 8 (t & 1), 32 columns (t >> 1)), widens its 16
+// kept values to 32 dense bytes with byte_perm and runs dp4a against x; partial sums meet in
+// shared memory.
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_sp24_kernel(const int8_t* __restrict__ q, int m_rows,
+                                                                   int64_t kp, const int8_t* __restrict__ vals,
+                                                                   const uint32_t* __restrict__ meta, int64_t n,
+                                                                   const float* sa, const float* sw,
+                                                                   const float* bias, void* out, int dtype,
+                                                                   int64_t ldo) {
+    __shared__ int red[kGemvWarps][16][kGemvMaxM];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int64_t tile = blockIdx.x, steps = kp / 64, kvp = kp / 2;
+    const int row = g + 8 * (t & 1), quarter = t >> 1;
+    const int8_t* vrow = vals + (tile * 16 + row) * kvp + quarter * 16;
+    int32_t acc[kGemvMaxM];
+#pragma unroll
+    for (int r = 0; r < kGemvMaxM; ++r) acc[r] = 0;
+    for (int64_t s = warp; s < steps; s += kGemvWarps) {
+        const uint32_t e = meta[(tile * steps + s) * 32 + lane];
+        const int4 kv = *reinterpret_cast<const int4*>(vrow + s * 32);
+        const unsigned kept[4] = {unsigned(kv.x), unsigned(kv.y), unsigned(kv.z), unsigned(kv.w)};
+        unsigned wd[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // group j: kept bytes 2j, 2j + 1 go to positions i0 < i1
+            const unsigned code = (e >> (4 * j)) & 0xFu, i0 = code & 3u, i1 = code >> 2;
+            const unsigned lo = (2 * j) & 3;  // the pair's first byte in its kept word
+            const unsigned sel = 0x4444u ^ ((4u ^ lo) << (4 * i0)) ^ ((4u ^ (lo + 1)) << (4 * i1));
+            wd[j] = __byte_perm(kept[j >> 1], 0u, sel);  // selector 4 picks a zero byte
+        }
+        const int64_t col = s * 64 + quarter * 32;
+#pragma unroll
+        for (int r = 0; r < kGemvMaxM; ++r) {
+            if (r < m_rows) {
+                const int4 x0 = *reinterpret_cast<const int4*>(q + r * kp + col);
+                const int4 x1 = *reinterpret_cast<const int4*>(q + r * kp + col + 16);
+                int32_t sum = acc[r];
+                sum = __dp4a(x0.x, int(wd[0]), sum);
+                sum = __dp4a(x0.y, int(wd[1]), sum);
+                sum = __dp4a(x0.z, int(wd[2]), sum);
+                sum = __dp4a(x0.w, int(wd[3]), sum);
+                sum = __dp4a(x1.x, int(wd[4]), sum);
+                sum = __dp4a(x1.y, int(wd[5]), sum);
+                sum = __dp4a(x1.z, int(wd[6]), sum);
+                sum = __dp4a(x1.w, int(wd[7]), sum);
+                acc[r] = sum;
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvMaxM; ++r) {
+        const int32_t other = __shfl_xor_sync(0xffffffffu, acc[r], 2);  // the row's other 32 columns
+        if (quarter == 0) red[warp][row][r] = acc[r] + other;
+    }
+    __syncthreads();
+    const int orow = threadIdx.x >> 4, tok = threadIdx.x & 15;  // 256 threads = 16 rows x 16 tokens
+    const int64_t nn = tile * 16 + orow;
+    if (tok < m_rows && nn < n) {
+        int32_t sum = 0;
+#pragma unroll
+        for (int w = 0; w < kGemvWarps; ++w) sum += red[w][orow][tok];
+        store_out(out, dtype, ldo, tok, nn, sum, sa, sw, bias);
+    }
+}
+
 }  // namespace
 
 const char* quantize_rows(const void* x, int dtype, int64_t m, int64_t k, int64_t ldx, int8_t* q, int64_t kp,
@@ -282,6 +470,35 @@ const char* gemm_i8(const int8_t* q, int64_t m, int64_t kp, const int8_t* w, int
         if (gy > 65535 || gx > 0x7fffffff) return "gemm_i8: M or N too large for one launch";
         gemm_i8_kernel<<<dim3(unsigned(gx), unsigned(gy)), THREADS, 0, s>>>(q, m, kp, w, n, sa, sw, bias, out,
                                                                            out_dtype, ldo);
+    }
+    return check_launch();
+}
+
+const char* gemm_sp24(const int8_t* q, int64_t m, int64_t kp, const int8_t* vals, const uint32_t* meta, int64_t n,
+                      int64_t np, const float* sa, const float* sw, const float* bias, void* out, int out_dtype,
+                      int64_t ldo, void* stream) {
+    if (out_dtype < kF32 || out_dtype > kI32) return "gemm_sp24: unknown output dtype";
+    if (m < 0 || n < 0 || kp < 0 || kp % kSp24TileK || np % kSp24TileN || np < n || (m > 0 && ldo < n))
+        return "gemm_sp24: bad sizes";
+    if (out_dtype != kI32 && (!sa || !sw)) return "gemm_sp24: scales missing";
+    if (m == 0 || n == 0) return nullptr;
+    auto s = static_cast<cudaStream_t>(stream);
+    if (kp == 0) return "gemm_sp24: K must be at least 1";
+    if (m <= kGemvMaxM) {
+        if (np / 16 > 0x7fffffff) return "gemm_sp24: N too large";
+        gemv_sp24_kernel<<<unsigned(np / 16), kGemvWarps * 32, 0, s>>>(q, int(m), kp, vals, meta, n, sa, sw, bias,
+                                                                      out, out_dtype, ldo);
+    } else {
+        const int64_t gx = np / SBM, gy = (m + SBN - 1) / SBN;
+        if (gy > 65535 || gx > 0x7fffffff) return "gemm_sp24: M or N too large for one launch";
+        const cudaError_t e =
+            cudaFuncSetAttribute(gemm_sp24_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSpSmem);
+        if (e != cudaSuccess) {
+            t_last_error = cudaGetErrorName(e);
+            return cudaGetErrorString(e);
+        }
+        gemm_sp24_kernel<<<dim3(unsigned(gx), unsigned(gy)), THREADS, kSpSmem, s>>>(q, m, kp, vals, meta, n, sa, sw,
+                                                                                   bias, out, out_dtype, ldo);
     }
     return check_launch();
 }
