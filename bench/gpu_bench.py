@@ -4,7 +4,10 @@ Ceilings in the same run: device copy bandwidth (read + write of 1 GiB), read ba
 1 GiB), bf16 torch.matmul and torch._int_mm at 8192^3. Ours at (M, 8192, 8192) for M in
 1, 16, 4096, 8192: int8_matmul_packed (integer-only, vs torch._int_mm) and Int8Linear (bf16 in/out,
 activation quantization included, vs bf16 nn.Linear). Results are checked before timing (exact vs
-torch._int_mm or the int64 reference). Times: CUDA events, median of 20 after 5 warm-up calls.
+torch._int_mm or the int64 reference). Then 2:4: sparse_int8_matmul (mma.sp, or the dp4a kernel
+at M <= 16) on a 2:4-pruned copy of the same weight vs our dense int8_matmul_packed (the issue's
+target: >= 1.3x at M >= 512), torch's semi-structured int8 (cuSPARSELt / CUTLASS) where it runs,
+and the 2:4 weight bytes per second. Times: CUDA events, median of 20 after 5 warm-up calls.
 """
 
 from __future__ import annotations
@@ -81,6 +84,38 @@ def main() -> None:
             f"| {m}x{k}x{n} | {t_ours:.3f} ms, {tops:.1f} TOPS | {t_int / t_ours:.2f}x | {t_lin:.3f} ms | "
             f"{t_b16 / t_lin:.2f}x | {gbs:.0f} ({gbs / read_gbs * 100:.0f}%) |"
         )
+    rows += ["", "| 2:4, M x K x N | ours sparse_int8_matmul | vs ours dense | vs torch semi-structured int8 | 2:4 weight GB/s (% of read) |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    w24 = w8.clone().view(n, k // 4, 4)
+    w24[..., 2:] = 0  # keep 2 of every 4 (positions vary below)
+    w24 = w24.view(n, k)
+    w24 = torch.roll(w24, shifts=1, dims=1)  # kept positions 1, 2 of each group
+    packed24 = ops.pack_sparse(w24, "2:4")
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        w24_torch = to_sparse_semi_structured(w24)
+    except Exception as e:  # noqa: BLE001  (a peer that does not run here is reported, not fatal)
+        w24_torch, why = None, f"{type(e).__name__}: {e}"
+    for m in (1, 16, 512, 4096, 8192):
+        a = a8[:m]
+        got = ops.sparse_int8_matmul(a, packed24, n)
+        ref = torch._int_mm(a, w24.T) if m > 16 else (a.double() @ w24.double().T).round().int()
+        assert torch.equal(got, ref), "sparse_int8_matmul differs from the exact reference"
+        t_sp = cuda_ms(lambda: ops.sparse_int8_matmul(a, packed24, n))
+        t_dense = cuda_ms(lambda: ops.int8_matmul_packed(a, packed, n))
+        peer = "n/a"
+        if w24_torch is not None and m >= 32:
+            try:
+                t_peer = cuda_ms(lambda: torch.mm(w24_torch, a.T))
+                peer = f"{t_peer / t_sp:.2f}x"
+            except Exception as e:  # noqa: BLE001
+                peer = f"fails: {type(e).__name__}"
+        gbs = (n * k // 2 + n * k // 8) / t_sp / 1e6
+        rows.append(f"| {m}x{k}x{n} | {t_sp:.3f} ms, {2 * m * n * k / t_sp / 1e9:.1f} dense-equivalent TOPS | "
+                    f"{t_dense / t_sp:.2f}x | {peer} | {gbs:.0f} ({gbs / read_gbs * 100:.0f}%) |")  # fmt: skip
+    if w24_torch is None:
+        rows.append(f"- torch semi-structured int8 did not run: {why}")
     text = "## GPU results (bench/gpu_check.sh)\n\n" + "\n".join(rows) + "\n"
     print(text)
     with open(args.output, "w") as f:

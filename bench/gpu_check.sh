@@ -21,4 +21,4 @@ echo "== cuda tests"
 timeout 240 "$py" -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log"
 
 echo "== measurements"
-timeout 180 "$py" "$repo/bench/gpu_bench.py" --output "$out/gpu_results.md"
+timeout 240 "$py" "$repo/bench/gpu_bench.py" --output "$out/gpu_results.md"

@@ -242,3 +242,33 @@ def test_gemv_widening_equals_the_dense_group():
             dense = L.expand_24(vals[:, 2 * j : 2 * j + 2], torch.tensor([[code]], dtype=torch.uint8))
             got = L.gemv_widen(word, code, j)
             assert got.to_bytes(4, "little") == dense.numpy().tobytes(), (code, j)
+
+
+def test_sp24_buffer_checks_run_without_a_gpu():
+    """The GPU 2:4 buffer checks (fastinfer.ops.cuda.sp24_check / sp24_validate) are torch code that
+    runs wherever the buffer is: here on a CPU copy of one. A bad metadata code, header, size or
+    shape is an error before any kernel could see it."""
+    from fastinfer.ops import cuda as C
+
+    w = _sparse24(64, 256, seed=21)
+    p = L.pack_sp24(w)
+    assert C.sp24_check("t", p, 64, 256) == L.sp24_sizes(64, 256)
+    assert C.sp24_validate("t", p) == (64, 256)
+    bad = p.clone()
+    bad[-4:] = 0  # codes 0b0000 (equal positions): undefined for mma.sp
+    with pytest.raises(ValueError, match="metadata code"):
+        C.sp24_check("t", bad, 64, 256)
+    bad = p.clone()
+    bad[8] = 2  # layout RN128
+    with pytest.raises(ValueError, match="header or size"):
+        C.sp24_validate("t", bad)
+    with pytest.raises(ValueError, match="bytes"):
+        C.sp24_check("t", p, 64, 128)
+    same_size = L.pack_sp24(_sparse24(256, 128, seed=22))  # [256, 128] and [64, 256]: equal bytes
+    assert same_size.numel() == p.numel()
+    with pytest.raises(ValueError, match=r"the weight is \[256, 128\], expected \[64, 256\]"):
+        C.sp24_check("t", same_size, 64, 256)
+    with pytest.raises(TypeError, match="1-D uint8"):
+        C.sp24_check("t", p.view(torch.int8), 64, 256)
+    p[100] = 1  # an in-place write: the next call checks again (and the values may be anything)
+    assert C.sp24_check("t", p, 64, 256) == L.sp24_sizes(64, 256)

@@ -86,8 +86,104 @@ def test_module_moves_and_repacks():
     q.cpu()
     assert torch.equal(q(x), ref)
     s = SparseInt8Linear.from_int8linear(q[0], "csr")
-    with pytest.raises(RuntimeError, match="CPU only"):
+    with pytest.raises(RuntimeError, match="only '2:4' runs on CUDA"):
         s.cuda()
+
+
+# ------------------------------------------------------------------------------------- 2:4 sparse
+
+
+def _sparse24(n, k, seed, device="cuda"):
+    w = _i8(n, k, seed=seed, device="cpu")
+    g = torch.Generator().manual_seed(seed + 1)
+    kk = (k + 3) // 4 * 4
+    keep = torch.rand(n, kk // 4, 4, generator=g).argsort(-1)[..., :2]
+    mask = torch.zeros(n, kk // 4, 4, dtype=torch.bool).scatter_(-1, keep, True).reshape(n, kk)[:, :k]
+    return torch.where(mask, w, torch.zeros_like(w)).to(device)
+
+
+@pytest.mark.parametrize("n,k", [(1, 4), (8, 32), (37, 130), (128, 128), (129, 200), (300, 4096)])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 31, 128, 129, 300])
+def test_sparse24_matmul_exact(m, n, k):
+    """Both 2:4 kernels (dp4a for M <= 16, mma.sp above) against the int64 reference."""
+    a, w = _i8(m, k, seed=m * 7 + k), _sparse24(n, k, seed=n * 3 + k)
+    packed = ops.pack_sparse(w, "2:4")
+    out = ops.sparse_int8_matmul(a, packed, n)
+    assert out.device.type == "cuda" and out.dtype == torch.int32
+    assert torch.equal(out.cpu(), int64_ref(a.cpu(), w.cpu()))
+    assert torch.equal(ops.sparse_int8_matmul(a, packed, n), out), "two runs differ"
+
+
+def test_sparse24_extremes_and_empty_groups():
+    for av, wv in ((-128, -128), (127, -128)):
+        w = _sparse24(64, 4096, seed=5)
+        w = torch.where(w != 0, torch.full_like(w, wv), w)
+        w[:, :256] = 0  # whole groups empty (code 0b0100)
+        for m in (3, 200):
+            a = torch.full((m, 4096), av, dtype=torch.int8, device="cuda")
+            got = ops.sparse_int8_matmul(a, ops.pack_sparse(w, "2:4"), 64)
+            assert torch.equal(got.cpu(), int64_ref(a.cpu(), w.cpu()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 256), (16, 256), (17, 256), (3, 7, 256), (300, 256)])
+def test_sparse24_layer_equals_dense_layer_and_cpu(dtype, shape):
+    """SparseInt8Linear('2:4') on the GPU: bit for bit the dense Int8Linear of the same weights on
+    the GPU and the 2:4 layer on the CPU (same quantization, exact sums, same fp32 epilogue)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 200)
+    with torch.no_grad():
+        lin.weight.mul_(_sparse24(200, 256, seed=9, device="cpu") != 0)
+    cpu = SparseInt8Linear.from_linear(lin, "2:4")
+    gpu = SparseInt8Linear.from_linear(lin, "2:4").cuda()
+    dense = Int8Linear.from_linear(lin).cuda()
+    assert gpu.format == "2:4" and gpu.sparse_weight.device.type == "cuda"
+    assert torch.equal(gpu.weight_int8.cpu(), cpu.weight_int8)
+    x = torch.randn(*shape).to(dtype)
+    y = gpu(x.cuda())
+    assert torch.equal(y, dense(x.cuda()))
+    assert torch.equal(y.cpu(), cpu(x))
+    gpu.cpu()
+    assert torch.equal(gpu(x), cpu(x))
+
+
+def test_sparse24_state_dict_is_portable():
+    lin = nn.Linear(128, 64)
+    with torch.no_grad():
+        lin.weight.mul_(_sparse24(64, 128, seed=3, device="cpu") != 0)
+    gpu = SparseInt8Linear.from_linear(lin, "2:4").cuda()
+    sd = gpu.state_dict()
+    assert sd["sparse_weight"].device.type == "cpu", "files hold the CPU layout"
+    cpu = SparseInt8Linear(128, 64, format="2:4")
+    cpu.load_state_dict(sd)
+    again = SparseInt8Linear(128, 64, format="2:4").cuda()
+    again.load_state_dict(sd)
+    x = torch.randn(5, 128)
+    assert torch.equal(again(x.cuda()).cpu(), cpu(x))
+    assert again.sparse_weight.device.type == "cuda"
+
+
+def test_sparse24_bad_buffers_raise():
+    w = _sparse24(64, 256, seed=4)
+    packed = ops.pack_sparse(w, "2:4")
+    scale = torch.ones(64, device="cuda")
+    x = torch.randn(3, 256, device="cuda")
+    bad = packed.clone()
+    meta_at = packed.numel() - 4
+    bad[meta_at:] = 0  # code 0b0000: positions equal
+    with pytest.raises(ValueError, match="metadata code"):
+        ops.sparse_int8_linear(x, bad, scale)
+    with pytest.raises(ValueError, match="bytes"):
+        ops.sparse_int8_linear(x[:, :128], packed, scale)
+    cpu_packed = ops.pack_sparse(w.cpu(), "2:4")
+    with pytest.raises(ValueError, match="only the '2:4' format runs"):
+        ops.sparse_int8_linear(x, cpu_packed.cuda(), scale)
+    with pytest.raises(ValueError, match="only the '2:4' format has a kernel"):
+        ops.pack_sparse(w, "csr")
+    with pytest.raises(ValueError, match="more than 2 nonzeros"):
+        ops.pack_sparse(torch.ones(8, 8, dtype=torch.int8, device="cuda"), "2:4")
+    with pytest.raises(RuntimeError, match="fp32 sparse weights run on the CPU only"):
+        ops.sparse_linear(x, cpu_packed.cuda(), None, 64)
 
 
 def test_compile_fullgraph_on_gpu():
@@ -108,6 +204,9 @@ def test_compute_sanitizer_clean():
             w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
             ops.int8_matmul(a, w)
             ops.quantize_per_token(torch.randn(m, k, device="cuda"))
+            w24 = w.clone()
+            w24[:, 1::2] = 0  # at most 2 nonzeros in every group of 4
+            ops.sparse_int8_matmul(a, ops.pack_sparse(w24, "2:4"), n)
         torch.cuda.synchronize()
         print("ok")
     """

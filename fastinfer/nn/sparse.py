@@ -32,6 +32,7 @@ class _SparseBase(_FastForward, nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):  # fmt: skip
         key = prefix + "sparse_weight"
+        device = self.sparse_weight.device
         if not check_scale(prefix + "weight_scale", state_dict, error_msgs):
             return
         if key in state_dict:
@@ -47,20 +48,55 @@ class _SparseBase(_FastForward, nn.Module):
                     f"{self._weight_dtype} [{self.out_features}, {self.in_features}]"
                 )
                 return
+            if device.type == "cuda" and info["format"] != "2:4":
+                error_msgs.append(f"{key}: a '{info['format']}' weight cannot load into a layer on CUDA (only '2:4' "
+                                  "runs there); load it on the CPU")  # fmt: skip
+                return
             with torch.inference_mode(False):  # a normal tensor (version-tracked), 64-byte aligned
                 self.sparse_weight = aligned_empty(incoming.numel())
+        errors_before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
+        if key in state_dict and device.type == "cuda" and len(error_msgs) == errors_before:
+            w = ops.unpack_sparse(self.sparse_weight, bounded=False)
+            with torch.inference_mode(False):
+                self._buffers["sparse_weight"] = ops.pack_sparse(w.to(device), "2:4")
+
+    def _cuda_refusal(self) -> str | None:
+        """Why this layer cannot run on CUDA, or None (only int8 '2:4' weights have a CUDA kernel)."""
+        fmt = ops.sparse_info(self.sparse_weight)["format"]
+        if self._weight_dtype == torch.int8 and fmt == "2:4":
+            return None
+        if self._weight_dtype != torch.int8:
+            return (f"{type(self).__name__} (fp32 '{fmt}') runs on the CPU only: the CUDA sparse kernel is int8 "
+                    "'2:4' (SparseInt8Linear); keep this layer on the CPU")  # fmt: skip
+        return (f"{type(self).__name__} with format '{fmt}' has no CUDA kernel (only '2:4' runs on CUDA); "
+                "use .to_int8linear() for a dense int8 layer on CUDA, or prune to 2:4 and build it with format='2:4'")  # fmt: skip
 
     def _apply(self, fn, recurse=True):
         probe = fn(torch.empty(0))
         if probe.device.type not in ("cpu", "meta"):
-            raise RuntimeError(
-                f"{type(self).__name__} runs on the CPU only in this build (the CUDA sparse kernels are not "
-                "built yet); convert with .to_int8linear() / keep sparse layers on the CPU"
-            )
-        apply_keeping_dtypes(self, super()._apply, fn, recurse)
+            if probe.device.type != "cuda" or (why := self._cuda_refusal()) is not None:
+                raise RuntimeError(why if probe.device.type == "cuda" else
+                                   f"{type(self).__name__} runs on CPU and CUDA only, not {probe.device.type}")  # fmt: skip
+        before = apply_keeping_dtypes(self, super()._apply, fn, recurse)
+        # A move between CPU and CUDA re-packs: each device's 2:4 kernel has its own layout.
+        old, new = before["sparse_weight"], self._buffers["sparse_weight"]
+        kinds = {old.device.type, new.device.type}
+        if len(kinds) == 2 and "meta" not in kinds:
+            w = ops.unpack_sparse(old, bounded=False).cpu()
+            with torch.inference_mode(False):
+                packed = ops.pack_sparse(w.to(new.device), "2:4")
+            self._buffers["sparse_weight"] = packed
         return self
+
+    # Files hold the CPU layout (portable: any machine loads them); a layer on CUDA writes its weight
+    # in it and re-packs what it loads for the GPU.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = self.sparse_weight
+        if w.device.type == "cuda":
+            destination[prefix + "sparse_weight"] = ops.pack_sparse(ops.unpack_sparse(w).cpu(), "2:4")
 
     @property
     def format(self) -> str:

@@ -8,12 +8,17 @@ tiles, all-zero tiles skipped), "ell" (int8, unstructured: 16-channel steps of 4
 channel with 1-byte indices into a 128-input window that slides with the block's least advanced
 channel, activations gathered in registers with vpermi2b; as float32, one nonzero per channel and
 step in a 64-input window, gathered with vpermi2ps).
+
+On CUDA only "2:4" has a kernel (mma.sp; the SP24 layout of fastinfer/_cuda_layout.py): pack_sparse
+of a CUDA int8 tensor builds it, and sparse_info / sparse_nonzeros / unpack_sparse / sparse_validate
+read it. pack_sparse of a CUDA tensor in another format raises.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastinfer import _cuda_layout
 from fastinfer._runtime import _C
 from fastinfer.ops import _prepared, _schema  # noqa: F401  (_schema: the ops these kernels serve)
 from fastinfer.ops._common import (
@@ -68,6 +73,8 @@ def pack_sparse(w: torch.Tensor, format: str = "csr") -> torch.Tensor:
         raise ValueError("fastinfer.pack_sparse: w has no data (meta or fake tensor)")
     if w.dtype == torch.float32 and not torch.isfinite(w).all():
         raise ValueError("fastinfer.pack_sparse: w has NaN or Inf")
+    if w.device.type == "cuda":
+        return _pack_cuda(w, format)
     n, k = w.shape
     w2 = w.contiguous()
     nbytes = _C.sparse_measure(code, w2.data_ptr(), n, k, k)
@@ -78,8 +85,26 @@ def pack_sparse(w: torch.Tensor, format: str = "csr") -> torch.Tensor:
     return out
 
 
+def _pack_cuda(w: torch.Tensor, format: str) -> torch.Tensor:
+    if format != "2:4":
+        raise ValueError(
+            f"fastinfer.pack_sparse: on CUDA only the '2:4' format has a kernel; pack {format!r} on the CPU, "
+            "or prune to 2:4 for the GPU"
+        )
+    try:
+        with torch.inference_mode(False):
+            return _cuda_layout.pack_sp24(w)
+    except ValueError as e:
+        raise ValueError(f"fastinfer.pack_sparse: {e}") from None
+
+
 def _header(packed: torch.Tensor) -> tuple[str, torch.dtype, int, int, int]:
-    """(format, weight dtype, n, k, nnz) of a checked packed sparse weight."""
+    """(format, weight dtype, n, k, nnz) of a checked packed sparse weight (a GPU 2:4 weight counts
+    its kept slots, two per group of 4 inputs, padding groups included)."""
+    if packed.device.type == "cuda":
+        h = packed[16:32].cpu().view(torch.int64)
+        n, k = int(h[0]), int(h[1])
+        return "2:4", torch.int8, n, k, n * _cuda_layout.sp24_sizes(n, k)[1] // 2
     code, n, k, nnz = _C.sparse_info(packed.data_ptr(), packed.numel())
     return (*_FORMAT_OF_CODE[code], n, k, nnz)
 
@@ -96,6 +121,9 @@ def sparse_nonzeros(packed: torch.Tensor) -> int:
     """How many weights of a packed sparse weight are nonzero, counted from its stored values (time
     O(stored bytes), no memory): never the dense [N, K]."""
     packed = check_packed("sparse_nonzeros", packed)
+    if packed.device.type == "cuda":
+        n, _, _, _, vals, _ = _cuda_layout.sp24_parts(packed)
+        return int((vals[:n] != 0).sum())
     return _C.sparse_count_nonzero(packed.data_ptr(), packed.numel())
 
 
@@ -114,6 +142,8 @@ def unpack_sparse(packed: torch.Tensor, *, bounded: bool = True) -> torch.Tensor
     bounded: refuse (ValueError, before allocating) a buffer whose padded dense size passes
     max(2^26, 4096 x its bytes) weights; pass False for a buffer whose shape you trust."""
     packed = check_packed("unpack_sparse", packed)
+    if packed.device.type == "cuda":  # its size is its shape's (checked): no bound needed
+        return _cuda_layout.unpack_sp24(packed).to(packed.device)
     _, dtype, n, k, _ = _header(packed)
     padded = (n + 15) // 16 * 16 * ((k + 63) // 64 * 64)
     if bounded and padded > max(UNPACK_FREE_WEIGHTS, UNPACK_WEIGHTS_PER_BYTE * packed.numel()):
@@ -145,6 +175,11 @@ def check_packed(name: str, packed: torch.Tensor, force: bool = False) -> torch.
         raise ValueError(f"fastinfer.{name}: packed must be contiguous")
     if not has_data(packed):
         raise ValueError(f"fastinfer.{name}: packed has no data (meta or fake tensor)")
+    if packed.device.type == "cuda":
+        from fastinfer.ops.cuda import sp24_validate  # noqa: PLC0415  (the CUDA side, loaded on use)
+
+        sp24_validate(name, packed, force)
+        return packed
     return _VALID.checked(packed, _C.sparse_validate, force)
 
 
