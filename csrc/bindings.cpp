@@ -201,14 +201,14 @@ PYBIND11_MODULE(_C, m) {
     });
     m.def("conv2d_is_depthwise", [](std::vector<int64_t> shape) { return fc::conv2d_is_depthwise(conv_shape(shape)); });
     m.def("int8_conv2d", [](uintptr_t x, int dt, std::vector<int64_t> shape, uintptr_t w, int64_t nbytes, uintptr_t sw,
-                            uintptr_t bias, uintptr_t out, int out_dt, int act) {
+                            uintptr_t bias, uintptr_t out, int out_dt, int act, uintptr_t residual) {
         const fc::DType d = dtype(dt), od = dtype(out_dt);
         const fc::Conv2dShape s = conv_shape(shape);
         Status st;
         {
             py::gil_scoped_release nogil;
             st = fc::int8_conv2d(ptr<const void>(x), d, s, ptr<const uint8_t>(w), nbytes, ptr<const float>(sw),
-                                 ptr<const float>(bias), ptr<void>(out), od, act);
+                                 ptr<const float>(bias), ptr<void>(out), od, act, ptr<const void>(residual));
         }
         raise_if_error(st);
     });

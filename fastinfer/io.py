@@ -32,6 +32,7 @@ from torch import nn
 from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
 from fastinfer.convert.attention import HF_NAME, HF_NAME_BF16, enable_fast_attention, is_hf_model
+from fastinfer.convert.fuse import rewrite_residual_blocks
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.quantize import fast_layernorms
 from fastinfer.convert.report import ConversionReport, LayerConversion
@@ -320,6 +321,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
         # every name of a LayerNorm on fastinfer's kernel: put back on load
         "layernorm": [n for n, m in model.named_modules(remove_duplicate=False) if type(m) is FastLayerNorm],
+        # blocks whose forward quantize() rewrote (fastinfer.convert.fuse.rewrite_residual_blocks):
+        # {block: {conv in it: the activation it took, or None}}, rewritten again on load
+        "rewritten": {n: dict(m._fastinfer_rewrite) for n, m in model.named_modules()
+                      if isinstance(m, torch.fx.GraphModule) and isinstance(getattr(m, "_fastinfer_rewrite", None), dict)},
     }  # fmt: skip
     meta = dict(metadata or {})
     meta[_KEY] = json.dumps(info, separators=(",", ":"))
@@ -454,6 +459,7 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
         model = built
     model = _install_layers(f, model)
     _load_tensors(f, model, strict)
+    _rewrite_blocks(f, model, info.get("rewritten", {}))
     model.train(info["training"])
     report = info.get("report")
     if isinstance(report, dict) and isinstance(report.get("rows"), list):
@@ -468,6 +474,38 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     if info["layers"] and is_hf_model(model):
         mark_converted(model)  # as quantize() does: transformers' own from_pretrained refuses its folders
     return model
+
+
+def _rewrite_blocks(f: _File, model: nn.Module, rewritten: object) -> None:
+    """The file's block rewrites again: each block's convs are installed with the activation they
+    took (their recorded config); it is taken back out of them, the block traced and rewritten as
+    quantize() did, and the result must be the file's. A block that is already a rewritten graph
+    (an already-converted model given to load) is left as it is."""
+    if not isinstance(rewritten, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in rewritten.items()):
+        raise f.error("'rewritten' must map block names to {conv: activation} dicts")
+    todo = set()
+    for name, convs in rewritten.items():
+        try:
+            block = model.get_submodule(name)
+        except AttributeError:
+            raise f.error(f"rewritten block {name!r} has no module at that name in the given model") from None
+        if isinstance(block, torch.fx.GraphModule):
+            continue
+        for target, act in convs.items():
+            conv = block.get_submodule(target) if isinstance(target, str) else None
+            if not isinstance(conv, Int8Conv2d) or (act is not None and conv.activation != act):
+                raise f.error(f"rewritten block {name!r}: {target!r} is not the Int8Conv2d with activation {act!r} "
+                              "the file describes")  # fmt: skip
+            conv.activation = None  # what the block's own forward applies, until it is rewritten
+        todo.add(name)
+    if not todo:
+        return
+    done = {b.name: b for b in rewrite_residual_blocks(model, Int8Conv2d, only=todo)}
+    for name in todo:
+        got = getattr(model.get_submodule(name), "_fastinfer_rewrite", None) if name in done else None
+        if got != rewritten[name]:
+            raise f.error(f"block {name!r}: the model's forward does not rewrite as the file's block did "
+                          f"(file: {rewritten[name]}, now: {got}): the file is for another model")  # fmt: skip
 
 
 def _install_layernorms(f: _File, model: nn.Module, names: object) -> nn.Module:

@@ -85,6 +85,10 @@ struct Epilogue {
     // A hint: the output is too large to stay in cache for its reader, so kernels may write whole
     // 64-byte lines with non-temporal stores (no read for ownership); the values are the same.
     bool stream = false;
+    // Non-null: a residual of the output's kind (kF32 or kBF16) and row stride, added in fp32 after
+    // the bias and before the activation: y = act(fma(acc, sa * sw, bias) + res) (a ResNet block's
+    // conv -> add -> relu in one pass).
+    const void* res = nullptr;
 };
 
 // erf as a rational function, Eigen's generic_fast_erf_float (Eigen/src/SpecialFunctions/
@@ -257,6 +261,12 @@ inline void store_as(DType kind, void* out, int64_t i, float y) {
 // One fp32 output value stored as the epilogue's kind.
 inline void store_value(float y, const Epilogue& ep, int64_t m, int64_t n) { store_as(ep.kind, ep.out, m * ep.ldo + n, y); }
 
+// Element i of the epilogue's residual, as fp32 (a bf16 value widened exactly).
+inline float residual_at(const Epilogue& ep, int64_t i) {
+    return ep.kind == DType::kF32 ? static_cast<const float*>(ep.res)[i]
+                                  : bf16_to_f32(static_cast<const uint16_t*>(ep.res)[i]);
+}
+
 // The epilogue for one output element: every path computes fma(float(acc), sa*sw, bias) in fp32,
 // then the activation.
 inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
@@ -266,8 +276,9 @@ inline void store_one(int32_t acc, const Epilogue& ep, int64_t m, int64_t n) {
         static_cast<int32_t*>(ep.out)[m * ep.ldo + n] = acc;
         return;
     }
-    const float y = act_f32(__builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f), ep.act);
-    store_value(y, ep, m, n);
+    float y = __builtin_fmaf(float(acc), ep.sa[m] * ep.sw[n], ep.bias ? ep.bias[n] : 0.f);
+    if (ep.res) y += residual_at(ep, m * ep.ldo + n);
+    store_value(act_f32(y, ep.act), ep, m, n);
 }
 
 // The weight-only epilogue (wo_gemm: fp32 sums): act(fma(acc, sw, bias)), ep.sa unused.

@@ -58,9 +58,12 @@ bool conv2d_is_depthwise(const Conv2dShape& s);
 // out (out_dt, NHWC) = act(conv(x, W) * sa * sw + bias): x (fp32/bf16, NHWC, contiguous) quantized
 // per im2col row (= output pixel; depthwise: per sample, uint8 max/255 when the whole input is >= 0),
 // exact int32 sums, the fp32 epilogue of int8_linear. NaN/Inf in the values a row reads gives NaN
-// outputs for it (depthwise: for the sample). bias may be null.
+// outputs for it (depthwise: for the sample). bias may be null. residual (may be null; not on the
+// depthwise path; out_dt kF32 or kBF16): out_dt NHWC [n, oh, ow, cout] added before the activation,
+// out = act(conv(x, W) * sa * sw + bias + residual), in fp32 and rounded once.
 Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t* weight, int64_t weight_nbytes,
-                   const float* sw, const float* bias, void* out, DType out_dt, int act);
+                   const float* sw, const float* bias, void* out, DType out_dt, int act,
+                   const void* residual = nullptr);
 
 // out (out_dt, NHWC) = act(depthwise_conv(x, wf) + bias) in fp32: wf [kh * kw][round_up(c, 16)]
 // (zero padded), fma over the taps in (ky, kx) order from 0, then + bias; bias may be null.

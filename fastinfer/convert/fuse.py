@@ -13,11 +13,15 @@ or fused (replacing it by nn.Identity would drop them).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+import torch
+import torch.fx
 from torch import nn
 
-__all__ = ["ConvFusion", "FxGraph", "activation_name", "conv_fusions", "fx_graph", "handoff_chains"]
+__all__ = ["BlockRewrite", "ConvFusion", "FxGraph", "activation_name", "conv_fusions", "fx_graph", "handoff_chains",
+           "rewrite_residual_blocks"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 
@@ -118,8 +122,6 @@ def fx_graph(model: nn.Module, leaves: tuple[nn.Module, ...] = ()) -> FxGraph | 
     """The model's torch.fx trace, or None where fx cannot trace it (data-dependent control flow,
     most transformers models). `leaves`: modules kept as call_module nodes besides torch.nn's own
     (layers and activations from other libraries, which fx would otherwise trace through)."""
-    import torch.fx
-
     keep = {id(m) for m in leaves}
 
     class Tracer(torch.fx.Tracer):
@@ -228,8 +230,10 @@ def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None,
                 identities = identities and type(graph.module_of(nxt)).forward is nn.Identity.forward
                 nxt = graph.only_user(nxt)
             after = graph.module_of(nxt)
+            # (a residual a rewritten block adds in the consumer's epilogue is another tensor: no bar)
             if (after is not None and id(after) in convs and graph.calls.get(id(after)) == 1 and len(nxt.args) == 1
-                    and not nxt.kwargs and after is not mod):  # fmt: skip
+                    and set(nxt.kwargs) <= {"residual"} and nxt.kwargs.get("residual") is not nxt.args[0]
+                    and after is not mod):  # fmt: skip
                 edges[id(mod)] = id(after)
                 if identities and bare is not None:
                     bare.add(names[id(mod)][0])
@@ -252,3 +256,185 @@ def handoff_chains(model: nn.Module, layers: tuple[type, ...], keep=None,
 def _passes_through(mod: nn.Module) -> bool:
     """An activation, dropout or identity (fastinfer.nn.Fused included): dtype kept, nothing else read."""
     return type(mod) in _PASSTHROUGH or type(mod).forward is nn.Identity.forward
+
+
+# ------------------------------------------------------------- residual blocks, rewritten with fx
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+_ACT_FUNCTIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.nn.functional.relu6: "relu6",
+                  torch.nn.functional.silu: "silu", torch.nn.functional.hardswish: "hardswish"}  # fmt: skip
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+
+
+@dataclass
+class BlockRewrite:
+    """One block rewritten: its qualified name and, per conv (qualified name), what now runs in the
+    conv's epilogue ("relu fused", "residual add + relu fused", ...)."""
+
+    name: str
+    fused: dict[str, str]
+
+
+def _leaf_tracer(root: nn.Module):
+    class Tracer(torch.fx.Tracer):
+        # only the block's own forward (and its plain nn.Sequential containers) is traced: any other
+        # submodule stays one call, so its forward, hooks and class stay what they are
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return not (type(m) is nn.Sequential or m is root)
+
+    return Tracer()
+
+
+def _activation_of(node, block: nn.Module) -> str | None:
+    """The fused-epilogue name of an activation call node on one tensor argument, else None."""
+    if node is None or len(node.args) != 1:
+        return None
+    if node.op == "call_module":
+        mod = block.get_submodule(node.target)
+        return None if node.kwargs or _hooked(mod) else activation_name(mod)
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS and set(node.kwargs) <= {"inplace"}:
+        return _ACT_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in _ACT_METHODS and not node.kwargs:
+        return _ACT_METHODS[node.target]
+    return None
+
+
+def _skip_identities(node, block: nn.Module):
+    """The node's only user, past nn.Identity calls (the Fused left where a BatchNorm was folded)."""
+    nxt = FxGraph.only_user(node)
+    while (nxt is not None and nxt.op == "call_module" and len(nxt.args) == 1 and not nxt.kwargs
+           and type(block.get_submodule(nxt.target)).forward is nn.Identity.forward
+           and not _hooked(block.get_submodule(nxt.target))):  # fmt: skip
+        nxt = FxGraph.only_user(nxt)
+    return nxt
+
+
+def rewrite_residual_blocks(model: nn.Module, conv_type: type, only: set[str] | None = None) -> list[BlockRewrite]:
+    """Fuses what a block's own forward does after its converted convs, where nn.Identity cannot be
+    put in place of a module: an activation module called several times (ResNet's one ReLU), a
+    functional activation, and the residual add of a ResNet or MobileNet block (conv -> add ->
+    activation becomes conv(x, residual=...) with the activation in its epilogue: one pass instead
+    of three). Each such block (a module with its own forward, not the model itself, no hooks on it)
+    is traced with torch.fx (its submodules stay calls), its graph edited, and replaced in its parent
+    by the fx GraphModule of the edited graph: the same submodules under the same names (state_dict
+    keys unchanged), its class name kept. A conv fuses only when it is `conv_type` (off the depthwise
+    path for the add), unhooked, registered under one name, called once in the block, and its output
+    reaches the add or the activation alone. Blocks fx cannot trace stay as they are. Returns what
+    was rewritten, innermost blocks first. only: the names of the blocks to consider (None: all).
+    The GraphModule keeps {conv's name in the block: the activation it took, or None} as
+    `_fastinfer_rewrite` (fastinfer.save records it; fastinfer.load rewrites the block again)."""
+
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    done: list[BlockRewrite] = []
+    blocks = [(n, m) for n, m in model.named_modules() if n and type(m).forward is not nn.Sequential.forward
+              and not isinstance(m, (conv_type, torch.fx.GraphModule)) and any(isinstance(c, conv_type) for c in m.modules())]  # fmt: skip
+    for name, block in reversed(blocks):  # innermost first (named_modules is pre-order)
+        if only is not None and name not in only:
+            continue
+        if (_hooked(block) or block._backward_hooks or block._backward_pre_hooks or len(names[id(block)]) != 1
+                or type(block).__module__.startswith("fastinfer.nn.")):  # fmt: skip (our own layers)
+            continue
+        try:
+            graph = _leaf_tracer(block).trace(block)
+        except Exception:  # noqa: BLE001 (data-dependent control flow and the like: left as it is)
+            continue
+        fused = _edit_block_graph(graph, block, conv_type, names)
+        if not fused:
+            continue
+        for node in graph.nodes:  # annotations (strings under `from __future__ import annotations`)
+            node.type = None  # would be globals of the generated code, which pickle cannot import
+        gm = torch.fx.GraphModule(block, graph, class_name=type(block).__name__)
+        for child_name, child in block.named_children():  # the block's own children, whole (fx copies only
+            gm._modules[child_name] = child  # what the graph calls, in fresh containers): nothing lost
+        for pname, p in block.named_parameters(recurse=False):
+            if not hasattr(gm, pname):
+                gm.register_parameter(pname, p)
+        for bname, b in block.named_buffers(recurse=False):
+            if not hasattr(gm, bname):
+                gm.register_buffer(bname, b, persistent=bname not in block._non_persistent_buffers_set)
+        if set(gm.state_dict()) != set(block.state_dict()):
+            continue  # a state the rewrite would lose or add: keep the block
+        for target, (act, _) in fused.items():  # committed: the convs apply what the graph no longer does
+            if act is not None:
+                block.get_submodule(target).activation = act
+        gm.train(block.training)
+        gm._fastinfer_rewrite = {target: act for target, (act, _) in fused.items()}
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, gm)
+        done.append(BlockRewrite(name, {f"{name}.{c}": how for c, (_, how) in fused.items()}))
+    return done
+
+
+def _edit_block_graph(graph, block: nn.Module, conv_type: type,
+                      names: dict[int, list[str]]) -> dict[str, tuple[str | None, str]]:  # fmt: skip
+    """Edits the traced graph in place; returns {conv's name in the block: (the activation it is to
+    fuse or None, what it now fuses in words)}. The convs themselves are not changed here."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused: dict[str, tuple[str | None, str]] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        conv = block.get_submodule(node.target)
+        if not isinstance(conv, conv_type) or _hooked(conv) or len(names[id(conv)]) != 1 or conv.activation is not None:
+            continue
+        nxt = _skip_identities(node, block)
+        residual = None
+        if (nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and len(nxt.args) == 2
+                and not nxt.kwargs and conv._adds_residual):  # fmt: skip
+            a, b = nxt.args
+            other = b if _reaches(a, node, block) else a if _reaches(b, node, block) else None
+            if isinstance(other, torch.fx.Node) and not _depends_on(other, node):
+                residual, add = other, nxt
+                nxt = FxGraph.only_user(add)
+        act = _activation_of(nxt, block)
+        if residual is None and act is None:
+            continue
+        last = nxt if act is not None else add
+        with graph.inserting_after(last):
+            new = graph.call_module(node.target, (node.args[0],), {"residual": residual} if residual is not None else {})
+        last.replace_all_uses_with(new)
+        for dead in _chain(node, last):  # last, then back to the conv call
+            graph.erase_node(dead)
+        what = (["residual add"] if residual is not None else []) + ([act] if act else [])
+        fused[node.target] = (act, " + ".join(what) + " fused")
+    graph.lint()
+    return fused
+
+
+def _reaches(node, conv_node, block) -> bool:
+    """Whether `node` is the conv call itself or the nn.Identity calls right after it."""
+    while node is not conv_node:
+        if (not isinstance(node, torch.fx.Node) or node.op != "call_module" or len(node.args) != 1
+                or type(block.get_submodule(node.target)).forward is not nn.Identity.forward):  # fmt: skip
+            return False
+        node = node.args[0]
+    return True
+
+
+def _depends_on(node, target) -> bool:
+    """Whether `node` is computed from `target` (then it cannot be the conv's residual)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.extend(a for a in n.all_input_nodes)
+    return False
+
+
+def _chain(first, last) -> list:
+    """The nodes from `last` back to `first` along single-argument links, last first (erase order)."""
+    out, node = [], last
+    while True:
+        out.append(node)
+        if node is first:
+            return out
+        node = next(a for a in node.args if isinstance(a, torch.fx.Node) and _depends_on(a, first))

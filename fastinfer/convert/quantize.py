@@ -16,7 +16,7 @@ from fastinfer.convert._swap import set_module, swap
 from fastinfer.convert.calibrate import input_absmax, materialize
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.hf_quantizer import mark_converted
-from fastinfer.convert.fuse import ConvFusion, conv_fusions, fx_graph, handoff_chains
+from fastinfer.convert.fuse import ConvFusion, conv_fusions, fx_graph, handoff_chains, rewrite_residual_blocks
 from fastinfer.convert.patterns import is_erf_gelu, linear_activation, linear_activation_fusions  # noqa: F401 (is_erf_gelu: public here before)
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.smooth import smooth
@@ -190,6 +190,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
     if handoff_applies(config.conv_handoff, conv_dtypes):
         report.add_details(mark_conv_handoff(result, u8=config.conv_handoff == "u8", end=next(iter(conv_dtypes))))
+    if config.fuse_activations and convs and result is model:
+        # activations a block's forward applies itself (a shared ReLU, a residual add): its graph
+        # rewritten so they run in the convs' epilogues
+        for block in rewrite_residual_blocks(result, Int8Conv2d):
+            report.add_details({conv: f"{how} (block {block.name} rewritten with torch.fx)" for conv, how in block.fused.items()})
     if config.layernorm:
         result, n = fast_layernorms(result)
         report.layernorm = f"{n} on fastinfer's kernel" if n else None

@@ -127,22 +127,35 @@ class _ConvLayer(_FusedActivation, nn.Module):
             raise RuntimeError(f"{name} runs on the CPU; got an input on {x.device} (no CUDA conv kernel yet)")
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # Whether the kernel adds a residual in its epilogue (Int8Conv2d off the depthwise path).
+    _adds_residual = False
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(conv(x) + b), or with residual act(conv(x) + b + residual): the residual (a tensor of
+        the output's shape) is added before the activation, in the kernel's epilogue when it has the
+        output's dtype (one pass, rounded once), else as torch would after the conv (the same result
+        as the unfused conv -> add -> activation). fastinfer.quantize() passes it where it rewrote a
+        residual block (conv -> add -> relu, fastinfer.convert.fuse.rewrite_residual_blocks)."""
         x = self._check_input(x)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
+            if isinstance(residual, torch.Tensor) and residual.dim() == 3:
+                residual = residual.unsqueeze(0)
         weight, act = self._kernel_weight(), self._act_code()
         out_dtype = _conv._out_dtype(x, self._output_dtype)
         grad = x.requires_grad and torch.is_grad_enabled()
-        if out_dtype == torch.uint8 and (grad or act != 3 or self._forward_hooks or _global_forward_hooks()):
+        if out_dtype == torch.uint8 and (grad or act != 3 or residual is not None or self._forward_hooks
+                                         or _global_forward_hooks()):  # fmt: skip
             if act != 3:  # the activation was changed after output_dtype was set
                 raise ValueError(f"{type(self).__name__}: output_dtype=torch.uint8 needs activation='relu6', "
                                  f"this layer has {self.activation!r}")  # fmt: skip
             # hand bf16 on (the next conv takes either): integers carry no gradient, and a forward
             # hook registered since quantize() would be handed bytes instead of values
             out_dtype = torch.bfloat16
-        if eager_fast_path(x):
+        if residual is not None:
+            y = self._residual_forward(x, weight, act, out_dtype, residual, grad)
+        elif eager_fast_path(x):
             y = self._eager(x, weight, act, out_dtype)
         elif out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad:
             # autograd saves the op's output for relu / relu6's gradient mask: kept fp32 (a value
@@ -151,6 +164,47 @@ class _ConvLayer(_FusedActivation, nn.Module):
         else:
             y = self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype)
         return y.squeeze(0) if unbatched else y
+
+    def _residual_forward(self, x, weight, act: int, out_dtype: torch.dtype, residual, grad: bool) -> torch.Tensor:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: residual must be a tensor, got {type(residual).__name__}")
+        in_kernel = (self._adds_residual and residual.dtype == out_dtype and residual.device.type == "cpu"
+                     and tuple(residual.shape) == self._output_shape(x)
+                     and not (out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad))  # fmt: skip
+        if in_kernel:
+            if eager_fast_path(x) and eager_fast_path(residual):
+                return self._eager(x, weight, act, out_dtype, residual)
+            return self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype,
+                            residual)  # fmt: skip
+        # what the unfused block computes: the conv's output in its dtype, torch's add, the activation
+        y = self.forward_unfused(x, weight, out_dtype, grad)
+        return _TORCH_ACT[act](y + residual)
+
+    def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        oh, ow = _conv.conv2d_output_size(x.shape[2], x.shape[3], _conv._pair("kernel_size", self.kernel_size, 1),
+                                          _conv._pair("stride", self.stride, 1), _conv._padding4(self.padding),
+                                          _conv._pair("dilation", self.dilation, 1))  # fmt: skip
+        return (x.shape[0], self.out_channels, oh, ow)
+
+    def forward_unfused(self, x, weight, out_dtype: torch.dtype, grad: bool) -> torch.Tensor:
+        """The conv without its activation, in out_dtype (the residual fallback's first step)."""
+        if eager_fast_path(x):
+            return self._eager(x, weight, 0, out_dtype)
+        if out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad:
+            return self._op(x, weight, 0).to(out_dtype)
+        return self._op(x, weight, 0, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype)
+
+
+# The fused activations in torch, by engine code (the residual fallback applies them after the add).
+_TORCH_ACT = {
+    0: lambda t: t,
+    1: lambda t: torch.nn.functional.gelu(t),
+    2: torch.relu,
+    3: lambda t: torch.nn.functional.hardtanh(t, 0.0, 6.0),
+    4: torch.nn.functional.silu,
+    5: torch.nn.functional.hardswish,
+    6: lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+}
 
 
 class Int8Conv2d(_ConvLayer):
@@ -253,12 +307,17 @@ class Int8Conv2d(_ConvLayer):
 
     # ----------------------------------------------------------------------------------- forward
 
+    @property
+    def _adds_residual(self) -> bool:  # the GEMM paths do; the int8 depthwise kernel does not
+        return not _conv.is_depthwise(self.in_channels, self.out_channels, self.groups)
+
     def _kernel_weight(self) -> torch.Tensor:
         """The kernel layout of weight_int8, rebuilt when the buffer changed (a new tensor, or an
         in-place write: its version)."""
         return _cached_layout(self, self.weight_int8, lambda w: _conv.pack_conv_weight(w, self.groups))
 
-    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype) -> torch.Tensor:
+    def _eager(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype,
+               residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         # the op's own checks and kernel, without the dispatcher (our packed cache is trusted: built
         # here from weight_int8; its headers are still checked by the kernel)
         shape = _fast_shape(self, x, (self.weight_scale, self.bias))
@@ -267,16 +326,19 @@ class Int8Conv2d(_ConvLayer):
                                                      self.stride, self.padding, self.dilation, self.groups, act)  # fmt: skip
         else:
             k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+        if residual is not None:
+            _conv.check_residual("int8_conv2d", residual, shape, out_dtype, not self._adds_residual)
         # the kernel reads scale and bias by pointer: a strided buffer (load_state_dict(assign=True)
         # of a view, a plain assignment) must be made dense first, as the op does
         bias = None if self.bias is None else self.bias.contiguous()
         return _conv.run_conv2d(x, weight, self.weight_scale.contiguous(), bias, k, s, p, d, self.groups, act, shape,
-                                out_dtype)  # fmt: skip
+                                out_dtype, residual)  # fmt: skip
 
-    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, act: int, out_dtype: torch.dtype | None = None,
+            residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         return torch.ops.fastinfer.int8_conv2d(x, weight, self.weight_scale, self.bias, list(self.kernel_size),
                                                list(self.stride), list(self.padding), list(self.dilation),
-                                               self.groups, act, out_dtype)  # fmt: skip
+                                               self.groups, act, out_dtype, residual)  # fmt: skip
 
     def extra_repr(self) -> str:
         return _conv_repr(self, "weight=int8 per-channel, act=int8 per-pixel" + (

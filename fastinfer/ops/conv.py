@@ -63,7 +63,7 @@ def quantize_u8(y: torch.Tensor) -> torch.Tensor:
 torch.library.define(
     "fastinfer::int8_conv2d",
     "(Tensor x, Tensor weight, Tensor w_scale, Tensor? bias, int[] kernel_size, int[] stride, int[] padding, "
-    "int[] dilation, int groups, int act=0, ScalarType? out_dtype=None) -> Tensor",
+    "int[] dilation, int groups, int act=0, ScalarType? out_dtype=None, Tensor? residual=None) -> Tensor",
 )
 
 _VALID = ValidatedBuffers()  # packed conv weights whose every group passed _C.validate_packed
@@ -184,10 +184,28 @@ def _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation
 
 
 @torch.library.register_fake("fastinfer::int8_conv2d")
-def _int8_conv2d_fake(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None):
-    shape, *_ = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
+def _int8_conv2d_fake(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None,
+                      residual=None):  # fmt: skip
+    shape, *_, dw = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
     _check_out_dtype("int8_conv2d", out_dtype, act)
+    check_residual("int8_conv2d", residual, shape, _out_dtype(x, out_dtype), dw)
     return x.new_empty(shape, dtype=_out_dtype(x, out_dtype)).contiguous(memory_format=_memory_format(x))
+
+
+def check_residual(name: str, residual, shape, out_dtype: torch.dtype, depthwise: bool) -> None:
+    """A residual added before the activation: the output's size [n, out, oh, ow] and dtype (float32
+    or bfloat16), on the CPU; not on the depthwise path."""
+    if residual is None:
+        return
+    check_tensor(name, "residual", residual)
+    check_device(name, residual=residual)
+    if depthwise:
+        raise ValueError(f"fastinfer.{name}: a residual is added by the GEMM paths only, not the depthwise one")
+    if out_dtype not in (torch.float32, torch.bfloat16) or residual.dtype != out_dtype:
+        raise TypeError(f"fastinfer.{name}: residual must have the output's dtype (float32 or bfloat16: "
+                        f"{out_dtype}), got {residual.dtype}")  # fmt: skip
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"fastinfer.{name}: residual must have the output's shape {list(shape)}, got {list(residual.shape)}")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -217,9 +235,11 @@ def _out_dtype(x: torch.Tensor, out_dtype) -> torch.dtype:
     return torch.float32 if x.dtype == torch.uint8 else x.dtype
 
 
-def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape, out_dtype=None) -> torch.Tensor:
-    """The marshalling of _C.int8_conv2d on checked arguments (weight validated, aligned); the output
-    in out_dtype (float32, bfloat16 or uint8; None: x's, float32 for uint8 x), rounded once from the fp32 epilogue."""
+def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape, out_dtype=None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The marshalling of _C.int8_conv2d on checked arguments (weight validated, aligned; residual
+    checked by check_residual); the output in out_dtype (float32, bfloat16 or uint8; None: x's,
+    float32 for uint8 x), rounded once from the fp32 epilogue (residual included)."""
     n, cout, oh, ow = shape
     fmt = _memory_format(x)
     out_dtype = _out_dtype(x, out_dtype)
@@ -227,11 +247,12 @@ def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape, out_dty
     if out.numel() == 0:
         return out.contiguous(memory_format=fmt)
     xn = x.contiguous(memory_format=torch.channels_last)
+    rn = None if residual is None else residual.contiguous(memory_format=torch.channels_last)  # NHWC storage
     c, h, w = x.shape[1:]
     code = CONV_DTYPE_CODE[x.dtype]
     _C.int8_conv2d(xn.data_ptr(), code, [n, h, w, c, cout, k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], groups, oh, ow],
                    weight.data_ptr(), weight.numel(), w_scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                   out.data_ptr(), CONV_DTYPE_CODE[out_dtype], act)  # fmt: skip
+                   out.data_ptr(), CONV_DTYPE_CODE[out_dtype], act, 0 if rn is None else rn.data_ptr())  # fmt: skip
     return out if fmt == torch.channels_last else out.contiguous()
 
 
@@ -247,26 +268,31 @@ def checked_weight(weight: torch.Tensor, depthwise: bool, groups: int) -> torch.
 
 
 @register("int8_conv2d", "CPU")
-def _int8_conv2d_cpu(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None):
+def _int8_conv2d_cpu(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act=0, out_dtype=None,
+                     residual=None):  # fmt: skip
     shape, k, s, p, d, dw = _check_args(x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act)
     _check_out_dtype("int8_conv2d", out_dtype, act)
+    check_residual("int8_conv2d", residual, shape, _out_dtype(x, out_dtype), dw)
     weight = checked_weight(weight, dw, groups)
     return run_conv2d(x, weight, w_scale.contiguous(), None if bias is None else bias.contiguous(), k, s, p, d,
-                      groups, act, shape, out_dtype)  # fmt: skip
+                      groups, act, shape, out_dtype, residual)  # fmt: skip
 
 
 def int8_conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                kernel_size, stride=1, padding=0, dilation=1, groups: int = 1, activation: str | None = None) -> torch.Tensor:  # fmt: skip
-    """y = act(conv2d(x, W) * w_scale + bias) with W int8 (pack_conv_weight's layout) and x (float32 /
-    bfloat16, NCHW or channels_last) quantized per sample; the output has x's dtype and memory format.
-    padding: an int, (h, w) or (top, left, bottom, right)."""
+                kernel_size, stride=1, padding=0, dilation=1, groups: int = 1, activation: str | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """y = act(conv2d(x, W) * w_scale + bias + residual) with W int8 (pack_conv_weight's layout) and x
+    (float32 / bfloat16, NCHW or channels_last) quantized per pixel (depthwise: per sample); the output
+    has x's dtype and memory format. padding: an int, (h, w) or (top, left, bottom, right). residual
+    (optional, not for a depthwise conv): a tensor of the output's shape and dtype, added in fp32
+    before the activation (a ResNet block's conv -> add -> relu as one pass)."""
     from fastinfer.ops._common import activation_code
 
     act = activation_code("int8_conv2d", activation)
     p = _padding4(padding)
     return torch.ops.fastinfer.int8_conv2d(x, weight, w_scale, bias, list(_pair("kernel_size", kernel_size, 1)),
                                            list(_pair("stride", stride, 1)), list(p),
-                                           list(_pair("dilation", dilation, 1)), groups, act)  # fmt: skip
+                                           list(_pair("dilation", dilation, 1)), groups, act, None, residual)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- autograd
@@ -277,6 +303,8 @@ def int8_conv2d(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor, bi
 
 def _setup_context(ctx, inputs, output):
     x, weight, w_scale, bias, kernel_size, stride, padding, dilation, groups, act = inputs[:10]
+    residual = inputs[11] if len(inputs) > 11 else None
+    ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.save_for_backward(weight, w_scale, output if act in (2, 3) else None)
     ctx.meta = (tuple(x.shape), x.dtype, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups, act)
 
@@ -298,7 +326,11 @@ def _backward(ctx, grad):
     shape, dtype, k, s, p, d, groups, act = ctx.meta
     wf = unpack_conv_weight(weight, w_scale.shape[0], shape[1] // groups, k, groups).float() * w_scale[:, None, None, None]
     gx = _input_gradient("int8_conv2d", grad, out, act, wf, shape, dtype, s, p, d, groups)
-    return gx, None, None, None, None, None, None, None, None, None, None
+    # the residual is added before the activation: its gradient is the output's, through act'
+    gr = None
+    if ctx.residual_dtype is not None and ctx.needs_input_grad[11]:
+        gr = activation_grad("int8_conv2d", grad, act, out).to(ctx.residual_dtype)
+    return gx, None, None, None, None, None, None, None, None, None, None, gr
 
 
 torch.library.register_autograd("fastinfer::int8_conv2d", _backward, setup_context=_setup_context)

@@ -77,11 +77,14 @@ ConvGeom geometry(const void* x, DType dt, const Conv2dShape& s) {
     return ConvGeom{x, dt, s.h, s.w, s.c, s.oh, s.ow, s.kh, s.kw, s.sh, s.sw, s.ph, s.pw, s.dh, s.dw};
 }
 
-// out = act(bias) (or act(0)) at every pixel: an empty image or no input channels.
-void fill_bias(const Conv2dShape& s, int64_t m, const float* bias, void* out, DType out_dt, int act) {
+// out = act(bias + residual) (or act(0 + ...)) at every pixel: an empty image or no input channels.
+void fill_bias(const Conv2dShape& s, int64_t m, const float* bias, void* out, DType out_dt, int act,
+               const void* residual = nullptr) {
+    const Epilogue ep{out_dt, out, s.cout, nullptr, nullptr, nullptr, kActNone, nullptr, nullptr, false, residual};
     for (int64_t p = 0; p < m; ++p)
         for (int64_t c = 0; c < s.cout; ++c) {
-            store_as(out_dt, out, p * s.cout + c, act_f32(bias ? bias[c] : 0.f, act));
+            const float y = (bias ? bias[c] : 0.f) + (residual ? residual_at(ep, p * s.cout + c) : 0.f);
+            store_as(out_dt, out, p * s.cout + c, act_f32(y, act));
         }
 }
 
@@ -163,12 +166,14 @@ Status depthwise_int8(const KernelTable& kt, const void* x, DType dt, const Conv
 }  // namespace
 
 Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t* weight, int64_t weight_nbytes,
-                   const float* sw, const float* bias, void* out, DType out_dt, int act) {
+                   const float* sw, const float* bias, void* out, DType out_dt, int act, const void* residual) {
     Status st = check_io(dt, out_dt, act);
     if (!st.is_ok()) return st;
     int64_t in_elems = 0, m = 0;
     if (!(st = check_shape(s, &in_elems, &m)).is_ok()) return st;
     const bool dw = conv2d_is_depthwise(s);
+    if (residual && (dw || (out_dt != DType::kF32 && out_dt != DType::kBF16)))
+        return invalid("a residual is added by the GEMM paths only, into a float32 or bfloat16 output");
     const int64_t cg = s.c / s.groups, coutg = s.cout / s.groups, taps = s.kh * s.kw, kg = taps * cg;
     // the weight: depthwise int8 [taps][c]; else one K4N16 buffer per group, [coutg, (ky, kx, c)]
     std::vector<PackedW> blobs;
@@ -188,7 +193,7 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
     }
     if (m == 0 || s.cout == 0) return Status::ok();
     if (in_elems == 0 || kg == 0) {
-        fill_bias(s, m, bias, out, out_dt, act);
+        fill_bias(s, m, bias, out, out_dt, act, residual);
         return Status::ok();
     }
     const KernelTable& kt = active_kernels();
@@ -220,7 +225,9 @@ Status int8_conv2d(const void* x, DType dt, const Conv2dShape& s, const uint8_t*
         kt.gather_quantize(geom, cg, g, m0, m1, flip, tile, kp, sa, u8);
         const Epilogue ep{out_dt, static_cast<uint8_t*>(out) + size_t(m0 * s.cout + g * coutg) * out_elt, s.cout,
                           sa, sw + g * coutg, bias ? bias + g * coutg : nullptr, act, blobs[size_t(g)].colsum, u8,
-                          stream};
+                          stream,
+                          residual ? static_cast<const uint8_t*>(residual) + size_t(m0 * s.cout + g * coutg) * out_elt
+                                   : nullptr};
         kt.gemm(Activations{reinterpret_cast<const int8_t*>(tile), m1 - m0, kp, std::min(kp, round_up(kg, 8))}, blobs[size_t(g)], ep, 0, m1 - m0,
                 nb0, std::min(nblocks, nb0 + per_group));
     });

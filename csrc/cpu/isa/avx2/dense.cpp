@@ -119,6 +119,14 @@ inline void store8(__m256i acc, const Epilogue& ep, int64_t m, int64_t n0) {
     __m256 s = _mm256_mul_ps(_mm256_set1_ps(ep.sa[m]), _mm256_loadu_ps(ep.sw + n0));
     __m256 b = ep.bias ? _mm256_loadu_ps(ep.bias + n0) : _mm256_setzero_ps();
     __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), s, b);
+    if (ep.res) {  // 8 residual values of the output's kind, widened to fp32
+        const int64_t off = m * ep.ldo + n0;
+        y = _mm256_add_ps(y, ep.kind == DType::kF32
+                                 ? _mm256_loadu_ps(static_cast<const float*>(ep.res) + off)
+                                 : _mm256_castsi256_ps(_mm256_slli_epi32(
+                                       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                           static_cast<const uint16_t*>(ep.res) + off))), 16)));
+    }
     y = act8(y, ep.act);
     if (ep.kind == DType::kF32)
         _mm256_storeu_ps(static_cast<float*>(ep.out) + m * ep.ldo + n0, y);

@@ -188,6 +188,13 @@ inline void store_x16(const Epilogue& ep, int64_t off, __mmask16 mk, __m512 y, b
         _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + off, mk, to_bf16(y));
 }
 
+// 16 residual values at element off of the epilogue's residual (its output kind), as fp32.
+inline __m512 load_residual(const Epilogue& ep, int64_t off, __mmask16 mk) {
+    if (ep.kind == DType::kF32) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(ep.res) + off);
+    const __m256i h = _mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(ep.res) + off);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // Stores 16 channels [n0, n0 + 16) of one row (those < n): exact int32, or the fp32 epilogue.
 // colsum (64-byte aligned at n0) removes the +128 shift of the activations; null when unshifted.
 inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epilogue& ep, int64_t m,
@@ -203,6 +210,7 @@ inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epil
     __m512 s = _mm512_mul_ps(_mm512_set1_ps(ep.sa[m]), _mm512_maskz_loadu_ps(mk, ep.sw + n0));
     __m512 b = ep.bias ? _mm512_maskz_loadu_ps(mk, ep.bias + n0) : _mm512_setzero_ps();
     __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
+    if (ep.res) y = _mm512_add_ps(y, load_residual(ep, m * ep.ldo + n0, mk));
     y = act16(y, ep.act);
     store_x16(ep, m * ep.ldo + n0, mk, y, false);
 }
@@ -214,6 +222,13 @@ inline void store_cols(__m512i acc, int64_t n, const int32_t* colsum, const Epil
 template <DType Kind, bool Act>
 void store_tile_as(const __m512i* acc, int mr, int nr, int64_t n, const int32_t* colsum, const Epilogue& ep,
                    int64_t m, int64_t n0) {
+    if (ep.res) {  // the next row tile's residual, ~one tile's compute ahead of its epilogue (prefetch never faults)
+        const char* r = static_cast<const char*>(ep.res);
+        const int64_t elt = ep.kind == DType::kF32 ? 4 : 2;
+        const int lines = elt == 4 ? 1 : 2;  // column blocks of 16 per 64-byte line
+        for (int i = 0; i < mr; ++i)
+            for (int j = 0; j < nr; j += lines) _mm_prefetch(r + ((m + mr + i) * ep.ldo + n0 + 16 * j) * elt, _MM_HINT_T0);
+    }
     for (int j = 0; j < nr; ++j) {
         const int64_t c = n0 + 16 * j;
         const __mmask16 mk = tail_mask(n - c);
@@ -232,6 +247,7 @@ void store_tile_as(const __m512i* acc, int mr, int nr, int64_t n, const int32_t*
                 _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + (m + i) * ep.ldo + c, mk, t);
             } else {
                 __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(_mm512_set1_ps(ep.sa[m + i]), sw), b);
+                if (ep.res) y = _mm512_add_ps(y, load_residual(ep, (m + i) * ep.ldo + c, mk));
                 if constexpr (Act) y = act16(y, ep.act);
                 if constexpr (Kind == DType::kF32)
                     store_f32(static_cast<float*>(ep.out) + (m + i) * ep.ldo + c, mk, y, ep.stream);

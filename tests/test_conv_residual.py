@@ -1,0 +1,263 @@
+"""A residual added in the int8 conv's epilogue (act(conv(x) + b + residual), rounded once), and
+the block rewrite that uses it: quantize() traces a ResNet / MobileNet block with torch.fx and
+moves its conv -> add -> activation (and a shared ReLU module) into the convs' epilogues. Equal to
+the unfused path bit for bit in float32, every ISA alike; files, compile, hooks, gradients."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastinfer
+from conftest import assert_same, sqnr
+from fastinfer import ops
+from fastinfer.bench import cnn
+from fastinfer.nn import Int8Conv2d
+
+FP32, BF16, CL = torch.float32, torch.bfloat16, torch.channels_last
+SHAPES = [(1, 64, 96, 1, 0), (3, 20, 37, 2, 1), (1, 3, 5, 1, 0), (3, 16, 16, 1, 1), (5, 8, 24, 1, 2)]
+
+
+def _conv_args(k, cin, cout, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (cout, cin, k, k), dtype=torch.int8, generator=g)
+    return ops.pack_conv_weight(w), torch.rand(cout, generator=g) * 0.01, torch.randn(cout, generator=g)
+
+
+def _op(x, packed, scale, bias, k, stride, pad, act=0, out_dtype=None, residual=None):
+    return torch.ops.fastinfer.int8_conv2d(x, packed, scale, bias, [k, k], [stride, stride], [pad] * 4, [1, 1], 1,
+                                           act, out_dtype, residual)  # fmt: skip
+
+
+@pytest.mark.parametrize("act", [0, 2, 3, 4])
+@pytest.mark.parametrize("k,cin,cout,stride,pad", SHAPES)
+def test_residual_in_the_epilogue_equals_the_unfused_sum(isa, k, cin, cout, stride, pad, act):
+    """float32: act(conv + r) equals torch's act(conv(x) + r) bit for bit (both one fp32 add);
+    bfloat16: the fp32 sum of the conv's fp32 output and r, activated, rounded once."""
+    packed, scale, bias = _conv_args(k, cin, cout, seed=k * 100 + cin)
+    x = torch.randn(3, cin, 11, 13).contiguous(memory_format=CL)
+    y = _op(x, packed, scale, bias, k, stride, pad)
+    r = torch.randn_like(y) * 3
+    act_fn = {0: lambda t: t, 2: torch.relu, 3: lambda t: F.hardtanh(t, 0, 6), 4: None}[act]
+    fused = _op(x, packed, scale, bias, k, stride, pad, act, None, r)
+    if act_fn is not None:
+        assert_same(fused, act_fn(y + r), "float32")
+    else:  # silu: the epilogue's own formula, on the same sum
+        assert_same(fused, _op(x, packed, scale, bias + 0.0, k, stride, pad, 4, None, r), "float32 silu, twice")
+    xb, rb = x.bfloat16(), r.bfloat16()
+    y32 = _op(xb, packed, scale, bias, k, stride, pad, 0, FP32)  # the fp32 epilogue of the bf16 input
+    fb = _op(xb, packed, scale, bias, k, stride, pad, act, None, rb)
+    assert fb.dtype == BF16 and fb.is_contiguous(memory_format=CL) == x.is_contiguous(memory_format=CL)
+    if act_fn is not None:
+        assert_same(fb, act_fn(y32 + rb.float()).bfloat16(), "bfloat16: rounded once")
+
+
+def test_every_isa_gives_the_same_bits():
+    packed, scale, bias = _conv_args(3, 24, 40, seed=5)
+    x = torch.randn(2, 24, 15, 9).bfloat16().contiguous(memory_format=CL)
+    r = torch.randn(2, 40, 15, 9).bfloat16().contiguous(memory_format=CL)
+    outs = {}
+    for isa in fastinfer.available_isas():
+        fastinfer.set_isa(isa)
+        outs[isa] = _op(x, packed, scale, bias, 3, 1, 1, 2, None, r)
+    first = next(iter(outs.values()))
+    for isa, out in outs.items():
+        assert torch.equal(out, first), isa
+
+
+def test_residual_checks_and_empty_images():
+    packed, scale, bias = _conv_args(1, 8, 16, seed=1)
+    x = torch.randn(2, 8, 4, 4)
+    r = torch.randn(2, 16, 4, 4)
+    with pytest.raises(ValueError, match="output's shape"):
+        _op(x, packed, scale, bias, 1, 1, 0, 2, None, r[:, :, :3])
+    with pytest.raises(TypeError, match="output's dtype"):
+        _op(x, packed, scale, bias, 1, 1, 0, 2, None, r.bfloat16())
+    with pytest.raises(TypeError, match="output's dtype"):
+        _op(x, packed, scale, bias, 1, 1, 0, 3, torch.uint8, r)
+    dw = ops.pack_conv_weight(torch.ones(8, 1, 3, 3, dtype=torch.int8), 8)
+    with pytest.raises(ValueError, match="depthwise"):
+        torch.ops.fastinfer.int8_conv2d(x, dw, torch.ones(8), None, [3, 3], [1, 1], [1] * 4, [1, 1], 8, 0, None,
+                                        torch.randn(2, 8, 4, 4))  # fmt: skip
+    empty = torch.zeros(2, 0, 4, 4)  # no input channels: act(bias + r) everywhere
+    p0 = ops.pack_conv_weight(torch.zeros(16, 0, 1, 1, dtype=torch.int8))
+    assert_same(_op(empty, p0, scale, bias, 1, 1, 0, 2, None, r), torch.relu(bias[None, :, None, None] + r))
+
+
+def test_gradients_reach_x_and_the_residual():
+    packed, scale, bias = _conv_args(3, 6, 10, seed=2)
+    x = torch.randn(2, 6, 7, 7, requires_grad=True)
+    r = torch.randn(2, 10, 7, 7, requires_grad=True)
+    out = _op(x, packed, scale, bias, 3, 1, 1, 2, None, r)
+    out.sum().backward()
+    mask = (out > 0).float()
+    assert torch.equal(r.grad, mask), "d out / d r: relu's mask"
+    x2 = x.detach().clone().requires_grad_()
+    _op(x2, packed, scale, bias, 3, 1, 1, 2, None, r.detach()).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+
+
+def test_opcheck_and_compile():
+    packed, scale, bias = _conv_args(3, 6, 10, seed=3)
+    x = torch.randn(2, 6, 7, 7).contiguous(memory_format=CL)
+    r = torch.randn(2, 10, 7, 7).contiguous(memory_format=CL)
+    args = (x, packed, scale, bias, [3, 3], [1, 1], [1] * 4, [1, 1], 1, 2, None, r)
+    torch.library.opcheck(torch.ops.fastinfer.int8_conv2d.default, args)
+    f = torch.compile(lambda a, b: _op(a, packed, scale, bias, 3, 1, 1, 2, None, b), fullgraph=True)
+    assert_same(f(x, r), _op(x, packed, scale, bias, 3, 1, 1, 2, None, r))
+
+
+def test_layer_residual_and_its_fallback():
+    torch.manual_seed(4)
+    conv = Int8Conv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1))
+    plain = Int8Conv2d.from_conv(conv_f := nn.Conv2d(8, 16, 3, padding=1))
+    plain.set_weight(conv.weight_int8, conv.weight_scale)
+    plain.bias.copy_(conv.bias)
+    conv.activation = "relu"
+    x = torch.randn(2, 8, 6, 6)
+    r = torch.randn(2, 16, 6, 6)
+    assert_same(conv(x, r), torch.relu(plain(x) + r), "in the kernel")
+    assert_same(conv(x[0], r[0]), torch.relu(plain(x[:1]) + r[:1])[0], "unbatched")
+    # another dtype, or a broadcast residual: torch's add after the conv, as the unfused block
+    assert_same(conv(x.bfloat16(), r), torch.relu(plain(x.bfloat16()) + r), "bf16 output + fp32 residual")
+    assert_same(conv(x, r[:, :1]), torch.relu(plain(x) + r[:, :1]), "broadcast")
+    assert_same(conv(x, 1.5 * torch.ones(())), torch.relu(plain(x) + 1.5), "a 0-d residual")
+    del conv_f
+
+
+# ------------------------------------------------------------------------------ block rewrite
+
+
+class _Functional(nn.Module):
+    """A BasicBlock written with functional relu and `+=`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.a(x)))
+        out = self.b(out)
+        out += x
+        return F.relu(out)
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: fx cannot trace it, so it is left as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.relu(y + x) if bool(x.sum() > 0) else self.relu(y)
+
+
+class _Reuses(nn.Module):
+    """The conv's output also leaves the block: the add cannot be moved into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return torch.relu(y + x), y
+
+
+def _unrewritten(model, **kw):
+    import sys
+    from unittest import mock
+
+    quantize_module = sys.modules["fastinfer.convert.quantize"]
+    with mock.patch.object(quantize_module, "rewrite_residual_blocks", lambda *a, **k: []):
+        return fastinfer.quantize(model, **kw)
+
+
+@pytest.mark.parametrize("build", [cnn.resnet18, cnn.mobilenet_v2])
+def test_rewritten_models_equal_the_unfused_ones_in_float32(build):
+    torch.manual_seed(0)
+    model = build(num_classes=10).eval().to(memory_format=CL)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    q, q0 = fastinfer.quantize(model), _unrewritten(model)
+    rows = {r.name: r.detail for r in fastinfer.conversion_report(q)}
+    rewritten = [n for n, d in rows.items() if "rewritten with torch.fx" in d]
+    if build is cnn.resnet18:
+        assert len(rewritten) == 16 and "residual add + relu fused" in rows["layer1.0.conv2"]
+        assert "relu fused" in rows["layer1.0.conv1"] and type(q.layer1[0]).__name__ == "BasicBlock"
+        assert isinstance(q.layer1[0], torch.fx.GraphModule)
+    else:
+        assert len(rewritten) == 10 and all("residual add fused" in rows[n] for n in rewritten)
+    with torch.inference_mode():
+        ref = q(x)
+        assert_same(ref, q0(x), "float32: the same bits")
+        qb, q0b = fastinfer.quantize(model.bfloat16()), _unrewritten(model.bfloat16())
+        fused, unfused = sqnr(ref, qb(x.bfloat16()).float()), sqnr(ref, q0b(x.bfloat16()).float())
+        assert fused > unfused - 1.0, f"bf16 with the add in the epilogue (one rounding fewer): {fused:.1f} vs {unfused:.1f} dB"
+    assert set(q.state_dict()) == set(q0.state_dict())
+
+
+def test_functional_blocks_and_what_is_left_alone():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _Functional()).eval()
+    q, q0 = fastinfer.quantize(model), _unrewritten(model)
+    assert isinstance(q[1], torch.fx.GraphModule) and q[1].a.activation == "relu" and q[1].b.activation == "relu"
+    assert "self.b(a_1, residual = x)" in q[1].code
+    with torch.inference_mode():
+        assert_same(q(x), q0(x))
+    # fx cannot trace the whole model (data-dependent branch): the BatchNorm stays, nothing is fused
+    # into the conv before it; the block with the branch and the one whose conv output leaves it stay
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _Functional(), _Branchy(), _Reuses()).eval()
+    q, q0 = fastinfer.quantize(model), _unrewritten(model)
+    assert q[1].a.activation is None and type(q[1].bn) is nn.BatchNorm2d
+    assert type(q[2]) is _Branchy and type(q[3]) is _Reuses and q[2].a.activation is None and q[3].a.activation is None
+    with torch.inference_mode():
+        for a, b in zip(q(x), q0(x)):
+            assert_same(a, b)
+
+
+def test_hooked_blocks_and_config_keep_the_forward():
+    torch.manual_seed(2)
+    model = cnn.resnet18(num_classes=10).eval()
+    model.layer1[0].register_forward_hook(lambda *a: None)
+    seen = []
+    model.layer1[1].relu.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    q = fastinfer.quantize(model)
+    assert type(q.layer1[0]) is cnn.BasicBlock, "a hooked block keeps its forward"
+    blk = q.layer1[1]  # its ReLU is hooked: every call of it stays, the add alone moves
+    assert isinstance(blk, torch.fx.GraphModule) and blk.conv1.activation is None and blk.conv2.activation is None
+    assert "residual = " in blk.code and blk.code.count("self.relu(") == 2
+    with torch.inference_mode():
+        q(torch.randn(1, 3, 32, 32))
+    assert len(seen) == 2, "the hook sees both of its calls"
+    off = fastinfer.quantize(model, fastinfer.QuantConfig(fuse_activations=False))
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in off.modules())
+
+
+def test_rewritten_models_save_load_pickle_and_compile(tmp_path):
+    torch.manual_seed(3)
+    model = cnn.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    q = fastinfer.quantize(model)
+    with torch.inference_mode():
+        ref = q(x)
+    fastinfer.save(q, tmp_path / "r18.safetensors")
+    back = fastinfer.load(tmp_path / "r18.safetensors", cnn.resnet18(num_classes=10).eval())
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    pickled = torch.load(buf, weights_only=False)
+    with torch.inference_mode():
+        assert_same(back(x), ref, "fastinfer.save -> load (re-quantized, rewritten again)")
+        assert_same(pickled(x), ref, "torch.save of the whole model")
+    torch._dynamo.reset()
+    assert_same(torch.compile(q, fullgraph=True)(x), q(x), "compiled")
