@@ -62,6 +62,14 @@ class QuantConfig:
         of the tanh GELU within a few ulp). False keeps every activation module as it is.
         Convs fuse ReLU / ReLU6 / SiLU / Hardswish the same way (a BatchNorm2d between them is
         folded into the conv whatever this says).
+    rewrite_blocks: with fuse_activations, what a block's own forward does after its convs also moves
+        into them where a module swap cannot express it: an activation module the block calls
+        several times (ResNet's one ReLU), a functional relu, and the residual add of a ResNet or
+        MobileNet block (conv -> add -> relu as conv(x, residual=identity) with relu fused: one
+        pass). The block is traced with torch.fx and replaced by the fx GraphModule of its edited
+        graph (same submodules and state_dict keys, its class name kept as the GraphModule's name;
+        fastinfer.save / load record and redo it). False keeps every block's class and forward.
+        A block with hooks, or one fx cannot trace, is never rewritten.
     depthwise: what depthwise convs (groups = in = out channels) become: "float" (the default)
         fastinfer.nn.DepthwiseConv2d, fp32 on fastinfer's fused NHWC kernel (memory-bound layers:
         int8 would only add a quantization pass, and fp32 keeps them exact); "int8" Int8Conv2d
@@ -137,6 +145,7 @@ class QuantConfig:
     min_features: int = 1
     progress: bool | None = None
     fuse_activations: bool = True
+    rewrite_blocks: bool = True
     depthwise: str = "float"
     attention: bool | str = True
     layernorm: bool = True
@@ -164,6 +173,8 @@ class QuantConfig:
             raise TypeError(f"QuantConfig.conv_handoff must be True, False, 'bf16' or 'u8', got {self.conv_handoff!r}")
         if not isinstance(self.fuse_activations, bool):
             raise TypeError(f"QuantConfig.fuse_activations must be a bool, got {self.fuse_activations!r}")
+        if not isinstance(self.rewrite_blocks, bool):
+            raise TypeError(f"QuantConfig.rewrite_blocks must be a bool, got {self.rewrite_blocks!r}")
         if not isinstance(self.min_features, int) or self.min_features < 1:
             raise ValueError(f"QuantConfig.min_features must be an int >= 1, got {self.min_features!r}")
 

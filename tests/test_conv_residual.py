@@ -173,13 +173,8 @@ class _Reuses(nn.Module):
         return torch.relu(y + x), y
 
 
-def _unrewritten(model, **kw):
-    import sys
-    from unittest import mock
-
-    quantize_module = sys.modules["fastinfer.convert.quantize"]
-    with mock.patch.object(quantize_module, "rewrite_residual_blocks", lambda *a, **k: []):
-        return fastinfer.quantize(model, **kw)
+def _unrewritten(model):
+    return fastinfer.quantize(model, fastinfer.QuantConfig(rewrite_blocks=False))
 
 
 @pytest.mark.parametrize("build", [cnn.resnet18, cnn.mobilenet_v2])
@@ -239,8 +234,30 @@ def test_hooked_blocks_and_config_keep_the_forward():
     with torch.inference_mode():
         q(torch.randn(1, 3, 32, 32))
     assert len(seen) == 2, "the hook sees both of its calls"
-    off = fastinfer.quantize(model, fastinfer.QuantConfig(fuse_activations=False))
-    assert not any(isinstance(m, torch.fx.GraphModule) for m in off.modules())
+    for cfg in (fastinfer.QuantConfig(fuse_activations=False), fastinfer.QuantConfig(rewrite_blocks=False)):
+        off = fastinfer.quantize(model, cfg)
+        assert not any(isinstance(m, torch.fx.GraphModule) for m in off.modules())
+    with pytest.raises(TypeError, match="rewrite_blocks"):
+        fastinfer.QuantConfig(rewrite_blocks="yes")
+
+
+def test_optimize_rewrites_after_choosing_the_layers(monkeypatch):
+    """A conv the planner leaves float keeps its call; the int8 ones around it are fused."""
+    from conftest import pin_planner_times
+
+    torch.manual_seed(5)
+    model = cnn.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pin_planner_times(monkeypatch, lambda lay, name: {"float": 1.0}.get(name, 5.0) if lay.name == "layer1.0.conv2" else
+                      {"float": 5.0}.get(name, 1.0))  # fmt: skip
+    fast, plan = fastinfer.optimize(model, x)
+    blk = fast.layer1[0]
+    assert type(blk.conv2) is nn.Conv2d and isinstance(blk, torch.fx.GraphModule) and blk.conv1.activation == "relu"
+    assert "residual" not in blk.code and isinstance(fast.layer1[1], torch.fx.GraphModule)
+    notes = {r.name: r.note for r in plan}
+    assert "residual add + relu fused" in notes["layer1.1.conv2"]
+    with torch.inference_mode():
+        assert sqnr(model(x), fast(x)) > 25
 
 
 def test_rewritten_models_save_load_pickle_and_compile(tmp_path):

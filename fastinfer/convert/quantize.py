@@ -190,11 +190,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
     if handoff_applies(config.conv_handoff, conv_dtypes):
         report.add_details(mark_conv_handoff(result, u8=config.conv_handoff == "u8", end=next(iter(conv_dtypes))))
-    if config.fuse_activations and convs and result is model:
-        # activations a block's forward applies itself (a shared ReLU, a residual add): its graph
-        # rewritten so they run in the convs' epilogues
-        for block in rewrite_residual_blocks(result, Int8Conv2d):
-            report.add_details({conv: f"{how} (block {block.name} rewritten with torch.fx)" for conv, how in block.fused.items()})
+    if config.fuse_activations and config.rewrite_blocks and convs and result is model:
+        report.add_details(rewrite_blocks(result))
     if config.layernorm:
         result, n = fast_layernorms(result)
         report.layernorm = f"{n} on fastinfer's kernel" if n else None
@@ -204,6 +201,16 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
         mark_converted(result)  # transformers' own from_pretrained then refuses its saved folders
     attach(result, report)
     return result
+
+
+def rewrite_blocks(model: nn.Module) -> dict[str, str]:
+    """QuantConfig.rewrite_blocks on a converted model: the activations and residual adds its
+    blocks' forwards apply after their Int8Conv2d layers, moved into those layers
+    (fastinfer.convert.fuse.rewrite_residual_blocks). Returns the report's words per conv name."""
+    words = {}
+    for block in rewrite_residual_blocks(model, Int8Conv2d):
+        words.update({conv: f"{how} (block {block.name} rewritten with torch.fx)" for conv, how in block.fused.items()})
+    return words
 
 
 def handoff_applies(conv_handoff: bool | str, conv_dtypes: set) -> bool:

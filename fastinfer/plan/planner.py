@@ -180,7 +180,7 @@ def optimize(
     from fastinfer.convert import prune as prune_model
     from fastinfer.convert import quantize as quantize_model
     from fastinfer.convert._select import scan
-    from fastinfer.convert.quantize import handoff_applies, mark_conv_handoff, smooth_linear_targets
+    from fastinfer.convert.quantize import handoff_applies, mark_conv_handoff, rewrite_blocks, smooth_linear_targets
 
     start = time.monotonic()
     _check_float_cpu_model(model)
@@ -203,7 +203,9 @@ def optimize(
     quiet = progress if progress is not None else config.progress
     # bf16 between chained convs is decided once the layers are chosen (a float candidate between two
     # convs breaks a chain)
-    cfg = dataclasses.replace(config, activations="dynamic", progress=quiet, smoothquant=None, conv_handoff=False)
+    # so are the blocks' rewrites (a conv left float there keeps its call as it is)
+    cfg = dataclasses.replace(config, activations="dynamic", progress=quiet, smoothquant=None, conv_handoff=False,
+                              rewrite_blocks=False)
     if not quantize:  # what the planner does not plan must not become int8 either
         cfg = dataclasses.replace(cfg, filter_fn=_unplanned_stay_float(reference, config.filter_fn))
     floats = {}  # layer name -> the float module its "float" candidate is (default: reference's)
@@ -274,6 +276,13 @@ def optimize(
     used = choices if not reverted else {
         n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
     rows = _rows(root, layers, used)
+    if quantize and config.fuse_activations and config.rewrite_blocks:
+        words = rewrite_blocks(root)
+        if "_fastinfer_report" in root.__dict__:
+            root.__dict__["_fastinfer_report"].add_details(words)
+        for r in rows:
+            if r.name in words:
+                r.note = "; ".join(filter(None, (r.note, words[r.name])))
     # bf16 between chained convs, once the layers are chosen: with quantize=False the model keeps
     # float arithmetic, which the handoff's rounding (never measured here) would not
     handoff = None
