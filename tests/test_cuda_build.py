@@ -57,6 +57,13 @@ def _run(tool, *args):
     return subprocess.run([tool, *args], capture_output=True, text=True, check=True, timeout=120).stdout
 
 
+def _kernel_sass(cubin, arch: str, *names: str) -> list[str]:
+    """The SASS of each named kernel for one architecture."""
+    tool, path = cubin
+    kernels = re.split(r"\n\s*Function : ", _run(tool, "--dump-sass", "--gpu-architecture", arch, path))
+    return [next(k for k in kernels if name in k.split("\n", 1)[0]) for name in names]
+
+
 def test_archs_and_ptx(cubin):
     tool, path = cubin
     elves = _run(tool, "--list-elf", path)
@@ -66,11 +73,7 @@ def test_archs_and_ptx(cubin):
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_sass_uses_tensor_cores_ldmatrix_cp_async_dp4a(cubin, arch, record_property):
-    tool, path = cubin
-    sass = _run(tool, "--dump-sass", "--gpu-architecture", arch, path)
-    kernels = re.split(r"\n\s*Function : ", sass)
-    gemm = next(k for k in kernels if "gemm_i8_kernel" in k.split("\n", 1)[0])
-    gemv = next(k for k in kernels if "gemv_i8_kernel" in k.split("\n", 1)[0])
+    gemm, gemv = _kernel_sass(cubin, arch, "gemm_i8_kernel", "gemv_i8_kernel")
     counts = {op: len(re.findall(op, gemm)) for op in (r"IMMA\.16832\.S8\.S8", r"LDSM\.16\.M88\.4", r"LDGSTS")}
     record_property(f"{arch}_gemm_sass_counts", counts)
     # 2 k32 steps x (4 m16 x 4 n8) mma per 64-deep tile; 4 A + 2 B ldmatrix.x4 per step
@@ -82,11 +85,7 @@ def test_sass_uses_tensor_cores_ldmatrix_cp_async_dp4a(cubin, arch, record_prope
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_sass_of_the_2_4_kernels(cubin, arch, record_property):
-    tool, path = cubin
-    sass = _run(tool, "--dump-sass", "--gpu-architecture", arch, path)
-    kernels = re.split(r"\n\s*Function : ", sass)
-    gemm = next(k for k in kernels if "gemm_sp24_kernel" in k.split("\n", 1)[0])
-    gemv = next(k for k in kernels if "gemv_sp24_kernel" in k.split("\n", 1)[0])
+    gemm, gemv = _kernel_sass(cubin, arch, "gemm_sp24_kernel", "gemv_sp24_kernel")
     counts = {op: len(re.findall(op, gemm)) for op in (r"IMMA\.SP\.16864\.S8\.S8", r"LDSM\.16\.M88\.4", r"LDGSTS")}
     record_property(f"{arch}_sp24_sass_counts", counts)
     # 2 k64 steps x (4 m16 x 4 n8) sparse mma per 128-deep stage; 4 A + 4 B ldmatrix.x4 per step

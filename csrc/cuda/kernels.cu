@@ -167,6 +167,26 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const unsigned (&a)[4], unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The STAGES-deep cp.async pipeline both tensor-core GEMMs run: tiles 0 .. STAGES-2 in flight
+// before the loop; then per tile: wait for it, a barrier (every warp is also done with the tile
+// before, whose buffer the next load reuses), start the load STAGES-1 ahead, compute on this one.
+template <class Load, class Compute>
+__device__ __forceinline__ void cp_async_pipeline(int ktiles, Load&& load_tile, Compute&& compute) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load_tile(s, s);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+        __syncthreads();
+        if (kt + STAGES - 1 < ktiles) load_tile((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+        asm volatile("cp.async.commit_group;\n" ::);
+        compute(kt % STAGES);
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::);
+}
+
 __global__ void __launch_bounds__(THREADS) gemm_i8_kernel(const int8_t* __restrict__ q, int64_t m, int64_t kp,
                                                            const int8_t* __restrict__ w, int64_t n,
                                                            const float* sa, const float* sw, const float* bias,
@@ -189,27 +209,10 @@ __global__ void __launch_bounds__(THREADS) gemm_i8_kernel(const int8_t* __restri
         }
     };
 
-    int acc[WM / 16][WN / 8][4];
-#pragma unroll
-    for (int i = 0; i < WM / 16; ++i)
-#pragma unroll
-        for (int j = 0; j < WN / 8; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
-
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ktiles) load_tile(s, s);
-        asm volatile("cp.async.commit_group;\n" ::);
-    }
-
-    for (int kt = 0; kt < ktiles; ++kt) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-        __syncthreads();  // tile kt is in shared memory, and every warp is done with tile kt - 1
-        if (kt + STAGES - 1 < ktiles) load_tile((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
-        asm volatile("cp.async.commit_group;\n" ::);
-        const int8_t* a_s = sA[kt % STAGES];
-        const int8_t* b_s = sB[kt % STAGES];
+    int acc[WM / 16][WN / 8][4] = {};
+    cp_async_pipeline(ktiles, load_tile, [&](int stage) {
+        const int8_t* a_s = sA[stage];
+        const int8_t* b_s = sB[stage];
 #pragma unroll
         for (int ks = 0; ks < BK / 32; ++ks) {  // two k32 steps per tile
             unsigned af[WM / 16][4], bf[WN / 16][4];
@@ -233,8 +236,7 @@ __global__ void __launch_bounds__(THREADS) gemm_i8_kernel(const int8_t* __restri
                 for (int jn = 0; jn < WN / 8; ++jn)
                     mma_s8(acc[i][jn], af[i], bf[jn >> 1][(jn & 1) * 2], bf[jn >> 1][(jn & 1) * 2 + 1]);
         }
-    }
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    });
 
     // C fragment: c0, c1 at row g, cols 2t, 2t+1; c2, c3 at row g + 8.
     const int g = lane >> 2, t = lane & 3;
@@ -315,26 +317,9 @@ __global__ void __launch_bounds__(THREADS, 2) gemm_sp24_kernel(const int8_t* __r
         }
     };
 
-    int acc[SBM / 2 / 16][SBN / 4 / 8][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
-
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < ktiles) load_tile(s, s);
-        asm volatile("cp.async.commit_group;\n" ::);
-    }
-
-    for (int kt = 0; kt < ktiles; ++kt) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-        __syncthreads();
-        if (kt + STAGES - 1 < ktiles) load_tile((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
-        asm volatile("cp.async.commit_group;\n" ::);
-        const int8_t* a_s = sp_smem + (kt % STAGES) * kSpStage;
+    int acc[SBM / 2 / 16][SBN / 4 / 8][4] = {};
+    cp_async_pipeline(ktiles, load_tile, [&](int stage) {
+        const int8_t* a_s = sp_smem + stage * kSpStage;
         const int8_t* b_s = a_s + kSpA;
         const uint32_t* e_s = reinterpret_cast<const uint32_t*>(b_s + kSpB);
 #pragma unroll
@@ -355,8 +340,7 @@ __global__ void __launch_bounds__(THREADS, 2) gemm_sp24_kernel(const int8_t* __r
 #pragma unroll
                 for (int jn = 0; jn < 4; ++jn) mma_sp_s8(acc[i][jn], af[i], bf[jn], ef[i]);
         }
-    }
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    });
 
     // C fragment: row (weight) g + 8 * (r >> 1), column (token) 2t + (r & 1)
     const int g = lane >> 2, t = lane & 3;

@@ -76,6 +76,43 @@ def _gemm(mod, q, m, kp, packed, n, np_, sa, sw, bias, out, out_dtype):
     )  # fmt: skip
 
 
+def _refuse_activation(opname: str, act: int) -> None:
+    if act != 0:
+        raise RuntimeError(
+            f"fastinfer.{opname}: a fused activation is not implemented on CUDA yet (CPU only); "
+            "build the layer without activation= (or quantize with QuantConfig(fuse_activations=False))"
+        )
+
+
+def _linear(mod, gemm, x, packed, n, np_, kp, w_scale, bias) -> torch.Tensor:
+    """x [..., K] quantized per token, then gemm (a weight layout's GEMM) with the fp32 epilogue."""
+    k = x.shape[-1]
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
+    x2 = x.reshape(-1, k).contiguous()
+    with torch.cuda.device(x.device):
+        q, sa = _quantize(mod, x2, kp)
+        gemm(mod, q, x2.shape[0], kp, packed, n, np_, sa, w_scale.contiguous(),
+             bias.contiguous() if bias is not None else None, out, x.dtype)  # fmt: skip
+    return out
+
+
+def _matmul(mod, gemm, a, packed, n, np_, kp) -> torch.Tensor:
+    """Exact int32 a @ W^T through gemm, a zero-padded to kp columns."""
+    m, k = a.shape
+    out = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    with torch.cuda.device(a.device):
+        q = torch.zeros((m, kp), dtype=torch.int8, device=a.device)
+        q[:, :k] = a
+        gemm(mod, q, m, kp, packed, n, np_, None, None, None, out, torch.int32)
+    return out
+
+
 # ---------------------------------------------------------------------------------- CUDA kernels
 
 
@@ -111,16 +148,8 @@ def int8_matmul_packed(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.T
     check_int8_2d("int8_matmul", "a", a)
     mod = _mod("int8_matmul")
     _same_device("int8_matmul", a, packed)
-    m, k = a.shape
-    np_, kp = _check_rn128("int8_matmul", packed, n, k)
-    out = torch.empty((m, n), dtype=torch.int32, device=a.device)
-    if m == 0 or n == 0:
-        return out
-    with torch.cuda.device(a.device):
-        q = torch.zeros((m, kp), dtype=torch.int8, device=a.device)
-        q[:, :k] = a
-        _gemm(mod, q, m, kp, packed, n, np_, None, None, None, out, torch.int32)
-    return out
+    np_, kp = _check_rn128("int8_matmul", packed, n, a.shape[1])
+    return _matmul(mod, _gemm, a, packed, n, np_, kp)
 
 
 @register("int8_matmul", "cuda")
@@ -135,27 +164,12 @@ def int8_linear(
     x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0
 ) -> torch.Tensor:
     check_float_input("int8_linear", x)
-    if act != 0:
-        raise RuntimeError(
-            "fastinfer.int8_linear: a fused activation is not implemented on CUDA yet (CPU only); "
-            "build the layer without activation= (or quantize with QuantConfig(fuse_activations=False))"
-        )
+    _refuse_activation("int8_linear", act)
     n = check_int8_linear_params(packed, w_scale, bias)
     mod = _mod("int8_linear")
     _same_device("int8_linear", x, packed, w_scale, bias)
-    k = x.shape[-1]
-    np_, kp = _check_rn128("int8_linear", packed, n, k)
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-    x2 = x.reshape(-1, k).contiguous()
-    with torch.cuda.device(x.device):
-        q, sa = _quantize(mod, x2, kp)
-        _gemm(mod, q, x2.shape[0], kp, packed, n, np_, sa, w_scale.contiguous(),
-              bias.contiguous() if bias is not None else None, out, x.dtype)  # fmt: skip
-    return out
+    np_, kp = _check_rn128("int8_linear", packed, n, x.shape[-1])
+    return _linear(mod, _gemm, x, packed, n, np_, kp, w_scale, bias)
 
 
 @register("static_int8_linear", "cuda")
@@ -249,27 +263,12 @@ def sparse_int8_linear(
 ) -> torch.Tensor:
     check_float_input("sparse_int8_linear", x)
     activation_name("sparse_int8_linear", act)
-    if act != 0:
-        raise RuntimeError(
-            "fastinfer.sparse_int8_linear: a fused activation is not implemented on CUDA yet (CPU only); "
-            "build the layer without activation= (or quantize with QuantConfig(fuse_activations=False))"
-        )
+    _refuse_activation("sparse_int8_linear", act)
     n = check_scale_bias("sparse_int8_linear", w_scale, bias)
     mod = _mod("sparse_int8_linear")
     _same_device("sparse_int8_linear", x, packed, w_scale, bias)
-    k = x.shape[-1]
-    np_, kp = sp24_check("sparse_int8_linear", packed, n, k)
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    if k == 0:
-        return out.copy_(bias.expand_as(out)) if bias is not None else out.zero_()
-    x2 = x.reshape(-1, k).contiguous()
-    with torch.cuda.device(x.device):
-        q, sa = _quantize(mod, x2, kp)
-        _sp24_gemm(mod, q, x2.shape[0], kp, packed, n, np_, sa, w_scale.contiguous(),
-                   bias.contiguous() if bias is not None else None, out, x.dtype)  # fmt: skip
-    return out
+    np_, kp = sp24_check("sparse_int8_linear", packed, n, x.shape[-1])
+    return _linear(mod, _sp24_gemm, x, packed, n, np_, kp, w_scale, bias)
 
 
 @register("sparse_int8_matmul", "cuda")
@@ -277,16 +276,8 @@ def sparse_int8_matmul(a: torch.Tensor, packed: torch.Tensor, n: int) -> torch.T
     check_int8_2d("sparse_int8_matmul", "a", a)
     mod = _mod("sparse_int8_matmul")
     _same_device("sparse_int8_matmul", a, packed)
-    m, k = a.shape
-    np_, kp = sp24_check("sparse_int8_matmul", packed, n, k)
-    out = torch.empty((m, n), dtype=torch.int32, device=a.device)
-    if m == 0 or n == 0:
-        return out
-    with torch.cuda.device(a.device):
-        q = torch.zeros((m, kp), dtype=torch.int8, device=a.device)
-        q[:, :k] = a
-        _sp24_gemm(mod, q, m, kp, packed, n, np_, None, None, None, out, torch.int32)
-    return out
+    np_, kp = sp24_check("sparse_int8_matmul", packed, n, a.shape[1])
+    return _matmul(mod, _sp24_gemm, a, packed, n, np_, kp)
 
 
 @register("sparse_linear", "cuda")
