@@ -183,7 +183,8 @@ def test_rewritten_models_equal_the_unfused_ones_in_float32(build):
     model = build(num_classes=10).eval().to(memory_format=CL)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
     q, q0 = fastinfer.quantize(model), _unrewritten(model)
-    rows = {r.name: r.detail for r in fastinfer.conversion_report(q)}
+    report = fastinfer.conversion_report(q)
+    rows = {r.name: r.detail for r in report}
     rewritten = [n for n, d in rows.items() if "rewritten with torch.fx" in d]
     if build is cnn.resnet18:
         assert len(rewritten) == 16 and "residual add + relu fused" in rows["layer1.0.conv2"]
@@ -191,6 +192,7 @@ def test_rewritten_models_equal_the_unfused_ones_in_float32(build):
         assert isinstance(q.layer1[0], torch.fx.GraphModule)
     else:
         assert len(rewritten) == 10 and all("residual add fused" in rows[n] for n in rewritten)
+        assert "35 activations fused, 10 residual adds fused" in report.summary()
     with torch.inference_mode():
         ref = q(x)
         assert_same(ref, q0(x), "float32: the same bits")

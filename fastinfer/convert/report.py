@@ -5,6 +5,7 @@ reads it back, and one summary line goes to the "fastinfer" logger."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from dataclasses import dataclass
 
@@ -49,6 +50,11 @@ class LayerConversion:
         return self.result != "float"
 
 
+# a row's words for an activation run in its layer's epilogue ("BatchNorm2d folded + relu fused",
+# "gelu fused", "residual add + relu fused"; not "residual add fused" alone)
+_ACT_FUSED = re.compile(r"\b(gelu_tanh|gelu|relu6|relu|silu|hardswish) fused")
+
+
 class ConversionReport(list):
     """The LayerConversion of every layer a conversion looked at, in model order, and what became
     of the model's attention (`attention`: None when the conversion did not look at it)."""
@@ -78,11 +84,13 @@ class ConversionReport(list):
         for r in self.converted:
             counts[r.result] = counts.get(r.result, 0) + 1
         folded = sum("BatchNorm2d folded" in r.detail for r in self.converted)
-        fused = sum(" fused" in r.detail for r in self.converted)
+        fused = sum(bool(_ACT_FUSED.search(r.detail)) for r in self.converted)
+        residual = sum("residual add" in r.detail for r in self.converted)
         kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
         line = f"{self.entry}: {len(self.converted)} layers converted" + (f" ({kinds})" if kinds else "")
-        if folded or fused:
+        if folded or fused or residual:
             line += f", {folded} BatchNorm2d folded, {fused} activations fused"
+            line += f", {residual} residual adds fused" if residual else ""
         left = self.left_float
         if left:
             shown = "; ".join(f"{r.name or '<model>'} ({r.detail})" for r in left[:3])
