@@ -68,8 +68,12 @@ class QuantConfig:
         MobileNet block (conv -> add -> relu as conv(x, residual=identity) with relu fused: one
         pass). The block is traced with torch.fx and replaced by the fx GraphModule of its edited
         graph (same submodules and state_dict keys, its class name kept as the GraphModule's name;
-        fastinfer.save / load record and redo it). False keeps every block's class and forward.
-        A block with hooks, or one fx cannot trace, is never rewritten.
+        deepcopy and pickling keep it, fastinfer.save / load record and redo it). Not kept: the
+        block's class itself (isinstance), its methods and other attributes. Only blocks whose
+        trace is exact are rewritten: no hooks, no `with` in the forward, no `+=` on a tensor it
+        does not own, a graph of submodule calls, adds and relus only, each fused conv called
+        once in the whole model (fastinfer.convert.fuse.rewrite_residual_blocks). False keeps every
+        block's class and forward.
     depthwise: what depthwise convs (groups = in = out channels) become: "float" (the default)
         fastinfer.nn.DepthwiseConv2d, fp32 on fastinfer's fused NHWC kernel (memory-bound layers:
         int8 would only add a quantization pass, and fp32 keeps them exact); "int8" Int8Conv2d

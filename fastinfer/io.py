@@ -32,7 +32,7 @@ from torch import nn
 from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
 from fastinfer.convert.attention import HF_NAME, HF_NAME_BF16, enable_fast_attention, is_hf_model
-from fastinfer.convert.fuse import rewrite_residual_blocks
+from fastinfer.convert.fuse import REWRITE_KEY, rewrite_residual_blocks
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.quantize import fast_layernorms
 from fastinfer.convert.report import ConversionReport, LayerConversion
@@ -323,8 +323,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         "layernorm": [n for n, m in model.named_modules(remove_duplicate=False) if type(m) is FastLayerNorm],
         # blocks whose forward quantize() rewrote (fastinfer.convert.fuse.rewrite_residual_blocks):
         # {block: {conv in it: the activation it took, or None}}, rewritten again on load
-        "rewritten": {n: dict(m._fastinfer_rewrite) for n, m in model.named_modules()
-                      if isinstance(m, torch.fx.GraphModule) and isinstance(getattr(m, "_fastinfer_rewrite", None), dict)},
+        "rewritten": _rewrite_records(model),
     }  # fmt: skip
     meta = dict(metadata or {})
     meta[_KEY] = json.dumps(info, separators=(",", ":"))
@@ -476,6 +475,23 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     return model
 
 
+def _rewrite_records(model: nn.Module) -> dict[str, dict]:
+    """{block: its rewrite record} of every block quantize() rewrote; a GraphModule that passes a
+    residual to a conv without a record (built some other way) cannot be saved: its convs' configs
+    would not say what the block's own forward must stop doing."""
+    records = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.fx.GraphModule):
+            continue
+        record = getattr(mod, REWRITE_KEY, None)
+        if isinstance(record, dict):
+            records[name] = dict(record)
+        elif any(n.op == "call_module" and "residual" in n.kwargs for n in mod.graph.nodes):
+            raise ValueError(f"fastinfer.save: {name or 'the model'} is a torch.fx GraphModule passing residuals "
+                             "to its convs without fastinfer's rewrite record; save the model quantize() returned")  # fmt: skip
+    return records
+
+
 def _rewrite_blocks(f: _File, model: nn.Module, rewritten: object) -> None:
     """The file's block rewrites again: each block's convs are installed with the activation they
     took (their recorded config); it is taken back out of them, the block traced and rewritten as
@@ -491,6 +507,9 @@ def _rewrite_blocks(f: _File, model: nn.Module, rewritten: object) -> None:
             raise f.error(f"rewritten block {name!r} has no module at that name in the given model") from None
         if isinstance(block, torch.fx.GraphModule):
             continue
+        if any(getattr(m, h, None) for m in (block, *block.modules()) for h in ("_forward_hooks", "_forward_pre_hooks")):
+            raise f.error(f"block {name!r} of the given model has forward hooks: its rewrite (residual add and relu "
+                          "moved into its convs) cannot be redone on it; register them after loading")  # fmt: skip
         for target, act in convs.items():
             conv = block.get_submodule(target) if isinstance(target, str) else None
             if not isinstance(conv, Int8Conv2d) or (act is not None and conv.activation != act):
@@ -502,7 +521,7 @@ def _rewrite_blocks(f: _File, model: nn.Module, rewritten: object) -> None:
         return
     done = {b.name: b for b in rewrite_residual_blocks(model, Int8Conv2d, only=todo)}
     for name in todo:
-        got = getattr(model.get_submodule(name), "_fastinfer_rewrite", None) if name in done else None
+        got = getattr(model.get_submodule(name), REWRITE_KEY, None) if name in done else None
         if got != rewritten[name]:
             raise f.error(f"block {name!r}: the model's forward does not rewrite as the file's block did "
                           f"(file: {rewritten[name]}, now: {got}): the file is for another model")  # fmt: skip

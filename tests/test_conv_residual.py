@@ -280,3 +280,169 @@ def test_rewritten_models_save_load_pickle_and_compile(tmp_path):
         assert_same(pickled(x), ref, "torch.save of the whole model")
     torch._dynamo.reset()
     assert_same(torch.compile(q, fullgraph=True)(x), q(x), "compiled")
+
+
+# ------------------------------------------- what the rewrite must leave alone or keep exact
+# (an adversarial review's findings, each a block the rewrite once got wrong)
+
+C = 16
+
+
+class _CalledOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+class _ParentCallsInside(nn.Module):
+    """The block's conv is also called by the parent: fusing its relu would change that call."""
+
+    def __init__(self):
+        super().__init__()
+        self.blk = _CalledOutside()
+
+    def forward(self, x):
+        return self.blk(x) + self.blk.conv(x)
+
+
+class _InPlaceBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.conv(x)
+        x = self.relu(x)  # in place on the conv's input, before the add
+        return out + x
+
+
+class _IaddOnIdentity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        identity = x
+        identity += self.conv(x)  # writes x
+        return torch.relu(identity) + x
+
+
+class _ReadsAttribute(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x * self.scale)
+
+
+class _DefaultArg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+
+    def forward(self, x, scale=None):
+        r = x * scale if scale is not None else x
+        return torch.relu(self.conv(x) + r)
+
+
+class _NoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gain = nn.Parameter(torch.full((1, C, 1, 1), 0.5))
+
+    def forward(self, x):
+        with torch.no_grad():
+            r = x * self.gain
+        return torch.relu(self.conv(x) + r)
+
+
+class _ShapeConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x.shape[1])
+
+
+class _Silu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 1)
+
+    def forward(self, x):
+        return F.silu(self.conv(x) + x)
+
+
+class _HookedInnerSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.down = nn.Sequential(nn.Conv2d(C, C, 1))
+        self.down.register_forward_hook(lambda m, i, o: o * 0)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + self.down(x))
+
+
+class _LoadPreHook(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self._register_load_state_dict_pre_hook(lambda *a: None)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+@pytest.mark.parametrize("block", [_ParentCallsInside, _InPlaceBetween, _IaddOnIdentity, _ReadsAttribute, _DefaultArg,
+                                   _NoGrad, _ShapeConstant, _Silu, _HookedInnerSequential, _LoadPreHook])  # fmt: skip
+def test_blocks_the_rewrite_leaves_alone(block):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), block()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    q, q0 = fastinfer.quantize(model), _unrewritten(model)
+    assert not isinstance(q[1], torch.fx.GraphModule), "left with its own forward"
+    assert all(m.activation is None for m in q[1].modules() if isinstance(m, Int8Conv2d))
+    with torch.inference_mode():
+        assert_same(q(x.clone()), q0(x.clone()))
+
+
+def test_deepcopy_prune_save_load_keep_the_rewrite(tmp_path):
+    import copy
+
+    torch.manual_seed(7)
+    model = cnn.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    q = fastinfer.quantize(model)
+    for label, m in (("deepcopy", copy.deepcopy(q)), ("prune", fastinfer.prune(q, sparsity=0.5))):
+        assert set(m.state_dict()) == set(q.state_dict()) and type(m.layer1[0].bn1) is fastinfer.nn.Fused, label
+        fastinfer.save(m, tmp_path / f"{label}.safetensors")
+        back = fastinfer.load(tmp_path / f"{label}.safetensors", cnn.resnet18(num_classes=10).eval())
+        with torch.inference_mode():
+            assert_same(back(x), m(x), label)
+    hooked = cnn.resnet18(num_classes=10).eval()
+    hooked.layer1[1].relu.register_forward_hook(lambda *a: None)
+    with pytest.raises(fastinfer.io.FileFormatError, match="has forward hooks"):
+        fastinfer.load(tmp_path / "deepcopy.safetensors", hooked)
+
+
+def test_residual_of_another_rank_or_a_number_follows_torch():
+    torch.manual_seed(8)
+    conv = Int8Conv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1))
+    conv.activation = "relu"
+    plain = Int8Conv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1))
+    plain.set_weight(conv.weight_int8, conv.weight_scale)
+    plain.bias.copy_(conv.bias)
+    x, r = torch.randn(8, 6, 6), torch.randn(1, 16, 6, 6)
+    out = conv(x, r)
+    assert out.shape == (1, 16, 6, 6)
+    assert_same(out, torch.relu(plain(x) + r))
+    assert_same(conv(x, 2), torch.relu(plain(x) + 2))

@@ -260,10 +260,13 @@ def _passes_through(mod: nn.Module) -> bool:
 
 # ------------------------------------------------------------- residual blocks, rewritten with fx
 
+# What a rewritten block's graph may hold besides its submodules' calls: the add, relu, nothing else
+# (any other op, a constant or a Python value read at trace time would be frozen by the rewrite).
 _ADDS = {operator.add, operator.iadd, torch.add}
-_ACT_FUNCTIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.nn.functional.relu6: "relu6",
-                  torch.nn.functional.silu: "silu", torch.nn.functional.hardswish: "hardswish"}  # fmt: skip
+_ACT_FUNCTIONS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.nn.functional.relu6: "relu6"}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_FUSABLE_ACTS = ("relu", "relu6")  # the ones with a gradient through the conv's epilogue
+REWRITE_KEY = "_fastinfer_rewrite"  # the record on a rewritten block (see rewrite_residual_blocks)
 
 
 @dataclass
@@ -285,18 +288,87 @@ def _leaf_tracer(root: nn.Module):
     return Tracer()
 
 
+def _any_hooks(mod: nn.Module) -> bool:
+    """Forward, backward or state_dict hooks of any kind on the module itself."""
+    return any(getattr(mod, h, None) for h in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+        "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"))  # fmt: skip
+
+
+def _forward_hides_state(block: nn.Module) -> bool:
+    """Whether the block's forward does what its fx trace cannot show: a `with` statement
+    (torch.no_grad, autocast: fx drops them), or `a += b` that writes a tensor someone else holds
+    (an argument or a name bound to another name: `identity = x; identity += out` writes x, which
+    fx traces as a new tensor; `out += identity` on a name bound to a call's result is kept). A
+    forward whose source cannot be read counts as hiding state."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(block).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    func = tree.body[0] if tree.body and isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+    if func is None:
+        return True
+    shared = {a.arg for a in (*func.args.posonlyargs, *func.args.args, *func.args.kwonlyargs)}
+    for n in ast.walk(func):  # names ever bound to another name (aliases of what they hold)
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Name):
+            shared.update(t.id for t in n.targets if isinstance(t, ast.Name))
+    for n in ast.walk(func):
+        if isinstance(n, (ast.With, ast.AsyncWith)):
+            return True
+        if isinstance(n, ast.AugAssign) and (not isinstance(n.target, ast.Name) or n.target.id in shared):
+            return True
+    return False
+
+
+def _plain_graph(graph, block: nn.Module) -> bool:
+    """Whether the traced graph is only submodule calls on tensors, adds and relus: what a rewrite
+    can keep as it is. A placeholder with a default, a constant argument, a get_attr, any other
+    function or method, or a traced-through container with hooks and the block is left alone."""
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.args:  # a default value: fx would bake it in
+                return False
+        elif node.op == "call_module":
+            if node.kwargs or not all(isinstance(a, torch.fx.Node) for a in node.args):
+                return False
+            parts = node.target.split(".")
+            for i in range(1, len(parts)):  # the containers traced through
+                if _any_hooks(block.get_submodule(".".join(parts[:i]))):
+                    return False
+        elif node.op == "call_function":
+            if node.target in _ADDS:
+                if len(node.args) != 2 or node.kwargs or not all(isinstance(a, torch.fx.Node) for a in node.args):
+                    return False
+            elif node.target in _ACT_FUNCTIONS:
+                if len(node.args) != 1 or set(node.kwargs) - {"inplace"}:
+                    return False
+            else:
+                return False
+        elif node.op == "call_method":
+            if node.target not in _ACT_METHODS or len(node.args) != 1 or node.kwargs:
+                return False
+        elif node.op != "output":
+            return False
+    return True
+
+
 def _activation_of(node, block: nn.Module) -> str | None:
-    """The fused-epilogue name of an activation call node on one tensor argument, else None."""
+    """The fused-epilogue name of a relu / relu6 call node on one tensor argument, else None."""
     if node is None or len(node.args) != 1:
         return None
+    name = None
     if node.op == "call_module":
         mod = block.get_submodule(node.target)
-        return None if node.kwargs or _hooked(mod) else activation_name(mod)
-    if node.op == "call_function" and node.target in _ACT_FUNCTIONS and set(node.kwargs) <= {"inplace"}:
-        return _ACT_FUNCTIONS[node.target]
-    if node.op == "call_method" and node.target in _ACT_METHODS and not node.kwargs:
-        return _ACT_METHODS[node.target]
-    return None
+        name = None if node.kwargs or _hooked(mod) else activation_name(mod)
+    elif node.op == "call_function" and node.target in _ACT_FUNCTIONS and set(node.kwargs) <= {"inplace"}:
+        name = _ACT_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _ACT_METHODS and not node.kwargs:
+        name = _ACT_METHODS[node.target]
+    return name if name in _FUSABLE_ACTS else None
 
 
 def _skip_identities(node, block: nn.Module):
@@ -309,85 +381,120 @@ def _skip_identities(node, block: nn.Module):
     return nxt
 
 
+def _in_place(node, block: nn.Module) -> bool:
+    """Whether a node may write a tensor in place (then nothing may be moved across it)."""
+    if node.op == "call_module":
+        return bool(getattr(block.get_submodule(node.target), "inplace", False))
+    if node.op == "call_function":
+        return node.target is operator.iadd or bool(node.kwargs.get("inplace"))
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return False
+
+
 def rewrite_residual_blocks(model: nn.Module, conv_type: type, only: set[str] | None = None) -> list[BlockRewrite]:
     """Fuses what a block's own forward does after its converted convs, where nn.Identity cannot be
-    put in place of a module: an activation module called several times (ResNet's one ReLU), a
-    functional activation, and the residual add of a ResNet or MobileNet block (conv -> add ->
-    activation becomes conv(x, residual=...) with the activation in its epilogue: one pass instead
-    of three). Each such block (a module with its own forward, not the model itself, no hooks on it)
-    is traced with torch.fx (its submodules stay calls), its graph edited, and replaced in its parent
-    by the fx GraphModule of the edited graph: the same submodules under the same names (state_dict
-    keys unchanged), its class name kept. A conv fuses only when it is `conv_type` (off the depthwise
-    path for the add), unhooked, registered under one name, called once in the block, and its output
-    reaches the add or the activation alone. Blocks fx cannot trace stay as they are. Returns what
-    was rewritten, innermost blocks first. only: the names of the blocks to consider (None: all).
-    The GraphModule keeps {conv's name in the block: the activation it took, or None} as
-    `_fastinfer_rewrite` (fastinfer.save records it; fastinfer.load rewrites the block again)."""
+    put in place of a module: a ReLU module the block calls several times (ResNet's one ReLU), a
+    functional relu, and the residual add of a ResNet or MobileNet block (conv -> add -> relu
+    becomes conv(x, residual=...) with relu in its epilogue: one pass instead of three). Each such
+    block is traced with torch.fx (its submodules stay calls), its graph edited, and replaced in its
+    parent by the fx GraphModule of the edited graph, whose class name is the block's: the same
+    submodules under the same names, state_dict keys unchanged.
 
+    Only what the rewrite keeps exactly: the whole model must trace (each fused conv called once in
+    it), the block must have no hooks of any kind (nor the containers traced through), nothing in
+    its forward a trace drops (a `with` statement, `+=` on a tensor it does not own), and a graph of
+    submodule calls, adds and relus only (no constants, defaults or other ops: nothing read at
+    trace time). A conv fuses when it is `conv_type` (off the
+    depthwise path for the add), unhooked, registered under one name, and its output reaches the add
+    or the relu alone; `out += r` fuses, `r += out` does not; nothing is moved across an in-place op.
+    Returns what was rewritten, innermost blocks first. only: the names of the blocks to consider
+    (None: all). The GraphModule keeps {conv's name in the block: the activation it took, or None}
+    as REWRITE_KEY (kept by deepcopy and pickling; fastinfer.save records it, load redoes it)."""
     names: dict[int, list[str]] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         names.setdefault(id(mod), []).append(name)
+    whole = fx_graph(model, leaves=tuple(m for m in model.modules() if type(m).__module__.startswith("fastinfer.nn.")))
+    if whole is None:
+        return []  # a conv could be called from anywhere fx does not see
     done: list[BlockRewrite] = []
     blocks = [(n, m) for n, m in model.named_modules() if n and type(m).forward is not nn.Sequential.forward
               and not isinstance(m, (conv_type, torch.fx.GraphModule)) and any(isinstance(c, conv_type) for c in m.modules())]  # fmt: skip
     for name, block in reversed(blocks):  # innermost first (named_modules is pre-order)
         if only is not None and name not in only:
             continue
-        if (_hooked(block) or block._backward_hooks or block._backward_pre_hooks or len(names[id(block)]) != 1
-                or type(block).__module__.startswith("fastinfer.nn.")):  # fmt: skip (our own layers)
+        if _any_hooks(block) or len(names[id(block)]) != 1 or type(block).__module__.startswith("fastinfer.nn."):
             continue
         try:
             graph = _leaf_tracer(block).trace(block)
         except Exception:  # noqa: BLE001 (data-dependent control flow and the like: left as it is)
             continue
-        fused = _edit_block_graph(graph, block, conv_type, names)
+        if not _plain_graph(graph, block) or _forward_hides_state(block):
+            continue
+        fused = _edit_block_graph(graph, block, conv_type, names, whole.calls)
         if not fused:
             continue
-        for node in graph.nodes:  # annotations (strings under `from __future__ import annotations`)
-            node.type = None  # would be globals of the generated code, which pickle cannot import
-        gm = torch.fx.GraphModule(block, graph, class_name=type(block).__name__)
-        for child_name, child in block.named_children():  # the block's own children, whole (fx copies only
-            gm._modules[child_name] = child  # what the graph calls, in fresh containers): nothing lost
-        for pname, p in block.named_parameters(recurse=False):
-            if not hasattr(gm, pname):
-                gm.register_parameter(pname, p)
-        for bname, b in block.named_buffers(recurse=False):
-            if not hasattr(gm, bname):
-                gm.register_buffer(bname, b, persistent=bname not in block._non_persistent_buffers_set)
-        if set(gm.state_dict()) != set(block.state_dict()):
-            continue  # a state the rewrite would lose or add: keep the block
+        gm = _graph_module(block, graph)
+        if gm is None:
+            continue
         for target, (act, _) in fused.items():  # committed: the convs apply what the graph no longer does
             if act is not None:
                 block.get_submodule(target).activation = act
-        gm.train(block.training)
-        gm._fastinfer_rewrite = {target: act for target, (act, _) in fused.items()}
+        record = {target: act for target, (act, _) in fused.items()}
+        setattr(gm, REWRITE_KEY, record)
+        gm.meta.setdefault("_user_preserved_attributes", {})[REWRITE_KEY] = record  # survives deepcopy
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, gm)
         done.append(BlockRewrite(name, {f"{name}.{c}": how for c, (_, how) in fused.items()}))
     return done
 
 
-def _edit_block_graph(graph, block: nn.Module, conv_type: type,
-                      names: dict[int, list[str]]) -> dict[str, tuple[str | None, str]]:  # fmt: skip
+def _graph_module(block: nn.Module, graph):
+    """The GraphModule of the edited graph with every module of the block: a get_attr node keeps
+    each one the graph no longer calls (a folded BatchNorm's Fused, a ReLU whose calls all moved),
+    so a deepcopy or an unpickling, which rebuild from the graph, keep them too. None when the
+    state_dict keys would change."""
+    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        for mname, mod in block.named_modules():
+            if mname and not any(True for _ in mod.children()) and mname not in used:
+                graph.get_attr(mname)
+    for node in graph.nodes:  # annotations (strings under `from __future__ import annotations`)
+        node.type = None  # would be globals of the generated code, which pickle cannot import
+    graph.lint()
+    gm = torch.fx.GraphModule(block, graph, class_name=type(block).__name__)
+    for pname, p in block.named_parameters(recurse=False):
+        gm.register_parameter(pname, p)
+    for bname, b in block.named_buffers(recurse=False):
+        gm.register_buffer(bname, b, persistent=bname not in block._non_persistent_buffers_set)
+    gm.train(block.training)
+    return gm if set(gm.state_dict()) == set(block.state_dict()) else None
+
+
+def _edit_block_graph(graph, block: nn.Module, conv_type: type, names: dict[int, list[str]],
+                      calls: dict[int, int]) -> dict[str, tuple[str | None, str]]:  # fmt: skip
     """Edits the traced graph in place; returns {conv's name in the block: (the activation it is to
-    fuse or None, what it now fuses in words)}. The convs themselves are not changed here."""
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    fuse or None, what it now fuses in words)}. calls: id(module) -> its calls in the whole model's
+    trace. The convs themselves are not changed here."""
     fused: dict[str, tuple[str | None, str]] = {}
     for node in list(graph.nodes):
-        if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         conv = block.get_submodule(node.target)
-        if not isinstance(conv, conv_type) or _hooked(conv) or len(names[id(conv)]) != 1 or conv.activation is not None:
+        if (not isinstance(conv, conv_type) or _hooked(conv) or len(names[id(conv)]) != 1 or calls.get(id(conv)) != 1
+                or conv.activation is not None):  # fmt: skip
             continue
         nxt = _skip_identities(node, block)
-        residual = None
-        if (nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and len(nxt.args) == 2
-                and not nxt.kwargs and conv._adds_residual):  # fmt: skip
+        residual = add = None
+        if nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and conv._adds_residual:
             a, b = nxt.args
-            other = b if _reaches(a, node, block) else a if _reaches(b, node, block) else None
+            if _reaches(a, node, block):
+                other = b
+            elif _reaches(b, node, block) and nxt.target is not operator.iadd:  # `r += out` writes r
+                other = a
+            else:
+                other = None
             if isinstance(other, torch.fx.Node) and not _depends_on(other, node):
                 residual, add = other, nxt
                 nxt = FxGraph.only_user(add)
@@ -395,10 +502,15 @@ def _edit_block_graph(graph, block: nn.Module, conv_type: type,
         if residual is None and act is None:
             continue
         last = nxt if act is not None else add
+        chain = _chain(node, last)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        between = [n for n in graph.nodes if order[node] < order[n] < order[last] and n not in chain]
+        if any(_in_place(n, block) for n in between):
+            continue  # the conv would read, or the add see, a tensor written in between
         with graph.inserting_after(last):
             new = graph.call_module(node.target, (node.args[0],), {"residual": residual} if residual is not None else {})
         last.replace_all_uses_with(new)
-        for dead in _chain(node, last):  # last, then back to the conv call
+        for dead in chain:  # last, then back to the conv call
             graph.erase_node(dead)
         what = (["residual add"] if residual is not None else []) + ([act] if act else [])
         fused[node.target] = (act, " + ".join(what) + " fused")

@@ -137,11 +137,13 @@ class _ConvLayer(_FusedActivation, nn.Module):
         as the unfused conv -> add -> activation). fastinfer.quantize() passes it where it rewrote a
         residual block (conv -> add -> relu, fastinfer.convert.fuse.rewrite_residual_blocks)."""
         x = self._check_input(x)
+        if residual is not None and not (isinstance(residual, torch.Tensor) and residual.dim() == x.dim()):
+            # a number, or a tensor broadcast to another rank: torch's add after the conv decides
+            return _TORCH_ACT[self._act_code()](self.forward_unfused(x) + residual)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
-            if isinstance(residual, torch.Tensor) and residual.dim() == 3:
-                residual = residual.unsqueeze(0)
+            residual = None if residual is None else residual.unsqueeze(0)
         weight, act = self._kernel_weight(), self._act_code()
         out_dtype = _conv._out_dtype(x, self._output_dtype)
         grad = x.requires_grad and torch.is_grad_enabled()
@@ -166,8 +168,6 @@ class _ConvLayer(_FusedActivation, nn.Module):
         return y.squeeze(0) if unbatched else y
 
     def _residual_forward(self, x, weight, act: int, out_dtype: torch.dtype, residual, grad: bool) -> torch.Tensor:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: residual must be a tensor, got {type(residual).__name__}")
         in_kernel = (self._adds_residual and residual.dtype == out_dtype and residual.device.type == "cpu"
                      and tuple(residual.shape) == self._output_shape(x)
                      and not (out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad))  # fmt: skip
@@ -177,8 +177,7 @@ class _ConvLayer(_FusedActivation, nn.Module):
             return self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype,
                             residual)  # fmt: skip
         # what the unfused block computes: the conv's output in its dtype, torch's add, the activation
-        y = self.forward_unfused(x, weight, out_dtype, grad)
-        return _TORCH_ACT[act](y + residual)
+        return _TORCH_ACT[act](self._conv_only(x, weight, out_dtype, grad) + residual)
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         oh, ow = _conv.conv2d_output_size(x.shape[2], x.shape[3], _conv._pair("kernel_size", self.kernel_size, 1),
@@ -186,7 +185,19 @@ class _ConvLayer(_FusedActivation, nn.Module):
                                           _conv._pair("dilation", self.dilation, 1))  # fmt: skip
         return (x.shape[0], self.out_channels, oh, ow)
 
-    def forward_unfused(self, x, weight, out_dtype: torch.dtype, grad: bool) -> torch.Tensor:
+    def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's conv without its activation (what an unfused block's add receives)."""
+        x = self._check_input(x)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        out_dtype = _conv._out_dtype(x, self._output_dtype)
+        if out_dtype == torch.uint8:
+            out_dtype = torch.bfloat16  # values, not the relu6 handoff's bytes
+        y = self._conv_only(x, self._kernel_weight(), out_dtype, x.requires_grad and torch.is_grad_enabled())
+        return y.squeeze(0) if unbatched else y
+
+    def _conv_only(self, x, weight, out_dtype: torch.dtype, grad: bool) -> torch.Tensor:
         """The conv without its activation, in out_dtype (the residual fallback's first step)."""
         if eager_fast_path(x):
             return self._eager(x, weight, 0, out_dtype)
