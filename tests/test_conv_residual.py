@@ -192,6 +192,7 @@ def test_rewritten_models_equal_the_unfused_ones_in_float32(build):
         assert isinstance(q.layer1[0], torch.fx.GraphModule)
     else:
         assert len(rewritten) == 10 and all("residual add fused" in rows[n] for n in rewritten)
+        assert type(q.features[3].conv) is nn.Sequential and q.features[3].conv[2] is not None, "containers kept"
         assert "35 activations fused, 10 residual adds fused" in report.summary()
     with torch.inference_mode():
         ref = q(x)
@@ -424,6 +425,7 @@ def test_deepcopy_prune_save_load_keep_the_rewrite(tmp_path):
     q = fastinfer.quantize(model)
     for label, m in (("deepcopy", copy.deepcopy(q)), ("prune", fastinfer.prune(q, sparsity=0.5))):
         assert set(m.state_dict()) == set(q.state_dict()) and type(m.layer1[0].bn1) is fastinfer.nn.Fused, label
+        assert type(m.layer2[0].downsample) is nn.Sequential and m.layer2[0].downsample[0] is not None, label
         fastinfer.save(m, tmp_path / f"{label}.safetensors")
         back = fastinfer.load(tmp_path / f"{label}.safetensors", cnn.resnet18(num_classes=10).eval())
         with torch.inference_mode():

@@ -450,16 +450,15 @@ def rewrite_residual_blocks(model: nn.Module, conv_type: type, only: set[str] | 
 
 
 def _graph_module(block: nn.Module, graph):
-    """The GraphModule of the edited graph with every module of the block: a get_attr node keeps
-    each one the graph no longer calls (a folded BatchNorm's Fused, a ReLU whose calls all moved),
-    so a deepcopy or an unpickling, which rebuild from the graph, keep them too. None when the
-    state_dict keys would change."""
-    used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    """The GraphModule of the edited graph holding the block's own children, whole: a get_attr node
+    per child makes GraphModule install that very module (an nn.Sequential stays one, with the
+    modules the graph no longer calls: a folded BatchNorm's Fused, a ReLU whose calls all moved),
+    also when a deepcopy or an unpickling rebuilds it from the graph. None when the state_dict
+    keys would change."""
     out = next(n for n in graph.nodes if n.op == "output")
     with graph.inserting_before(out):
-        for mname, mod in block.named_modules():
-            if mname and not any(True for _ in mod.children()) and mname not in used:
-                graph.get_attr(mname)
+        for child_name, _ in block.named_children():
+            graph.get_attr(child_name)
     for node in graph.nodes:  # annotations (strings under `from __future__ import annotations`)
         node.type = None  # would be globals of the generated code, which pickle cannot import
     graph.lint()
