@@ -32,7 +32,7 @@ from torch import nn
 from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
 from fastinfer.convert.attention import HF_NAME, HF_NAME_BF16, enable_fast_attention, is_hf_model
-from fastinfer.convert.fuse import REWRITE_KEY, rewrite_residual_blocks
+from fastinfer.convert.fuse import REWRITE_KEY, any_hooks, rewrite_residual_blocks
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.quantize import fast_layernorms
 from fastinfer.convert.report import ConversionReport, LayerConversion
@@ -507,9 +507,9 @@ def _rewrite_blocks(f: _File, model: nn.Module, rewritten: object) -> None:
             raise f.error(f"rewritten block {name!r} has no module at that name in the given model") from None
         if isinstance(block, torch.fx.GraphModule):
             continue
-        if any(getattr(m, h, None) for m in (block, *block.modules()) for h in ("_forward_hooks", "_forward_pre_hooks")):
-            raise f.error(f"block {name!r} of the given model has forward hooks: its rewrite (residual add and relu "
-                          "moved into its convs) cannot be redone on it; register them after loading")  # fmt: skip
+        if any(any_hooks(m) for m in block.modules()):
+            raise f.error(f"block {name!r} of the given model has hooks: its rewrite (residual add and relu moved "
+                          "into its convs) cannot be redone on it; register them after loading")  # fmt: skip
         for target, act in convs.items():
             conv = block.get_submodule(target) if isinstance(target, str) else None
             if not isinstance(conv, Int8Conv2d) or (act is not None and conv.activation != act):

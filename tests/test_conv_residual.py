@@ -432,7 +432,7 @@ def test_deepcopy_prune_save_load_keep_the_rewrite(tmp_path):
             assert_same(back(x), m(x), label)
     hooked = cnn.resnet18(num_classes=10).eval()
     hooked.layer1[1].relu.register_forward_hook(lambda *a: None)
-    with pytest.raises(fastinfer.io.FileFormatError, match="has forward hooks"):
+    with pytest.raises(fastinfer.io.FileFormatError, match="has hooks"):
         fastinfer.load(tmp_path / "deepcopy.safetensors", hooked)
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["BlockRewrite", "ConvFusion", "FxGraph", "activation_name", "conv_fusions", "fx_graph", "handoff_chains",
-           "rewrite_residual_blocks"]
+__all__ = ["REWRITE_KEY", "BlockRewrite", "ConvFusion", "FxGraph", "activation_name", "any_hooks", "conv_fusions",
+           "fx_graph", "handoff_chains", "rewrite_residual_blocks"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 
@@ -288,7 +288,7 @@ def _leaf_tracer(root: nn.Module):
     return Tracer()
 
 
-def _any_hooks(mod: nn.Module) -> bool:
+def any_hooks(mod: nn.Module) -> bool:
     """Forward, backward or state_dict hooks of any kind on the module itself."""
     return any(getattr(mod, h, None) for h in (
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
@@ -337,7 +337,7 @@ def _plain_graph(graph, block: nn.Module) -> bool:
                 return False
             parts = node.target.split(".")
             for i in range(1, len(parts)):  # the containers traced through
-                if _any_hooks(block.get_submodule(".".join(parts[:i]))):
+                if any_hooks(block.get_submodule(".".join(parts[:i]))):
                     return False
         elif node.op == "call_function":
             if node.target in _ADDS:
@@ -423,7 +423,7 @@ def rewrite_residual_blocks(model: nn.Module, conv_type: type, only: set[str] | 
     for name, block in reversed(blocks):  # innermost first (named_modules is pre-order)
         if only is not None and name not in only:
             continue
-        if _any_hooks(block) or len(names[id(block)]) != 1 or type(block).__module__.startswith("fastinfer.nn."):
+        if any_hooks(block) or len(names[id(block)]) != 1 or type(block).__module__.startswith("fastinfer.nn."):
             continue
         try:
             graph = _leaf_tracer(block).trace(block)
