@@ -21,6 +21,13 @@ from fastinfer.ops._common import aligned_empty
 from fastinfer.ops.sparse import formats_for, prepare_sparse_int8_linear, prepare_sparse_linear
 
 
+def _repacked_24(packed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 2:4 weight packed for `device`'s kernel (CPU and CUDA layouts differ), from either layout."""
+    w = ops.unpack_sparse(packed, bounded=False).cpu()
+    with torch.inference_mode(False):  # a version-tracked buffer
+        return ops.pack_sparse(w.to(device), "2:4")
+
+
 class _SparseBase(_FastForward, nn.Module):
     """Shared by the sparse layers: the packed buffer's size depends on the weights (nonzeros), so
     load_state_dict replaces it instead of copying into it; fp32 scales/bias survive dtype casts."""
@@ -58,13 +65,11 @@ class _SparseBase(_FastForward, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)  # fmt: skip
         if key in state_dict and device.type == "cuda" and len(error_msgs) == errors_before:
-            w = ops.unpack_sparse(self.sparse_weight, bounded=False)
-            with torch.inference_mode(False):
-                self._buffers["sparse_weight"] = ops.pack_sparse(w.to(device), "2:4")
+            self._buffers["sparse_weight"] = _repacked_24(self.sparse_weight, device)
 
     def _cuda_refusal(self) -> str | None:
         """Why this layer cannot run on CUDA, or None (only int8 '2:4' weights have a CUDA kernel)."""
-        fmt = ops.sparse_info(self.sparse_weight)["format"]
+        fmt = self.format
         if self._weight_dtype == torch.int8 and fmt == "2:4":
             return None
         if self._weight_dtype != torch.int8:
@@ -84,10 +89,7 @@ class _SparseBase(_FastForward, nn.Module):
         old, new = before["sparse_weight"], self._buffers["sparse_weight"]
         kinds = {old.device.type, new.device.type}
         if len(kinds) == 2 and "meta" not in kinds:
-            w = ops.unpack_sparse(old, bounded=False).cpu()
-            with torch.inference_mode(False):
-                packed = ops.pack_sparse(w.to(new.device), "2:4")
-            self._buffers["sparse_weight"] = packed
+            self._buffers["sparse_weight"] = _repacked_24(old, new.device)
         return self
 
     # Files hold the CPU layout (portable: any machine loads them); a layer on CUDA writes its weight
