@@ -448,3 +448,20 @@ def test_residual_of_another_rank_or_a_number_follows_torch():
     assert out.shape == (1, 16, 6, 6)
     assert_same(out, torch.relu(plain(x) + r))
     assert_same(conv(x, 2), torch.relu(plain(x) + 2))
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_backward_through_in_place_relus_after_convs(rewrite):
+    """A conv's output is never a view (channels_last NHWC storage, large outputs in a LargeBuffer),
+    so a block's in-place ReLU after it works under autograd: the input's gradient arrives."""
+    from fastinfer.ops._common import LARGE_OUTPUT_BYTES, new_output
+
+    torch.manual_seed(9)
+    q = fastinfer.quantize(cnn.resnet18(num_classes=10).eval(), fastinfer.QuantConfig(rewrite_blocks=rewrite))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=CL).requires_grad_()
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for shape, cl in (((4, 64, 128, 128), True), ((2048, 4096), False)):
+        out = new_output(shape, FP32, channels_last=cl)
+        assert out.numel() * 4 >= LARGE_OUTPUT_BYTES and out._base is None and out.data_ptr() % 64 == 0
+        assert out.is_contiguous(memory_format=CL if cl else torch.contiguous_format)

@@ -215,13 +215,22 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
     return out
 
 
-def new_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool = False) -> torch.Tensor:
+    """An uninitialized output of `shape`: contiguous, or with channels_last strides (a 4-D shape
+    over NHWC storage). Never a view, so the caller may modify it in place under autograd (an
+    in-place ReLU after a conv); outputs of LARGE_OUTPUT_BYTES or more live in a LargeBuffer."""
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
     if nbytes < LARGE_OUTPUT_BYTES:
-        return torch.empty(shape, dtype=dtype)
-    # frombuffer keeps a reference to the LargeBuffer for the tensor's lifetime (unmapped after)
-    return torch.frombuffer(_C.LargeBuffer(nbytes), dtype=dtype, count=numel).view(shape)
+        return torch.empty(shape, dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if channels_last:
+        n, c, h, w = shape
+        strides = (h * w * c, 1, w * c, c)
+    else:
+        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    # the storage keeps a reference to the LargeBuffer for the tensor's lifetime (unmapped after)
+    flat = torch.frombuffer(_C.LargeBuffer(nbytes), dtype=dtype, count=numel)
+    return torch.empty(0, dtype=dtype).set_(flat.untyped_storage(), 0, shape, strides)
 
 
 def packed_nbytes(n, k):

@@ -243,7 +243,7 @@ def run_conv2d(x, weight, w_scale, bias, k, s, p, d, groups, act, shape, out_dty
     n, cout, oh, ow = shape
     fmt = _memory_format(x)
     out_dtype = _out_dtype(x, out_dtype)
-    out = new_output((n, oh, ow, cout), out_dtype).permute(0, 3, 1, 2)  # NHWC storage, NCHW sizes
+    out = new_output((n, cout, oh, ow), out_dtype, channels_last=True)  # NHWC storage, NCHW sizes
     if out.numel() == 0:
         return out.contiguous(memory_format=fmt)
     xn = x.contiguous(memory_format=torch.channels_last)
@@ -394,7 +394,7 @@ def run_depthwise(x, weight, bias, k, s, p, d, act, shape, out_dtype=None) -> to
     n, c, oh, ow = shape
     fmt = _memory_format(x)
     out_dtype = _out_dtype(x, out_dtype)
-    out = new_output((n, oh, ow, c), out_dtype).permute(0, 3, 1, 2)
+    out = new_output((n, c, oh, ow), out_dtype, channels_last=True)
     if out.numel() == 0:
         return out.contiguous(memory_format=fmt)
     xn = x.contiguous(memory_format=torch.channels_last)
