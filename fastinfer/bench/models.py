@@ -37,6 +37,9 @@ the same images:
                        ReLU/ReLU6 fused, fp32 channels_last input
   fastinfer u8 handoff the same with QuantConfig(conv_handoff="u8"): relu6 outputs handed from
                        conv to conv as uint8 (MobileNetV2 and EfficientNet only)
+  fastinfer no block rewrite  the same with QuantConfig(rewrite_blocks=False): blocks keep their
+                       forward (residual add and shared ReLU run by torch); its "vs fastinfer" is
+                       the rewrite's paired ratio
   fastinfer bf16       fastinfer.quantize(channels_last model.bfloat16()), bf16 input
   fastinfer bf16 u8 handoff  the same with QuantConfig(conv_handoff="u8")
   fastinfer optimize   fastinfer.optimize(channels_last model, the images): per conv the fastest of
@@ -458,13 +461,21 @@ def _image_peers(case: Case, threads: int, onnx: bool) -> tuple[list[Peer], dict
     for name, model, inp, handoff, what in (
             ("fastinfer", m_cl, x, True, "fp32 channels_last input"),
             ("fastinfer u8 handoff", m_cl, x, "u8", "QuantConfig(conv_handoff='u8'), fp32 channels_last input"),
+            ("fastinfer no block rewrite", m_cl, x, "no rewrite", "QuantConfig(rewrite_blocks=False), fp32 channels_last input"),
             ("fastinfer bf16", m_bf, x_bf, True, "quantize(model.bfloat16()), bf16 input"),
             ("fastinfer bf16 u8 handoff", m_bf, x_bf, "u8", "the same with QuantConfig(conv_handoff='u8')")):  # fmt: skip
         try:
             with _quiet():
-                q = fastinfer.quantize(model, fastinfer.QuantConfig(progress=False, conv_handoff=handoff))
+                cfg = (fastinfer.QuantConfig(progress=False, rewrite_blocks=False) if handoff == "no rewrite"
+                       else fastinfer.QuantConfig(progress=False, conv_handoff=handoff))  # fmt: skip
+                q = fastinfer.quantize(model, cfg)
             if handoff == "u8" and not hands_uint8(q):
                 errors[name] = "not measured: no conv fusing relu6 hands over to another (the same model as fastinfer's)"
+                continue
+            if name == "fastinfer":
+                rewritten = any(isinstance(m, torch.fx.GraphModule) for m in q.modules())
+            if handoff == "no rewrite" and not rewritten:
+                errors[name] = "not measured: quantize() rewrote no block (the same model as fastinfer's)"
                 continue
             peers.append(Peer(name, lambda q=q, inp=inp: q(inp), _logits, ours=q, note=f"{what}; {_report_note(q)}"))
         except Exception as e:
