@@ -169,7 +169,7 @@ class _ConvLayer(_FusedActivation, nn.Module):
 
     def _residual_forward(self, x, weight, act: int, out_dtype: torch.dtype, residual, grad: bool) -> torch.Tensor:
         in_kernel = (self._adds_residual and residual.dtype == out_dtype and residual.device.type == "cpu"
-                     and tuple(residual.shape) == self._output_shape(x)
+                     and tuple(residual.shape) == _fast_shape(self, x, (self.weight_scale, self.bias))
                      and not (out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad))  # fmt: skip
         if in_kernel:
             if eager_fast_path(x) and eager_fast_path(residual):
@@ -178,12 +178,6 @@ class _ConvLayer(_FusedActivation, nn.Module):
                             residual)  # fmt: skip
         # what the unfused block computes: the conv's output in its dtype, torch's add, the activation
         return _TORCH_ACT[act](self._conv_only(x, weight, out_dtype, grad) + residual)
-
-    def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        oh, ow = _conv.conv2d_output_size(x.shape[2], x.shape[3], _conv._pair("kernel_size", self.kernel_size, 1),
-                                          _conv._pair("stride", self.stride, 1), _conv._padding4(self.padding),
-                                          _conv._pair("dilation", self.dilation, 1))  # fmt: skip
-        return (x.shape[0], self.out_channels, oh, ow)
 
     def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's conv without its activation (what an unfused block's add receives)."""
