@@ -53,7 +53,11 @@ from fastinfer.nn import LayerNorm as FastLayerNorm
 
 __all__ = ["FORMAT_VERSION", "FileFormatError", "load", "read_metadata", "save"]
 
-FORMAT_VERSION = 1  # of the file's layout and metadata; load reads this version and older
+# Of the file's layout and metadata; load reads this version and older. 2: blocks rewritten by
+# quantize() ("rewritten": their convs fuse the residual add and relu that the block's forward,
+# rebuilt by a reader of format 1, would apply again), so only files holding such a block say 2
+# and a reader of format 1 refuses them rather than build the wrong model.
+FORMAT_VERSION = 2
 STATE_VERSION = 2  # of the layers' state_dicts (1: Int8Linear held its packed layout)
 _KEY = "fastinfer"  # the safetensors metadata entry holding our JSON
 
@@ -309,8 +313,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         tensors[key] = t
     versions = {k: v["version"] for k, v in getattr(state, "_metadata", {}).items() if isinstance(v, dict) and "version" in v}
     report = model.__dict__.get("_fastinfer_report")
+    rewritten = _rewrite_records(model)
     info = {
-        "format": "fastinfer", "format_version": FORMAT_VERSION, "state_version": STATE_VERSION,
+        "format": "fastinfer", "format_version": 2 if rewritten else 1, "state_version": STATE_VERSION,
         "fastinfer_version": _runtime.__version__, "torch_version": torch.__version__,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "training": model.training,
         "layers": layers, "aliases": aliases, "versions": versions,
@@ -323,7 +328,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         "layernorm": [n for n, m in model.named_modules(remove_duplicate=False) if type(m) is FastLayerNorm],
         # blocks whose forward quantize() rewrote (fastinfer.convert.fuse.rewrite_residual_blocks):
         # {block: {conv in it: the activation it took, or None}}, rewritten again on load
-        "rewritten": _rewrite_records(model),
+        "rewritten": rewritten,
     }  # fmt: skip
     meta = dict(metadata or {})
     meta[_KEY] = json.dumps(info, separators=(",", ":"))

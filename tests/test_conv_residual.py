@@ -271,6 +271,10 @@ def test_rewritten_models_save_load_pickle_and_compile(tmp_path):
     with torch.inference_mode():
         ref = q(x)
     fastinfer.save(q, tmp_path / "r18.safetensors")
+    # format 2 only where a block was rewritten: a reader of format 1 would rebuild its forward
+    assert fastinfer.io.read_metadata(tmp_path / "r18.safetensors")["format_version"] == 2
+    fastinfer.save(fastinfer.quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())), tmp_path / "plain.safetensors")
+    assert fastinfer.io.read_metadata(tmp_path / "plain.safetensors")["format_version"] == 1
     back = fastinfer.load(tmp_path / "r18.safetensors", cnn.resnet18(num_classes=10).eval())
     buf = io.BytesIO()
     torch.save(q, buf)
