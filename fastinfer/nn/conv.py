@@ -157,14 +157,8 @@ class _ConvLayer(_FusedActivation, nn.Module):
             out_dtype = torch.bfloat16
         if residual is not None:
             y = self._residual_forward(x, weight, act, out_dtype, residual, grad)
-        elif eager_fast_path(x):
-            y = self._eager(x, weight, act, out_dtype)
-        elif out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad:
-            # autograd saves the op's output for relu / relu6's gradient mask: kept fp32 (a value
-            # just below 6 rounds to 6.0 in bf16), the cast after it rounds as the kernel's store
-            y = self._op(x, weight, act).to(out_dtype)
         else:
-            y = self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype)
+            y = self._run(x, weight, act, out_dtype, grad)
         return y.squeeze(0) if unbatched else y
 
     def _residual_forward(self, x, weight, act: int, out_dtype: torch.dtype, residual, grad: bool) -> torch.Tensor:
@@ -177,7 +171,7 @@ class _ConvLayer(_FusedActivation, nn.Module):
             return self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype,
                             residual)  # fmt: skip
         # what the unfused block computes: the conv's output in its dtype, torch's add, the activation
-        return _TORCH_ACT[act](self._conv_only(x, weight, out_dtype, grad) + residual)
+        return _TORCH_ACT[act](self._run(x, weight, 0, out_dtype, grad) + residual)
 
     def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's conv without its activation (what an unfused block's add receives)."""
@@ -188,16 +182,18 @@ class _ConvLayer(_FusedActivation, nn.Module):
         out_dtype = _conv._out_dtype(x, self._output_dtype)
         if out_dtype == torch.uint8:
             out_dtype = torch.bfloat16  # values, not the relu6 handoff's bytes
-        y = self._conv_only(x, self._kernel_weight(), out_dtype, x.requires_grad and torch.is_grad_enabled())
+        y = self._run(x, self._kernel_weight(), 0, out_dtype, x.requires_grad and torch.is_grad_enabled())
         return y.squeeze(0) if unbatched else y
 
-    def _conv_only(self, x, weight, out_dtype: torch.dtype, grad: bool) -> torch.Tensor:
-        """The conv without its activation, in out_dtype (the residual fallback's first step)."""
+    def _run(self, x, weight, act: int, out_dtype: torch.dtype, grad: bool) -> torch.Tensor:
+        """act(conv(x)) in out_dtype: the eager call without the dispatcher, or the op."""
         if eager_fast_path(x):
-            return self._eager(x, weight, 0, out_dtype)
+            return self._eager(x, weight, act, out_dtype)
         if out_dtype == torch.bfloat16 and x.dtype == torch.float32 and grad:
-            return self._op(x, weight, 0).to(out_dtype)
-        return self._op(x, weight, 0, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype)
+            # autograd saves the op's output for relu / relu6's gradient mask: kept fp32 (a value
+            # just below 6 rounds to 6.0 in bf16), the cast after it rounds as the kernel's store
+            return self._op(x, weight, act).to(out_dtype)
+        return self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype)
 
 
 # The fused activations in torch, by engine code (the residual fallback applies them after the add).

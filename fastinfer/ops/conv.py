@@ -325,11 +325,10 @@ def _backward(ctx, grad):
     weight, w_scale, out = ctx.saved_tensors
     shape, dtype, k, s, p, d, groups, act = ctx.meta
     wf = unpack_conv_weight(weight, w_scale.shape[0], shape[1] // groups, k, groups).float() * w_scale[:, None, None, None]
-    gx = _input_gradient("int8_conv2d", grad, out, act, wf, shape, dtype, s, p, d, groups)
+    g = activation_grad("int8_conv2d", grad, act, out)  # through act', once for x and the residual
+    gx = _input_gradient("int8_conv2d", g, None, 0, wf, shape, dtype, s, p, d, groups)
     # the residual is added before the activation: its gradient is the output's, through act'
-    gr = None
-    if ctx.residual_dtype is not None and ctx.needs_input_grad[11]:
-        gr = activation_grad("int8_conv2d", grad, act, out).to(ctx.residual_dtype)
+    gr = g.to(ctx.residual_dtype) if ctx.residual_dtype is not None and ctx.needs_input_grad[11] else None
     return gx, None, None, None, None, None, None, None, None, None, None, gr
 
 

@@ -84,6 +84,15 @@ class _Layer:
     noise: dict[str, float] | None = None  # candidate -> sum of squared errors against float
 
 
+def _add_words(root: nn.Module, rows, words: dict[str, str]) -> None:
+    """Appends words[name] to the conversion report's row and the plan's row of each layer name."""
+    if "_fastinfer_report" in root.__dict__:
+        root.__dict__["_fastinfer_report"].add_details(words)
+    for r in rows:
+        if r.name in words:
+            r.note = "; ".join(filter(None, (r.note, words[r.name])))
+
+
 def optimize(
     model: nn.Module,
     example_inputs,
@@ -277,12 +286,7 @@ def optimize(
         n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
     rows = _rows(root, layers, used)
     if quantize and config.fuse_activations and config.rewrite_blocks:
-        words = rewrite_blocks(root)
-        if "_fastinfer_report" in root.__dict__:
-            root.__dict__["_fastinfer_report"].add_details(words)
-        for r in rows:
-            if r.name in words:
-                r.note = "; ".join(filter(None, (r.note, words[r.name])))
+        _add_words(root, rows, rewrite_blocks(root))
     # bf16 between chained convs, once the layers are chosen: with quantize=False the model keeps
     # float arithmetic, which the handoff's rounding (never measured here) would not
     handoff = None
@@ -298,11 +302,7 @@ def optimize(
             words = handoff.words if handoff is not None else {}
         else:
             words = mark_conv_handoff(root, u8=config.conv_handoff == "u8", end=end)
-        if "_fastinfer_report" in root.__dict__:
-            root.__dict__["_fastinfer_report"].add_details(words)
-        for r in rows:
-            if r.name in words:
-                r.note = "; ".join(filter(None, (r.note, words[r.name])))
+        _add_words(root, rows, words)
     attention = None
     if config.attention is True and (time_budget_s is None or time.monotonic() - start <= time_budget_s):
         bf16_ok = quantize and max_model_sqnr_drop_db is not None
