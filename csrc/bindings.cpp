@@ -184,18 +184,30 @@ PYBIND11_MODULE(_C, m) {
         raise_if_error(st);
         return bytes;
     });
-    m.def("int8_linear", int8_linear_binding(&fc::int8_linear));
+    // the dense int8 linears take a residual (0: none) after int8_linear_binding's arguments
+    m.def("int8_linear", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t w, int64_t nbytes,
+                            uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dt, int64_t ldo, int act,
+                            uintptr_t residual) {
+        const fc::DType d = dtype(dt), od = dtype(out_dt);
+        Status st;
+        {
+            py::gil_scoped_release nogil;
+            st = fc::int8_linear(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(w), nbytes, ptr<const float>(sw),
+                                 ptr<const float>(bias), ptr<void>(out), od, ldo, act, ptr<const void>(residual));
+        }
+        raise_if_error(st);
+    });
     m.def("weight_only_linear", int8_linear_binding(&fc::weight_only_linear));
     m.def("static_int8_linear", [](uintptr_t x, int dt, int64_t m, int64_t k, int64_t ldx, uintptr_t w, int64_t nbytes,
                                    uintptr_t sw, uintptr_t bias, uintptr_t out, int out_dt, int64_t ldo, int act,
-                                   uintptr_t x_scale) {
+                                   uintptr_t x_scale, uintptr_t residual) {
         const fc::DType d = dtype(dt), od = dtype(out_dt);
         Status st;
         {
             py::gil_scoped_release nogil;
             st = fc::static_int8_linear(ptr<const void>(x), d, m, k, ldx, ptr<const uint8_t>(w), nbytes,
                                         ptr<const float>(sw), ptr<const float>(bias), ptr<void>(out), od, ldo, act,
-                                        ptr<const float>(x_scale));
+                                        ptr<const float>(x_scale), ptr<const void>(residual));
         }
         raise_if_error(st);
     });

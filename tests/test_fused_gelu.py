@@ -145,7 +145,7 @@ def test_bad_activation_raises():
         torch.ops.fastinfer.int8_linear(x, packed, scale, b, 7)
     with pytest.raises(ValueError, match="activation"):
         _C.int8_linear(x.data_ptr(), 0, 2, 16, 16, packed.data_ptr(), packed.numel(), scale.data_ptr(), 0,
-                       torch.empty(2, 8).data_ptr(), 0, 8, 7)  # fmt: skip  (6 gelu_tanh is the last code)
+                       torch.empty(2, 8).data_ptr(), 0, 8, 7, 0)  # fmt: skip  (6 gelu_tanh is the last code; no residual)
     layer = Int8Linear(16, 8)
     with pytest.raises(ValueError, match="activation"):
         layer.activation = "swish"

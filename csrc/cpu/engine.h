@@ -26,18 +26,22 @@ Status int8_matmul(const int8_t* a, int64_t m, int64_t k, int64_t lda, const uin
 
 // out [m, n] (dtype out_dt, row stride ldo) = act(dequant(quant(x) @ W^T) * sw + bias), activation
 // quantization included (quantize_per_token), fp32 epilogue. bias may be null. act: a valid_act
-// code (common.h), applied in fp32 before the cast.
+// code (common.h), applied in fp32 before the cast. residual: null, or [m, n] of out_dt with row
+// stride ldo, added in fp32 after the bias and before the activation:
+// out = act(fma(acc, sa * sw, bias) + residual), rounded to out_dt once (a transformer block's
+// dense -> add of its input in one pass).
 Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes, const float* sw,
-                   const float* bias, void* out, DType out_dt, int64_t ldo, int act);
+                   const float* bias, void* out, DType out_dt, int64_t ldo, int act,
+                   const void* residual = nullptr);
 
 // Static int8 linear: as int8_linear, but every row quantized with the one calibrated scale
 // s = *x_scale (q = clamp(round(x / s), -127, 127): one pass over x, values past the calibrated
 // range saturate); a row holding NaN or Inf gives a NaN output row. s must be finite, > 0 and
-// 1 / s finite (else an error).
+// 1 / s finite (else an error). residual as int8_linear's.
 Status static_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
                           int64_t packed_nbytes, const float* sw, const float* bias, void* out, DType out_dt,
-                          int64_t ldo, int act, const float* x_scale);
+                          int64_t ldo, int act, const float* x_scale, const void* residual = nullptr);
 
 // Weight-only int8 (W8A32): out [m, n] = act(fma(x @ float(W)^T, sw, bias)) in fp32, x (fp32, or bf16
 // widened exactly) never quantized; the sums run over k in order, one fma chain per output, so every

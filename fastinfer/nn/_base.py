@@ -108,7 +108,9 @@ class _FastCall:
                 return False
         return True
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The layer's output, or None where the call must take the checked op (a residual here has
+        passed _residual_in_kernel)."""
         if (
             type(x) is not torch.Tensor
             or not x.is_cpu
@@ -118,7 +120,11 @@ class _FastCall:
             or (x.requires_grad and torch.is_grad_enabled())
         ):
             return None
-        return self.run(x)
+        if residual is None:
+            return self.run(x)
+        if type(residual) is not torch.Tensor or (residual.requires_grad and torch.is_grad_enabled()):
+            return None
+        return self.run(x, residual)
 
     @staticmethod
     def usable(layer: nn.Module) -> bool:
@@ -140,32 +146,74 @@ class _FastForward:
     """forward() of the fastinfer linear layers: the layer's _FastCall when it is valid and takes the
     input, else the checked op; an eager checked call that found no valid _FastCall builds one (an
     input the fast call declines, e.g. one autograd would see, does not rebuild it). Subclasses give
-    _WEIGHT (the weight buffer's name), _op(x) (the checked op) and _prepare() (the op's prepared
-    call for the layer's buffers)."""
+    _WEIGHT (the weight buffer's name), _op(x, activation) (the checked op with that activation),
+    _prepare() (the op's prepared call for the layer's buffers) and, where the kernel adds a
+    residual in its epilogue (_ADDS_RESIDUAL), _op_residual(x, residual)."""
 
     _WEIGHT: str
+    _ADDS_RESIDUAL = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(x @ W^T + b), or with residual act(x @ W^T + b + residual): the residual is added before
+        the activation, in the kernel's epilogue where the layer's kernel takes one (Int8Linear,
+        StaticInt8Linear) and it has the output's shape, dtype and device (rounded once with the
+        rest: in float32 the same bits as the layer's output plus the residual), else by torch's add
+        between the layer and its activation (the unfused result, torch's broadcasting included).
+        fastinfer.quantize() passes it where a transformers block adds its input to the layer's
+        output (fastinfer.convert.residual)."""
         scale = self._buffers.get("input_scale")
         if scale is not None:  # SmoothQuant's per-channel input scaling (Int8Linear.input_scale)
             _check_layer_input(self, x)
             x = x * scale.to(x.dtype)
+        if residual is not None and not self._residual_in_kernel(x, residual):
+            act = getattr(self, "_activation", None)
+            return TORCH_ACT[ACTIVATION_CODE[act]](self._run(x, None, None) + residual)
+        return self._run(x, getattr(self, "_activation", None), residual)
+
+    def _residual_in_kernel(self, x: object, residual: object) -> bool:
+        return (
+            self._ADDS_RESIDUAL
+            and isinstance(x, torch.Tensor)
+            and isinstance(residual, torch.Tensor)
+            and x.device.type == "cpu"
+            and residual.device == x.device
+            and residual.dtype == x.dtype
+            and x.dim() > 0
+            and tuple(residual.shape) == (*x.shape[:-1], self.out_features)
+        )
+
+    def _run(self, x: torch.Tensor, activation: str | None, residual: torch.Tensor | None) -> torch.Tensor:
+        """The fast call where it is valid and takes the call (the layer's own activation), else the
+        checked op, building the fast call after an eager one."""
+        own = activation == getattr(self, "_activation", None)
         # the compiler and torch.jit.trace see only dispatcher calls: they always take the op
         traced = torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-        fast = None if traced else _FAST.get(self)
+        fast = None if traced or not own else _FAST.get(self)
         if fast is not None and fast.valid_for(self):
-            y = fast(x)
+            y = fast(x, residual)
             if y is not None:
                 return y
         else:
             fast = None
         _check_layer_input(self, x)
-        build = fast is None and not traced and eager_fast_path(x) and _FastCall.usable(self)
+        build = own and fast is None and not traced and eager_fast_path(x) and _FastCall.usable(self)
         key = _FastCall.snapshot(self) if build else None
-        y = self._op(x)
+        y = self._op(x, activation) if residual is None else self._op_residual(x, residual)
         if build:
             _FAST[self] = _FastCall(self, self._prepare(), key)  # the checks above passed
         return y
+
+
+# The fused activations in torch, by engine code (a residual added outside a kernel goes before them).
+TORCH_ACT = {
+    0: lambda t: t,
+    1: lambda t: torch.nn.functional.gelu(t),
+    2: torch.relu,
+    3: lambda t: torch.nn.functional.hardtanh(t, 0.0, 6.0),
+    4: torch.nn.functional.silu,
+    5: torch.nn.functional.hardswish,
+    6: lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+}
 
 
 class _FusedActivation:

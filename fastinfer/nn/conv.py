@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastinfer import _runtime
-from fastinfer.nn._base import _FusedActivation, apply_keeping_dtypes, check_scale
+from fastinfer.nn._base import TORCH_ACT as _TORCH_ACT, _FusedActivation, apply_keeping_dtypes, check_scale
 from fastinfer.nn.linear import quantize_weight_per_channel
 from fastinfer.ops import conv as _conv
 from fastinfer.ops._common import eager_fast_path
@@ -196,16 +196,6 @@ class _ConvLayer(_FusedActivation, nn.Module):
         return self._op(x, weight, act, None if out_dtype == x.dtype and x.is_floating_point() else out_dtype)
 
 
-# The fused activations in torch, by engine code (the residual fallback applies them after the add).
-_TORCH_ACT = {
-    0: lambda t: t,
-    1: lambda t: torch.nn.functional.gelu(t),
-    2: torch.relu,
-    3: lambda t: torch.nn.functional.hardtanh(t, 0.0, 6.0),
-    4: torch.nn.functional.silu,
-    5: torch.nn.functional.hardswish,
-    6: lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
-}
 
 
 class Int8Conv2d(_ConvLayer):

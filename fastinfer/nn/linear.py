@@ -205,8 +205,13 @@ class Int8Linear(_FusedActivation, _FastForward, nn.Module):
 
     _WEIGHT = "packed_weight"
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias, self.activation)
+    _ADDS_RESIDUAL = True
+
+    def _op(self, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias, activation)
+
+    def _op_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.packed_weight, self.weight_scale, self.bias, self.activation, residual)
 
     def _prepare(self):
         return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features, self._act_code())
@@ -230,8 +235,10 @@ class WeightOnlyInt8Linear(Int8Linear):
     backward); QuantConfig(activations="none") makes quantize() build these.
     """
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.weight_only_linear(x, self.packed_weight, self.weight_scale, self.bias, self.activation)
+    _ADDS_RESIDUAL = False
+
+    def _op(self, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+        return ops.weight_only_linear(x, self.packed_weight, self.weight_scale, self.bias, activation)
 
     def _prepare(self):
         return prepare_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.in_features,
@@ -296,8 +303,12 @@ class StaticInt8Linear(Int8Linear):
 
     _EXTRA = ("x_scale",)
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.static_int8_linear(x, self.packed_weight, self.weight_scale, self.bias, self.x_scale, self.activation)
+    def _op(self, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+        return ops.static_int8_linear(x, self.packed_weight, self.weight_scale, self.bias, self.x_scale, activation)
+
+    def _op_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return ops.static_int8_linear(x, self.packed_weight, self.weight_scale, self.bias, self.x_scale,
+                                      self.activation, residual)  # fmt: skip
 
     def _prepare(self):
         return prepare_static_int8_linear(self.packed_weight, self.weight_scale, self.bias, self.x_scale,

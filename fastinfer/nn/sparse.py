@@ -154,7 +154,7 @@ class SparseLinear(_SparseBase):
         """float32 [out, in] with the zeros in place."""
         return ops.unpack_sparse(self.sparse_weight, bounded=False)  # the layer's own shape (checked at load)
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:  # (no activation)
         return ops.sparse_linear(x, self.sparse_weight, self.bias, self.out_features)
 
     def _prepare(self):  # validation cached by the op just run
@@ -219,8 +219,8 @@ class SparseInt8Linear(_FusedActivation, _SparseBase):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
 
-    def _op(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias, self.activation)
+    def _op(self, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+        return ops.sparse_int8_linear(x, self.sparse_weight, self.weight_scale, self.bias, activation)
 
     def _prepare(self):  # validation cached by the op just run
         return prepare_sparse_int8_linear(

@@ -69,18 +69,35 @@ def eager_fast_path(x: torch.Tensor) -> bool:
 
 
 def linear_entry(name: str, cpu_kernel, x, packed, w_scale, bias, activation: str | None,
-                 x_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 x_scale: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The public function of an int8 linear op (int8_linear, weight_only_linear, sparse_int8_linear:
-    one signature; static_int8_linear with its x_scale, passed after bias): argument checks, then in
-    a plain eager CPU call the op's own CPU kernel directly (skips ~5 us of dispatcher overhead per
-    call, 5% of a 4096x4096 layer at M=1), else the op."""
+    one signature; static_int8_linear with its x_scale, passed after bias; the dense two with a
+    residual): argument checks, then in a plain eager CPU call the op's own CPU kernel directly
+    (skips ~5 us of dispatcher overhead per call, 5% of a 4096x4096 layer at M=1), else the op."""
     x = check_tensor(name, "x", x)
     act = activation_code(name, activation)
-    check_device(name, x=x, packed=packed, w_scale=w_scale, bias=bias, x_scale=x_scale)
+    kw = {} if residual is None else {"residual": check_tensor(name, "residual", residual)}
+    check_device(name, x=x, packed=packed, w_scale=w_scale, bias=bias, x_scale=x_scale, residual=residual)
     extra = () if x_scale is None else (x_scale,)
-    if eager_fast_path(x):
-        return cpu_kernel(x, packed, w_scale, bias, *extra, act)
-    return getattr(torch.ops.fastinfer, name)(x, packed, w_scale, bias, *extra, act)
+    if eager_fast_path(x) and (residual is None or eager_fast_path(residual)):
+        return cpu_kernel(x, packed, w_scale, bias, *extra, act, **kw)
+    return getattr(torch.ops.fastinfer, name)(x, packed, w_scale, bias, *extra, act, **kw)
+
+
+def check_residual(name: str, residual, shape, out_dtype: torch.dtype, depthwise: bool = False) -> None:
+    """A residual added before the activation (int8_conv2d, the dense int8 linears): the output's
+    shape and dtype (float32 or bfloat16), on the CPU; not on the conv's depthwise path."""
+    if residual is None:
+        return
+    check_tensor(name, "residual", residual)
+    check_device(name, residual=residual)
+    if depthwise:
+        raise ValueError(f"fastinfer.{name}: a residual is added by the GEMM paths only, not the depthwise one")
+    if out_dtype not in (torch.float32, torch.bfloat16) or residual.dtype != out_dtype:
+        raise TypeError(f"fastinfer.{name}: residual must have the output's dtype (float32 or bfloat16: "
+                        f"{out_dtype}), got {residual.dtype}")  # fmt: skip
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"fastinfer.{name}: residual must have the output's shape {list(shape)}, got {list(residual.shape)}")
 
 
 def activation_grad(name: str, grad: torch.Tensor, act: int, out: torch.Tensor | None = None,

@@ -25,17 +25,20 @@ class Int8LinearCall:
     """y [..., n] = kernel(x [..., k]) for _C.int8_linear, _C.weight_only_linear and
     _C.sparse_int8_linear (one signature), and _C.static_int8_linear (x_scale given): per-token (or
     static) int8 quantization of x, exact int32 accumulation, fp32 epilogue
-    act(acc * sa[m] * w_scale[n] + bias[n]), output in x's dtype.
+    act(acc * sa[m] * w_scale[n] + bias[n] + residual[..., n]), output in x's dtype.
 
     weight: the checked, 64-byte aligned packed buffer (K4N16 or sparse); w_scale float32 [n];
-    bias float32 [n] or None; act: the checked activation code (ACTIVATION_CODE, 0 none).
-    The call holds every tensor whose address it passes."""
+    bias float32 [n] or None; act: the checked activation code (ACTIVATION_CODE, 0 none);
+    residual: whether the kernel takes one (the dense int8 kernels; each call then passes a checked
+    residual of the output's shape and dtype, or none). The call holds every tensor whose address it
+    passes."""
 
-    __slots__ = ("kernel", "weight", "w_scale", "bias", "n", "k", "act", "x_scale", "_ptrs", "_extra")
+    __slots__ = ("kernel", "weight", "w_scale", "bias", "n", "k", "act", "x_scale", "residual", "_ptrs", "_extra")
 
     def __init__(self, kernel, weight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                 n: int, k: int, act: int = 0, x_scale: torch.Tensor | None = None) -> None:  # fmt: skip
-        self.kernel, self.weight, self.n, self.k, self.act = kernel, weight, n, k, act
+                 n: int, k: int, act: int = 0, x_scale: torch.Tensor | None = None,
+                 residual: bool = False) -> None:  # fmt: skip
+        self.kernel, self.weight, self.n, self.k, self.act, self.residual = kernel, weight, n, k, act, residual
         self.w_scale = w_scale.contiguous()
         self.bias = bias.contiguous() if bias is not None else None
         self._ptrs = (weight.data_ptr(), weight.numel(), self.w_scale.data_ptr(), _ptr(self.bias))
@@ -44,24 +47,32 @@ class Int8LinearCall:
         self.x_scale = x_scale
         self._extra = () if x_scale is None else (x_scale.data_ptr(),)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         n, k = self.n, self.k
         out = new_output((*x.shape[:-1], n), x.dtype)
         if out.numel() == 0:
             return out
-        if k == 0:  # y = act(bias), or act(0) = 0 (gelu and none alike)
-            if self.bias is None:
+        if k == 0:  # y = act(bias + residual), or act(0) = 0 (gelu and none alike)
+            if self.bias is None and residual is None:
                 return out.zero_()
-            y = self.bias
+            y = torch.zeros(out.shape, dtype=torch.float32)
+            if self.bias is not None:
+                y += self.bias
+            if residual is not None:
+                y += residual.float()
             if self.act:
-                y = y.clone()
-                _C.apply_activation(y.data_ptr(), n, self.act)
-            return out.copy_(y.expand_as(out))
+                _C.apply_activation(y.data_ptr(), y.numel(), self.act)
+            return out.copy_(y)
         x2, ld = rows(x)
         code = DTYPE_CODE[x.dtype]
         w, w_nbytes, s, b = self._ptrs
+        if not self.residual:
+            self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n, self.act,
+                        *self._extra)  # fmt: skip
+            return out
+        res = None if residual is None else residual.contiguous()  # rows of n, as out's (held through the call)
         self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n, self.act,
-                    *self._extra)  # fmt: skip
+                    *self._extra, _ptr(res))  # fmt: skip
         return out
 
 

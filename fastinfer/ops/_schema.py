@@ -12,6 +12,7 @@ from fastinfer.ops._common import (
     check_input_scale,
     check_int8_2d,
     check_int8_linear_params,
+    check_residual,
     check_scale_bias,
     packed_nbytes,
 )
@@ -23,11 +24,12 @@ torch.library.define("fastinfer::unpack_int8_weight", "(Tensor packed, int n, in
 torch.library.define("fastinfer::int8_matmul", "(Tensor a, Tensor w) -> Tensor")
 torch.library.define("fastinfer::int8_matmul_packed", "(Tensor a, Tensor packed, int n) -> Tensor")
 torch.library.define(
-    "fastinfer::int8_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor"
+    "fastinfer::int8_linear",
+    "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0, Tensor? residual=None) -> Tensor",
 )
 torch.library.define(
     "fastinfer::static_int8_linear",
-    "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, Tensor x_scale, int act=0) -> Tensor",
+    "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, Tensor x_scale, int act=0, Tensor? residual=None) -> Tensor",
 )
 torch.library.define(
     "fastinfer::weight_only_linear", "(Tensor x, Tensor packed, Tensor w_scale, Tensor? bias, int act=0) -> Tensor"
@@ -73,19 +75,21 @@ def _int8_matmul_packed_fake(a, packed, n):
 
 
 @torch.library.register_fake("fastinfer::int8_linear")
-def _int8_linear_fake(x, packed, w_scale, bias, act=0):
+def _int8_linear_fake(x, packed, w_scale, bias, act=0, residual=None):
     check_float_input("int8_linear", x)
     activation_name("int8_linear", act)
     n = check_int8_linear_params(packed, w_scale, bias)
+    check_residual("int8_linear", residual, (*x.shape[:-1], n), x.dtype)
     return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.register_fake("fastinfer::static_int8_linear")
-def _static_int8_linear_fake(x, packed, w_scale, bias, x_scale, act=0):
+def _static_int8_linear_fake(x, packed, w_scale, bias, x_scale, act=0, residual=None):
     check_float_input("static_int8_linear", x)
     activation_name("static_int8_linear", act)
     check_input_scale("static_int8_linear", x_scale)
     n = check_int8_linear_params(packed, w_scale, bias, "static_int8_linear")
+    check_residual("static_int8_linear", residual, (*x.shape[:-1], n), x.dtype)
     return x.new_empty((*x.shape[:-1], n))
 
 

@@ -21,46 +21,55 @@ _NEEDS_INPUT = (1, 4, 6)  # gelu, silu, gelu_tanh: their derivative is computed 
 
 
 def _input_gradient(name: str, grad: torch.Tensor, x: torch.Tensor | None, out: torch.Tensor | None,
-                    wf: torch.Tensor, bias: torch.Tensor | None, act: int, x_shape, dtype) -> torch.Tensor:  # fmt: skip
-    z = torch.nn.functional.linear(x.float(), wf, bias) if act in _NEEDS_INPUT else None
-    return (activation_grad(name, grad, act, out, z) @ wf).reshape(x_shape).to(dtype)
+                    wf: torch.Tensor, bias: torch.Tensor | None, act: int, x_shape, dtype,
+                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(d loss / d x, grad * act'(z)): the second is also the gradient of a residual added before
+    the activation."""
+    z = None
+    if act in _NEEDS_INPUT:
+        z = torch.nn.functional.linear(x.float(), wf, bias)
+        if residual is not None:
+            z = z + residual.float()
+    g = activation_grad(name, grad, act, out, z)
+    return (g @ wf).reshape(x_shape).to(dtype), g
 
 
 def _setup(ctx, inputs, output) -> None:
-    """int8_linear, weight_only_linear and sparse_int8_linear: (x, packed, w_scale, bias, act)
-    (static_int8_linear's through _static_setup)."""
-    x, packed, w_scale, bias, act = inputs
-    ctx.meta = (tuple(x.shape), x.dtype, act)
-    ctx.save_for_backward(x if act in _NEEDS_INPUT else None, packed, w_scale, bias, output if act in (2, 3) else None)
-
-
-def _dense_int8_backward(name: str):
-    """The backward of int8_linear and weight_only_linear: one packed int8 weight, two kernels."""
-
-    def backward(ctx, grad):
-        x, packed, w_scale, bias, out = ctx.saved_tensors
-        shape, dtype, act = ctx.meta
-        wf = unpack_int8_weight(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
-        return _input_gradient(name, grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
-
-    return backward
+    """int8_linear, weight_only_linear and sparse_int8_linear: (x, packed, w_scale, bias, act), the
+    dense int8_linear with its residual after them (static_int8_linear's through _static_setup)."""
+    x, packed, w_scale, bias, act = inputs[:5]
+    _save(ctx, x, packed, w_scale, bias, act, inputs[5] if len(inputs) > 5 else None, output, len(inputs))
 
 
 def _static_setup(ctx, inputs, output) -> None:
-    """static_int8_linear: (x, packed, w_scale, bias, x_scale, act); x_scale gets no gradient."""
-    x, packed, w_scale, bias, _x_scale, act = inputs
-    _setup(ctx, (x, packed, w_scale, bias, act), output)
+    """static_int8_linear: (x, packed, w_scale, bias, x_scale, act, residual); x_scale gets no gradient."""
+    x, packed, w_scale, bias, _x_scale, act = inputs[:6]
+    _save(ctx, x, packed, w_scale, bias, act, inputs[6] if len(inputs) > 6 else None, output, len(inputs))
 
 
-def _static_int8_backward(ctx, grad):
-    return (*_dense_int8_backward("static_int8_linear")(ctx, grad)[:4], None, None)
+def _save(ctx, x, packed, w_scale, bias, act, residual, output, n_inputs: int) -> None:
+    needs_x = act in _NEEDS_INPUT
+    ctx.meta = (tuple(x.shape), x.dtype, act, None if residual is None else residual.dtype, n_inputs)
+    ctx.save_for_backward(x if needs_x else None, packed, w_scale, bias, output if act in (2, 3) else None,
+                          residual if needs_x else None)  # fmt: skip
 
 
-def _sparse_int8_linear_backward(ctx, grad):
-    x, packed, w_scale, bias, out = ctx.saved_tensors
-    shape, dtype, act = ctx.meta
-    wf = unpack_sparse(packed, bounded=False).float() * w_scale[:, None]
-    return _input_gradient("sparse_int8_linear", grad, x, out, wf, bias, act, shape, dtype), None, None, None, None
+def _int8_backward(name: str, unpack):
+    """The backward of an int8 linear op (unpack(packed, n, k): its float weight before the scales):
+    the input's gradient first, none for the weight side, and a residual (the dense ops' last
+    input) the output's gradient through act'."""
+
+    def backward(ctx, grad):
+        x, packed, w_scale, bias, out, residual = ctx.saved_tensors
+        shape, dtype, act, res_dtype, n_inputs = ctx.meta
+        wf = unpack(packed, w_scale.shape[0], shape[-1]).float() * w_scale[:, None]
+        gx, g = _input_gradient(name, grad, x, out, wf, bias, act, shape, dtype, residual)
+        grads = [gx] + [None] * (n_inputs - 1)
+        if res_dtype is not None and ctx.needs_input_grad[n_inputs - 1]:
+            grads[-1] = g.to(res_dtype)
+        return tuple(grads)
+
+    return backward
 
 
 def _sparse_linear_setup(ctx, inputs, output) -> None:
@@ -73,11 +82,14 @@ def _sparse_linear_backward(ctx, grad):
     packed, bias = ctx.saved_tensors
     shape, dtype, act = ctx.meta
     wf = unpack_sparse(packed, bounded=False).float()
-    return _input_gradient("sparse_linear", grad, None, None, wf, bias, act, shape, dtype), None, None, None
+    return _input_gradient("sparse_linear", grad, None, None, wf, bias, act, shape, dtype)[0], None, None, None
 
 
 for _name in ("int8_linear", "weight_only_linear"):
-    torch.library.register_autograd(f"fastinfer::{_name}", _dense_int8_backward(_name), setup_context=_setup)
-torch.library.register_autograd("fastinfer::static_int8_linear", _static_int8_backward, setup_context=_static_setup)
-torch.library.register_autograd("fastinfer::sparse_int8_linear", _sparse_int8_linear_backward, setup_context=_setup)
+    torch.library.register_autograd(f"fastinfer::{_name}", _int8_backward(_name, unpack_int8_weight), setup_context=_setup)
+torch.library.register_autograd("fastinfer::static_int8_linear", _int8_backward("static_int8_linear", unpack_int8_weight),
+                                setup_context=_static_setup)  # fmt: skip
+torch.library.register_autograd("fastinfer::sparse_int8_linear",
+                                _int8_backward("sparse_int8_linear", lambda p, n, k: unpack_sparse(p, bounded=False)),
+                                setup_context=_setup)  # fmt: skip
 torch.library.register_autograd("fastinfer::sparse_linear", _sparse_linear_backward, setup_context=_sparse_linear_setup)

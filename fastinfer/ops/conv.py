@@ -23,6 +23,7 @@ from fastinfer.ops._common import (
     activation_grad,
     activation_name,
     check_device,
+    check_residual,
     check_tensor,
     has_data,
     new_output,
@@ -190,22 +191,6 @@ def _int8_conv2d_fake(x, weight, w_scale, bias, kernel_size, stride, padding, di
     _check_out_dtype("int8_conv2d", out_dtype, act)
     check_residual("int8_conv2d", residual, shape, _out_dtype(x, out_dtype), dw)
     return x.new_empty(shape, dtype=_out_dtype(x, out_dtype)).contiguous(memory_format=_memory_format(x))
-
-
-def check_residual(name: str, residual, shape, out_dtype: torch.dtype, depthwise: bool) -> None:
-    """A residual added before the activation: the output's size [n, out, oh, ow] and dtype (float32
-    or bfloat16), on the CPU; not on the depthwise path."""
-    if residual is None:
-        return
-    check_tensor(name, "residual", residual)
-    check_device(name, residual=residual)
-    if depthwise:
-        raise ValueError(f"fastinfer.{name}: a residual is added by the GEMM paths only, not the depthwise one")
-    if out_dtype not in (torch.float32, torch.bfloat16) or residual.dtype != out_dtype:
-        raise TypeError(f"fastinfer.{name}: residual must have the output's dtype (float32 or bfloat16: "
-                        f"{out_dtype}), got {residual.dtype}")  # fmt: skip
-    if tuple(residual.shape) != tuple(shape):
-        raise ValueError(f"fastinfer.{name}: residual must have the output's shape {list(shape)}, got {list(residual.shape)}")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -161,10 +161,14 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @register("int8_linear", "cuda")
 def int8_linear(
-    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0
-) -> torch.Tensor:
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     check_float_input("int8_linear", x)
     _refuse_activation("int8_linear", act)
+    if residual is not None:  # (an Int8Linear on CUDA adds its residual after the op, in torch)
+        raise RuntimeError("fastinfer.int8_linear: the residual is added in the CPU kernel's epilogue only; on CUDA "
+                           "add it to the output")  # fmt: skip
     n = check_int8_linear_params(packed, w_scale, bias)
     mod = _mod("int8_linear")
     _same_device("int8_linear", x, packed, w_scale, bias)

@@ -22,6 +22,7 @@ from fastinfer.ops._common import (
     check_int8_2d,
     check_int8_linear_params,
     check_int8_matmul_args,
+    check_residual,
     check_tensor,
     has_data,
     linear_entry,
@@ -80,7 +81,8 @@ def prepare_int8_linear(
     packed, pn, pk = check_packed(name, packed)
     if pn != n or pk != k:
         raise ValueError(f"fastinfer.{name}: input has K={k} and w_scale N={n}, but the packed weight is [{pn}, {pk}]")
-    return _prepared.Int8LinearCall(getattr(_C, name), packed, w_scale, bias, n, k, act, x_scale)
+    return _prepared.Int8LinearCall(getattr(_C, name), packed, w_scale, bias, n, k, act, x_scale,
+                                    residual=name in ("int8_linear", "static_int8_linear"))
 
 
 def prepare_static_int8_linear(
@@ -149,19 +151,24 @@ def _int8_matmul_packed_cpu(a: torch.Tensor, packed: torch.Tensor, n: int) -> to
 
 @register("int8_linear", "cpu")
 def _int8_linear_cpu(
-    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0
-) -> torch.Tensor:
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, act: int = 0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     check_float_input("int8_linear", x)
-    return prepare_int8_linear(packed, w_scale, bias, x.shape[-1], act)(x)
+    call = prepare_int8_linear(packed, w_scale, bias, x.shape[-1], act)
+    check_residual("int8_linear", residual, (*x.shape[:-1], call.n), x.dtype)
+    return call(x, residual)
 
 
 @register("static_int8_linear", "cpu")
 def _static_int8_linear_cpu(
     x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-    x_scale: torch.Tensor, act: int = 0,
+    x_scale: torch.Tensor, act: int = 0, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     check_float_input("static_int8_linear", x)
-    return prepare_static_int8_linear(packed, w_scale, bias, x_scale, x.shape[-1], act)(x)
+    call = prepare_static_int8_linear(packed, w_scale, bias, x_scale, x.shape[-1], act)
+    check_residual("static_int8_linear", residual, (*x.shape[:-1], call.n), x.dtype)
+    return call(x, residual)
 
 
 @register("weight_only_linear", "cpu")
@@ -235,13 +242,18 @@ def int8_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dynamic int8 linear: quantize x [..., K] per token, int8 GEMM, fp32 epilogue
-    act(acc * scale_x[m] * w_scale[n] + bias[n]), cast to x.dtype. Returns [..., N].
+    act(acc * scale_x[m] * w_scale[n] + bias[n] + residual[..., n]), cast to x.dtype. Returns [..., N].
 
     activation: None, or "gelu" (erf GELU fused into the epilogue, computed in fp32 with Eigen's erf
-    approximation: bit-identical on every ISA, within 4e-7 of the exact erf)."""
-    return linear_entry("int8_linear", _int8_linear_cpu, x, packed, w_scale, bias, activation)
+    approximation: bit-identical on every ISA, within 4e-7 of the exact erf); the other names of
+    ACTIVATION_CODE likewise. residual: None, or a tensor of the output's shape and dtype added in
+    fp32 before the activation and rounded once with the rest (a transformer block's dense layer and
+    the add of its input in one pass; in float32 the same bits as the output plus the residual in
+    torch). CPU only."""
+    return linear_entry("int8_linear", _int8_linear_cpu, x, packed, w_scale, bias, activation, residual=residual)
 
 
 def static_int8_linear(
@@ -251,16 +263,18 @@ def static_int8_linear(
     bias: torch.Tensor | None,
     x_scale: torch.Tensor,
     activation: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Static int8 linear: as int8_linear, but x [..., K] is quantized with one calibrated scale
     s = x_scale (float32, one element, finite and > 0) instead of a scale per token:
     q = clamp(round_half_even(x / s), -127, 127) computed as x * (1 / s) in float32, so values
     past the calibrated range saturate at +-127. One pass over x (no range to find first); the
     integer product and the epilogue act(acc * s * w_scale[n] + bias[n]) are int8_linear's, and
-    a row holding NaN or Inf gives a NaN output row. CPU only."""
+    a row holding NaN or Inf gives a NaN output row; residual as int8_linear's. CPU only."""
     if not isinstance(x_scale, torch.Tensor):
         check_input_scale("static_int8_linear", x_scale)  # None is not "no scale" here: a TypeError
-    return linear_entry("static_int8_linear", _static_int8_linear_cpu, x, packed, w_scale, bias, activation, x_scale)
+    return linear_entry("static_int8_linear", _static_int8_linear_cpu, x, packed, w_scale, bias, activation, x_scale,
+                        residual)  # fmt: skip
 
 
 def weight_only_linear(

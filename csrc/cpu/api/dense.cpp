@@ -71,7 +71,7 @@ namespace {
 // int8_linear and static_int8_linear: xs null quantizes per token, else with the one scale *xs.
 Status linear_int8(const char* name, const void* x, DType dt, int64_t m, int64_t k, int64_t ldx,
                    const uint8_t* packed, int64_t packed_nbytes_, const float* sw, const float* bias, void* out,
-                   DType out_dt, int64_t ldo, int act, const float* xs) {
+                   DType out_dt, int64_t ldo, int act, const float* xs, const void* residual) {
     if (Status io = check_linear_io(name, dt, out_dt, act); !io.is_ok()) return io;
     float s = 0.f, inv = 0.f;
     if (xs) {
@@ -97,7 +97,7 @@ Status linear_int8(const char* name, const void* x, DType dt, int64_t m, int64_t
         quantize_activations(kt, x, dt, m, k, ldx, q, w.kp, sa, kt.shift_u8);
     }
     const bool stream = size_t(m) * size_t(ldo) * (out_dt == DType::kF32 ? 4 : 2) >= kStreamBytes;
-    const Epilogue ep{out_dt, out, ldo, sa, sw, bias, act, nullptr, nullptr, stream};
+    const Epilogue ep{out_dt, out, ldo, sa, sw, bias, act, nullptr, nullptr, stream, residual};
     run_gemm(kt, Activations{q, m, w.kp}, w, ep);
     return Status::ok();
 }
@@ -106,17 +106,17 @@ Status linear_int8(const char* name, const void* x, DType dt, int64_t m, int64_t
 
 Status int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
                    int64_t packed_nbytes_, const float* sw, const float* bias, void* out, DType out_dt, int64_t ldo,
-                   int act) {
+                   int act, const void* residual) {
     return linear_int8("int8_linear", x, dt, m, k, ldx, packed, packed_nbytes_, sw, bias, out, out_dt, ldo, act,
-                       nullptr);
+                       nullptr, residual);
 }
 
 Status static_int8_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
                           int64_t packed_nbytes_, const float* sw, const float* bias, void* out, DType out_dt,
-                          int64_t ldo, int act, const float* x_scale) {
+                          int64_t ldo, int act, const float* x_scale, const void* residual) {
     if (!x_scale) return Status::invalid("static_int8_linear: no input scale");
     return linear_int8("static_int8_linear", x, dt, m, k, ldx, packed, packed_nbytes_, sw, bias, out, out_dt, ldo,
-                       act, x_scale);
+                       act, x_scale, residual);
 }
 
 Status weight_only_linear(const void* x, DType dt, int64_t m, int64_t k, int64_t ldx, const uint8_t* packed,
