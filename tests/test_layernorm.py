@@ -135,6 +135,37 @@ def test_module_keeps_parameters_state_and_gradients():
         LayerNorm.from_layernorm(nn.Linear(2, 2))
 
 
+def test_the_modules_fast_call_follows_its_parameters():
+    """After a checked call the module serves plain calls without the op's checks; a parameter
+    replaced, moved, or eps / shape changed makes it check again, and values written in place are
+    read at each call."""
+    from fastinfer.nn.norm import _FAST_NORM
+
+    ln = _ln((32,))
+    fast = LayerNorm.from_layernorm(copy.deepcopy(ln))
+    x = torch.randn(3, 5, 32, generator=_gen(3))
+    with torch.no_grad():
+        want = ops.layer_norm(x, [32], fast.weight, fast.bias, fast.eps)
+        assert torch.equal(fast(x), want) and fast in _FAST_NORM
+        assert torch.equal(fast(x), want)  # the fast call
+        fast.weight.mul_(2)  # in place: the kernel reads the new values
+        assert torch.equal(fast(x), ops.layer_norm(x, [32], fast.weight, fast.bias, fast.eps))
+        fast.weight = nn.Parameter(fast.weight.detach().bfloat16())  # other tensors, another dtype
+        fast.bias = nn.Parameter(torch.randn(32, generator=_gen(4)).bfloat16())
+        assert torch.equal(fast(x), ops.layer_norm(x, [32], fast.weight, fast.bias, fast.eps))
+        fast.eps = 0.5
+        assert torch.equal(fast(x), ops.layer_norm(x, [32], fast.weight, fast.bias, 0.5))
+        for odd in (x.transpose(0, 1), x[..., :16], x.bfloat16(), x[:0]):  # the checked path decides
+            if odd.shape[-1] == 32:
+                assert torch.equal(fast(odd), ops.layer_norm(odd, [32], fast.weight, fast.bias, 0.5))
+            else:
+                with pytest.raises(ValueError, match="normalized_shape"):
+                    fast(odd)
+    fast.weight.requires_grad_(True)
+    y = fast(x.bfloat16())  # autograd to record: torch's op, never the fast call
+    assert y.requires_grad
+
+
 @pytest.mark.parametrize("i", range(3))
 def test_opcheck(i):
     ln = _ln((20,))

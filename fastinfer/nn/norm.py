@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import torch
 from torch import nn
 
-from fastinfer.ops._common import DTYPE_CODE, eager_fast_path
+from fastinfer._runtime import _C
+from fastinfer.ops._common import DTYPE_CODE, eager_fast_path, new_output
 from fastinfer.ops.norm import layer_norm_cpu, layer_norm_native
 
 __all__ = ["LayerNorm"]
+
+
+class _FastNorm:
+    """An eager call of a LayerNorm without the op's per-call checks of its parameters (~10 of a
+    small call's ~14 us): built after a checked call, for the parameter tensors (the same objects at
+    the same addresses), eps and normalized_shape it checked; the kernel reads the parameters'
+    values at each call. Inputs it does not take (not a plain contiguous CPU float tensor of the
+    normalized shape, or one autograd would see) take the checked path. Kept outside the module
+    (_FAST_NORM), so copies and pickles of a layer never carry it."""
+
+    __slots__ = ("key", "shape", "h", "args")
+
+    def __init__(self, ln: nn.LayerNorm) -> None:
+        w, b = ln.weight, ln.bias
+        self.key = self.state(ln)
+        self.shape = tuple(ln.normalized_shape)
+        self.h = math.prod(self.shape)
+        wdt = DTYPE_CODE[(w if w is not None else b).dtype] if (w is not None or b is not None) else 0
+        self.args = (w.data_ptr() if w is not None else 0, b.data_ptr() if b is not None else 0, wdt, float(ln.eps))
+
+    @staticmethod
+    def state(ln: nn.LayerNorm) -> tuple:
+        """(weight, its address and dtype, bias, ..., eps, normalized_shape); holding the tensors
+        keeps their ids from being reused while the key lives."""
+        w, b = ln.weight, ln.bias
+        return (w, None if w is None else (w.data_ptr(), w.dtype), b, None if b is None else (b.data_ptr(), b.dtype),
+                ln.eps, tuple(ln.normalized_shape))  # fmt: skip
+
+    def valid_for(self, ln: nn.LayerNorm) -> bool:
+        w, wk, b, bk, eps, shape = self.key
+        return (ln.weight is w and ln.bias is b and (w is None or (w.data_ptr(), w.dtype) == wk)
+                and (b is None or (b.data_ptr(), b.dtype) == bk) and ln.eps == eps
+                and tuple(ln.normalized_shape) == shape)  # fmt: skip
+
+    def __call__(self, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.valid_for(ln) or type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in DTYPE_CODE:
+            return None
+        nd = len(self.shape)
+        if x.dim() < nd or tuple(x.shape[x.dim() - nd:]) != self.shape or not x.is_contiguous() or x.numel() == 0:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in (ln.weight, ln.bias))):
+            return None
+        out = new_output(tuple(x.shape), x.dtype)
+        rows = x.numel() // self.h
+        w, b, wdt, eps = self.args
+        _C.layer_norm(x.data_ptr(), DTYPE_CODE[x.dtype], rows, self.h, self.h, w, b, wdt, eps, out.data_ptr(), self.h)
+        return out
+
+
+# layer -> its _FastNorm. Weak keys: an entry lives as long as its layer and is never copied with it.
+_FAST_NORM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class LayerNorm(nn.LayerNorm):
@@ -41,11 +96,21 @@ class LayerNorm(nn.LayerNorm):
         return x.device.type == "cpu" and (torch.compiler.is_compiling() or layer_norm_native())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        traced = torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+        fast = None if traced else _FAST_NORM.get(self)
+        if fast is not None:
+            y = fast(self, x)
+            if y is not None:
+                return y
         if not isinstance(x, torch.Tensor) or not self._serves(x):
             return super().forward(x)
         shape = list(self.normalized_shape)
         if eager_fast_path(x):
-            return layer_norm_cpu(x, shape, self.weight, self.bias, float(self.eps))
+            y = layer_norm_cpu(x, shape, self.weight, self.bias, float(self.eps))  # checked: the fast call may serve
+            if not traced and all(p is None or (type(p) in (torch.Tensor, nn.Parameter) and p.is_contiguous())
+                                  for p in (self.weight, self.bias)):  # fmt: skip
+                _FAST_NORM[self] = _FastNorm(self)
+            return y
         return torch.ops.fastinfer.layer_norm(x, shape, self.weight, self.bias, float(self.eps))
 
     def extra_repr(self) -> str:
