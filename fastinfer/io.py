@@ -33,6 +33,7 @@ from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
 from fastinfer.convert.attention import HF_NAME, HF_NAME_BF16, enable_fast_attention, is_hf_model
 from fastinfer.convert.fuse import REWRITE_KEY, any_hooks, rewrite_residual_blocks
+from fastinfer.convert.hf_blocks import block_fits, fused_class, fused_kind
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.quantize import fast_layernorms
 from fastinfer.convert.report import ConversionReport, LayerConversion
@@ -321,6 +322,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         "layers": layers, "aliases": aliases, "versions": versions,
         "crc32": {k: zlib.crc32(_tensor_bytes(t)) for k, t in tensors.items()},
         "report": None if report is None else {"entry": report.entry, "attention": report.attention, "layernorm": report.layernorm,
+                                               "blocks": report.blocks,
                                                "rows": [[r.name, r.kind, r.result, r.detail] for r in report]},
         # the attention implementation of a transformers model, put back on load ("fastinfer": its kernel)
         "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
@@ -329,6 +331,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         # blocks whose forward quantize() rewrote (fastinfer.convert.fuse.rewrite_residual_blocks):
         # {block: {conv in it: the activation it took, or None}}, rewritten again on load
         "rewritten": rewritten,
+        # transformers blocks on fastinfer's short road (fastinfer.convert.hf_blocks): {name: "output"
+        # or "layer"}, fused again on load; a reader that ignores it gets the blocks' own forward,
+        # which computes the same
+        "hf_blocks": {n: fused_kind(m) for n, m in model.named_modules() if fused_kind(m)},
     }  # fmt: skip
     meta = dict(metadata or {})
     meta[_KEY] = json.dumps(info, separators=(",", ":"))
@@ -468,13 +474,15 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     report = info.get("report")
     if isinstance(report, dict) and isinstance(report.get("rows"), list):
         rows = [LayerConversion(*map(str, r)) for r in report["rows"] if isinstance(r, list) and len(r) == 4]
-        attention, norms = report.get("attention"), report.get("layernorm")
+        attention, norms, blocks = report.get("attention"), report.get("layernorm"), report.get("blocks")
         model.__dict__["_fastinfer_report"] = ConversionReport(str(report.get("entry", "fastinfer.quantize")), rows,
                                                                attention if isinstance(attention, str) else None,
-                                                               norms if isinstance(norms, str) else None)  # fmt: skip
+                                                               norms if isinstance(norms, str) else None,
+                                                               blocks if isinstance(blocks, str) else None)  # fmt: skip
     if info.get("attention") in (HF_NAME, HF_NAME_BF16):
         enable_fast_attention(model, bf16=info["attention"] == HF_NAME_BF16)
     model = _install_layernorms(f, model, info.get("layernorm", []))
+    _fuse_hf_blocks(f, model, info.get("hf_blocks", {}))
     if info["layers"] and is_hf_model(model):
         mark_converted(model)  # as quantize() does: transformers' own from_pretrained refuses its folders
     return model
@@ -547,6 +555,26 @@ def _install_layernorms(f: _File, model: nn.Module, names: object) -> nn.Module:
             raise f.error(f"{name or '<model>'!r} is a LayerNorm in the file, a {type(mod).__name__} in the given model")
     model, _ = fast_layernorms(model, set(names))
     return model
+
+
+def _fuse_hf_blocks(f: _File, model: nn.Module, blocks: object) -> None:
+    """The file's transformers blocks on the short road again: each name must hold a block of its
+    kind that qualifies (an output block's dense layer, loaded from the file, adding the residual),
+    or one already fused."""
+    if not isinstance(blocks, dict) or not all(isinstance(n, str) and k in ("output", "layer") for n, k in blocks.items()):
+        raise f.error("'hf_blocks' must map module names to 'output' or 'layer'")
+    for name, kind in blocks.items():
+        try:
+            block = model.get_submodule(name)
+        except AttributeError:
+            raise f.error(f"{kind} block {name or '<model>'!r} (fused by fastinfer) has no module at that name in the "
+                          "given model") from None  # fmt: skip
+        if fused_kind(block) == kind:
+            continue
+        if not block_fits(block, kind):
+            raise f.error(f"{name or '<model>'!r} is a fused BERT-style {kind} block in the file, a "
+                          f"{type(block).__name__} whose code or parts do not fit in the given model")  # fmt: skip
+        block.__class__ = fused_class(type(block), kind)
 
 
 def _build(f: _File, name: str, entry: dict) -> nn.Module:

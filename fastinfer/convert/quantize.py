@@ -17,6 +17,7 @@ from fastinfer.convert.calibrate import input_absmax, materialize
 from fastinfer.convert.attention import is_hf_model, enable_fast_attention
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.fuse import ConvFusion, conv_fusions, fx_graph, handoff_chains, rewrite_residual_blocks
+from fastinfer.convert.hf_blocks import fuse_blocks, unfused_class
 from fastinfer.convert.patterns import is_erf_gelu, linear_activation, linear_activation_fusions  # noqa: F401 (is_erf_gelu: public here before)
 from fastinfer.convert.report import ConversionReport, LayerConversion, attach
 from fastinfer.convert.smooth import smooth
@@ -190,8 +191,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
             report.append(LayerConversion(item.name, type(item.module).__name__, "float", item.reason))
     if handoff_applies(config.conv_handoff, conv_dtypes):
         report.add_details(mark_conv_handoff(result, u8=config.conv_handoff == "u8", end=next(iter(conv_dtypes))))
-    if config.fuse_activations and config.rewrite_blocks and convs and result is model:
-        report.add_details(rewrite_blocks(result))
+    if config.fuse_activations and config.rewrite_blocks and result is model:
+        words, report.blocks = rewrite_blocks(result)
+        report.add_details(words)
     if config.layernorm:
         result, n = fast_layernorms(result)
         report.layernorm = f"{n} on fastinfer's kernel" if n else None
@@ -203,14 +205,27 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, calibration
     return result
 
 
-def rewrite_blocks(model: nn.Module) -> dict[str, str]:
+def rewrite_blocks(model: nn.Module) -> tuple[dict[str, str], str | None]:
     """QuantConfig.rewrite_blocks on a converted model: the activations and residual adds its
     blocks' forwards apply after their Int8Conv2d layers, moved into those layers
-    (fastinfer.convert.fuse.rewrite_residual_blocks). Returns the report's words per conv name."""
+    (fastinfer.convert.fuse.rewrite_residual_blocks); transformers' BERT-style output blocks adding
+    their input in their int8 dense layer, and their encoder layers on the short road
+    (fastinfer.convert.hf_blocks). Returns (the report's words per layer name, the report's words
+    on the transformers blocks or None)."""
     words = {}
-    for block in rewrite_residual_blocks(model, Int8Conv2d):
-        words.update({conv: f"{how} (block {block.name} rewritten with torch.fx)" for conv, how in block.fused.items()})
-    return words
+    if any(isinstance(m, Int8Conv2d) for m in model.modules()):
+        for block in rewrite_residual_blocks(model, Int8Conv2d):
+            words.update({conv: f"{how} (block {block.name} rewritten with torch.fx)" for conv, how in block.fused.items()})
+    fused = fuse_blocks(model)
+    layers: dict[str, int] = {}
+    for name, kind in fused.items():
+        cls = unfused_class(model.get_submodule(name)).__name__
+        if kind == "output":
+            words[f"{name}.dense" if name else "dense"] = f"residual add fused ({cls}'s input)"
+        else:
+            layers[cls] = layers.get(cls, 0) + 1
+    blocks = ", ".join(f"{n} {cls}" for cls, n in layers.items())
+    return words, (f"{blocks} on fastinfer's layer path" if blocks else None)
 
 
 def handoff_applies(conv_handoff: bool | str, conv_dtypes: set) -> bool:

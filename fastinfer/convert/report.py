@@ -59,11 +59,13 @@ class ConversionReport(list):
     """The LayerConversion of every layer a conversion looked at, in model order, and what became
     of the model's attention (`attention`: None when the conversion did not look at it)."""
 
-    def __init__(self, entry: str, rows=(), attention: str | None = None, layernorm: str | None = None) -> None:
+    def __init__(self, entry: str, rows=(), attention: str | None = None, layernorm: str | None = None,
+                 blocks: str | None = None) -> None:  # fmt: skip
         super().__init__(rows)
         self.entry = entry
         self.attention = attention
         self.layernorm = layernorm  # what became of the model's nn.LayerNorm modules (None: not looked at)
+        self.blocks = blocks  # transformers blocks on fastinfer's layer path (fastinfer.convert.hf_blocks), or None
 
     def add_details(self, words: dict[str, str]) -> None:
         """Appends words[name] to the detail of the row of each layer name."""
@@ -99,11 +101,13 @@ class ConversionReport(list):
             line += f"; attention: {self.attention}"
         if self.layernorm:
             line += f"; LayerNorm: {self.layernorm}"
+        if self.blocks:
+            line += f"; blocks: {self.blocks}"
         return line + ". fastinfer.conversion_report(model) lists every layer."
 
     def __str__(self) -> str:
         tail = ("" if self.attention is None else f"\nattention: {self.attention}") + (
-            f"\nLayerNorm: {self.layernorm}" if self.layernorm else "")
+            f"\nLayerNorm: {self.layernorm}" if self.layernorm else "") + (f"\nblocks: {self.blocks}" if self.blocks else "")
         if not self:
             return f"{self.entry}: no convertible layers" + tail
         w = max(len("layer"), *(len(r.name or "<model>") for r in self)) + 2

@@ -286,7 +286,10 @@ def optimize(
         n: (fallback[n][0], reverted if choices[n][0] is not fallback[n][0] else choices[n][1]) for n in choices}
     rows = _rows(root, layers, used)
     if quantize and config.fuse_activations and config.rewrite_blocks:
-        _add_words(root, rows, rewrite_blocks(root))
+        words, blocks = rewrite_blocks(root)
+        _add_words(root, rows, words)
+        if "_fastinfer_report" in root.__dict__:
+            root.__dict__["_fastinfer_report"].blocks = blocks
     # bf16 between chained convs, once the layers are chosen: with quantize=False the model keeps
     # float arithmetic, which the handoff's rounding (never measured here) would not
     handoff = None
