@@ -338,6 +338,21 @@ def test_bf16_kernel_odd_sizes_and_special_rows(isa):
         assert attention(q, k2, v)[0, :h // (hk or h)].isnan().all()
 
 
+@pytest.mark.parametrize("dv", [8, 16, 24, 32, 40])
+def test_bf16_kernel_row_blocks(dv):
+    """The bf16 kernel's P.V blocks: 8 query rows for value heads up to 32 wide (one or two vectors),
+    4 beyond; every remainder of rows, causal and masked rows, a head's rows split over tasks."""
+    for lq in (1, 4, 5, 7, 8, 9, 15, 16, 17, 23, 70):  # 70: a head split into 3 tasks of 24, 24, 22 rows
+        q, k, v = _qkv(2, 1, lq, lq + 3, 32, dv, None, torch.bfloat16, packed=False, seed=lq * dv)
+        mask = torch.rand(2, 1, lq, lq + 3, generator=torch.Generator().manual_seed(lq)) > 0.25
+        mask[:, :, -1, :] = False  # the last row (in whichever block) attends nothing: zeros
+        for m, causal in ((None, True), (mask, False), (None, False)):
+            out = attention(q, k, v, m, is_causal=causal)
+            err = (out.double() - _ref(q, k, v, m, causal)).abs().max().item()
+            assert err <= TOL[torch.bfloat16], (lq, dv, causal, err)
+        assert not attention(q, k, v, mask)[:, :, -1].any()
+
+
 def test_a_converted_bert_compiles_and_exports_with_the_kernel_in_the_graph():
     transformers = pytest.importorskip("transformers")
     q = fastinfer.quantize(_bert(transformers))

@@ -164,7 +164,7 @@ inline AttentionLayout attention_layout(const AttentionArgs& a) {
     l.v = l.kt + a.d * l.lkp;
     l.q = l.v + a.lk * l.dvp;
     l.s = l.q + 4 * l.dp;
-    l.total = std::max(l.s + 4 * l.lkp, a.lk + l.dvp);  // ref: one row's scores and output
+    l.total = std::max(l.s + 8 * l.lkp, a.lk + l.dvp);  // scores of 8 rows (the bf16 kernel's P.V blocks); ref: one row's scores and output
     return l;
 }
 }  // namespace
