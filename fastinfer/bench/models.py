@@ -15,6 +15,8 @@ installed), then every peer of it in one process:
   fastinfer, bf16 attention  the same with QuantConfig(attention="bf16") (fp32 q, k, v rounded to bf16 for
                        the kernel's products), where the attention was switched
   fastinfer bf16       fastinfer.quantize(model.bfloat16())  (bf16 in/out)
+  fastinfer[ bf16], no block rewrite  QuantConfig(rewrite_blocks=False), where quantize() put
+                       transformers blocks on its short road (fastinfer.convert.hf_blocks)
   fastinfer weight-only  QuantConfig(activations="none"): int8 weights, activations not quantized
   fastinfer smoothquant  QuantConfig(smoothquant=0.5) calibrated on the case's calibration batches
                        (generate: the prompt)
@@ -613,6 +615,14 @@ def build_peers(case: Case, threads: int, engine: str, onnx: bool = True) -> tup
         peers.append(_torch_peer("fastinfer, bf16 attention", bfa, case, ours=bfa, note="QuantConfig(attention='bf16')"))
     ours_bf = fastinfer.quantize(copy.deepcopy(m).bfloat16())
     peers.append(_torch_peer("fastinfer bf16", ours_bf, case, ours=ours_bf, note="quantize(model.bfloat16())"))
+    if fastinfer.conversion_report(ours_bf).blocks or any("residual add" in r.detail for r in fastinfer.conversion_report(ours_bf)):
+        # what the transformers block rewrite buys (fastinfer.convert.hf_blocks), fp32 and bf16
+        cfg = fastinfer.QuantConfig(progress=False, rewrite_blocks=False)
+        plain = fastinfer.quantize(m, cfg)
+        peers.append(_torch_peer("fastinfer, no block rewrite", plain, case, ours=plain, note="QuantConfig(rewrite_blocks=False)"))
+        plain_bf = fastinfer.quantize(copy.deepcopy(m).bfloat16(), cfg)
+        peers.append(_torch_peer("fastinfer bf16, no block rewrite", plain_bf, case, ours=plain_bf,
+                                 note="quantize(model.bfloat16(), QuantConfig(rewrite_blocks=False))"))  # fmt: skip
     wo = fastinfer.quantize(m, fastinfer.QuantConfig(activations="none"))
     peers.append(_torch_peer("fastinfer weight-only", wo, case, ours=wo, note="QuantConfig(activations='none')"))
     calib = case.calib or [{"input_ids": case.inputs["input_ids"]}]
