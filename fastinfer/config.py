@@ -72,8 +72,15 @@ class QuantConfig:
         block's class itself (isinstance), its methods and other attributes. Only blocks whose
         trace is exact are rewritten: no hooks, no `with` in the forward, no `+=` on a tensor it
         does not own, a graph of submodule calls, adds and relus only, each fused conv called
-        once in the whole model (fastinfer.convert.fuse.rewrite_residual_blocks). False keeps every
-        block's class and forward.
+        once in the whole model (fastinfer.convert.fuse.rewrite_residual_blocks). In transformers
+        models it also puts BERT-style blocks on a shorter road (fastinfer.convert.hf_blocks): an
+        output block (BertSelfOutput, BertOutput and their copies) passes its input to its int8
+        dense layer as the residual, and an encoder layer (BertLayer and its copies) calls its
+        parts' forward methods directly, skipping ~20 nn.Module calls per layer. These blocks keep
+        their class (they become a subclass of it) and take their own forward wherever the short
+        road could differ (training, hooks, caches, cross-attention, chunking, replaced parts,
+        torch.compile); float32 outputs are bit-identical. False keeps every block's class and
+        forward.
     depthwise: what depthwise convs (groups = in = out channels) become: "float" (the default)
         fastinfer.nn.DepthwiseConv2d, fp32 on fastinfer's fused NHWC kernel (memory-bound layers:
         int8 would only add a quantization pass, and fp32 keeps them exact); "int8" Int8Conv2d
