@@ -111,14 +111,22 @@ def _output_fits(block: object) -> bool:
     return _is(block, _OUTPUT) and type(block._modules.get("dropout")) is nn.Dropout
 
 
-def _layer_fits(layer: object) -> bool:
-    if not (_is(layer, _LAYER) and _method_is(unfused_class(layer), "feed_forward_chunk", _FEED_FORWARD)):
-        return False
-    mods = layer._modules
+def _parts(layer: object) -> tuple | None:
+    """(attention, its self-attention, its output block, intermediate, output block) of a layer
+    whose parts all have known code, else None."""
+    mods = getattr(layer, "_modules", {})
     att, inter, out = mods.get("attention"), mods.get("intermediate"), mods.get("output")
     sa = att._modules.get("self") if isinstance(att, nn.Module) else None
-    return (_is(att, _ATTENTION) and _is(sa, _SELF_ATTENTION) and _output_fits(att._modules.get("output"))
-            and _is(inter, _INTERMEDIATE) and _output_fits(out))  # fmt: skip
+    ao = att._modules.get("output") if isinstance(att, nn.Module) else None
+    if _is(att, _ATTENTION) and _is(sa, _SELF_ATTENTION) and _output_fits(ao) and _is(inter, _INTERMEDIATE) \
+            and _output_fits(out):  # fmt: skip
+        return att, sa, ao, inter, out
+    return None
+
+
+def _layer_fits(layer: object) -> bool:
+    return (_is(layer, _LAYER) and _method_is(unfused_class(layer), "feed_forward_chunk", _FEED_FORWARD)
+            and _parts(layer) is not None)  # fmt: skip
 
 
 def block_fits(block: nn.Module, kind: str) -> bool:
@@ -166,18 +174,15 @@ class _FusedOutput:
 def _layer_parts(layer: nn.Module) -> tuple | None:
     """The modules the fused layer calls directly, or None where it must take the class's forward
     (a part replaced or subclassed, training, hooks, chunking, cross-attention)."""
-    m = layer._modules
-    att, inter, out = m["attention"], m["intermediate"], m["output"]
-    sa, ao = att._modules["self"], att._modules["output"]
-    if layer.chunk_size_feed_forward or getattr(att, "is_cross_attention", False) or _global_hooks():
+    parts = _parts(layer)
+    if parts is None or layer.chunk_size_feed_forward or _global_hooks():
         return None
-    if not (_is(att, _ATTENTION) and _is(sa, _SELF_ATTENTION) and _is(inter, _INTERMEDIATE) and _output_fits(ao)
-            and _output_fits(out)):  # fmt: skip
+    att, sa, ao, inter, out = parts
+    if getattr(att, "is_cross_attention", False):
         return None
-    q, k, v = sa._modules["query"], sa._modules["key"], sa._modules["value"]
-    parts = (att, sa, q, k, v, ao, *ao._modules.values(), inter, *inter._modules.values(), out, *out._modules.values())
-    for p in parts:
-        if p.training or _hooked(p):
+    q, k, v = sa._modules.get("query"), sa._modules.get("key"), sa._modules.get("value")
+    for p in (att, sa, q, k, v, ao, *ao._modules.values(), inter, *inter._modules.values(), out, *out._modules.values()):
+        if p is None or p.training or _hooked(p):  # (a part set to None: the class's forward says what that means)
             return None
     return sa, q, k, v, ao, inter, out
 
