@@ -334,7 +334,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] 
         # transformers blocks on fastinfer's short road (fastinfer.convert.hf_blocks): {name: "output"
         # or "layer"}, fused again on load; a reader that ignores it gets the blocks' own forward,
         # which computes the same
-        "hf_blocks": {n: fused_kind(m) for n, m in model.named_modules() if fused_kind(m)},
+        "hf_blocks": {n: k for n, m in model.named_modules() if (k := fused_kind(m)) and block_fits(m, k, fused=True)},
     }  # fmt: skip
     meta = dict(metadata or {})
     meta[_KEY] = json.dumps(info, separators=(",", ":"))
@@ -558,9 +558,10 @@ def _install_layernorms(f: _File, model: nn.Module, names: object) -> nn.Module:
 
 
 def _fuse_hf_blocks(f: _File, model: nn.Module, blocks: object) -> None:
-    """The file's transformers blocks on the short road again: each name must hold a block of its
-    kind that qualifies (an output block's dense layer, loaded from the file, adding the residual),
-    or one already fused."""
+    """The file's transformers blocks on the short road again, where the block at each name
+    qualifies for its kind in the model built (an output block's dense layer, loaded from the file,
+    taking the residual). One that does not (another transformers whose code differs, a part
+    replaced) keeps its class's own forward, which computes the same."""
     if not isinstance(blocks, dict) or not all(isinstance(n, str) and k in ("output", "layer") for n, k in blocks.items()):
         raise f.error("'hf_blocks' must map module names to 'output' or 'layer'")
     for name, kind in blocks.items():
@@ -569,12 +570,8 @@ def _fuse_hf_blocks(f: _File, model: nn.Module, blocks: object) -> None:
         except AttributeError:
             raise f.error(f"{kind} block {name or '<model>'!r} (fused by fastinfer) has no module at that name in the "
                           "given model") from None  # fmt: skip
-        if fused_kind(block) == kind:
-            continue
-        if not block_fits(block, kind):
-            raise f.error(f"{name or '<model>'!r} is a fused BERT-style {kind} block in the file, a "
-                          f"{type(block).__name__} whose code or parts do not fit in the given model")  # fmt: skip
-        block.__class__ = fused_class(type(block), kind)
+        if block_fits(block, kind):
+            block.__class__ = fused_class(type(block), kind)
 
 
 def _build(f: _File, name: str, entry: dict) -> nn.Module:

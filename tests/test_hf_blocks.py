@@ -270,22 +270,120 @@ def test_save_and_load_fuse_again(tmp_path):
 
 
 @needs_known_code
-def test_load_refuses_a_model_whose_block_does_not_fit(tmp_path):
+def test_load_keeps_the_class_forward_where_a_block_does_not_fit(tmp_path):
+    """A block of other code in the model built (another transformers, a subclass) takes its own
+    forward, which computes the same: the file loads."""
     bert = _bert(layers=1)
-    fastinfer.save(fastinfer.quantize(bert), tmp_path / "b.safetensors")
-    from fastinfer.io import FileFormatError
+    q = fastinfer.quantize(bert)
+    fastinfer.save(q, tmp_path / "b.safetensors")
 
-    class MyOutput(mb.BertOutput):  # another forward over the same children
+    class MyOutput(mb.BertOutput):  # the same computation, written otherwise
         def forward(self, hidden_states, input_tensor):
-            return self.LayerNorm(self.dense(hidden_states) - input_tensor)
+            return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
     def build():
         m = transformers.BertModel(bert.config)
         m.encoder.layer[0].output.__class__ = MyOutput
         return m
 
-    with pytest.raises(FileFormatError, match="fused BERT-style (output|layer) block in the file"):
-        fastinfer.load(tmp_path / "b.safetensors", build)
+    loaded = fastinfer.load(tmp_path / "b.safetensors", build)
+    assert type(loaded.encoder.layer[0].output) is MyOutput and H.fused_kind(loaded.encoder.layer[0]) is None
+    assert H.fused_kind(loaded.encoder.layer[0].attention.output) == "output"
+    inp = _ids()
+    assert_same(_run(loaded, inp), _run(q, inp), "the class's own forward")
+
+
+@needs_known_code
+def test_parts_changed_after_quantize_save_load_and_run_as_unfused(tmp_path):
+    """sparsify() after quantize(), a dense layer given an activation, dropouts stripped to
+    nn.Identity, an activation that is a plain function: each block takes its class's forward where
+    the short road no longer applies, files record only the blocks that still qualify."""
+    bert = _bert(layers=1)
+    cfg = bert.config
+    ref = fastinfer.quantize(copy.deepcopy(bert), QuantConfig(rewrite_blocks=False))
+    q = fastinfer.quantize(bert)
+    inp = _ids()
+    sq, sref = fastinfer.sparsify(q), fastinfer.sparsify(ref)
+    assert_same(_run(sq, inp), _run(sref, inp), "sparsified")
+    fastinfer.save(sq, tmp_path / "s.safetensors")
+    back = fastinfer.load(tmp_path / "s.safetensors", lambda: transformers.BertModel(cfg))
+    assert_same(_run(back, inp), _run(sq, inp), "sparsified, loaded")
+    for model in (q, ref):
+        layer = model.encoder.layer[0]
+        layer.attention.output.dense.activation = "relu"  # after the block's add in its code
+        for name, mod in list(layer.named_modules()):
+            if isinstance(mod, nn.Dropout):
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, child, nn.Identity())
+    assert_same(_run(q, inp), _run(ref, inp), "activation set, dropouts stripped")
+    for model in (q, ref):
+        inter = model.encoder.layer[0].intermediate
+        del inter.intermediate_act_fn
+        inter.intermediate_act_fn = torch.nn.functional.gelu  # a function, not a module
+    assert_same(_run(q, inp), _run(ref, inp), "a plain function")
+
+
+@needs_known_code
+def test_patched_code_runs(monkeypatch):
+    """A forward set on a part's instance, a class's forward wrapped (functools.wraps) or replaced
+    after quantize(): the short road never skips code that is not the known one."""
+    import functools
+
+    inp = _ids()
+    q = fastinfer.quantize(_bert(layers=1))
+    ref = fastinfer.quantize(copy.deepcopy(_bert(layers=1)), QuantConfig(rewrite_blocks=False))
+    want = _run(ref, inp)
+    calls = []
+    inter = q.encoder.layer[0].intermediate
+    inter.forward = lambda h, _f=inter.forward: calls.append(1) or _f(h)  # an instance attribute
+    assert_same(_run(q, inp), want, "instance forward")
+    assert calls == [1]
+    del inter.forward
+    original = mb.BertIntermediate.forward
+
+    @functools.wraps(original)
+    def wrapped(self, h):
+        calls.append(2)
+        return original(self, h)
+
+    monkeypatch.setattr(mb.BertIntermediate, "forward", wrapped)
+    assert_same(_run(q, inp), want, "wrapped class forward")
+    assert calls[-1] == 2
+    monkeypatch.setattr(mb.BertIntermediate, "forward", original)
+    out_forward = mb.BertOutput.forward
+    monkeypatch.setattr(mb.BertOutput, "forward", lambda self, h, x: calls.append(3) or out_forward(self, h, x))
+    assert_same(_run(q, inp), want, "replaced class forward")
+    assert calls[-1] == 3
+
+
+@needs_known_code
+def test_transformers_output_capturing_leaves_the_layer_path_on():
+    """transformers installs its output-capturing hooks for good on the first call that asks for
+    hidden states or attentions; they do nothing in later calls, which keep the short road."""
+    q = fastinfer.quantize(_bert(layers=1))
+    ref = fastinfer.quantize(copy.deepcopy(_bert(layers=1)), QuantConfig(rewrite_blocks=False))
+    inp = _ids()
+    with torch.no_grad():
+        a = q(**inp, output_hidden_states=True, output_attentions=True)
+        b = ref(**inp, output_hidden_states=True, output_attentions=True)
+    for x, y in zip((*a.hidden_states, *a.attentions), (*b.hidden_states, *b.attentions)):
+        assert_same(x, y, "captured outputs")
+    assert H._layer_parts(q.encoder.layer[0]) is not None  # capture hooks present, none collecting
+    assert_same(_run(q, inp), _run(ref, inp), "after")
+
+
+@needs_known_code
+def test_unpickled_where_the_code_differs_runs_the_class_forward(monkeypatch):
+    q = fastinfer.quantize(_bert(layers=1))
+    ref = fastinfer.quantize(copy.deepcopy(_bert(layers=1)), QuantConfig(rewrite_blocks=False))
+    data = pickle.dumps(q)
+    monkeypatch.setattr(H, "_LAYER", "another-transformers")  # as if the installed code differed
+    monkeypatch.setattr(H, "_OUTPUT", "another-transformers")
+    monkeypatch.setattr(H, "_classes", {})  # a process that has not made the classes
+    back = pickle.loads(data)
+    assert H.fused_kind(back.encoder.layer[0]) == "layer" and H._layer_parts(back.encoder.layer[0]) is None
+    inp = _ids()
+    assert_same(_run(back, inp), _run(ref, inp), "the class's own forward")
 
 
 @needs_known_code

@@ -161,6 +161,10 @@ def test_the_modules_fast_call_follows_its_parameters():
             else:
                 with pytest.raises(ValueError, match="normalized_shape"):
                     fast(odd)
+    with torch.no_grad(), pytest.raises(ValueError, match="weight must have shape"):  # smaller, at the same address
+        fast.weight.data = fast.weight.data[:16]
+        fast(x)
+    fast.weight = nn.Parameter(torch.randn(32).bfloat16())
     fast.weight.requires_grad_(True)
     y = fast(x.bfloat16())  # autograd to record: torch's op, never the fast call
     assert y.requires_grad

@@ -18,10 +18,11 @@ short road. The class keeps its name, isinstance, methods, attributes, hooks and
 forward falls back to the class's own wherever the short road could differ:
 - dropout active (training);
 - hooks on any module it would call directly (forward, pre-forward or backward; global ones too);
+- a block's or a part's code patched since (on the class, or a forward set on the instance);
 - for layers: a cache, cross-attention inputs, feed-forward chunking, or a deprecated keyword;
 - torch.compile and torch.export (they trace the class's own forward);
 - an output block's dense layer that does not add a residual in its kernel (weight-only, sparse,
-  float) adds it with torch instead.
+  float, or one with an activation set: the add comes after it) adds it with torch instead.
 
 A class qualifies by its code, not its name. It must come from transformers, and its forward
 methods (and the parts' forwards, for a layer) must have a known fingerprint: a hash of the
@@ -31,8 +32,10 @@ BertIntermediate and BertSelfOutput / BertOutput. The short road was written aga
 is tested against it.
 
 The subclasses are made on demand and found by name through this module (`__getattr__`), so a
-pickled model unpickles in a fresh process. fastinfer.save records the blocks, and fastinfer.load
-fuses them again.
+pickled model unpickles in a fresh process, also one whose transformers has other code (its blocks
+then take their own forward). fastinfer.save records the blocks that still qualify, and
+fastinfer.load fuses those that qualify in the model it builds (the others run their own forward,
+which computes the same).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ _LAYER = "157dfc63a76170d7"  # attention, optional cross-attention, chunked feed
 _FEED_FORWARD = "464e7a72623313ac"  # BertLayer.feed_forward_chunk: output(intermediate(x), x)
 
 _PREFIX = "_fastinfer_"  # the subclasses' __qualname__: _PREFIX + kind + ":" + module path ("/" for ".") + ":" + class
+# transformers' own function wrappers: deprecate_kwarg (keyword renames) and the checkpointing
+# wrapper GradientCheckpointingLayer puts on every subclass's forward (the fused classes get theirs)
+_KNOWN_WRAPPERS = ("transformers/utils/deprecation.py", "transformers/modeling_layers.py")
 _classes: dict[tuple[str, type], type] = {}
 _prints: dict[object, str | None] = {}
 
@@ -69,6 +75,13 @@ def _fingerprint(fn) -> str | None:
     if key in _prints:
         return _prints[key]
     out = None
+    inner = fn
+    while hasattr(inner, "__wrapped__"):  # a wrapper runs its own code: only transformers' own are known
+        code = getattr(inner, "__code__", None)
+        if code is None or not code.co_filename.replace("\\", "/").endswith(_KNOWN_WRAPPERS):
+            _prints[key] = None
+            return None
+        inner = inner.__wrapped__
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
         f = tree.body[0] if tree.body else None
@@ -103,12 +116,18 @@ def _is(mod: object, print_: str) -> bool:
     return isinstance(mod, nn.Module) and _method_is(unfused_class(mod), "forward", print_)
 
 
-def _adds_residual(dense: object) -> bool:
-    return getattr(type(dense), "_ADDS_RESIDUAL", False) is True
+def _takes_residual(dense: object) -> bool:
+    """A dense layer whose kernel adds the block's input after its own output: one that adds a
+    residual in its epilogue, with no activation (the add comes after it in the block's code)."""
+    return getattr(type(dense), "_ADDS_RESIDUAL", False) is True and getattr(dense, "activation", None) is None
 
 
 def _output_fits(block: object) -> bool:
-    return _is(block, _OUTPUT) and type(block._modules.get("dropout")) is nn.Dropout
+    if not _is(block, _OUTPUT):
+        return False
+    m = block._modules
+    return (type(m.get("dropout")) is nn.Dropout and isinstance(m.get("dense"), nn.Module)
+            and isinstance(m.get("LayerNorm"), nn.Module))  # fmt: skip
 
 
 def _parts(layer: object) -> tuple | None:
@@ -119,7 +138,8 @@ def _parts(layer: object) -> tuple | None:
     sa = att._modules.get("self") if isinstance(att, nn.Module) else None
     ao = att._modules.get("output") if isinstance(att, nn.Module) else None
     if _is(att, _ATTENTION) and _is(sa, _SELF_ATTENTION) and _output_fits(ao) and _is(inter, _INTERMEDIATE) \
-            and _output_fits(out):  # fmt: skip
+            and _output_fits(out) and isinstance(inter._modules.get("dense"), nn.Module) \
+            and isinstance(inter._modules.get("intermediate_act_fn"), nn.Module):  # fmt: skip
         return att, sa, ao, inter, out
     return None
 
@@ -129,16 +149,17 @@ def _layer_fits(layer: object) -> bool:
             and _parts(layer) is not None)  # fmt: skip
 
 
-def block_fits(block: nn.Module, kind: str) -> bool:
-    """Whether block (not yet fused) qualifies for kind "output" (with a dense layer that adds a
-    residual in its kernel) or "layer"."""
-    if fused_kind(block) is not None:
+def block_fits(block: nn.Module, kind: str, fused: bool = False) -> bool:
+    """Whether block qualifies for kind "output" (with a dense layer that takes the residual in its
+    kernel) or "layer": a block not yet fused, or with fused=True one fused as that kind (whether it
+    still does: a part may have been replaced since)."""
+    if kind not in _MIXINS:
+        raise ValueError(f"unknown block kind {kind!r}")
+    if fused_kind(block) != (kind if fused else None):
         return False
     if kind == "output":
-        return _output_fits(block) and _adds_residual(block._modules.get("dense"))
-    if kind == "layer":
-        return _layer_fits(block)
-    raise ValueError(f"unknown block kind {kind!r}")
+        return _output_fits(block) and _takes_residual(block._modules.get("dense"))
+    return _layer_fits(block)
 
 
 def _global_hooks() -> bool:
@@ -147,7 +168,31 @@ def _global_hooks() -> bool:
 
 
 def _hooked(mod: nn.Module) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks)
+    """Hooks that calling mod.forward directly would skip. transformers' own output-capturing hooks
+    (installed for good the first time a call asks for hidden states or attentions) do nothing
+    while no call collects outputs: those are not counted then."""
+    if mod._forward_pre_hooks or mod._backward_hooks or mod._backward_pre_hooks:
+        return True
+    hooks = mod._forward_hooks
+    if not hooks:
+        return False
+    if not all(_is_capture_hook(h) for h in hooks.values()):
+        return True
+    return _collecting()
+
+
+def _is_capture_hook(hook) -> bool:
+    return (getattr(hook, "__module__", "") == "transformers.utils.output_capturing"
+            and getattr(hook, "__name__", "") == "output_capturing_hook")  # fmt: skip
+
+
+def _collecting() -> bool:
+    """Whether transformers is collecting outputs in this call (True when that cannot be told)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return True
+    return bool(_active_collector.get())
 
 
 def _output(block: nn.Module, h, residual):
@@ -155,7 +200,7 @@ def _output(block: nn.Module, h, residual):
     in the dense layer's kernel where it has one."""
     m = block._modules
     dense = m["dense"]
-    y = dense.forward(h, residual=residual) if _adds_residual(dense) else dense.forward(h) + residual
+    y = dense.forward(h, residual=residual) if _takes_residual(dense) else dense.forward(h) + residual
     return m["LayerNorm"].forward(y)
 
 
@@ -164,9 +209,10 @@ class _FusedOutput:
 
     def forward(self, hidden_states, input_tensor):
         m = self._modules
-        dense, dropout = m["dense"], m["dropout"]
-        if (dropout.training and dropout.p > 0) or type(dropout) is not nn.Dropout or not _adds_residual(dense) \
-                or _hooked(dense) or _hooked(dropout) or _global_hooks() or torch.compiler.is_compiling():  # fmt: skip
+        dense, dropout = m.get("dense"), m.get("dropout")
+        if type(dropout) is not nn.Dropout or (dropout.training and dropout.p > 0) or not _takes_residual(dense) \
+                or _hooked(dense) or _hooked(dropout) or _global_hooks() or torch.compiler.is_compiling() \
+                or not _output_fits(self):  # fmt: skip  (the last: the class's code, patched since?)
             return super().forward(hidden_states, input_tensor)
         return m["LayerNorm"](dense(hidden_states, residual=input_tensor))
 
@@ -174,10 +220,15 @@ class _FusedOutput:
 def _layer_parts(layer: nn.Module) -> tuple | None:
     """The modules the fused layer calls directly, or None where it must take the class's forward
     (a part replaced or subclassed, training, hooks, chunking, cross-attention)."""
+    if layer.chunk_size_feed_forward or _global_hooks() or "feed_forward_chunk" in layer.__dict__ \
+            or not _is(layer, _LAYER) or not _method_is(unfused_class(layer), "feed_forward_chunk", _FEED_FORWARD):  # fmt: skip
+        return None  # (the last two: the class's code, patched since?)
     parts = _parts(layer)
-    if parts is None or layer.chunk_size_feed_forward or _global_hooks():
+    if parts is None:
         return None
     att, sa, ao, inter, out = parts
+    if any("forward" in p.__dict__ for p in (att, sa, ao, inter, out)):  # a forward set on the instance runs
+        return None
     if getattr(att, "is_cross_attention", False):
         return None
     q, k, v = sa._modules.get("query"), sa._modules.get("key"), sa._modules.get("value")
@@ -230,14 +281,15 @@ def _attention_registry(sa: nn.Module):
 _MIXINS = {"output": _FusedOutput, "layer": _FusedLayer}
 
 
-def fused_class(base: type, kind: str) -> type:
+def fused_class(base: type, kind: str, strict: bool = True) -> type:
     """The fused subclass (kind "output" or "layer") of a transformers class (made once, found again
-    by name)."""
+    by name). strict=False (unpickling) makes it for a class whose code is not the known one too:
+    its forward then always takes the class's own, as every call checks the code first."""
     mixin = _MIXINS.get(kind)
     if mixin is None:
         raise ValueError(f"unknown block kind {kind!r}")
     fits = _method_is(base, "forward", _OUTPUT if kind == "output" else _LAYER)
-    if not fits or (kind == "layer" and not _method_is(base, "feed_forward_chunk", _FEED_FORWARD)):
+    if strict and (not fits or (kind == "layer" and not _method_is(base, "feed_forward_chunk", _FEED_FORWARD))):
         raise TypeError(f"fastinfer: {base.__module__}.{base.__qualname__} is not a BERT-style {kind} block")
     cls = _classes.get((kind, base))
     if cls is None:
@@ -285,5 +337,5 @@ def __getattr__(name: str) -> type:
                 from fastinfer.convert.attention import register_hf_attention
 
                 register_hf_attention()
-                return fused_class(base, kind)
+                return fused_class(base, kind, strict=False)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

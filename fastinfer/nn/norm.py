@@ -35,16 +35,16 @@ class _FastNorm:
 
     @staticmethod
     def state(ln: nn.LayerNorm) -> tuple:
-        """(weight, its address and dtype, bias, ..., eps, normalized_shape); holding the tensors
+        """(weight, its address, dtype and shape, bias, ..., eps, normalized_shape); holding the tensors
         keeps their ids from being reused while the key lives."""
         w, b = ln.weight, ln.bias
-        return (w, None if w is None else (w.data_ptr(), w.dtype), b, None if b is None else (b.data_ptr(), b.dtype),
-                ln.eps, tuple(ln.normalized_shape))  # fmt: skip
+        return (w, None if w is None else (w.data_ptr(), w.dtype, w.shape), b,
+                None if b is None else (b.data_ptr(), b.dtype, b.shape), ln.eps, tuple(ln.normalized_shape))  # fmt: skip
 
     def valid_for(self, ln: nn.LayerNorm) -> bool:
         w, wk, b, bk, eps, shape = self.key
-        return (ln.weight is w and ln.bias is b and (w is None or (w.data_ptr(), w.dtype) == wk)
-                and (b is None or (b.data_ptr(), b.dtype) == bk) and ln.eps == eps
+        return (ln.weight is w and ln.bias is b and (w is None or (w.data_ptr(), w.dtype, w.shape) == wk)
+                and (b is None or (b.data_ptr(), b.dtype, b.shape) == bk) and ln.eps == eps
                 and tuple(ln.normalized_shape) == shape)  # fmt: skip
 
     def __call__(self, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
