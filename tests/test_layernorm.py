@@ -140,7 +140,15 @@ def test_the_modules_fast_call_follows_its_parameters():
     replaced, moved, or eps / shape changed makes it check again, and values written in place are
     read at each call."""
     from fastinfer.nn.norm import _FAST_NORM
+    from fastinfer.ops.norm import layer_norm_native
 
+    if not layer_norm_native():  # the module runs torch's LayerNorm there: no fast call to follow
+        ln = LayerNorm.from_layernorm(_ln((32,)))
+        x = torch.randn(3, 32, generator=_gen(3))
+        with torch.no_grad():
+            ln(x), ln(x)
+        assert ln not in _FAST_NORM
+        pytest.skip(f"ISA {fastinfer.info()['isa']}: the module takes torch's LayerNorm")
     ln = _ln((32,))
     fast = LayerNorm.from_layernorm(copy.deepcopy(ln))
     x = torch.randn(3, 5, 32, generator=_gen(3))
@@ -168,6 +176,16 @@ def test_the_modules_fast_call_follows_its_parameters():
     fast.weight.requires_grad_(True)
     y = fast(x.bfloat16())  # autograd to record: torch's op, never the fast call
     assert y.requires_grad
+    with torch.no_grad():  # an ISA without the kernel set since: torch's LayerNorm, as a fresh module takes
+        fast.weight.requires_grad_(False)
+        fast(x.bfloat16())
+        assert fast in _FAST_NORM
+        previous = fastinfer.set_isa("avx2")
+        try:
+            xb = x.bfloat16()
+            assert torch.equal(fast(xb), torch.nn.functional.layer_norm(xb, [32], fast.weight, fast.bias, fast.eps))
+        finally:
+            fastinfer.set_isa(previous)
 
 
 @pytest.mark.parametrize("i", range(3))

@@ -50,6 +50,8 @@ class _FastNorm:
     def __call__(self, ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
         if not self.valid_for(ln) or type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in DTYPE_CODE:
             return None
+        if not layer_norm_native():  # an ISA without the kernel set since (fastinfer.set_isa): torch's, as _serves says
+            return None
         nd = len(self.shape)
         if x.dim() < nd or tuple(x.shape[x.dim() - nd:]) != self.shape or not x.is_contiguous() or x.numel() == 0:
             return None
