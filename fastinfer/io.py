@@ -33,7 +33,7 @@ from fastinfer import _runtime
 from fastinfer.convert._swap import route_fused_layers_through_modules, set_module
 from fastinfer.convert.attention import HF_NAME, HF_NAME_BF16, enable_fast_attention, is_hf_model
 from fastinfer.convert.fuse import REWRITE_KEY, any_hooks, rewrite_residual_blocks
-from fastinfer.convert.hf_blocks import block_fits, fused_class, fused_kind
+from fastinfer.convert.hf_blocks import block_fits, fuse_block, fused_kind
 from fastinfer.convert.hf_quantizer import mark_converted
 from fastinfer.convert.quantize import fast_layernorms
 from fastinfer.convert.report import ConversionReport, LayerConversion
@@ -570,8 +570,7 @@ def _fuse_hf_blocks(f: _File, model: nn.Module, blocks: object) -> None:
         except AttributeError:
             raise f.error(f"{kind} block {name or '<model>'!r} (fused by fastinfer) has no module at that name in the "
                           "given model") from None  # fmt: skip
-        if block_fits(block, kind):
-            block.__class__ = fused_class(type(block), kind)
+        fuse_block(block, kind)
 
 
 def _build(f: _File, name: str, entry: dict) -> nn.Module:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-__all__ = ["fuse_blocks", "fused_class", "fused_kind", "block_fits", "unfused_class"]
+__all__ = ["block_fits", "fuse_block", "fuse_blocks", "fused_class", "fused_kind", "unfused_class"]
 
 # fingerprints (_fingerprint) of the forwards the short roads reproduce
 _OUTPUT = "aa85b8ef7205d0a0"  # h = dense(h); h = dropout(h); return LayerNorm(h + input_tensor)
@@ -310,16 +310,18 @@ def unfused_class(block: nn.Module) -> type:
     return type(block)._fastinfer_base if fused_kind(block) else type(block)
 
 
+def fuse_block(block: nn.Module, kind: str) -> bool:
+    """Makes block an instance of its fused class of kind, in place, where it qualifies."""
+    if not block_fits(block, kind):
+        return False
+    block.__class__ = fused_class(type(block), kind)
+    return True
+
+
 def fuse_blocks(model: nn.Module) -> dict[str, str]:
-    """Makes every qualifying output block and encoder layer of model an instance of its fused class,
-    in place. Returns {block name: kind} (the first name of a block registered under several)."""
-    done = {}
-    for name, block in model.named_modules():
-        for kind in ("output", "layer"):
-            if block_fits(block, kind):
-                block.__class__ = fused_class(type(block), kind)
-                done[name] = kind
-    return done
+    """fuse_block on every output block and encoder layer of model. Returns {block name: kind}
+    (the first name of a block registered under several)."""
+    return {name: kind for name, block in model.named_modules() for kind in ("output", "layer") if fuse_block(block, kind)}
 
 
 def __getattr__(name: str) -> type:

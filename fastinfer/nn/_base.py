@@ -160,7 +160,7 @@ class _FastForward:
         rest: in float32 the same bits as the layer's output plus the residual), else by torch's add
         between the layer and its activation (the unfused result, torch's broadcasting included).
         fastinfer.quantize() passes it where a transformers block adds its input to the layer's
-        output (fastinfer.convert.residual)."""
+        output (fastinfer.convert.hf_blocks)."""
         scale = self._buffers.get("input_scale")
         if scale is not None:  # SmoothQuant's per-channel input scaling (Int8Linear.input_scale)
             _check_layer_input(self, x)

@@ -66,13 +66,10 @@ class Int8LinearCall:
         x2, ld = rows(x)
         code = DTYPE_CODE[x.dtype]
         w, w_nbytes, s, b = self._ptrs
-        if not self.residual:
-            self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n, self.act,
-                        *self._extra)  # fmt: skip
-            return out
         res = None if residual is None else residual.contiguous()  # rows of n, as out's (held through the call)
+        tail = (*self._extra, _ptr(res)) if self.residual else self._extra
         self.kernel(x2.data_ptr(), code, x2.shape[0], k, ld, w, w_nbytes, s, b, out.data_ptr(), code, n, self.act,
-                    *self._extra, _ptr(res))  # fmt: skip
+                    *tail)  # fmt: skip
         return out
 
 
