@@ -144,9 +144,14 @@ def _parts(layer: object) -> tuple | None:
     return None
 
 
+def _layer_code_known(layer: object) -> bool:
+    """The layer's own forward and feed_forward_chunk are the known code (checked again at each call:
+    the class may have been patched since)."""
+    return _is(layer, _LAYER) and _method_is(unfused_class(layer), "feed_forward_chunk", _FEED_FORWARD)
+
+
 def _layer_fits(layer: object) -> bool:
-    return (_is(layer, _LAYER) and _method_is(unfused_class(layer), "feed_forward_chunk", _FEED_FORWARD)
-            and _parts(layer) is not None)  # fmt: skip
+    return _layer_code_known(layer) and _parts(layer) is not None
 
 
 def block_fits(block: nn.Module, kind: str, fused: bool = False) -> bool:
@@ -210,9 +215,9 @@ class _FusedOutput:
     def forward(self, hidden_states, input_tensor):
         m = self._modules
         dense, dropout = m.get("dense"), m.get("dropout")
-        if type(dropout) is not nn.Dropout or (dropout.training and dropout.p > 0) or not _takes_residual(dense) \
-                or _hooked(dense) or _hooked(dropout) or _global_hooks() or torch.compiler.is_compiling() \
-                or not _output_fits(self):  # fmt: skip  (the last: the class's code, patched since?)
+        # _output_fits first: the class's code (patched since?) and a real nn.Dropout, dense and LayerNorm
+        if not _output_fits(self) or (dropout.training and dropout.p > 0) or not _takes_residual(dense) \
+                or _hooked(dense) or _hooked(dropout) or _global_hooks() or torch.compiler.is_compiling():  # fmt: skip
             return super().forward(hidden_states, input_tensor)
         return m["LayerNorm"](dense(hidden_states, residual=input_tensor))
 
@@ -221,8 +226,8 @@ def _layer_parts(layer: nn.Module) -> tuple | None:
     """The modules the fused layer calls directly, or None where it must take the class's forward
     (a part replaced or subclassed, training, hooks, chunking, cross-attention)."""
     if layer.chunk_size_feed_forward or _global_hooks() or "feed_forward_chunk" in layer.__dict__ \
-            or not _is(layer, _LAYER) or not _method_is(unfused_class(layer), "feed_forward_chunk", _FEED_FORWARD):  # fmt: skip
-        return None  # (the last two: the class's code, patched since?)
+            or not _layer_code_known(layer):  # fmt: skip
+        return None
     parts = _parts(layer)
     if parts is None:
         return None
