@@ -215,9 +215,11 @@ class _FusedOutput:
     def forward(self, hidden_states, input_tensor):
         m = self._modules
         dense, dropout = m.get("dense"), m.get("dropout")
-        # _output_fits first: the class's code (patched since?) and a real nn.Dropout, dense and LayerNorm
-        if not _output_fits(self) or (dropout.training and dropout.p > 0) or not _takes_residual(dense) \
-                or _hooked(dense) or _hooked(dropout) or _global_hooks() or torch.compiler.is_compiling():  # fmt: skip
+        # the compiler first (it traces the class's own forward, and refuses the class-dict reads
+        # below), then _output_fits: the class's code (patched since?) and a real nn.Dropout, dense
+        # and LayerNorm
+        if torch.compiler.is_compiling() or not _output_fits(self) or (dropout.training and dropout.p > 0) \
+                or not _takes_residual(dense) or _hooked(dense) or _hooked(dropout) or _global_hooks():  # fmt: skip
             return super().forward(hidden_states, input_tensor)
         return m["LayerNorm"](dense(hidden_states, residual=input_tensor))
 
